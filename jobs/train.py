@@ -1,0 +1,47 @@
+"""Train a dual encoder: ``python jobs/train.py [--config FILE] [section.key=value ...]``.
+
+Runs on the built-in shapes dataset by default. Joins a running Ray cluster (``ray start`` or
+``ray job submit``) when there is one, else starts a local Ray. Prints the run folder and a
+summary; exit code 2 for a bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. loss.margin=0.3")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from vcl_dist.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"vcl-dist: config error: {err}", file=sys.stderr)
+        return 2
+
+    from vcl_dist.report import print_summary
+    from vcl_dist.train.runner import run_training
+
+    try:
+        outcome = run_training(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"vcl-dist: error: {err}", file=sys.stderr)
+        return 1
+    print_summary(outcome)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""vcl-dist: distributed visual contrastive learning on Ray."""

@@ -1,0 +1,202 @@
+"""Typed configuration: YAML files plus ``section.key=value`` overrides, validated up front.
+
+OmegaConf reads the YAML and the dotted command-line overrides and merges them; pydantic
+checks the merged tree against the sections below (unknown keys are errors, values are
+range-checked). Every problem becomes one :class:`ConfigError` with a one-line message that
+names the offending key, raised before Ray starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; ``str(err)`` is a single line naming the key."""
+
+
+class Section(BaseModel):
+    # extra="forbid": a typo in a key must stop the run, not be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ShapesConfig(Section):
+    """The built-in synthetic dataset (see :mod:`vcl_dist.data.shapes`)."""
+
+    num_train: int = Field(6000, ge=16)
+    num_val: int = Field(600, ge=16)
+    image_size: int = Field(64, ge=16, le=512)
+    val_captions_per_image: int = Field(2, ge=1, le=10)
+    seed: int = 0
+
+
+class DataConfig(Section):
+    source: Literal["shapes", "parquet"] = "shapes"
+    train_path: str | None = None
+    val_path: str | None = None
+    classes_path: str | None = Field(None, description="default: classes.txt beside the val shards")
+    cache_dir: str = "~/.cache/vcl-dist"
+    shapes: ShapesConfig = ShapesConfig()
+    image_size: int = Field(48, ge=16, le=1024, description="side of the square image fed to the tower")
+    augment: bool = True
+    max_text_length: int = Field(32, ge=4, le=512)
+    preprocess_batch_size: int = Field(128, ge=1)
+    preprocess_workers: int = Field(1, ge=1, description="actors decoding and tokenising")
+    shuffle_buffer: int = Field(1024, ge=0, description="rows in each worker's local shuffle buffer")
+
+    @model_validator(mode="after")
+    def _paths_for_parquet(self) -> "DataConfig":
+        if self.source == "parquet":
+            for key in ("train_path", "val_path"):
+                if not getattr(self, key):
+                    raise ValueError(f"data.{key} is required when data.source is 'parquet'")
+        return self
+
+
+class ImageTowerConfig(Section):
+    arch: str = Field("small_resnet", description="'small_resnet' or any torchvision.models name")
+    width: int = Field(32, ge=4, le=512, description="small_resnet: channels of the first stage")
+    blocks: list[int] = Field(default_factory=lambda: [1, 1, 1, 1], min_length=1, max_length=6)
+    small_input: bool = Field(True, description="torchvision ResNets: 3x3 stride-1 stem, no max-pool")
+    weights: str | None = Field(None, description="torchvision weights name, e.g. DEFAULT")
+
+
+class TextTowerConfig(Section):
+    pretrained: str | None = Field(None, description="transformers name or local folder")
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(2, ge=1, le=48)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(256, ge=8)
+    vocab_size: int = Field(4000, ge=64, description="size of the tokenizer trained on captions")
+    pooling: Literal["mean", "cls"] = "mean"
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> "TextTowerConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError("model.text.hidden_size must be a multiple of model.text.num_heads")
+        return self
+
+
+class ModelConfig(Section):
+    embed_dim: int = Field(128, ge=2, le=8192)
+    image: ImageTowerConfig = ImageTowerConfig()
+    text: TextTowerConfig = TextTowerConfig()
+
+
+class LossConfig(Section):
+    name: Literal["triplet"] = "triplet"
+    margin: float = Field(0.2, gt=0, le=4)
+    negatives: Literal["hardest", "semi_hard", "all"] = "semi_hard"
+
+
+class TrainConfig(Section):
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1, gt=0)
+    use_gpu: bool | Literal["auto"] = "auto"
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(128, ge=2, description="global batch: the negative pool of every step")
+    lr: float = Field(2e-3, gt=0, le=1)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    min_lr_ratio: float = Field(0.02, ge=0, le=1)
+    grad_clip_norm: float | None = Field(1.0, gt=0)
+    amp: bool | Literal["auto"] = Field("auto", description="bf16 autocast; auto = on GPU only")
+    seed: int = 0
+    log_every_steps: int = Field(20, ge=1)
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "TrainConfig":
+        if self.batch_size % self.num_workers:
+            raise ValueError(
+                f"train.batch_size ({self.batch_size}) must be a multiple of "
+                f"train.num_workers ({self.num_workers})"
+            )
+        if self.batch_size // self.num_workers < 2:
+            raise ValueError("train.batch_size must give every worker at least 2 samples")
+        return self
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(256, ge=1)
+    recall_ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
+    prompt_template: str = Field("a photo of a {}", description="zero-shot prompt; {} is the class name")
+
+    @model_validator(mode="after")
+    def _template_has_slot(self) -> "EvalConfig":
+        if "{}" not in self.prompt_template:
+            raise ValueError("eval.prompt_template must contain '{}' for the class name")
+        if any(k < 1 for k in self.recall_ks):
+            raise ValueError("eval.recall_ks must be positive")
+        return self
+
+
+class RunConfig(Section):
+    name: str | None = Field(None, description="default: vcl-<timestamp>")
+    storage_path: str = Field("runs", description="local folder or s3:// URI")
+    checkpoints_to_keep: int = Field(2, ge=1)
+
+
+class Config(Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    run: RunConfig = RunConfig()
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "value_error":
+        # Our cross-field checks: their message already names the keys involved.
+        return message
+    if "input" in first and key:
+        return f"{key}: {message} (got {first['input']!r})"
+    return f"{key}: {message}" if key else message
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Merge a YAML file with ``a.b=value`` overrides and validate the result.
+
+    Raises:
+        ConfigError: a missing or unparsable file, a malformed override, an unknown key or a
+            bad value; the message is one line.
+    """
+    try:
+        tree = OmegaConf.create({})
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            tree = OmegaConf.load(path)
+            if not isinstance(OmegaConf.to_container(tree), dict):
+                raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        for item in overrides:
+            if "=" not in item or not item.split("=", 1)[0].strip():
+                raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        tree = OmegaConf.merge(tree, OmegaConf.from_dotlist(list(overrides)))
+        raw: Any = OmegaConf.to_container(tree, resolve=True)
+    except ConfigError:
+        raise
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError) as err:
+        detail = " ".join(str(err).split())
+        raise ConfigError(f"cannot read config: {detail.splitlines()[0][:200]}") from None
+    try:
+        return Config.model_validate(raw or {})
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML, ready to be passed back with ``--config``."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

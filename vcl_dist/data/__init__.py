@@ -1,0 +1,1 @@
+"""Input pipeline: shard locations, the built-in shapes dataset, tokenizers and Ray Data preprocessing."""

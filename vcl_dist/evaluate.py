@@ -1,0 +1,109 @@
+"""Retrieval evaluation: embed a split, then recall@K both ways, class-level recall and zero-shot.
+
+Protocol (VSE++ / CLIP_benchmark): every distinct image (rows sharing a ``group``) is one image
+query, and any of its captions is a hit; every caption is one text query, and its image is the
+hit. The class-level variant counts any item of the query's label as a hit. ``rsum`` is the sum
+of the six instance-level recalls (fractions, so at most 6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def embed_batches(model: nn.Module, batches: Iterable[dict], device: torch.device, amp: bool = False) -> dict[str, torch.Tensor]:
+    """Run both towers over batches of preprocessed rows; returns float32 CPU tensors
+    ``image [N, D]``, ``text [N, D]``, ``label [N]``, ``group [N]``."""
+    was_training = model.training
+    model.eval()
+    out: dict[str, list[torch.Tensor]] = {"image": [], "text": [], "label": [], "group": []}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    for batch in batches:
+        with autocast:
+            u, v = model(batch["image"].to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        out["image"].append(u.float().cpu())
+        out["text"].append(v.float().cpu())
+        out["label"].append(batch["label"].cpu())
+        out["group"].append(batch["group"].cpu())
+    model.train(was_training)
+    if not out["image"]:
+        raise ValueError("the evaluation split is empty")
+    return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+def similarity(queries: torch.Tensor, items: torch.Tensor, normalized: bool) -> torch.Tensor:
+    """Higher is closer: cosine for normalised spaces, minus squared distance otherwise."""
+    if normalized:
+        return nn.functional.normalize(queries, dim=-1) @ nn.functional.normalize(items, dim=-1).T
+    return -torch.cdist(queries, items).pow(2)
+
+
+def _rank_of_first_hit(scores: torch.Tensor, hits: torch.Tensor) -> torch.Tensor:
+    """``[Q, N]`` scores and hit mask -> ``[Q]`` 0-based rank of the best-scored hit
+    (``N`` when a query has no hit). Ties count in the query's favour."""
+    best_hit = scores.masked_fill(~hits, float("-inf")).max(dim=1).values
+    ranks = (scores > best_hit.unsqueeze(1)).sum(dim=1)
+    return torch.where(hits.any(dim=1), ranks, torch.full_like(ranks, scores.shape[1]))
+
+
+def distinct_images(groups: torch.Tensor) -> torch.Tensor:
+    """Index of the first row of every image group, in order of appearance."""
+    _, inverse = torch.unique(groups, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), len(groups), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(len(groups)), reduce="amin")
+    return first.sort().values
+
+
+def retrieval_metrics(embeddings: dict[str, torch.Tensor], ks: Sequence[int] = (1, 5, 10), normalized: bool = True) -> dict[str, float]:
+    image_rows = distinct_images(embeddings["group"])
+    images = embeddings["image"][image_rows]
+    image_groups, image_labels = embeddings["group"][image_rows], embeddings["label"][image_rows]
+    texts, text_groups, text_labels = embeddings["text"], embeddings["group"], embeddings["label"]
+    scores = similarity(images.double(), texts.double(), normalized)  # [I, T]
+
+    metrics: dict[str, float] = {"num_images": float(len(image_rows)), "num_captions": float(len(texts))}
+    same_image = image_groups.unsqueeze(1) == text_groups.unsqueeze(0)
+    i2t_rank = _rank_of_first_hit(scores, same_image)
+    t2i_rank = _rank_of_first_hit(scores.T, same_image.T)
+    for k in ks:
+        metrics[f"i2t_r{k}"] = (i2t_rank < k).double().mean().item()
+        metrics[f"t2i_r{k}"] = (t2i_rank < k).double().mean().item()
+    metrics["rsum"] = sum(metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in ks)
+    metrics["t2i_median_rank"] = float(t2i_rank.double().median().item() + 1)
+
+    labelled_images, labelled_texts = image_labels >= 0, text_labels >= 0
+    if labelled_images.any() and labelled_texts.any():
+        same_label = (image_labels.unsqueeze(1) == text_labels.unsqueeze(0)) & labelled_images.unsqueeze(1)
+        class_scores = scores[labelled_images][:, labelled_texts]
+        class_hits = same_label[labelled_images][:, labelled_texts]
+        i2t_class = _rank_of_first_hit(class_scores, class_hits)
+        t2i_class = _rank_of_first_hit(class_scores.T, class_hits.T)
+        for k in ks:
+            metrics[f"i2t_class_r{k}"] = (i2t_class < k).double().mean().item()
+            metrics[f"t2i_class_r{k}"] = (t2i_class < k).double().mean().item()
+    return metrics
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model: nn.Module, tokenizer, class_names: Sequence[str], template: str,
+                       embeddings: dict[str, torch.Tensor], device: torch.device, max_length: int,
+                       normalized: bool = True) -> float:
+    """Classify every distinct labelled image by its nearest class prompt; the accuracy."""
+    prompts = [template.format(name) for name in class_names]
+    tokens = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    was_training = model.training
+    model.eval()
+    prompt_emb = model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float().cpu()
+    model.train(was_training)
+    rows = distinct_images(embeddings["group"])
+    labels = embeddings["label"][rows]
+    keep = (labels >= 0) & (labels < len(class_names))
+    if not keep.any():
+        return float("nan")
+    predicted = similarity(embeddings["image"][rows][keep], prompt_emb, normalized).argmax(dim=1)
+    return (predicted == labels[keep]).double().mean().item()

@@ -1,0 +1,55 @@
+"""The dual encoder: image tower + text tower, each projected into one shared latent space."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .image_tower import build_image_tower
+from .text_tower import build_text_tower
+
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
+
+
+class DualEncoder(nn.Module):
+    """``forward(images, input_ids, attention_mask) -> (U [B, D], V [B, D])``, not normalised.
+
+    Images arrive as ``uint8 [B, 3, H, W]`` straight from the data pipeline and are scaled and
+    normalised here, on the model's device. The projections are bias-free linear maps
+    (``U = Wᵢᵀ X``, ``V = Wₜᵀ Y`` in the VCRL notation); losses decide whether to normalise.
+    """
+
+    def __init__(self, image_tower: nn.Module, text_tower: nn.Module, embed_dim: int):
+        super().__init__()
+        self.image_tower = image_tower
+        self.text_tower = text_tower
+        self.image_projection = nn.Linear(image_tower.out_features, embed_dim, bias=False)
+        self.text_projection = nn.Linear(text_tower.out_features, embed_dim, bias=False)
+        self.register_buffer("image_mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255.0)
+        images = (images - self.image_mean) / self.image_std
+        return self.image_projection(self.image_tower(images))
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # Drop the padding columns every caption of the batch has: a shorter sequence is
+        # cheaper and, with the attention mask, gives the same result.
+        length = int(attention_mask.sum(1).max().item()) if attention_mask.numel() else 1
+        input_ids, attention_mask = input_ids[:, : max(length, 1)], attention_mask[:, : max(length, 1)]
+        return self.text_projection(self.text_tower(input_ids, attention_mask))
+
+    def forward(self, images, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_image(images), self.encode_text(input_ids, attention_mask)
+
+
+def build_dual_encoder(cfg: ModelConfig, vocab_size: int, max_text_length: int, pad_token_id: int = 0) -> DualEncoder:
+    return DualEncoder(
+        build_image_tower(cfg.image),
+        build_text_tower(cfg.text, vocab_size, max_text_length, pad_token_id),
+        cfg.embed_dim,
+    )

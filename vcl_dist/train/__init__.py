@@ -1,0 +1,1 @@
+"""Training: the per-worker loop, the TorchTrainer driver, checkpoints and the schedule."""

@@ -1,0 +1,45 @@
+"""Training checkpoints: one folder with plain tensors and JSON, loadable with weights_only=True.
+
+Layout: ``model.pt`` (the dual encoder's state dict), ``training_state.pt`` (optimizer,
+scheduler, epoch, step), ``history.json`` (metrics of every finished epoch), ``config.yaml``
+(the resolved config) and ``tokenizer/``. Enough to resume a run or to serve the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "training_state.pt"
+HISTORY_FILE = "history.json"
+CONFIG_FILE = "config.yaml"
+TOKENIZER_DIR = "tokenizer"
+
+
+def save_checkpoint(folder: str | Path, *, model, optimizer, scheduler, epoch: int, step: int,
+                    history: list[dict], config_yaml: str, tokenizer) -> None:
+    folder = Path(folder)
+    torch.save(model.state_dict(), folder / MODEL_FILE)
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step},
+        folder / STATE_FILE,
+    )
+    (folder / HISTORY_FILE).write_text(json.dumps(history, indent=1))
+    (folder / CONFIG_FILE).write_text(config_yaml)
+    tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
+
+
+def load_checkpoint(folder: str | Path, *, model, optimizer=None, scheduler=None) -> dict:
+    """Restore what is given; returns ``{"epoch", "step", "history"}`` of the saved run."""
+    folder = Path(folder)
+    model.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    history = json.loads((folder / HISTORY_FILE).read_text())
+    return {"epoch": state["epoch"], "step": state["step"], "history": history}

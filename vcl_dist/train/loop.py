@@ -1,0 +1,195 @@
+"""The per-worker training function that Ray Train runs on every worker.
+
+One step, start to end: a batch of preprocessed rows from this worker's shard → both towers
+(under bf16 autocast on GPU) → the loss of this worker's anchors against the embeddings
+gathered from every worker → backward (gradients flow back through the gather, DDP averages
+them) → clip → AdamW step → learning-rate step. After each epoch rank 0 evaluates on the whole
+val split, and every worker calls ``ray.train.report`` (a barrier) with rank 0 attaching the
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from typing import Iterator
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from ..config import Config, dump_config
+from ..evaluate import embed_batches, retrieval_metrics, zero_shot_accuracy
+from ..losses import build_loss
+from ..losses.gather import distributed_world
+from ..models import build_dual_encoder
+from .checkpoint import load_checkpoint, save_checkpoint
+from .schedule import build_optimizer, build_scheduler
+
+TENSOR_COLUMNS = ("image", "input_ids", "attention_mask", "label", "group")
+
+
+def collate_rows(batch: dict[str, np.ndarray], pin_memory: bool = False) -> dict[str, torch.Tensor]:
+    """numpy columns -> CPU tensors; string columns (``key``) are dropped from training batches.
+
+    Ray hands out read-only zero-copy views; torch needs writable memory, hence the copy.
+    """
+    tensors = {name: torch.from_numpy(np.array(batch[name], copy=True)) for name in TENSOR_COLUMNS}
+    if pin_memory:
+        tensors = {name: t.pin_memory() for name, t in tensors.items()}
+    return tensors
+
+
+def _pinned_collate(batch):
+    return collate_rows(batch, pin_memory=True)
+
+
+def lockstep(batches: Iterator, device: torch.device, waits: list[float]) -> Iterator:
+    """Yield batches while *every* worker still has one.
+
+    Collectives (the gather in the loss, DDP's all-reduce) hang if one worker takes a step
+    that another does not; one tiny all-reduce per step makes all workers stop together,
+    whatever their shards hold. The time spent waiting for the data iterator alone (not for
+    the other workers) is appended to ``waits``.
+    """
+    _, world = distributed_world()
+    while True:
+        started = time.perf_counter()
+        batch = next(batches, None)
+        waits.append(time.perf_counter() - started)
+        if world > 1:
+            flag = torch.tensor([0 if batch is None else 1], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            if flag.item() == 0:
+                return
+        elif batch is None:
+            return
+        yield batch
+
+
+def _mean_over_workers(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    _, world = distributed_world()
+    if world > 1:
+        dist.all_reduce(tensor)
+        tensor /= world
+    return tensor.tolist()
+
+
+def train_loop_per_worker(loop_config: dict) -> dict | None:
+    cfg = Config.model_validate(loop_config["config"])
+    tokenizer = loop_config["tokenizer"]
+    class_names: list[str] | None = loop_config["class_names"]
+    steps_per_epoch: int = loop_config["steps_per_epoch"]
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    if not on_gpu:
+        # One intra-op thread per reserved CPU: more only fights the other workers.
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    use_amp = cfg.train.amp is True or (cfg.train.amp == "auto" and on_gpu)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_dual_encoder(cfg.model, len(tokenizer), cfg.data.max_text_length, tokenizer.pad_token_id or 0)
+    model = ray.train.torch.prepare_model(model)
+    raw_model = model.module if hasattr(model, "module") else model
+    optimizer = build_optimizer(raw_model, cfg.train.lr, cfg.train.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.train.warmup_steps, steps_per_epoch * cfg.train.epochs, cfg.train.min_lr_ratio)
+    criterion = build_loss(cfg.loss)
+
+    start_epoch, step, history = 0, 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(folder, model=raw_model, optimizer=optimizer, scheduler=scheduler)
+        start_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
+        if rank == 0:
+            print(f"vcl-dist: resumed from the checkpoint of epoch {state['epoch']} (step {step})", flush=True)
+
+    local_batch = cfg.train.batch_size // world
+    config_yaml = dump_config(cfg)
+    collate = _pinned_collate if on_gpu else collate_rows
+    train_shard = ray.train.get_dataset_shard("train")
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        model.train()
+        batches = iter(
+            train_shard.iter_torch_batches(
+                batch_size=local_batch, drop_last=True, collate_fn=collate,
+                local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+                local_shuffle_seed=cfg.train.seed + 1000 * epoch + rank,
+            )
+        )
+        loss_sum, steps, waits = 0.0, 0, []
+        epoch_start = time.perf_counter()
+        for batch in lockstep(batches, device, waits):
+            batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
+            with autocast():
+                image_emb, text_emb = model(batch["image"], batch["input_ids"], batch["attention_mask"])
+            loss = criterion(image_emb.float(), text_emb.float(), batch["label"], batch["group"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.grad_clip_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip_norm)
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item()
+            steps += 1
+            step += 1
+            if rank == 0 and steps % cfg.train.log_every_steps == 0:
+                elapsed = time.perf_counter() - epoch_start
+                print(
+                    f"epoch {epoch + 1}/{cfg.train.epochs} step {steps}/{steps_per_epoch} "
+                    f"loss {loss_sum / steps:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
+                    f"{steps * cfg.train.batch_size / elapsed:.0f} samples/s",
+                    flush=True,
+                )
+        epoch_time = time.perf_counter() - epoch_start
+        if steps == 0:
+            raise RuntimeError(
+                f"epoch {epoch + 1} had no full batch of {local_batch} rows on some worker: "
+                "the training split is smaller than train.batch_size"
+            )
+        mean_loss, wait_fraction = _mean_over_workers([loss_sum / steps, sum(waits) / epoch_time], device)
+        metrics = {
+            "epoch": epoch + 1,
+            "step": step,
+            "train_loss": mean_loss,
+            "lr": scheduler.get_last_lr()[0],
+            "samples_per_s": steps * cfg.train.batch_size / epoch_time,
+            "samples_per_s_per_worker": steps * local_batch / epoch_time,
+            "data_wait_fraction": wait_fraction,
+            "epoch_time_s": epoch_time,
+            "world_size": world,
+        }
+        if rank == 0:
+            metrics.update(evaluate_on_val(raw_model, cfg, tokenizer, class_names, device, use_amp))
+            history.append(metrics)
+            print("vcl-dist: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
+            with tempfile.TemporaryDirectory() as folder:
+                save_checkpoint(folder, model=raw_model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+                                step=step, history=history, config_yaml=config_yaml, tokenizer=tokenizer)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+    return {"history": history} if rank == 0 else None
+
+
+def evaluate_on_val(model, cfg: Config, tokenizer, class_names, device, use_amp: bool) -> dict[str, float]:
+    """Rank 0 embeds the whole val split (it is not split across workers) and scores it."""
+    val_batches = ray.train.get_dataset_shard("val").iter_torch_batches(
+        batch_size=cfg.eval.batch_size, collate_fn=collate_rows
+    )
+    embeddings = embed_batches(model, val_batches, device, amp=use_amp)
+    metrics = {f"val_{k}": v for k, v in retrieval_metrics(embeddings, cfg.eval.recall_ks).items()}
+    if class_names:
+        metrics["val_zero_shot_acc"] = zero_shot_accuracy(
+            model, tokenizer, class_names, cfg.eval.prompt_template, embeddings, device, cfg.data.max_text_length
+        )
+    return metrics

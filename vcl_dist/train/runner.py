@@ -1,0 +1,143 @@
+"""The driver side of a training run: connect to Ray, prepare data, run the TorchTrainer, write results."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+from ..config import Config, dump_config
+from ..data.datasets import build_split, count_rows, read_class_names, resolve_source, sample_captions
+from ..data.tokenizer import load_pretrained_tokenizer, train_wordpiece
+
+RESULT_FILE = "result.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainingOutcome:
+    run_path: str
+    final_metrics: dict
+    history: list[dict]
+    checkpoint_path: str | None
+
+
+def connect_ray(cpus_needed: int) -> str:
+    """Join the running cluster if there is one (``RAY_ADDRESS``, ``ray start``), else start a local one.
+
+    A local Ray gets at least ``cpus_needed`` logical CPUs, so that the training workers and the
+    preprocessing actors can all be scheduled on a small laptop (Ray oversubscribes; the OS
+    shares the cores).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return "already connected"
+    try:
+        ray.init(address="auto")
+        return f"joined the Ray cluster at {ray.get_runtime_context().gcs_address}"
+    except ConnectionError:
+        ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed))
+        return "started a local Ray"
+
+
+def _resolve_storage(path: str) -> str:
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def _use_gpu(cfg: Config) -> bool:
+    if cfg.train.use_gpu != "auto":
+        return bool(cfg.train.use_gpu)
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def _write_text(uri: str, text: str) -> None:
+    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+    # Written to a temporary name and moved, so a crash never leaves half a result file.
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with fs.open_output_stream(tmp) as stream:
+        stream.write(text.encode())
+    fs.move(tmp, path)
+
+
+def build_tokenizer(cfg: Config, train_path: str):
+    if cfg.model.text.pretrained:
+        return load_pretrained_tokenizer(cfg.model.text.pretrained)
+    return train_wordpiece(sample_captions(train_path), cfg.model.text.vocab_size)
+
+
+def run_training(cfg: Config) -> TrainingOutcome:
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from .loop import train_loop_per_worker
+
+    workers = cfg.train.num_workers
+    print(f"vcl-dist: {connect_ray(int(workers * cfg.train.cpus_per_worker + cfg.data.preprocess_workers * 2))}", flush=True)
+    # One progress bar per dataset, not one per operator: readable in logs of submitted jobs.
+    ray.data.DataContext.get_current().enable_operator_progress_bars = False
+    source = resolve_source(cfg.data)
+    tokenizer = build_tokenizer(cfg, source.train)
+    class_names = read_class_names(source.classes_path)
+
+    local_batch = cfg.train.batch_size // workers
+    steps_per_epoch = count_rows(source.train) // workers // local_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is larger than the training split")
+    datasets = {
+        "train": build_split(source.train, cfg.data, tokenizer, train=True, driver_local=source.driver_local, seed=cfg.train.seed),
+        "val": build_split(source.val, cfg.data, tokenizer, train=False, driver_local=source.driver_local),
+    }
+    name = cfg.run.name or f"vcl-{time.strftime('%Y%m%d-%H%M%S')}"
+    use_gpu = _use_gpu(cfg)
+    resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "tokenizer": tokenizer,
+            "class_names": class_names,
+            "steps_per_epoch": steps_per_epoch,
+        },
+        # Ray Train picks nccl when the workers have GPUs and gloo otherwise.
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=_resolve_storage(cfg.run.storage_path),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+        ),
+        datasets=datasets,
+        # Only "train" is split; rank 0 evaluates on the whole val split.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - started
+    history = (result.return_value or {}).get("history", [])
+    final = dict(history[-1]) if history else dict(result.metrics or {})
+    run_path = result.path
+    summary = {
+        "run_name": name,
+        "run_path": run_path,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "final_metrics": final,
+        "throughput": {
+            "samples_per_s": final.get("samples_per_s"),
+            "samples_per_s_per_worker": final.get("samples_per_s_per_worker"),
+            "data_wait_fraction": final.get("data_wait_fraction"),
+            "wall_time_s": wall,
+        },
+        "num_workers": workers,
+        "use_gpu": use_gpu,
+        "config": cfg.model_dump(mode="json"),
+    }
+    _write_text(f"{run_path}/{METRICS_FILE}", "".join(json.dumps(m) + "\n" for m in history))
+    _write_text(f"{run_path}/config.yaml", dump_config(cfg))
+    _write_text(f"{run_path}/{RESULT_FILE}", json.dumps(summary, indent=2))
+    return TrainingOutcome(run_path, final, history, summary["checkpoint"])
