@@ -6,7 +6,6 @@ DDP-averaged parameter gradient must equal the single-process gradient (float64,
 """
 
 import os
-import socket
 
 import pytest
 import torch
@@ -59,9 +58,9 @@ def loss_and_grads(model, x, y, labels, groups, negatives):
     return loss.detach(), {name: p.grad.detach().clone() for name, p in module.named_parameters()}
 
 
-def _worker(rank, world, port, sizes, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank, world, sizes, out_dir):
+    # A file rendezvous: no TCP port that another process could take in between.
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
     torch.set_num_threads(1)
     x, y, labels, groups = make_batch(sum(sizes))
     lo = sum(sizes[:rank])
@@ -77,15 +76,9 @@ def _worker(rank, world, port, sizes, out_dir):
     dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("sizes", [(6, 6), (5, 4, 3)], ids=["world2-equal", "world3-unequal"])
 def test_gathered_loss_and_ddp_gradients_equal_single_process(sizes, tmp_path):
-    mp.spawn(_worker, args=(len(sizes), free_port(), list(sizes), str(tmp_path)), nprocs=len(sizes), join=True)
+    mp.spawn(_worker, args=(len(sizes), list(sizes), str(tmp_path)), nprocs=len(sizes), join=True)
     x, y, labels, groups = make_batch(sum(sizes))
     model = make_model()
     for negatives in MODES:

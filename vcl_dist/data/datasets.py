@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
@@ -19,8 +20,8 @@ class DatasetSource:
     train: str
     val: str
     classes_path: str | None
-    # The shapes cache lives on the driver's disk: read it there (``local://``) so that
-    # workers on other nodes of a cluster never look for it on their own disks.
+    # The shapes cache lives on the driver's disk, which other nodes of a cluster cannot
+    # read: such a dataset is loaded by the driver and handed to Ray's object store.
     driver_local: bool = False
 
 
@@ -83,7 +84,13 @@ def build_split(path: str, cfg: DataConfig, tokenizer, *, train: bool, driver_lo
     """A lazily executed, streaming Ray Dataset of model-ready rows (see :class:`Preprocessor`)."""
     import ray.data
 
-    ds = ray.data.read_parquet(("local://" + path) if driver_local else path)
+    if driver_local:
+        import pyarrow.parquet as pq
+
+        files = sorted(str(p) for p in Path(path).glob("*.parquet"))
+        ds = ray.data.from_arrow([pq.read_table(f) for f in files])
+    else:
+        ds = ray.data.read_parquet(path)
     if train:
         # Read shards in a new order each epoch; the trainer's local buffer shuffles rows.
         ds = ds.randomize_block_order()

@@ -116,6 +116,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     config_yaml = dump_config(cfg)
     collate = _pinned_collate if on_gpu else collate_rows
     train_shard = ray.train.get_dataset_shard("train")
+    val_cache: list[dict[str, torch.Tensor]] = []
 
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
@@ -169,7 +170,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             "world_size": world,
         }
         if rank == 0:
-            metrics.update(evaluate_on_val(raw_model, cfg, tokenizer, class_names, device, use_amp))
+            metrics.update(evaluate_on_val(raw_model, cfg, tokenizer, class_names, device, use_amp, val_cache))
             history.append(metrics)
             print("vcl-dist: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
             with tempfile.TemporaryDirectory() as folder:
@@ -181,12 +182,18 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     return {"history": history} if rank == 0 else None
 
 
-def evaluate_on_val(model, cfg: Config, tokenizer, class_names, device, use_amp: bool) -> dict[str, float]:
-    """Rank 0 embeds the whole val split (it is not split across workers) and scores it."""
-    val_batches = ray.train.get_dataset_shard("val").iter_torch_batches(
-        batch_size=cfg.eval.batch_size, collate_fn=collate_rows
-    )
-    embeddings = embed_batches(model, val_batches, device, amp=use_amp)
+def evaluate_on_val(model, cfg: Config, tokenizer, class_names, device, use_amp: bool, val_cache: list) -> dict[str, float]:
+    """Rank 0 embeds the whole val split (it is not split across workers) and scores it.
+
+    Val preprocessing is deterministic (no augmentation), so its batches are kept after the
+    first pass (``val_cache``): later epochs skip the Ray Data pipeline start-up, which on a
+    busy cluster costs more than embedding a small val split.
+    """
+    if not val_cache:
+        val_cache.extend(
+            ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=cfg.eval.batch_size, collate_fn=collate_rows)
+        )
+    embeddings = embed_batches(model, val_cache, device, amp=use_amp)
     metrics = {f"val_{k}": v for k, v in retrieval_metrics(embeddings, cfg.eval.recall_ks).items()}
     if class_names:
         metrics["val_zero_shot_acc"] = zero_shot_accuracy(
