@@ -1,8 +1,11 @@
 """The central equivalence: the gathered loss on W gloo workers is the single-process loss.
 
-Each worker holds its slice of one global batch; the towers are wrapped in DDP. The mean of
-the workers' loss values must equal the loss of one process on the whole batch, and every
-DDP-averaged parameter gradient must equal the single-process gradient (float64, 1e-6).
+Each worker holds its slice of one global batch; the towers are wrapped in DDP. For every loss
+× gather variant × negative mode, with and without negative memory, the mean of the workers'
+loss values must equal the loss of one process on the whole batch, and every DDP-averaged
+parameter gradient (and every gradient of the loss's own parameters, averaged by hand) must
+equal the single-process gradient, in float64 to 1e-6. World sizes 2 (equal halves) and 3
+(unequal local batches, as at the end of an epoch).
 """
 
 import os
@@ -14,10 +17,33 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vcl_dist.losses import TripletLoss
+from vcl_dist.losses import InfoNCELoss, NegativeMemory, TripletLoss, VCRLLoss
+from vcl_dist.losses.gather import average_gradients
 from vcl_dist.losses.negatives import NEGATIVE_SELECTION
 
-MODES = sorted(NEGATIVE_SELECTION)
+NUM_CLASSES = 3
+
+
+def make_loss(name, negatives, gather, with_memory):
+    torch.manual_seed(11)  # the same loss parameters on every worker and in the reference
+    memory = NegativeMemory(size=9) if with_memory else None
+    if name == "triplet":
+        loss = TripletLoss(margin=1.0, negatives=negatives, gather=gather, memory=memory)
+    elif name == "vcrl":
+        loss = VCRLLoss(margin=2.0, reg_lambda=0.05, negatives=negatives, gather=gather, memory=memory,
+                        num_classes=NUM_CLASSES, embed_dim=5, label_weight=0.5)
+    else:
+        loss = InfoNCELoss(init_temperature=0.3, gather=gather, memory=memory)
+    return loss.double()
+
+
+CASES = [
+    (name, negatives, gather, with_memory)
+    for name, modes in (("triplet", sorted(NEGATIVE_SELECTION)), ("vcrl", sorted(NEGATIVE_SELECTION)), ("infonce", ["-"]))
+    for negatives in modes
+    for gather in ("local", "full")
+    for with_memory in (False, True)
+]
 
 
 class TinyDualEncoder(nn.Module):
@@ -33,15 +59,19 @@ class TinyDualEncoder(nn.Module):
         return self.image(x), self.text(y)
 
 
-def make_batch(n):
+def make_batches(n):
+    """Two global batches (memory is filled by the first), with repeated labels and groups."""
     g = torch.Generator().manual_seed(123)
-    x = torch.randn(n, 7, generator=g, dtype=torch.float64)
-    y = torch.randn(n, 4, generator=g, dtype=torch.float64)
-    labels = torch.randint(0, 3, (n,), generator=g)
-    labels[::5] = -1
-    groups = torch.arange(n)
-    groups[3] = groups[2]
-    return x, y, labels, groups
+    batches = []
+    for step in range(2):
+        x = torch.randn(n, 7, generator=g, dtype=torch.float64)
+        y = torch.randn(n, 4, generator=g, dtype=torch.float64)
+        labels = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+        labels[::5] = -1
+        groups = torch.arange(n) + 100 * step
+        groups[3] = groups[2]
+        batches.append((x, y, labels, groups))
+    return batches
 
 
 def make_model():
@@ -49,45 +79,56 @@ def make_model():
     return TinyDualEncoder().double()
 
 
-def loss_and_grads(model, x, y, labels, groups, negatives):
-    model.zero_grad()
-    u, v = model(x, y)
-    loss = TripletLoss(margin=1.0, negatives=negatives)(u, v, labels, groups)
-    loss.backward()
-    module = model.module if hasattr(model, "module") else model
-    return loss.detach(), {name: p.grad.detach().clone() for name, p in module.named_parameters()}
+def run_steps(model, criterion, batches, part=slice(None)):
+    """Loss and gradients of each step; no optimizer step, so both steps see the same model."""
+    out = []
+    for x, y, labels, groups in batches:
+        model.zero_grad()
+        criterion.zero_grad()
+        u, v = model(x[part], y[part])
+        loss = criterion(u, v, labels[part], groups[part])
+        loss.backward()
+        average_gradients(criterion.parameters())
+        module = model.module if hasattr(model, "module") else model
+        grads = {f"model.{k}": p.grad.detach().clone() for k, p in module.named_parameters()}
+        grads.update({f"loss.{k}": p.grad.detach().clone() for k, p in criterion.named_parameters()})
+        out.append((loss.detach(), grads))
+    return out
 
 
 def _worker(rank, world, sizes, out_dir):
     # A file rendezvous: no TCP port that another process could take in between.
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    x, y, labels, groups = make_batch(sum(sizes))
+    batches = make_batches(sum(sizes))
     lo = sum(sizes[:rank])
     part = slice(lo, lo + sizes[rank])
-    model = DistributedDataParallel(make_model())
     results = {}
-    for negatives in MODES:
-        loss, grads = loss_and_grads(model, x[part], y[part], labels[part], groups[part], negatives)
-        mean_loss = loss.clone()
-        dist.all_reduce(mean_loss)
-        results[negatives] = (mean_loss / world, grads)
+    for case in CASES:
+        steps = run_steps(DistributedDataParallel(make_model()), make_loss(*case), batches, part)
+        for i, (loss, grads) in enumerate(steps):
+            mean_loss = loss.clone()
+            dist.all_reduce(mean_loss)
+            steps[i] = (mean_loss / world, grads)
+        results[case] = steps
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("sizes", [(6, 6), (5, 4, 3)], ids=["world2-equal", "world3-unequal"])
-def test_gathered_loss_and_ddp_gradients_equal_single_process(sizes, tmp_path):
+def test_gathered_losses_and_ddp_gradients_equal_single_process(sizes, tmp_path):
     mp.spawn(_worker, args=(len(sizes), list(sizes), str(tmp_path)), nprocs=len(sizes), join=True)
-    x, y, labels, groups = make_batch(sum(sizes))
-    model = make_model()
-    for negatives in MODES:
-        want_loss, want_grads = loss_and_grads(model, x, y, labels, groups, negatives)
-        assert want_loss.item() > 0
-        for rank in range(len(sizes)):
-            got_loss, got_grads = torch.load(tmp_path / f"rank{rank}.pt")[negatives]
-            torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-9, msg=f"{negatives} loss, rank {rank}")
-            assert got_grads.keys() == want_grads.keys()
-            for name, want in want_grads.items():
-                assert want.abs().sum() > 0, name
-                torch.testing.assert_close(got_grads[name], want, rtol=1e-6, atol=1e-9, msg=f"{negatives} {name} rank {rank}")
+    per_rank = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(len(sizes))]
+    batches = make_batches(sum(sizes))
+    for case in CASES:
+        want = run_steps(make_model(), make_loss(*case), batches)
+        for step, (want_loss, want_grads) in enumerate(want):
+            assert want_loss.item() > 0, case
+            for rank, results in enumerate(per_rank):
+                got_loss, got_grads = results[case][step]
+                where = f"{case} step {step} rank {rank}"
+                torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-10, msg=where)
+                assert got_grads.keys() == want_grads.keys()
+                for name, grad in want_grads.items():
+                    assert grad.abs().sum() > 0, f"{where} {name}"
+                    torch.testing.assert_close(got_grads[name], grad, rtol=1e-6, atol=1e-10, msg=f"{where} {name}")

@@ -53,6 +53,8 @@ def test_semi_hard_falls_back_to_hardest_when_no_negative_is_farther():
     d_an = torch.tensor([[0.5, 1.0], [0.05, 0.3]], dtype=torch.float64)
     valid = torch.ones(2, 2, dtype=torch.bool)
     losses = NEGATIVE_SELECTION["semi_hard"](d_ap, d_an, valid, 0.2)
+    # The same in the transposed layout (pool along dim 0).
+    torch.testing.assert_close(NEGATIVE_SELECTION["semi_hard"](d_ap, d_an.T, valid, 0.2, pool_dim=0), losses)
     # Anchor 0: nothing farther than 2.0 -> hardest (0.5). Anchor 1: closest farther is 0.3.
     torch.testing.assert_close(losses, torch.tensor([2.0 - 0.5 + 0.2, 0.0], dtype=torch.float64))
 

@@ -90,9 +90,18 @@ class ModelConfig(Section):
 
 
 class LossConfig(Section):
-    name: Literal["triplet"] = "triplet"
-    margin: float = Field(0.2, gt=0, le=4)
+    name: Literal["triplet", "vcrl", "infonce"] = "triplet"
+    margin: float = Field(0.2, gt=0, description="hinge margin on squared distances")
     negatives: Literal["hardest", "semi_hard", "all"] = "semi_hard"
+    gather: Literal["local", "full"] = "local"
+    reg_lambda: float = Field(0.01, ge=0, description="vcrl: λ of λ(‖U‖²+‖V‖²)/N")
+    label_tower: bool = Field(False, description="vcrl: learn one embedding per class")
+    label_weight: float = Field(1.0, ge=0, description="vcrl: weight of the label-tower terms")
+    num_classes: int | None = Field(None, ge=1, description="vcrl label tower; default: lines of classes.txt")
+    init_temperature: float = Field(0.07, gt=0, le=1, description="infonce: initial temperature")
+    max_logit_scale: float = Field(100.0, gt=1, description="infonce: clamp of 1/temperature")
+    memory_size: int = Field(0, ge=0, description="rows of the negative memory; 0 = off")
+    memory_warmup_steps: int = Field(0, ge=0, description="steps before the memory is used")
 
 
 class TrainConfig(Section):

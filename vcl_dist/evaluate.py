@@ -8,11 +8,12 @@ of the six instance-level recalls (fractions, so at most 6).
 
 from __future__ import annotations
 
-import contextlib
 from typing import Iterable, Sequence
 
 import torch
 from torch import nn
+
+from .precision import autocast
 
 
 @torch.no_grad()
@@ -22,9 +23,8 @@ def embed_batches(model: nn.Module, batches: Iterable[dict], device: torch.devic
     was_training = model.training
     model.eval()
     out: dict[str, list[torch.Tensor]] = {"image": [], "text": [], "label": [], "group": []}
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     for batch in batches:
-        with autocast:
+        with autocast(device, amp):
             u, v = model(batch["image"].to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device))
         out["image"].append(u.float().cpu())
         out["text"].append(v.float().cpu())

@@ -1,13 +1,37 @@
-"""Contrastive losses over the global batch; they know nothing of Ray, only of torch.distributed."""
+"""Contrastive losses over the global pool; they know nothing of Ray, only of torch.distributed.
+
+Parts compose like pytorch-metric-learning's: :mod:`.pool` (gather + memory + masks),
+:mod:`.distances`, :mod:`.negatives` (negative selection), and the losses on top.
+"""
+
+from __future__ import annotations
 
 from ..config import LossConfig
+from .infonce import InfoNCELoss
+from .memory import NegativeMemory
 from .triplet import TripletLoss
+from .vcrl import VCRLLoss
 
 
-def build_loss(cfg: LossConfig):
+def build_loss(cfg: LossConfig, num_classes: int | None = None, embed_dim: int | None = None):
+    """The loss module of a config; ``num_classes`` and ``embed_dim`` feed VCRL's label tower."""
+    memory = NegativeMemory(cfg.memory_size, cfg.memory_warmup_steps) if cfg.memory_size else None
     if cfg.name == "triplet":
-        return TripletLoss(margin=cfg.margin, negatives=cfg.negatives, normalize=True)
+        return TripletLoss(cfg.margin, cfg.negatives, normalize=True, gather=cfg.gather, memory=memory)
+    if cfg.name == "vcrl":
+        classes = (cfg.num_classes or num_classes) if cfg.label_tower else None
+        if cfg.label_tower and not classes:
+            raise ValueError("loss.label_tower needs loss.num_classes or a classes.txt beside the val shards")
+        return VCRLLoss(cfg.margin, cfg.reg_lambda, cfg.negatives, cfg.gather, memory,
+                        num_classes=classes, embed_dim=embed_dim, label_weight=cfg.label_weight)
+    if cfg.name == "infonce":
+        return InfoNCELoss(cfg.init_temperature, cfg.max_logit_scale, cfg.gather, memory)
     raise ValueError(f"loss.name: unknown loss {cfg.name!r}")
 
 
-__all__ = ["TripletLoss", "build_loss"]
+def normalizes_embeddings(loss_name: str) -> bool:
+    """Whether a loss works on cosine similarity (retrieval then ranks by cosine too)."""
+    return loss_name != "vcrl"
+
+
+__all__ = ["InfoNCELoss", "NegativeMemory", "TripletLoss", "VCRLLoss", "build_loss", "normalizes_embeddings"]

@@ -76,3 +76,15 @@ def gather_no_grad(tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         return tensor
     with torch.no_grad():
         return _all_gather_padded(tensor, sizes)
+
+
+def average_gradients(parameters) -> None:
+    """Average over workers the gradients of parameters that live outside the DDP model
+    (the loss's temperature, VCRL's class embeddings): DDP does this only for its own."""
+    _, world = distributed_world()
+    if world == 1:
+        return
+    for param in parameters:
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad /= world

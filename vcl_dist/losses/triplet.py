@@ -1,4 +1,4 @@
-"""The triplet hinge loss of a dual encoder over the global batch.
+"""The triplet hinge loss of a dual encoder over the global pool.
 
 For image anchor ``i`` with positive text ``p = i`` and negative text ``n``::
 
@@ -7,14 +7,13 @@ For image anchor ``i`` with positive text ``p = i`` and negative text ``n``::
 and the same with text anchors against images. With L2-normalised embeddings (``normalize``,
 the default) ``d² = 2 − 2·cos``; without, plain squared Euclidean distance.
 
-Negatives of an anchor: every item of the global batch except items with the same label
-(when both are labelled) and items of the same image group (its own pair, other captions of
-the same image). ``negatives`` picks how those hinges become one number per anchor (see
-:mod:`vcl_dist.losses.negatives`).
+Negatives of an anchor: every item of the pool (global batch, then memory) except items with
+the same label (when both are labelled) and items of the same image group (its own pair, other
+captions of the same image). ``negatives`` picks how those hinges become one number per
+anchor (see :mod:`vcl_dist.losses.negatives`).
 
-Reduction: the mean over all global anchors of the two directions' average, so the value is
-independent of how the batch is split across workers. Anchors with no valid negative count
-as 0.
+Reduction: the mean over all global anchors of the two directions' average, so the value does
+not depend on how the batch is split across workers. Anchors with no valid negative count as 0.
 """
 
 from __future__ import annotations
@@ -22,70 +21,81 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .gather import distributed_world, gather_no_grad, gather_sizes, gather_with_grad
-from .negatives import NEGATIVE_SELECTION
+from .distances import (
+    paired_squared_distances,
+    paired_squared_distances_normalized,
+    squared_distances,
+    squared_distances_normalized,
+)
+from .memory import NegativeMemory
+from .negatives import MINED_MODES, NEGATIVE_SELECTION, all_negatives, hinge, mine_negatives
+from .pool import Pool, build_pool, enqueue_batch, pair_scores, positive_entries
 
 
-def squared_distances(anchors: torch.Tensor, pool: torch.Tensor, normalized: bool) -> torch.Tensor:
-    """``[A, D] x [N, D] -> [A, N]`` squared Euclidean distances, from one matmul."""
-    dot = anchors @ pool.T
-    if normalized:
-        return 2.0 - 2.0 * dot
-    return anchors.pow(2).sum(1, keepdim=True) + pool.pow(2).sum(1).unsqueeze(0) - 2.0 * dot
+def triplet_terms(distances: torch.Tensor, positive: torch.Tensor, valid: torch.Tensor, margin: float, negatives: str) -> torch.Tensor:
+    """Per-anchor triplet loss ``[A]`` from anchor-to-pool squared distances ``[A, P]``."""
+    d_ap = distances.gather(1, positive.unsqueeze(1)).squeeze(1)
+    return NEGATIVE_SELECTION[negatives](d_ap, distances, valid, margin)
 
 
-def negative_mask(anchor_labels, anchor_groups, pool_labels, pool_groups) -> torch.Tensor:
-    """``[A, N]`` True where a pool item may be pushed away from the anchor.
+def bidirectional_triplet(pool: Pool, margin: float, negatives: str, normalized: bool) -> torch.Tensor:
+    """Per-anchor ``[A]`` mean of the image→text and text→image triplet terms.
 
-    Labels < 0 mean "unlabeled" and never match; groups identify the image a row shows.
+    Mined modes find their negative on a distance matrix computed without gradient, then
+    recompute the two distances that matter from the embeddings: the backward pass costs
+    ``O(A·D)`` instead of two ``[A, P]``-sized matmuls. The result and its gradient are those
+    of the dense definition (the gradient of a min is the gradient at the argmin).
     """
-    same_group = anchor_groups.unsqueeze(1) == pool_groups.unsqueeze(0)
-    same_label = (anchor_labels.unsqueeze(1) == pool_labels.unsqueeze(0)) & (anchor_labels.unsqueeze(1) >= 0)
-    return ~(same_group | same_label)
-
-
-def directional_triplet(anchors, pool, positive_index, valid, margin, negatives, normalized) -> torch.Tensor:
-    """Per-anchor loss ``[A]`` of ``anchors [A, D]`` against ``pool [N, D]``; anchor ``a``'s
-    positive is ``pool[positive_index[a]]``."""
-    d_an = squared_distances(anchors, pool, normalized)
-    d_ap = d_an.gather(1, positive_index.unsqueeze(1)).squeeze(1)
-    return NEGATIVE_SELECTION[negatives](d_ap, d_an, valid, margin)
+    distance_fn = squared_distances_normalized if normalized else squared_distances
+    paired_fn = paired_squared_distances_normalized if normalized else paired_squared_distances
+    directions = [(pool.image_anchors, pool.text_pool), (pool.text_anchors, pool.image_pool)]
+    terms = []
+    if negatives in MINED_MODES:
+        with torch.no_grad():
+            matrices = pair_scores(pool, distance_fn)
+        for (anchors, items), (matrix, pool_dim) in zip(directions, matrices):
+            d_ap_matrix = positive_entries(matrix, pool.positive, pool_dim)
+            index, has_negative = mine_negatives(matrix, d_ap_matrix, pool.valid, negatives, pool_dim)
+            d_ap = paired_fn(anchors, items[pool.positive])
+            d_an = paired_fn(anchors, items[index])
+            terms.append(hinge(d_ap, d_an, has_negative, margin))
+    else:
+        for matrix, pool_dim in pair_scores(pool, distance_fn):
+            d_ap = positive_entries(matrix, pool.positive, pool_dim)
+            terms.append(all_negatives(d_ap, matrix, pool.valid, margin, pool_dim))
+    return 0.5 * (terms[0] + terms[1])
 
 
 class TripletLoss(nn.Module):
-    """Bidirectional image–text triplet loss over the batch gathered from every worker.
+    """Bidirectional image–text triplet loss over the pool gathered from every worker.
 
     ``forward(image_emb [n, D], text_emb [n, D], labels [n], groups [n]) -> scalar``
 
-    On W workers, each one computes the rows of its own n anchors against the global pool of
-    N = Σn items and returns ``W · (Σ_local loss) / N``: the mean of the returned values over
-    workers is the global loss, and after DDP averages gradients (÷W) they are the gradients
-    of the global loss, exactly as one process on the concatenated batch would get them.
+    Args:
+        margin: the hinge margin ``m`` (on squared distances; at most 4 is meaningful for
+            normalised embeddings).
+        negatives: ``hardest`` | ``semi_hard`` | ``all`` (see :mod:`.negatives`).
+        normalize: L2-normalise the embeddings first (``d² = 2 − 2·cos``).
+        gather: ``local`` | ``full`` (see :mod:`.pool`).
+        memory: an optional :class:`NegativeMemory` of past global batches (extra negatives).
+
+    On W workers with ``gather="local"``, each worker returns ``W · (Σ_local terms) / N``: the
+    mean over workers is the global loss, and after DDP averages gradients they are exactly
+    the gradients one process would get on the concatenated batch.
     """
 
-    def __init__(self, margin: float = 0.2, negatives: str = "semi_hard", normalize: bool = True):
+    def __init__(self, margin: float = 0.2, negatives: str = "semi_hard", normalize: bool = True,
+                 gather: str = "local", memory: NegativeMemory | None = None):
         super().__init__()
         if negatives not in NEGATIVE_SELECTION:
             raise ValueError(f"negatives must be one of {sorted(NEGATIVE_SELECTION)}, got {negatives!r}")
-        self.margin = margin
-        self.negatives = negatives
-        self.normalize = normalize
+        self.margin, self.negatives, self.normalize, self.gather, self.memory = margin, negatives, normalize, gather, memory
 
     def forward(self, image_emb, text_emb, labels, groups) -> torch.Tensor:
         if self.normalize:
             image_emb = nn.functional.normalize(image_emb, dim=-1)
             text_emb = nn.functional.normalize(text_emb, dim=-1)
-        rank, world = distributed_world()
-        sizes = gather_sizes(image_emb.shape[0], image_emb.device)
-        offset, total = sum(sizes[:rank]), sum(sizes)
-
-        all_images = gather_with_grad(image_emb, sizes)
-        all_texts = gather_with_grad(text_emb, sizes)
-        all_labels = gather_no_grad(labels, sizes)
-        all_groups = gather_no_grad(groups, sizes)
-
-        positive = torch.arange(offset, offset + image_emb.shape[0], device=image_emb.device)
-        valid = negative_mask(labels, groups, all_labels, all_groups)
-        image_to_text = directional_triplet(image_emb, all_texts, positive, valid, self.margin, self.negatives, self.normalize)
-        text_to_image = directional_triplet(text_emb, all_images, positive, valid, self.margin, self.negatives, self.normalize)
-        return world * (image_to_text.sum() + text_to_image.sum()) / (2 * total)
+        pool = build_pool(image_emb, text_emb, labels, groups, self.gather, self.memory)
+        loss = pool.reduce(bidirectional_triplet(pool, self.margin, self.negatives, self.normalize))
+        enqueue_batch(pool, self.memory)
+        return loss

@@ -1,7 +1,8 @@
 """Training checkpoints: one folder with plain tensors and JSON, loadable with weights_only=True.
 
-Layout: ``model.pt`` (the dual encoder's state dict), ``training_state.pt`` (optimizer,
-scheduler, epoch, step), ``history.json`` (metrics of every finished epoch), ``config.yaml``
+Layout: ``model.pt`` (the dual encoder's state dict), ``loss.pt`` (the loss's parameters,
+such as a temperature or class embeddings), ``training_state.pt`` (optimizer, scheduler,
+negative memory, epoch, step), ``history.json`` (metrics of every finished epoch), ``config.yaml``
 (the resolved config) and ``tokenizer/``. Enough to resume a run or to serve the model.
 """
 
@@ -13,18 +14,22 @@ from pathlib import Path
 import torch
 
 MODEL_FILE = "model.pt"
+LOSS_FILE = "loss.pt"
 STATE_FILE = "training_state.pt"
 HISTORY_FILE = "history.json"
 CONFIG_FILE = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
 
 
-def save_checkpoint(folder: str | Path, *, model, optimizer, scheduler, epoch: int, step: int,
+def save_checkpoint(folder: str | Path, *, model, criterion, optimizer, scheduler, epoch: int, step: int,
                     history: list[dict], config_yaml: str, tokenizer) -> None:
     folder = Path(folder)
     torch.save(model.state_dict(), folder / MODEL_FILE)
+    torch.save(criterion.state_dict(), folder / LOSS_FILE)
+    memory = getattr(criterion, "memory", None)
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step},
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
+         "memory": memory.state_dict() if memory is not None else None},
         folder / STATE_FILE,
     )
     (folder / HISTORY_FILE).write_text(json.dumps(history, indent=1))
@@ -32,11 +37,16 @@ def save_checkpoint(folder: str | Path, *, model, optimizer, scheduler, epoch: i
     tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
 
 
-def load_checkpoint(folder: str | Path, *, model, optimizer=None, scheduler=None) -> dict:
+def load_checkpoint(folder: str | Path, *, model, criterion=None, optimizer=None, scheduler=None) -> dict:
     """Restore what is given; returns ``{"epoch", "step", "history"}`` of the saved run."""
     folder = Path(folder)
     model.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    if criterion is not None:
+        criterion.load_state_dict(torch.load(folder / LOSS_FILE, map_location="cpu", weights_only=True))
+        memory = getattr(criterion, "memory", None)
+        if memory is not None and state.get("memory") is not None:
+            memory.load_state_dict(state["memory"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:

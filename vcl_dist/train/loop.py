@@ -10,12 +10,10 @@ checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 import time
 from typing import Iterator
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -23,29 +21,12 @@ import torch.distributed as dist
 
 from ..config import Config, dump_config
 from ..evaluate import embed_batches, retrieval_metrics, zero_shot_accuracy
-from ..losses import build_loss
+from ..losses import build_loss, normalizes_embeddings
 from ..losses.gather import distributed_world
 from ..models import build_dual_encoder
 from .checkpoint import load_checkpoint, save_checkpoint
 from .schedule import build_optimizer, build_scheduler
-
-TENSOR_COLUMNS = ("image", "input_ids", "attention_mask", "label", "group")
-
-
-def collate_rows(batch: dict[str, np.ndarray], pin_memory: bool = False) -> dict[str, torch.Tensor]:
-    """numpy columns -> CPU tensors; string columns (``key``) are dropped from training batches.
-
-    Ray hands out read-only zero-copy views; torch needs writable memory, hence the copy.
-    """
-    tensors = {name: torch.from_numpy(np.array(batch[name], copy=True)) for name in TENSOR_COLUMNS}
-    if pin_memory:
-        tensors = {name: t.pin_memory() for name, t in tensors.items()}
-    return tensors
-
-
-def _pinned_collate(batch):
-    return collate_rows(batch, pin_memory=True)
-
+from .step import collate_rows, pinned_collate_rows, train_step
 
 def lockstep(batches: Iterator, device: torch.device, waits: list[float]) -> Iterator:
     """Yield batches while *every* worker still has one.
@@ -93,28 +74,28 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         # One intra-op thread per reserved CPU: more only fights the other workers.
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     use_amp = cfg.train.amp is True or (cfg.train.amp == "auto" and on_gpu)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
 
     torch.manual_seed(cfg.train.seed)
     model = build_dual_encoder(cfg.model, len(tokenizer), cfg.data.max_text_length, tokenizer.pad_token_id or 0)
     model = ray.train.torch.prepare_model(model)
     raw_model = model.module if hasattr(model, "module") else model
-    optimizer = build_optimizer(raw_model, cfg.train.lr, cfg.train.weight_decay)
+    criterion = build_loss(cfg.loss, num_classes=len(class_names) if class_names else None, embed_dim=cfg.model.embed_dim)
+    criterion.to(device)
+    optimizer = build_optimizer([raw_model, criterion], cfg.train.lr, cfg.train.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.train.warmup_steps, steps_per_epoch * cfg.train.epochs, cfg.train.min_lr_ratio)
-    criterion = build_loss(cfg.loss)
 
     start_epoch, step, history = 0, 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = load_checkpoint(folder, model=raw_model, optimizer=optimizer, scheduler=scheduler)
+            state = load_checkpoint(folder, model=raw_model, criterion=criterion, optimizer=optimizer, scheduler=scheduler)
         start_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
         if rank == 0:
             print(f"vcl-dist: resumed from the checkpoint of epoch {state['epoch']} (step {step})", flush=True)
 
     local_batch = cfg.train.batch_size // world
     config_yaml = dump_config(cfg)
-    collate = _pinned_collate if on_gpu else collate_rows
+    collate = pinned_collate_rows if on_gpu else collate_rows
     train_shard = ray.train.get_dataset_shard("train")
     val_cache: list[dict[str, torch.Tensor]] = []
 
@@ -130,17 +111,8 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         loss_sum, steps, waits = 0.0, 0, []
         epoch_start = time.perf_counter()
         for batch in lockstep(batches, device, waits):
-            batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
-            with autocast():
-                image_emb, text_emb = model(batch["image"], batch["input_ids"], batch["attention_mask"])
-            loss = criterion(image_emb.float(), text_emb.float(), batch["label"], batch["group"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip_norm)
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.item()
+            loss = train_step(model, criterion, optimizer, scheduler, batch, device, use_amp, cfg.train.grad_clip_norm)
+            loss_sum += loss
             steps += 1
             step += 1
             if rank == 0 and steps % cfg.train.log_every_steps == 0:
@@ -174,7 +146,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             history.append(metrics)
             print("vcl-dist: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
             with tempfile.TemporaryDirectory() as folder:
-                save_checkpoint(folder, model=raw_model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+                save_checkpoint(folder, model=raw_model, criterion=criterion, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
                                 step=step, history=history, config_yaml=config_yaml, tokenizer=tokenizer)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
@@ -194,9 +166,11 @@ def evaluate_on_val(model, cfg: Config, tokenizer, class_names, device, use_amp:
             ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=cfg.eval.batch_size, collate_fn=collate_rows)
         )
     embeddings = embed_batches(model, val_cache, device, amp=use_amp)
-    metrics = {f"val_{k}": v for k, v in retrieval_metrics(embeddings, cfg.eval.recall_ks).items()}
+    normalized = normalizes_embeddings(cfg.loss.name)
+    metrics = {f"val_{k}": v for k, v in retrieval_metrics(embeddings, cfg.eval.recall_ks, normalized).items()}
     if class_names:
         metrics["val_zero_shot_acc"] = zero_shot_accuracy(
-            model, tokenizer, class_names, cfg.eval.prompt_template, embeddings, device, cfg.data.max_text_length
+            model, tokenizer, class_names, cfg.eval.prompt_template, embeddings, device, cfg.data.max_text_length,
+            normalized,
         )
     return metrics

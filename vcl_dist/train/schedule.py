@@ -21,12 +21,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
     )
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with no decay on biases, norms and embeddings' 1-d parameters."""
+def build_optimizer(modules: list[torch.nn.Module], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the parameters of ``modules`` (the model and the loss), with no decay on
+    1-d parameters (biases, norms) and scalars (a temperature)."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)
+    for module in modules:
+        for param in module.parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim < 2 else decay).append(param)
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
     )

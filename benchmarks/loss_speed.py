@@ -1,0 +1,93 @@
+"""Forward + backward time of every loss beside the matmul floor and pytorch-metric-learning.
+
+    python benchmarks/loss_speed.py [--sizes 512 2048] [--dim 256] [--repeats 9]
+
+The floor is the bare similarity matmul of the same shapes plus its two backward matmuls
+(``S = U Vᵀ``; ``dU = G V``, ``dV = Gᵀ U``): no loss can need less. PML is
+``TripletMarginLoss`` with ``BatchHardMiner`` (its batch-hard path) on the same inputs, one
+direction with every pair its own class, as in tests/test_pml_agreement.py. Prints medians and
+ratios to the floor, measured in one run (the machine is shared: compare within a table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from vcl_dist.losses import InfoNCELoss, TripletLoss, VCRLLoss
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: allocator, thread pool
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=9)
+    args = parser.parse_args()
+
+    rows = []
+    for batch in args.sizes:
+        g = torch.Generator().manual_seed(0)
+        image = torch.randn(batch, args.dim, generator=g, requires_grad=True)
+        text = torch.randn(batch, args.dim, generator=g, requires_grad=True)
+        labels = torch.randint(0, 100, (batch,), generator=g)
+        groups = torch.arange(batch)
+
+        def floor():
+            scores = image @ text.T
+            scores.backward(torch.ones_like(scores))
+
+        candidates = {"matmul floor": floor}
+        for negatives in ("hardest", "semi_hard", "all"):
+            candidates[f"triplet {negatives}"] = TripletLoss(0.2, negatives)
+            candidates[f"vcrl {negatives}"] = VCRLLoss(0.5, 0.01, negatives)
+        candidates["vcrl hardest + label tower"] = VCRLLoss(0.5, 0.01, "hardest", num_classes=100, embed_dim=args.dim)
+        candidates["infonce"] = InfoNCELoss()
+        try:
+            from pytorch_metric_learning.distances import LpDistance
+            from pytorch_metric_learning.losses import TripletMarginLoss
+            from pytorch_metric_learning.miners import BatchHardMiner
+
+            distance = LpDistance(normalize_embeddings=True, p=2, power=2)
+            pml_loss, pml_miner = TripletMarginLoss(margin=0.2, distance=distance), BatchHardMiner(distance=distance)
+            pair_labels, ref_labels = torch.arange(batch), torch.arange(batch)
+
+            def pml():
+                tuples = pml_miner(image, pair_labels, text, ref_labels)
+                pml_loss(image, pair_labels, tuples, ref_emb=text, ref_labels=ref_labels).backward()
+
+            candidates["pml TripletMarginLoss + BatchHardMiner (1 direction)"] = pml
+        except ImportError:
+            print("pytorch-metric-learning is not installed: its row is left out")
+
+        timings = {}
+        for name, candidate in candidates.items():
+            if isinstance(candidate, torch.nn.Module):
+                def step(loss_fn=candidate):
+                    loss_fn(image, text, labels, groups).backward()
+            else:
+                step = candidate
+            timings[name] = median_seconds(step, args.repeats)
+        for name, seconds in timings.items():
+            rows.append((batch, name, seconds * 1000, seconds / timings["matmul floor"]))
+
+    print(f"\nforward + backward, d = {args.dim}, float32, {torch.get_num_threads()} threads, median of {args.repeats}\n")
+    print(f"| B | loss | ms | × floor |\n|---:|---|---:|---:|")
+    for batch, name, ms, ratio in rows:
+        print(f"| {batch} | {name} | {ms:.1f} | {ratio:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

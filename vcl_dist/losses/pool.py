@@ -1,0 +1,130 @@
+"""The anchors and the negative pool that every loss works on, over all workers.
+
+``build_pool`` gathers the global batch with gradient (:mod:`.gather`), appends the negative
+memory, and says for every anchor which pool row is its positive and which rows may serve as
+negatives. The losses then only compute per-anchor terms and ``reduce`` them.
+
+Gather variants:
+
+- ``local`` (default): anchors are this worker's ``n`` rows; the pool is the global batch of
+  ``N`` rows. Compute and memory per worker: ``O(n·N)``. The returned loss is scaled by
+  ``W / N`` so that, after DDP averages gradients, they are the global loss's gradients.
+- ``full``: every worker computes the whole ``N x N`` problem (anchors = the global batch)
+  and returns the global loss itself: ``W`` times the compute and memory of ``local`` for the
+  same result. Useful only for checking, or when W is 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .gather import distributed_world, gather_no_grad, gather_sizes, gather_with_grad
+from .memory import NegativeMemory
+
+GATHER_MODES = ("local", "full")
+
+
+@dataclass
+class Pool:
+    image_anchors: torch.Tensor  # [A, D]
+    text_anchors: torch.Tensor  # [A, D]
+    anchor_labels: torch.Tensor  # [A]
+    image_pool: torch.Tensor  # [P, D]: the global batch, then memory rows
+    text_pool: torch.Tensor  # [P, D]
+    pool_labels: torch.Tensor  # [P]
+    valid: torch.Tensor  # [A, P] bool: may be pushed away from the anchor
+    positive: torch.Tensor  # [A] pool row of each anchor's own pair
+    weight: float  # multiplies the sum of per-anchor terms: W/N (local) or 1/N (full)
+    batch_rows: int  # N: pool rows that belong to the global batch (the rest is memory)
+    # The anchors are the global batch itself (one worker, or ``full``): the text->image
+    # scores are then the transpose of the image->text ones, for the batch part.
+    anchors_are_batch: bool
+    global_batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # for the memory
+
+    def reduce(self, per_anchor: torch.Tensor) -> torch.Tensor:
+        """The worker's share of the global mean over anchors (see the module docstring)."""
+        return per_anchor.sum() * self.weight
+
+
+def negative_mask(anchor_labels, anchor_groups, pool_labels, pool_groups) -> torch.Tensor:
+    """``[A, P]`` True where a pool item may be pushed away from the anchor: a different
+    image group, and not the anchor's label (labels < 0 mean "unlabeled" and never match)."""
+    same_group = anchor_groups.unsqueeze(1) == pool_groups.unsqueeze(0)
+    same_label = (anchor_labels.unsqueeze(1) == pool_labels.unsqueeze(0)) & (anchor_labels.unsqueeze(1) >= 0)
+    return ~(same_group | same_label)
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    if not torch.isfinite(tensor).all():
+        raise FloatingPointError(
+            f"{name} contain NaN or inf: the model diverged or its input is corrupt "
+            "(lower train.lr, check the data, or turn on train.grad_clip_norm)"
+        )
+
+
+def build_pool(image_emb, text_emb, labels, groups, gather: str = "local", memory: NegativeMemory | None = None) -> Pool:
+    if gather not in GATHER_MODES:
+        raise ValueError(f"gather must be one of {GATHER_MODES}, got {gather!r}")
+    if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
+        raise ValueError(f"image and text embeddings must both be [n, D], got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
+    rank, world = distributed_world()
+    sizes = gather_sizes(image_emb.shape[0], image_emb.device)
+    offset, total = sum(sizes[:rank]), sum(sizes)
+    all_images, all_texts = gather_with_grad(image_emb, sizes), gather_with_grad(text_emb, sizes)
+    all_labels, all_groups = gather_no_grad(labels, sizes), gather_no_grad(groups, sizes)
+    check_finite("image embeddings", all_images.detach())
+    check_finite("text embeddings", all_texts.detach())
+
+    if gather == "full" or world == 1:
+        anchors = (all_images, all_texts, all_labels, all_groups)
+        positive = torch.arange(total, device=image_emb.device)
+        weight = 1.0 / total
+    else:
+        anchors = (image_emb, text_emb, labels, groups)
+        positive = torch.arange(offset, offset + image_emb.shape[0], device=image_emb.device)
+        weight = world / total
+
+    pool_images, pool_texts, pool_labels, pool_groups = all_images, all_texts, all_labels, all_groups
+    remembered = memory.negatives() if memory is not None else None
+    if remembered is not None:
+        mem_images, mem_texts, mem_labels, mem_groups = remembered
+        pool_images = torch.cat([pool_images, mem_images.to(pool_images)])
+        pool_texts = torch.cat([pool_texts, mem_texts.to(pool_texts)])
+        pool_labels = torch.cat([pool_labels, mem_labels.to(pool_labels.device)])
+        pool_groups = torch.cat([pool_groups, mem_groups.to(pool_groups.device)])
+
+    return Pool(
+        image_anchors=anchors[0], text_anchors=anchors[1], anchor_labels=anchors[2],
+        image_pool=pool_images, text_pool=pool_texts, pool_labels=pool_labels,
+        valid=negative_mask(anchors[2], anchors[3], pool_labels, pool_groups),
+        positive=positive, weight=weight, batch_rows=total,
+        anchors_are_batch=anchors[0].shape[0] == total,
+        global_batch=(all_images, all_texts, all_labels, all_groups),
+    )
+
+
+def pair_scores(pool: Pool, score_fn) -> list[tuple[torch.Tensor, int]]:
+    """``score_fn(anchors, items)`` for image anchors vs the text pool and for text anchors vs
+    the image pool, each as ``(matrix, pool_dim)``.
+
+    When the anchors are the whole batch and there is no memory, the text→image matrix is the
+    transpose of the image→text one: it is returned as the same matrix with ``pool_dim=0``
+    (one matmul instead of two, and no transposed copy). ``pool.valid`` is symmetric then, so
+    it serves both layouts.
+    """
+    image_to_text = score_fn(pool.image_anchors, pool.text_pool)
+    if pool.anchors_are_batch and pool.image_pool.shape[0] == pool.batch_rows:
+        return [(image_to_text, 1), (image_to_text, 0)]
+    return [(image_to_text, 1), (score_fn(pool.text_anchors, pool.image_pool), 1)]
+
+
+def positive_entries(matrix: torch.Tensor, positive: torch.Tensor, pool_dim: int) -> torch.Tensor:
+    """``[A]``: each anchor's entry at its positive, in either layout of :func:`pair_scores`."""
+    return matrix.gather(pool_dim, positive.unsqueeze(pool_dim)).squeeze(pool_dim)
+
+
+def enqueue_batch(pool: Pool, memory: NegativeMemory | None) -> None:
+    if memory is not None:
+        memory.enqueue(*pool.global_batch)

@@ -1,0 +1,84 @@
+"""VCRL: the triplet hinge on raw projected embeddings, a norm regulariser, and a label tower.
+
+With ``U``, ``V`` the projected, **not normalised** image and text embeddings of the global
+batch (``WᵀX``, ``WᵀY`` in the original notation) and ``N`` its size::
+
+    L = mean_anchors[ ½(triplet_i→t + triplet_t→i) ]                  # squared Euclidean
+      + λ · (‖U‖²_F + ‖V‖²_F) / N                                      # keeps norms bounded
+      + w_label · mean_anchors[ ½(triplet_i→class + triplet_t→class) ] # optional label tower
+
+The hinge alone can grow every distance without bound; the regulariser is what keeps the
+scale fixed. The label tower is one learned embedding per class: each labelled anchor is
+pulled to its class embedding and pushed from the other classes' (unlabeled anchors add 0),
+so the classes themselves live in the latent space and can be retrieved like captions.
+The original text writes the objective as a maximisation with mixed signs; this is its
+intent: minimise positive distances, maximise negative ones, penalise norms.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .distances import squared_distances
+from .memory import NegativeMemory
+from .negatives import NEGATIVE_SELECTION
+from .pool import build_pool, enqueue_batch
+from .triplet import bidirectional_triplet, triplet_terms
+
+
+class VCRLLoss(nn.Module):
+    """``forward(image_emb [n, D], text_emb [n, D], labels [n], groups [n]) -> scalar``.
+
+    Args:
+        margin: hinge margin on squared Euclidean distances (scale-dependent: with the
+            regulariser holding norms near 1, margins of 0.1–1 are typical).
+        reg_lambda: λ of the Frobenius-norm regulariser.
+        negatives, gather, memory: as for :class:`~vcl_dist.losses.TripletLoss`.
+        num_classes, embed_dim: turn on the label tower (both needed).
+        label_weight: weight of the image→class and text→class terms.
+
+    The class embeddings are parameters of this module: give them to the optimizer, and
+    average their gradients over workers (they live outside the DDP-wrapped model).
+    """
+
+    def __init__(self, margin: float = 0.5, reg_lambda: float = 0.01, negatives: str = "semi_hard",
+                 gather: str = "local", memory: NegativeMemory | None = None,
+                 num_classes: int | None = None, embed_dim: int | None = None, label_weight: float = 1.0):
+        super().__init__()
+        if negatives not in NEGATIVE_SELECTION:
+            raise ValueError(f"negatives must be one of {sorted(NEGATIVE_SELECTION)}, got {negatives!r}")
+        self.margin, self.reg_lambda, self.negatives, self.gather, self.memory = margin, reg_lambda, negatives, gather, memory
+        self.label_weight = label_weight
+        self.class_embeddings = None
+        if num_classes:
+            if not embed_dim:
+                raise ValueError("the VCRL label tower needs embed_dim")
+            self.class_embeddings = nn.Parameter(torch.randn(num_classes, embed_dim) / embed_dim**0.5)
+
+    def label_terms(self, anchors: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-anchor ``[A]`` triplet term of each anchor against the class embeddings."""
+        classes = self.class_embeddings.to(anchors.dtype)
+        num_classes = classes.shape[0]
+        if (labels >= num_classes).any():
+            raise ValueError(f"a label is >= loss.num_classes ({num_classes})")
+        labelled = labels >= 0
+        positive = labels.clamp_min(0)
+        valid = torch.arange(num_classes, device=labels.device).unsqueeze(0) != positive.unsqueeze(1)
+        valid &= labelled.unsqueeze(1)  # unlabeled anchors have no class terms at all
+        terms = triplet_terms(squared_distances(anchors, classes), positive, valid, self.margin, self.negatives)
+        return terms * labelled
+
+    def forward(self, image_emb, text_emb, labels, groups) -> torch.Tensor:
+        pool = build_pool(image_emb, text_emb, labels, groups, self.gather, self.memory)
+        per_anchor = bidirectional_triplet(pool, self.margin, self.negatives, normalized=False)
+        # λ(‖U‖² + ‖V‖²)/N is the anchors' mean of λ(|u_a|² + |v_a|²): reduced like the rest.
+        per_anchor = per_anchor + self.reg_lambda * (pool.image_anchors.pow(2).sum(1) + pool.text_anchors.pow(2).sum(1))
+        if self.class_embeddings is not None and self.label_weight:
+            per_anchor = per_anchor + self.label_weight * 0.5 * (
+                self.label_terms(pool.image_anchors, pool.anchor_labels)
+                + self.label_terms(pool.text_anchors, pool.anchor_labels)
+            )
+        loss = pool.reduce(per_anchor)
+        enqueue_batch(pool, self.memory)
+        return loss

@@ -1,0 +1,51 @@
+"""One training step, and the collation that feeds it; free of Ray so it runs anywhere.
+
+A step: batch to the device (non-blocking from pinned memory on GPU) → both towers under bf16
+autocast on GPU → the loss in float32 over the global pool → backward (through the gather;
+DDP averages the model's gradients, the loss's own parameters are averaged here) → clip →
+optimizer and learning-rate step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..losses.gather import average_gradients
+from ..precision import autocast
+
+TENSOR_COLUMNS = ("image", "input_ids", "attention_mask", "label", "group")
+
+
+def collate_rows(batch: dict[str, np.ndarray], pin_memory: bool = False) -> dict[str, torch.Tensor]:
+    """numpy columns -> CPU tensors; string columns (``key``) are dropped from training batches.
+
+    Ray hands out read-only zero-copy views; torch needs writable memory, hence the copy.
+    Pinned (page-locked) memory lets the copy to the GPU overlap with compute.
+    """
+    tensors = {name: torch.from_numpy(np.array(batch[name], copy=True)) for name in TENSOR_COLUMNS}
+    if pin_memory:
+        tensors = {name: t.pin_memory() for name, t in tensors.items()}
+    return tensors
+
+
+def pinned_collate_rows(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return collate_rows(batch, pin_memory=True)
+
+
+def train_step(model, criterion, optimizer, scheduler, batch: dict[str, torch.Tensor], device: torch.device,
+               use_amp: bool, grad_clip_norm: float | None) -> float:
+    """One optimisation step on a collated batch; returns this worker's loss value."""
+    batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
+    with autocast(device, use_amp):
+        image_emb, text_emb = model(batch["image"], batch["input_ids"], batch["attention_mask"])
+    # The loss runs in float32: distances and softmaxes over the pool lose too much in bf16.
+    loss = criterion(image_emb.float(), text_emb.float(), batch["label"], batch["group"])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(criterion.parameters())
+    if grad_clip_norm:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip_norm)
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
