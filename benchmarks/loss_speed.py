@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from vcl_dist.cpu_memory import keep_freed_memory_for_reuse
 from vcl_dist.losses import InfoNCELoss, TripletLoss, VCRLLoss
 
 
@@ -35,7 +36,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--malloc-cache", action="store_true",
+                        help="keep freed blocks for reuse (vcl_dist.cpu_memory), as training workers on CPU do")
     args = parser.parse_args()
+    if args.malloc_cache and not keep_freed_memory_for_reuse():
+        print("could not set glibc's malloc thresholds: measuring with the default allocator")
 
     rows = []
     for batch in args.sizes:
@@ -83,7 +88,8 @@ def main() -> None:
         for name, seconds in timings.items():
             rows.append((batch, name, seconds * 1000, seconds / timings["matmul floor"]))
 
-    print(f"\nforward + backward, d = {args.dim}, float32, {torch.get_num_threads()} threads, median of {args.repeats}\n")
+    allocator = "freed blocks kept for reuse" if args.malloc_cache else "default glibc allocator"
+    print(f"\nforward + backward, d = {args.dim}, float32, {torch.get_num_threads()} threads, {allocator}, median of {args.repeats}\n")
     print(f"| B | loss | ms | × floor |\n|---:|---|---:|---:|")
     for batch, name, ms, ratio in rows:
         print(f"| {batch} | {name} | {ms:.1f} | {ratio:.2f} |")

@@ -54,3 +54,33 @@ def test_two_workers_train_report_and_checkpoint(local_ray, tiny_shapes_override
     state = load_checkpoint(checkpoint, model=model)
     assert state["epoch"] == 2 and state["step"] == 24 and len(state["history"]) == 3
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_vcrl_with_label_tower_and_memory_trains_and_checkpoints_its_state(local_ray, tiny_shapes_overrides, repo_root, tmp_path):
+    cfg = load_config(
+        repo_root / "jobs/configs/default.yaml",
+        [*tiny_shapes_overrides, f"run.storage_path={tmp_path}", "run.name=vcrl", "train.epochs=2",
+         "loss.name=vcrl", "loss.margin=0.5", "loss.reg_lambda=0.05", "loss.label_tower=true",
+         "loss.memory_size=96", "loss.memory_warmup_steps=2"],
+    )
+    outcome = run_training(cfg)
+    assert outcome.history[-1]["train_loss"] < outcome.history[0]["train_loss"]
+    checkpoint = Path(outcome.checkpoint_path)
+    loss_state = torch.load(checkpoint / "loss.pt", weights_only=True)
+    assert loss_state["class_embeddings"].shape == (30, cfg.model.embed_dim)  # one per shapes class
+    memory = torch.load(checkpoint / "training_state.pt", weights_only=True)["memory"]
+    # 16 global steps of 64 rows went through a memory of 96 rows.
+    assert memory["filled"] == 96 and memory["steps"] == 16
+    assert memory["image"].shape == (96, cfg.model.embed_dim)
+
+
+def test_infonce_with_full_gather_trains(local_ray, tiny_shapes_overrides, repo_root, tmp_path):
+    cfg = load_config(
+        repo_root / "jobs/configs/default.yaml",
+        [*tiny_shapes_overrides, f"run.storage_path={tmp_path}", "run.name=infonce", "train.epochs=2",
+         "loss.name=infonce", "loss.gather=full"],
+    )
+    outcome = run_training(cfg)
+    assert outcome.history[-1]["train_loss"] < outcome.history[0]["train_loss"]
+    logit_scale = torch.load(Path(outcome.checkpoint_path) / "loss.pt", weights_only=True)["logit_scale"]
+    assert logit_scale.item() != pytest.approx(torch.log(torch.tensor(1 / 0.07)).item())  # it was trained

@@ -11,9 +11,13 @@ def squared_distances_normalized(anchors: torch.Tensor, items: torch.Tensor) -> 
 
 
 def squared_distances(anchors: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-    """``[A, D] x [P, D] -> [A, P]`` squared Euclidean distances ``|a|² + |p|² − 2·a·p``."""
-    norms = anchors.pow(2).sum(1, keepdim=True) + items.pow(2).sum(1).unsqueeze(0)
-    return torch.addmm(norms, anchors, items.T, alpha=-2.0).clamp_min_(0.0)
+    """``[A, D] x [P, D] -> [A, P]`` squared Euclidean distances ``|a|² + |p|² − 2·a·p``.
+
+    One addmm and one in-place add; rounding can leave ``−1e-7``-sized values for nearly
+    equal vectors, which no loss here minds (there is no square root).
+    """
+    distances = torch.addmm(items.pow(2).sum(1).unsqueeze(0), anchors, items.T, alpha=-2.0)
+    return distances.add_(anchors.pow(2).sum(1, keepdim=True))
 
 
 def paired_squared_distances_normalized(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

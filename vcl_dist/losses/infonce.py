@@ -15,15 +15,8 @@ import torch
 from torch import nn
 
 from .memory import NegativeMemory
-from .pool import build_pool, enqueue_batch, pair_scores, positive_entries
-
-
-def infonce_terms(logits: torch.Tensor, positive: torch.Tensor, valid: torch.Tensor, pool_dim: int = 1) -> torch.Tensor:
-    """Per-anchor ``[A]`` cross-entropy of the positive among itself and the valid negatives
-    (layouts as in :func:`~vcl_dist.losses.pool.pair_scores`)."""
-    keep = valid.scatter(pool_dim, positive.unsqueeze(pool_dim), True)
-    masked = logits.masked_fill(~keep, float("-inf"))
-    return torch.logsumexp(masked, dim=pool_dim) - positive_entries(logits, positive, pool_dim)
+from .fused import infonce_terms
+from .pool import build_pool, direction_inputs, enqueue_batch
 
 
 class InfoNCELoss(nn.Module):
@@ -53,11 +46,14 @@ class InfoNCELoss(nn.Module):
         text_emb = nn.functional.normalize(text_emb, dim=-1)
         pool = build_pool(image_emb, text_emb, labels, groups, self.gather, self.memory)
         scale = self.scale().to(image_emb.dtype)
-        (image_to_text, dim_i2t), (text_to_image, dim_t2i) = pair_scores(pool, lambda a, b: scale * (a @ b.T))
-        per_anchor = 0.5 * (
-            infonce_terms(image_to_text, pool.positive, pool.valid, dim_i2t)
-            + infonce_terms(text_to_image, pool.positive, pool.valid, dim_t2i)
-        )
+        # The own pair stays in the softmax although it is no negative.
+        excluded = pool.invalid.clone()
+        excluded[torch.arange(len(pool.positive), device=excluded.device), pool.positive] = False
+        terms = [
+            infonce_terms(anchors, items, scale, excluded, pool.positive, pool_dims)
+            for anchors, items, pool_dims in direction_inputs(pool)
+        ]
+        per_anchor = torch.cat(terms).mean(dim=0)
         loss = pool.reduce(per_anchor)
         enqueue_batch(pool, self.memory)
         return loss

@@ -13,7 +13,8 @@ negatives. An anchor without any valid negative contributes 0.
 
 The first two are *miners*: they pick one negative per anchor without gradient, and the loss
 recomputes that one distance from the embeddings, so backward never touches an ``[A, P]``
-matrix. ``all`` needs the gradient of every hinge. No loops over anchors, no ``[A, P, P]``.
+matrix. ``all`` needs the gradient of every hinge (see :mod:`.fused`). No loops over
+anchors, no ``[A, P, P]`` tensors.
 """
 
 from __future__ import annotations
@@ -21,21 +22,33 @@ from __future__ import annotations
 import torch
 
 
+INF = float("inf")
+
+
 @torch.no_grad()
-def mine_negatives(distances: torch.Tensor, d_ap: torch.Tensor, valid: torch.Tensor, negatives: str,
-                   pool_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(index [A], has_negative [A])``: the pool row chosen for each anchor."""
-    d_ap = d_ap.unsqueeze(pool_dim)
+def mine_negatives(filled: torch.Tensor, d_ap: torch.Tensor, negatives: str, pool_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index [A], has_negative [A])``: the pool row chosen for each anchor.
+
+    ``filled``: squared distances with ``+inf`` wherever an item may not be a negative.
+    """
     if negatives == "hardest":
-        candidates = valid
-    elif negatives == "semi_hard":
-        farther = valid & (distances > d_ap)
-        has_farther = farther.any(dim=pool_dim, keepdim=True)
-        candidates = torch.where(has_farther, farther, valid)
-    else:
+        values, index = filled.min(dim=pool_dim)
+        return index, values < INF
+    if negatives != "semi_hard":
         raise ValueError(f"{negatives!r} is not a mining mode")
-    index = distances.masked_fill(~candidates, float("inf")).argmin(dim=pool_dim)
-    return index, valid.any(dim=pool_dim)
+    # The closest item strictly farther than the positive, without a masked copy: over x >
+    # d_ap, 1 / (d_ap − x) is negative and smallest for the smallest x; x ≤ d_ap gives a
+    # positive value or +inf (x = d_ap), never-negatives (x = inf) give −0.0.
+    reciprocal = (d_ap.unsqueeze(pool_dim) - filled).reciprocal_()
+    values, index = reciprocal.min(dim=pool_dim)
+    has_negative = values < 0
+    fallback = (~has_negative).nonzero().squeeze(1)
+    if fallback.numel():
+        # Anchors with no farther negative take their hardest one (usually few of them).
+        hardest_values, hardest_index = filled.index_select(1 - pool_dim, fallback).min(dim=pool_dim)
+        index[fallback] = hardest_index
+        has_negative[fallback] = hardest_values < INF
+    return index, has_negative
 
 
 def hinge(d_ap: torch.Tensor, d_an: torch.Tensor, has_negative: torch.Tensor, margin: float) -> torch.Tensor:
@@ -44,16 +57,23 @@ def hinge(d_ap: torch.Tensor, d_an: torch.Tensor, has_negative: torch.Tensor, ma
     return torch.where(has_negative, torch.relu(d_ap - d_an + margin), torch.zeros_like(d_ap))
 
 
+def count_true(mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """``mask.sum(dim)`` for a bool mask, summed as bytes into int32: a bool sum widens every
+    entry to int64 first, which costs over ten times more on ``A x P`` masks."""
+    return mask.view(torch.uint8).sum(dim=dim, dtype=torch.int32)
+
+
 def all_negatives(d_ap: torch.Tensor, distances: torch.Tensor, valid: torch.Tensor, margin: float,
                   pool_dim: int = 1) -> torch.Tensor:
-    """Per-anchor ``[A]`` mean of the hinge over all valid negatives (differentiable)."""
-    hinges = (d_ap.unsqueeze(pool_dim) + margin - distances).relu_() * valid
+    """Per-anchor ``[A]`` mean of the hinge over all valid negatives (differentiable). The
+    batch losses use the fused :func:`vcl_dist.losses.fused.mean_hinge_all_negatives`."""
+    hinges = (d_ap.unsqueeze(pool_dim) + margin - distances).relu() * valid
     return hinges.sum(dim=pool_dim) / valid.sum(dim=pool_dim).clamp_min(1)
 
 
 def _mined(negatives: str):
     def select(d_ap, distances, valid, margin, pool_dim=1):
-        index, has_negative = mine_negatives(distances, d_ap, valid, negatives, pool_dim)
+        index, has_negative = mine_negatives(distances.masked_fill(~valid, INF), d_ap, negatives, pool_dim)
         d_an = distances.gather(pool_dim, index.unsqueeze(pool_dim)).squeeze(pool_dim)
         return hinge(d_ap, d_an, has_negative, margin)
 
@@ -65,8 +85,8 @@ def _mined(negatives: str):
 hardest_negative = _mined("hardest")
 semi_hard_negative = _mined("semi_hard")
 
-# The per-anchor loss of each mode from a full distance matrix; the losses use the cheaper
-# mining route for the first two (same values and gradients).
+# The per-anchor loss of each mode from a distance matrix and a validity mask: the plain
+# interface (VCRL's class terms use it); the batch losses use the cheaper in-place route.
 NEGATIVE_SELECTION = {
     "hardest": hardest_negative,
     "semi_hard": semi_hard_negative,

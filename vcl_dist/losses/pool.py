@@ -34,7 +34,7 @@ class Pool:
     image_pool: torch.Tensor  # [P, D]: the global batch, then memory rows
     text_pool: torch.Tensor  # [P, D]
     pool_labels: torch.Tensor  # [P]
-    valid: torch.Tensor  # [A, P] bool: may be pushed away from the anchor
+    invalid: torch.Tensor  # [A, P] bool: never a negative of the anchor (same image or label)
     positive: torch.Tensor  # [A] pool row of each anchor's own pair
     weight: float  # multiplies the sum of per-anchor terms: W/N (local) or 1/N (full)
     batch_rows: int  # N: pool rows that belong to the global batch (the rest is memory)
@@ -48,12 +48,19 @@ class Pool:
         return per_anchor.sum() * self.weight
 
 
+def never_negative(anchor_labels, anchor_groups, pool_labels, pool_groups) -> torch.Tensor:
+    """``[A, P]`` True where a pool item must not be pushed away from the anchor: the same
+    image group (its own pair, other captions of its image) or the anchor's label (labels < 0
+    mean "unlabeled" and never match). Built in place: these masks are ``A x P``."""
+    invalid = anchor_groups.unsqueeze(1) == pool_groups.unsqueeze(0)
+    same_label = anchor_labels.unsqueeze(1) == pool_labels.unsqueeze(0)
+    same_label &= (anchor_labels >= 0).unsqueeze(1)
+    return invalid.logical_or_(same_label)
+
+
 def negative_mask(anchor_labels, anchor_groups, pool_labels, pool_groups) -> torch.Tensor:
-    """``[A, P]`` True where a pool item may be pushed away from the anchor: a different
-    image group, and not the anchor's label (labels < 0 mean "unlabeled" and never match)."""
-    same_group = anchor_groups.unsqueeze(1) == pool_groups.unsqueeze(0)
-    same_label = (anchor_labels.unsqueeze(1) == pool_labels.unsqueeze(0)) & (anchor_labels.unsqueeze(1) >= 0)
-    return ~(same_group | same_label)
+    """``[A, P]`` True where a pool item may serve as the anchor's negative."""
+    return never_negative(anchor_labels, anchor_groups, pool_labels, pool_groups).logical_not_()
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
@@ -98,30 +105,36 @@ def build_pool(image_emb, text_emb, labels, groups, gather: str = "local", memor
     return Pool(
         image_anchors=anchors[0], text_anchors=anchors[1], anchor_labels=anchors[2],
         image_pool=pool_images, text_pool=pool_texts, pool_labels=pool_labels,
-        valid=negative_mask(anchors[2], anchors[3], pool_labels, pool_groups),
+        invalid=never_negative(anchors[2], anchors[3], pool_labels, pool_groups),
         positive=positive, weight=weight, batch_rows=total,
         anchors_are_batch=anchors[0].shape[0] == total,
         global_batch=(all_images, all_texts, all_labels, all_groups),
     )
 
 
-def pair_scores(pool: Pool, score_fn) -> list[tuple[torch.Tensor, int]]:
-    """``score_fn(anchors, items)`` for image anchors vs the text pool and for text anchors vs
-    the image pool, each as ``(matrix, pool_dim)``.
+def score_matrices(pool: Pool, score_fn) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+    """``score_fn(anchors, items)`` for image anchors vs the text pool and text anchors vs the
+    image pool, as ``(matrix, pool_dims)`` pairs: the image→text direction first, then the
+    text→image one. ``pool_dim`` 1: anchors along rows, pool along columns; 0: the reverse.
 
     When the anchors are the whole batch and there is no memory, the text→image matrix is the
-    transpose of the image→text one: it is returned as the same matrix with ``pool_dim=0``
-    (one matmul instead of two, and no transposed copy). ``pool.valid`` is symmetric then, so
-    it serves both layouts.
+    transpose of the image→text one: one matrix read in both layouts, ``[(M, (1, 0))]`` (one
+    matmul instead of two, and no transposed copy; ``pool.invalid`` is symmetric then). Else
+    ``[(M_i2t, (1,)), (M_t2i, (1,))]``.
     """
-    image_to_text = score_fn(pool.image_anchors, pool.text_pool)
+    return [(score_fn(anchors, items), pool_dims) for anchors, items, pool_dims in direction_inputs(pool)]
+
+
+def direction_inputs(pool: Pool) -> list[tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]]:
+    """``(anchors, items, pool_dims)`` whose score matrices cover both directions (see
+    :func:`score_matrices`)."""
     if pool.anchors_are_batch and pool.image_pool.shape[0] == pool.batch_rows:
-        return [(image_to_text, 1), (image_to_text, 0)]
-    return [(image_to_text, 1), (score_fn(pool.text_anchors, pool.image_pool), 1)]
+        return [(pool.image_anchors, pool.text_pool, (1, 0))]
+    return [(pool.image_anchors, pool.text_pool, (1,)), (pool.text_anchors, pool.image_pool, (1,))]
 
 
 def positive_entries(matrix: torch.Tensor, positive: torch.Tensor, pool_dim: int) -> torch.Tensor:
-    """``[A]``: each anchor's entry at its positive, in either layout of :func:`pair_scores`."""
+    """``[A]``: each anchor's entry at its own pair (layouts of :func:`score_matrices`)."""
     return matrix.gather(pool_dim, positive.unsqueeze(pool_dim)).squeeze(pool_dim)
 
 

@@ -28,8 +28,9 @@ from .distances import (
     squared_distances_normalized,
 )
 from .memory import NegativeMemory
-from .negatives import MINED_MODES, NEGATIVE_SELECTION, all_negatives, hinge, mine_negatives
-from .pool import Pool, build_pool, enqueue_batch, pair_scores, positive_entries
+from .fused import mean_hinge_all_negatives
+from .negatives import INF, MINED_MODES, NEGATIVE_SELECTION, hinge, mine_negatives
+from .pool import Pool, build_pool, direction_inputs, enqueue_batch, positive_entries, score_matrices
 
 
 def triplet_terms(distances: torch.Tensor, positive: torch.Tensor, valid: torch.Tensor, margin: float, negatives: str) -> torch.Tensor:
@@ -48,21 +49,25 @@ def bidirectional_triplet(pool: Pool, margin: float, negatives: str, normalized:
     """
     distance_fn = squared_distances_normalized if normalized else squared_distances
     paired_fn = paired_squared_distances_normalized if normalized else paired_squared_distances
-    directions = [(pool.image_anchors, pool.text_pool), (pool.text_anchors, pool.image_pool)]
+    if negatives not in MINED_MODES:
+        terms = [
+            mean_hinge_all_negatives(anchors, items, pool.invalid, pool.positive, pool_dims, margin, normalized)
+            for anchors, items, pool_dims in direction_inputs(pool)
+        ]
+        return torch.cat(terms).mean(dim=0)
+    # d(anchor, positive) is the same pair in both directions: one differentiable [A] vector.
+    d_ap = paired_fn(pool.image_anchors, pool.text_pool.index_select(0, pool.positive))
+    with torch.no_grad():
+        choices = []
+        for filled, pool_dims in score_matrices(pool, distance_fn):
+            d_ap_rows = [positive_entries(filled, pool.positive, dim) for dim in pool_dims]
+            filled.masked_fill_(pool.invalid, INF)
+            choices += [mine_negatives(filled, d, negatives, dim) for d, dim in zip(d_ap_rows, pool_dims)]
     terms = []
-    if negatives in MINED_MODES:
-        with torch.no_grad():
-            matrices = pair_scores(pool, distance_fn)
-        for (anchors, items), (matrix, pool_dim) in zip(directions, matrices):
-            d_ap_matrix = positive_entries(matrix, pool.positive, pool_dim)
-            index, has_negative = mine_negatives(matrix, d_ap_matrix, pool.valid, negatives, pool_dim)
-            d_ap = paired_fn(anchors, items[pool.positive])
-            d_an = paired_fn(anchors, items[index])
-            terms.append(hinge(d_ap, d_an, has_negative, margin))
-    else:
-        for matrix, pool_dim in pair_scores(pool, distance_fn):
-            d_ap = positive_entries(matrix, pool.positive, pool_dim)
-            terms.append(all_negatives(d_ap, matrix, pool.valid, margin, pool_dim))
+    for (anchors, items), (index, has_negative) in zip(
+        [(pool.image_anchors, pool.text_pool), (pool.text_anchors, pool.image_pool)], choices
+    ):
+        terms.append(hinge(d_ap, paired_fn(anchors, items.index_select(0, index)), has_negative, margin))
     return 0.5 * (terms[0] + terms[1])
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, dump_config
+from ..cpu_memory import keep_freed_memory_for_reuse
 from ..evaluate import embed_batches, retrieval_metrics, zero_shot_accuracy
 from ..losses import build_loss, normalizes_embeddings
 from ..losses.gather import distributed_world
@@ -73,6 +74,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     if not on_gpu:
         # One intra-op thread per reserved CPU: more only fights the other workers.
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+        keep_freed_memory_for_reuse()
     use_amp = cfg.train.amp is True or (cfg.train.amp == "auto" and on_gpu)
 
     torch.manual_seed(cfg.train.seed)
