@@ -164,3 +164,22 @@ def test_some_anchors_without_valid_negatives():
         want = reference_triplet(image, text, labels, groups, 1.5, negatives)
         torch.testing.assert_close(got, want)
         assert math.isfinite(got.item())
+
+
+@pytest.mark.parametrize("case", ["unlabeled", "labels-nest-groups", "mixed", "group-spans-labels", "anchors-unlabeled"])
+def test_never_negative_shortcuts_equal_the_full_definition(case):
+    from vcl_dist.losses.pool import never_negative
+
+    g = torch.Generator().manual_seed(7)
+    groups = torch.randint(0, 12, (30,), generator=g)
+    labels = (groups % 4) if case != "unlabeled" else torch.full((30,), -1)
+    if case == "mixed":
+        labels = labels.clone()
+        labels[::3] = -1
+    if case == "group-spans-labels":
+        labels = torch.randint(0, 4, (30,), generator=g)
+    anchor_labels = torch.full((10,), -1) if case == "anchors-unlabeled" else labels[:10]
+    got = never_negative(anchor_labels, groups[:10], labels, groups)
+    want = torch.tensor([[bool(groups[a] == groups[p]) or bool(anchor_labels[a] >= 0 and anchor_labels[a] == labels[p])
+                          for p in range(30)] for a in range(10)])
+    assert torch.equal(got, want)

@@ -51,11 +51,29 @@ class Pool:
 def never_negative(anchor_labels, anchor_groups, pool_labels, pool_groups) -> torch.Tensor:
     """``[A, P]`` True where a pool item must not be pushed away from the anchor: the same
     image group (its own pair, other captions of its image) or the anchor's label (labels < 0
-    mean "unlabeled" and never match). Built in place: these masks are ``A x P``."""
+    mean "unlabeled" and never match).
+
+    These masks are ``A x P``, so the common cases take one comparison instead of four: with
+    no labels at all, the mask is "same group"; with every item labelled and every group
+    inside one label (captions of one image share its class), it is "same label".
+    """
+    anchors_labelled, pool_labelled = anchor_labels >= 0, pool_labels >= 0
+    if not anchors_labelled.any() and not pool_labelled.any():
+        return anchor_groups.unsqueeze(1) == pool_groups.unsqueeze(0)
+    if anchors_labelled.all() and pool_labelled.all() and _groups_within_labels(
+        torch.cat([anchor_labels, pool_labels]), torch.cat([anchor_groups, pool_groups])
+    ):
+        return anchor_labels.unsqueeze(1) == pool_labels.unsqueeze(0)
     invalid = anchor_groups.unsqueeze(1) == pool_groups.unsqueeze(0)
     same_label = anchor_labels.unsqueeze(1) == pool_labels.unsqueeze(0)
-    same_label &= (anchor_labels >= 0).unsqueeze(1)
+    same_label &= anchors_labelled.unsqueeze(1)
     return invalid.logical_or_(same_label)
+
+
+def _groups_within_labels(labels: torch.Tensor, groups: torch.Tensor) -> bool:
+    """Whether every image group carries a single label (then same group implies same label)."""
+    pairs = torch.unique(torch.stack([groups, labels]), dim=1)
+    return pairs.shape[1] == torch.unique(groups).shape[0]
 
 
 def negative_mask(anchor_labels, anchor_groups, pool_labels, pool_groups) -> torch.Tensor:
