@@ -1,0 +1,66 @@
+"""The built-in shapes dataset and the map_batches preprocessing."""
+
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from vcl_dist.data.preprocess import Preprocessor, stable_id
+from vcl_dist.data.shapes import CLASS_NAMES, COLOURS, SHAPES, ensure_shapes_dataset
+from vcl_dist.data.tokenizer import train_wordpiece
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return ensure_shapes_dataset(tmp_path_factory.mktemp("cache"), 40, 16, 32, 2, seed=3)
+
+
+def read_split(root, split):
+    return pq.read_table(sorted((root / split).glob("*.parquet"))).to_pydict()
+
+
+def test_shapes_is_deterministic_and_in_the_shard_format(shapes, tmp_path):
+    again = ensure_shapes_dataset(tmp_path, 40, 16, 32, 2, seed=3)
+    assert again.name == shapes.name
+    assert read_split(again, "train") == read_split(shapes, "train")
+    other = ensure_shapes_dataset(tmp_path, 40, 16, 32, 2, seed=4)
+    assert read_split(other, "train")["image"] != read_split(shapes, "train")["image"]
+
+    train, val = read_split(shapes, "train"), read_split(shapes, "val")
+    assert set(train) == {"key", "image", "caption", "label", "image_id"}
+    assert len(train["key"]) == 40 and len(set(train["key"])) == 40
+    assert len(val["key"]) == 32 and len(set(val["image_id"])) == 16  # two captions per val image
+    assert (shapes / "classes.txt").read_text().splitlines() == CLASS_NAMES
+    assert all(0 <= label < len(CLASS_NAMES) for label in train["label"])
+    image = Image.open(io.BytesIO(train["image"][0]))
+    assert image.size == (32, 32) and image.format == "PNG"
+    # The class is named in the caption through one of its synonyms.
+    for caption, label in zip(train["caption"], train["label"]):
+        colour, shape = CLASS_NAMES[label].split()
+        assert any(word in caption.lower() for word in COLOURS[colour][1]), caption
+        assert any(word in caption.lower() for word in SHAPES[shape]), caption
+
+
+def test_preprocessor_outputs_model_ready_columns(shapes):
+    rows = read_split(shapes, "val")
+    tokenizer = train_wordpiece(rows["caption"], vocab_size=200)
+    batch = {name: np.array(values, dtype=object) for name, values in rows.items()}
+    batch["label"][1] = None  # an unlabeled row
+    out = Preprocessor(tokenizer, image_size=24, max_text_length=16, augment=True, seed=0)(batch)
+    n = len(rows["key"])
+    assert out["image"].shape == (n, 3, 24, 24) and out["image"].dtype == np.uint8
+    assert out["input_ids"].shape == out["attention_mask"].shape == (n, 16)
+    assert out["label"][1] == -1 and out["label"][0] == rows["label"][0]
+    # Rows of one image share a group id; the id is stable across processes.
+    assert out["group"][0] == out["group"][1] == stable_id(rows["image_id"][0])
+    assert out["group"][0] != out["group"][2]
+
+
+def test_rows_without_image_id_are_their_own_group(shapes):
+    rows = read_split(shapes, "train")
+    tokenizer = train_wordpiece(rows["caption"], vocab_size=200)
+    batch = {name: np.array(values, dtype=object) for name, values in rows.items() if name != "image_id"}
+    out = Preprocessor(tokenizer, 16, 8, augment=False)(batch)
+    assert len(set(out["group"].tolist())) == len(rows["key"])
