@@ -90,7 +90,7 @@ def main() -> None:
 
     allocator = "freed blocks kept for reuse" if args.malloc_cache else "default glibc allocator"
     print(f"\nforward + backward, d = {args.dim}, float32, {torch.get_num_threads()} threads, {allocator}, median of {args.repeats}\n")
-    print(f"| B | loss | ms | × floor |\n|---:|---|---:|---:|")
+    print("| B | loss | ms | × floor |\n|---:|---|---:|---:|")
     for batch, name, ms, ratio in rows:
         print(f"| {batch} | {name} | {ms:.1f} | {ratio:.2f} |")
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from reference_losses import reference_infonce, reference_triplet, reference_vcrl
+
 from vcl_dist.losses import InfoNCELoss, NegativeMemory, TripletLoss, VCRLLoss
 from vcl_dist.losses.negatives import NEGATIVE_SELECTION
 

@@ -48,7 +48,8 @@ def test_text_tower_and_tokenizer_load_from_a_local_folder(tmp_path, repo_root):
 
 
 def test_dual_encoder_projects_both_towers_into_one_space():
-    cfg = ModelConfig(embed_dim=24, image=ImageTowerConfig(width=8), text=TextTowerConfig(hidden_size=16, num_heads=2, intermediate_size=32, num_layers=1))
+    text = TextTowerConfig(hidden_size=16, num_heads=2, intermediate_size=32, num_layers=1)
+    cfg = ModelConfig(embed_dim=24, image=ImageTowerConfig(width=8), text=text)
     model = build_dual_encoder(cfg, vocab_size=50, max_text_length=12).eval()
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     ids = torch.randint(5, 50, (3, 12))

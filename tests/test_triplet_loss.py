@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from reference_losses import reference_triplet
+
 from vcl_dist.losses import TripletLoss
 from vcl_dist.losses.negatives import NEGATIVE_SELECTION
 

@@ -14,7 +14,6 @@ import numpy as np
 from PIL import Image
 
 
-
 def stable_id(text: str) -> int:
     """A 63-bit id of a string, equal on every process (``hash()`` is salted per process)."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1

@@ -14,8 +14,8 @@ import math
 import torch
 from torch import nn
 
-from .memory import NegativeMemory
 from .fused import infonce_terms
+from .memory import NegativeMemory
 from .pool import build_pool, direction_inputs, enqueue_batch
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 
-
 INF = float("inf")
 
 

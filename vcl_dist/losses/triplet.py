@@ -27,8 +27,8 @@ from .distances import (
     squared_distances,
     squared_distances_normalized,
 )
-from .memory import NegativeMemory
 from .fused import mean_hinge_all_negatives
+from .memory import NegativeMemory
 from .negatives import INF, MINED_MODES, NEGATIVE_SELECTION, hinge, mine_negatives
 from .pool import Pool, build_pool, direction_inputs, enqueue_batch, positive_entries, score_matrices
 

@@ -29,6 +29,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .schedule import build_optimizer, build_scheduler
 from .step import collate_rows, pinned_collate_rows, train_step
 
+
 def lockstep(batches: Iterator, device: torch.device, waits: list[float]) -> Iterator:
     """Yield batches while *every* worker still has one.
 
