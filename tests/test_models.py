@@ -37,7 +37,7 @@ def test_text_tower_and_tokenizer_load_from_a_local_folder(tmp_path, repo_root):
     tokenizer.save_pretrained(tmp_path)
 
     cfg = load_config(repo_root / "jobs/configs/default.yaml", [f"model.text.pretrained={tmp_path}"])
-    loaded_tokenizer = build_tokenizer(cfg, train_path="unused: a pretrained tokenizer is loaded")
+    loaded_tokenizer = build_tokenizer(cfg, source=None)  # a pretrained tokenizer needs no captions
     assert loaded_tokenizer("a red circle")["input_ids"] == tokenizer("a red circle")["input_ids"]
     tower = build_text_tower(cfg.model.text, vocab_size=0, max_length=16)
     assert tower.out_features == 16

@@ -36,8 +36,16 @@ class ShapesConfig(Section):
     seed: int = 0
 
 
+class S3Config(Section):
+    """Where S3 is; credentials come from the standard AWS chain, never from here."""
+
+    endpoint_url: str | None = Field(None, description="e.g. http://127.0.0.1:9000 for MinIO; default: AWS")
+    region: str | None = None
+    anonymous: bool = Field(False, description="read public buckets without credentials")
+
+
 class DataConfig(Section):
-    source: Literal["shapes", "parquet"] = "shapes"
+    source: Literal["shapes", "parquet", "webdataset"] = "shapes"
     train_path: str | None = None
     val_path: str | None = None
     classes_path: str | None = Field(None, description="default: classes.txt beside the val shards")
@@ -49,13 +57,14 @@ class DataConfig(Section):
     preprocess_batch_size: int = Field(128, ge=1)
     preprocess_workers: int = Field(1, ge=1, description="actors decoding and tokenising")
     shuffle_buffer: int = Field(1024, ge=0, description="rows in each worker's local shuffle buffer")
+    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="stop when more rows than this are undecodable")
 
     @model_validator(mode="after")
     def _paths_for_parquet(self) -> "DataConfig":
-        if self.source == "parquet":
+        if self.source != "shapes":
             for key in ("train_path", "val_path"):
                 if not getattr(self, key):
-                    raise ValueError(f"data.{key} is required when data.source is 'parquet'")
+                    raise ValueError(f"data.{key} is required when data.source is '{self.source}'")
         return self
 
 
@@ -152,6 +161,7 @@ class RunConfig(Section):
 
 
 class Config(Section):
+    s3: S3Config = S3Config()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()

@@ -1,4 +1,11 @@
-"""Where the shards are and how they become Ray Datasets for training and evaluation."""
+"""Where the shards are and how they become streaming Ray Datasets for training and evaluation.
+
+Shards are Parquet files in the format of ARCHITECTURE.md, or WebDataset tars as img2dataset
+writes them, in a local folder, a glob or an ``s3://`` prefix. Reading, decoding and
+tokenising run as Ray Data tasks and actors on any CPU of the cluster, streamed: no split has
+to fit in memory. Training shards are read in a new seeded file order every epoch; each
+worker's local buffer shuffles rows.
+"""
 
 from __future__ import annotations
 
@@ -8,93 +15,109 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from ..config import DataConfig
+from ..config import DataConfig, S3Config
+from ..storage import exists, filesystem_for, read_text
 from .preprocess import Preprocessor
 from .shapes import ensure_shapes_dataset
+from .webdataset import webdataset_captions, webdataset_row_count
+
+SHAPES_SHARD = "shapes"
 
 
 @dataclass(frozen=True)
 class DatasetSource:
-    """Resolved locations of one dataset's splits."""
+    """Resolved locations of one dataset's splits, inside ``filesystem``."""
 
+    format: str  # "parquet" | "webdataset"
     train: str
     val: str
     classes_path: str | None
+    filesystem: pafs.FileSystem
     # The shapes cache lives on the driver's disk, which other nodes of a cluster cannot
     # read: such a dataset is loaded by the driver and handed to Ray's object store.
     driver_local: bool = False
 
 
-def resolve_source(cfg: DataConfig) -> DatasetSource:
-    """Generate the built-in dataset when asked for, else check that the shard paths exist."""
+def resolve_source(cfg: DataConfig, s3: S3Config | None = None) -> DatasetSource:
+    """Generate the built-in dataset when asked for, else check that the shard paths exist.
+
+    Raises:
+        FileNotFoundError: a split or the bucket cannot be found or reached (one line).
+    """
     if cfg.source == "shapes":
         s = cfg.shapes
         root = ensure_shapes_dataset(cfg.cache_dir, s.num_train, s.num_val, s.image_size, s.val_captions_per_image, s.seed)
-        return DatasetSource(str(root / "train"), str(root / "val"), str(root / "classes.txt"), driver_local=True)
-    classes = cfg.classes_path
-    if classes is None:
-        guess = cfg.val_path.rstrip("/") + "/classes.txt"
-        classes = guess if _exists(guess) else None
-    for key, path in (("data.train_path", cfg.train_path), ("data.val_path", cfg.val_path)):
-        if not _exists(path):
-            raise FileNotFoundError(f"{key}: no shards at {path}")
-    return DatasetSource(cfg.train_path, cfg.val_path, classes)
+        return DatasetSource("parquet", str(root / "train"), str(root / "val"), str(root / "classes.txt"),
+                             pafs.LocalFileSystem(), driver_local=True)
+    filesystem, train = filesystem_for(cfg.train_path, s3)
+    _, val = filesystem_for(cfg.val_path, s3)
+    for key, path in (("data.train_path", train), ("data.val_path", val)):
+        if "*" not in path and not exists(filesystem, path):
+            raise FileNotFoundError(f"{key}: nothing at {getattr(cfg, key.split('.')[1])}")
+    if cfg.classes_path:
+        classes = filesystem_for(cfg.classes_path, s3)[1]
+        if not exists(filesystem, classes):
+            raise FileNotFoundError(f"data.classes_path: nothing at {cfg.classes_path}")
+    else:
+        guess = val.rstrip("/") + "/classes.txt"
+        classes = guess if exists(filesystem, guess) else None
+    return DatasetSource(cfg.source, train, val, classes, filesystem)
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
-
-
-def _exists(path: str) -> bool:
-    fs, inner = _filesystem(path)
-    return fs.get_file_info(inner).type != pafs.FileType.NotFound
-
-
-def read_class_names(path: str | None) -> list[str] | None:
+def read_class_names(source: DatasetSource) -> list[str] | None:
     """``classes.txt``: one class name per line, in label order."""
-    if path is None:
+    if source.classes_path is None:
         return None
-    fs, inner = _filesystem(path)
-    with fs.open_input_stream(inner) as stream:
-        names = [line.strip() for line in stream.read().decode().splitlines()]
+    names = [line.strip() for line in read_text(source.filesystem, source.classes_path).splitlines()]
     return [n for n in names if n] or None
 
 
-def _parquet(path: str) -> pads.Dataset:
-    fs, inner = _filesystem(path)
-    return pads.dataset(inner, format="parquet", filesystem=fs)
+def _parquet(source: DatasetSource, path: str) -> pads.Dataset:
+    return pads.dataset(path, format="parquet", filesystem=source.filesystem)
 
 
-def count_rows(path: str) -> int:
-    """Rows in a split, from the Parquet footers alone."""
-    return _parquet(path).count_rows()
+def count_rows(source: DatasetSource, path: str) -> int:
+    """Rows in a split: from the Parquet footers, or by listing the tars' members."""
+    if source.format == "webdataset":
+        return webdataset_row_count(source.filesystem, path)
+    return _parquet(source, path).count_rows()
 
 
-def sample_captions(path: str, limit: int = 200_000) -> list[str]:
-    """Up to ``limit`` captions of a split, read without the image column (for tokenizer fitting)."""
+def sample_captions(source: DatasetSource, path: str, limit: int = 200_000) -> list[str]:
+    """Up to ``limit`` captions of a split, read without the images (for tokenizer fitting)."""
+    if source.format == "webdataset":
+        return webdataset_captions(source.filesystem, path, limit)
     captions: list[str] = []
-    for batch in _parquet(path).to_batches(columns=["caption"]):
-        captions.extend(c for c in batch.column(0).to_pylist() if c)
+    for batch in _parquet(source, path).to_batches(columns=["caption"]):
+        captions.extend(c for c in batch.column(0).to_pylist() if isinstance(c, str) and c.strip())
         if len(captions) >= limit:
             break
     return captions[:limit]
 
 
-def build_split(path: str, cfg: DataConfig, tokenizer, *, train: bool, driver_local: bool, seed: int = 0):
+def read_split(source: DatasetSource, path: str, *, shuffle_seed: int | None):
+    """The raw rows of a split as a lazy Ray Dataset; ``shuffle_seed``: a new file order per epoch."""
+    import ray.data
+    from ray.data.datasource.file_based_datasource import FileShuffleConfig
+
+    if source.driver_local:
+        import pyarrow.parquet as pq
+
+        tables = [pq.read_table(file) for file in sorted(Path(path).glob("*.parquet"))]
+        ds = ray.data.from_arrow(tables)
+        return ds.randomize_block_order() if shuffle_seed is not None else ds
+    shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True) if shuffle_seed is not None else None
+    if source.format == "webdataset":
+        return ray.data.read_webdataset(path, filesystem=source.filesystem, decoder=None, include_paths=True,
+                                        shuffle=shuffle, file_extensions=["tar"])
+    return ray.data.read_parquet(path, filesystem=source.filesystem, include_paths=True, shuffle=shuffle)
+
+
+def build_split(source: DatasetSource, path: str, cfg: DataConfig, tokenizer, *, train: bool, seed: int = 0):
     """A lazily executed, streaming Ray Dataset of model-ready rows (see :class:`Preprocessor`)."""
     import ray.data
 
-    if driver_local:
-        import pyarrow.parquet as pq
-
-        files = sorted(str(p) for p in Path(path).glob("*.parquet"))
-        ds = ray.data.from_arrow([pq.read_table(f) for f in files])
-    else:
-        ds = ray.data.read_parquet(path)
-    if train:
-        # Read shards in a new order each epoch; the trainer's local buffer shuffles rows.
-        ds = ds.randomize_block_order()
-    return ds.map_batches(
+    return read_split(source, path, shuffle_seed=seed if train else None).map_batches(
         Preprocessor,
         fn_constructor_kwargs={
             "tokenizer": tokenizer,
@@ -102,6 +125,7 @@ def build_split(path: str, cfg: DataConfig, tokenizer, *, train: bool, driver_lo
             "max_text_length": cfg.max_text_length,
             "augment": train and cfg.augment,
             "seed": seed,
+            "default_shard": SHAPES_SHARD if source.driver_local else "unknown",
         },
         batch_size=cfg.preprocess_batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.preprocess_workers),

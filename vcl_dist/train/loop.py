@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import ray.train
@@ -26,8 +27,9 @@ from ..losses import build_loss, normalizes_embeddings
 from ..losses.gather import distributed_world
 from ..models import build_dual_encoder
 from .checkpoint import load_checkpoint, save_checkpoint
+from .data_quality import BadDataError, BadRowCounter
 from .schedule import build_optimizer, build_scheduler
-from .step import collate_rows, pinned_collate_rows, train_step
+from .step import collate_rows, drop_bad_rows, pinned_collate_rows, train_step
 
 
 def lockstep(batches: Iterator, device: torch.device, waits: list[float]) -> Iterator:
@@ -51,6 +53,12 @@ def lockstep(batches: Iterator, device: torch.device, waits: list[float]) -> Ite
         elif batch is None:
             return
         yield batch
+
+
+def local_shuffle_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of a worker's local shuffle buffer: reproducible, new every epoch, distinct
+    per worker (the file order is reseeded per epoch by the reader, see data.datasets)."""
+    return seed * 1_000_003 + epoch * 1009 + rank
 
 
 def _mean_over_workers(values: list[float], device: torch.device) -> list[float]:
@@ -100,7 +108,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     config_yaml = dump_config(cfg)
     collate = pinned_collate_rows if on_gpu else collate_rows
     train_shard = ray.train.get_dataset_shard("train")
-    val_cache: list[dict[str, torch.Tensor]] = []
+    val_cache = ValCache()
 
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
@@ -108,16 +116,23 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             train_shard.iter_torch_batches(
                 batch_size=local_batch, drop_last=True, collate_fn=collate,
                 local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-                local_shuffle_seed=cfg.train.seed + 1000 * epoch + rank,
+                local_shuffle_seed=local_shuffle_seed(cfg.train.seed, epoch, rank),
             )
         )
         loss_sum, steps, waits = 0.0, 0, []
+        bad_rows = BadRowCounter(cfg.data.max_bad_fraction)
         epoch_start = time.perf_counter()
         for batch in lockstep(batches, device, waits):
+            batch, rows, bad_shards = drop_bad_rows(batch)
+            bad_rows.add(rows, bad_shards)
+            if len(batch["image"]) < 2:
+                raise BadDataError(f"a batch of {rows} rows had {len(bad_shards)} unusable rows (shard {bad_shards[0]})")
             loss = train_step(model, criterion, optimizer, scheduler, batch, device, use_amp, cfg.train.grad_clip_norm)
             loss_sum += loss
             steps += 1
             step += 1
+            if steps % cfg.train.log_every_steps == 0:
+                bad_rows.check(device)  # a collective: every worker, same steps
             if rank == 0 and steps % cfg.train.log_every_steps == 0:
                 elapsed = time.perf_counter() - epoch_start
                 print(
@@ -133,6 +148,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
                 "the training split is smaller than train.batch_size"
             )
         mean_loss, wait_fraction = _mean_over_workers([loss_sum / steps, sum(waits) / epoch_time], device)
+        _, epoch_bad_rows = bad_rows.check(device, final=True)
         metrics = {
             "epoch": epoch + 1,
             "step": step,
@@ -141,6 +157,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             "samples_per_s": steps * cfg.train.batch_size / epoch_time,
             "samples_per_s_per_worker": steps * local_batch / epoch_time,
             "data_wait_fraction": wait_fraction,
+            "bad_rows": epoch_bad_rows,
             "epoch_time_s": epoch_time,
             "world_size": world,
         }
@@ -157,20 +174,33 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     return {"history": history} if rank == 0 else None
 
 
-def evaluate_on_val(model, cfg: Config, tokenizer, class_names, device, use_amp: bool, val_cache: list) -> dict[str, float]:
-    """Rank 0 embeds the whole val split (it is not split across workers) and scores it.
+@dataclass
+class ValCache:
+    """The preprocessed val split, kept after the first pass: val preprocessing is
+    deterministic (no augmentation), so later epochs skip the Ray Data pipeline start-up,
+    which on a busy cluster costs more than embedding a small val split."""
 
-    Val preprocessing is deterministic (no augmentation), so its batches are kept after the
-    first pass (``val_cache``): later epochs skip the Ray Data pipeline start-up, which on a
-    busy cluster costs more than embedding a small val split.
-    """
-    if not val_cache:
-        val_cache.extend(
-            ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=cfg.eval.batch_size, collate_fn=collate_rows)
-        )
-    embeddings = embed_batches(model, val_cache, device, amp=use_amp)
+    batches: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    bad_rows: int = 0
+    filled: bool = False
+
+    def fill(self, batch_size: int) -> None:
+        for batch in ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=batch_size, collate_fn=collate_rows):
+            batch, _, bad_shards = drop_bad_rows(batch)
+            self.bad_rows += len(bad_shards)
+            if len(batch["image"]):
+                self.batches.append(batch)
+        self.filled = True
+
+
+def evaluate_on_val(model, cfg: Config, tokenizer, class_names, device, use_amp: bool, val: ValCache) -> dict[str, float]:
+    """Rank 0 embeds the whole val split (it is not split across workers) and scores it."""
+    if not val.filled:
+        val.fill(cfg.eval.batch_size)
+    embeddings = embed_batches(model, val.batches, device, amp=use_amp)
     normalized = normalizes_embeddings(cfg.loss.name)
     metrics = {f"val_{k}": v for k, v in retrieval_metrics(embeddings, cfg.eval.recall_ks, normalized).items()}
+    metrics["val_bad_rows"] = val.bad_rows
     if class_names:
         metrics["val_zero_shot_acc"] = zero_shot_accuracy(
             model, tokenizer, class_names, cfg.eval.prompt_template, embeddings, device, cfg.data.max_text_length,

@@ -7,11 +7,10 @@ import os
 import time
 from dataclasses import dataclass
 
-import pyarrow.fs as pafs
-
 from ..config import Config, dump_config
-from ..data.datasets import build_split, count_rows, read_class_names, resolve_source, sample_captions
+from ..data.datasets import DatasetSource, build_split, count_rows, read_class_names, resolve_source, sample_captions
 from ..data.tokenizer import load_pretrained_tokenizer, train_wordpiece
+from ..storage import display_uri, filesystem_for, write_text_atomically
 
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
@@ -44,10 +43,6 @@ def connect_ray(cpus_needed: int) -> str:
         return "started a local Ray"
 
 
-def _resolve_storage(path: str) -> str:
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
-
-
 def _use_gpu(cfg: Config) -> bool:
     if cfg.train.use_gpu != "auto":
         return bool(cfg.train.use_gpu)
@@ -56,19 +51,11 @@ def _use_gpu(cfg: Config) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
-def _write_text(uri: str, text: str) -> None:
-    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
-    # Written to a temporary name and moved, so a crash never leaves half a result file.
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with fs.open_output_stream(tmp) as stream:
-        stream.write(text.encode())
-    fs.move(tmp, path)
-
-
-def build_tokenizer(cfg: Config, train_path: str):
+def build_tokenizer(cfg: Config, source: DatasetSource | None):
+    """The pretrained model's tokenizer, or a WordPiece fitted to the training captions."""
     if cfg.model.text.pretrained:
         return load_pretrained_tokenizer(cfg.model.text.pretrained)
-    return train_wordpiece(sample_captions(train_path), cfg.model.text.vocab_size)
+    return train_wordpiece(sample_captions(source, source.train), cfg.model.text.vocab_size)
 
 
 def run_training(cfg: Config) -> TrainingOutcome:
@@ -82,18 +69,19 @@ def run_training(cfg: Config) -> TrainingOutcome:
     print(f"vcl-dist: {connect_ray(int(workers * cfg.train.cpus_per_worker + cfg.data.preprocess_workers * 2))}", flush=True)
     # One progress bar per dataset, not one per operator: readable in logs of submitted jobs.
     ray.data.DataContext.get_current().enable_operator_progress_bars = False
-    source = resolve_source(cfg.data)
-    tokenizer = build_tokenizer(cfg, source.train)
-    class_names = read_class_names(source.classes_path)
+    source = resolve_source(cfg.data, cfg.s3)
+    tokenizer = build_tokenizer(cfg, source)
+    class_names = read_class_names(source)
 
     local_batch = cfg.train.batch_size // workers
-    steps_per_epoch = count_rows(source.train) // workers // local_batch
+    steps_per_epoch = count_rows(source, source.train) // workers // local_batch
     if steps_per_epoch == 0:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is larger than the training split")
     datasets = {
-        "train": build_split(source.train, cfg.data, tokenizer, train=True, driver_local=source.driver_local, seed=cfg.train.seed),
-        "val": build_split(source.val, cfg.data, tokenizer, train=False, driver_local=source.driver_local),
+        "train": build_split(source, source.train, cfg.data, tokenizer, train=True, seed=cfg.train.seed),
+        "val": build_split(source, source.val, cfg.data, tokenizer, train=False),
     }
+    storage, storage_path = filesystem_for(cfg.run.storage_path, cfg.s3)
     name = cfg.run.name or f"vcl-{time.strftime('%Y%m%d-%H%M%S')}"
     use_gpu = _use_gpu(cfg)
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
@@ -109,7 +97,8 @@ def run_training(cfg: Config) -> TrainingOutcome:
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=_resolve_storage(cfg.run.storage_path),
+            storage_path=storage_path,
+            storage_filesystem=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
         ),
         datasets=datasets,
@@ -124,20 +113,21 @@ def run_training(cfg: Config) -> TrainingOutcome:
     run_path = result.path
     summary = {
         "run_name": name,
-        "run_path": run_path,
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "run_path": display_uri(run_path, storage),
+        "checkpoint": display_uri(result.checkpoint.path, storage) if result.checkpoint else None,
         "final_metrics": final,
         "throughput": {
             "samples_per_s": final.get("samples_per_s"),
             "samples_per_s_per_worker": final.get("samples_per_s_per_worker"),
             "data_wait_fraction": final.get("data_wait_fraction"),
+            "bad_rows": sum(m.get("bad_rows", 0) for m in history),
             "wall_time_s": wall,
         },
         "num_workers": workers,
         "use_gpu": use_gpu,
         "config": cfg.model_dump(mode="json"),
     }
-    _write_text(f"{run_path}/{METRICS_FILE}", "".join(json.dumps(m) + "\n" for m in history))
-    _write_text(f"{run_path}/config.yaml", dump_config(cfg))
-    _write_text(f"{run_path}/{RESULT_FILE}", json.dumps(summary, indent=2))
-    return TrainingOutcome(run_path, final, history, summary["checkpoint"])
+    write_text_atomically(storage, f"{run_path}/{METRICS_FILE}", "".join(json.dumps(m) + "\n" for m in history))
+    write_text_atomically(storage, f"{run_path}/config.yaml", dump_config(cfg))
+    write_text_atomically(storage, f"{run_path}/{RESULT_FILE}", json.dumps(summary, indent=2))
+    return TrainingOutcome(summary["run_path"], final, history, summary["checkpoint"])

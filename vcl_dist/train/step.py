@@ -14,11 +14,11 @@ import torch
 from ..losses.gather import average_gradients
 from ..precision import autocast
 
-TENSOR_COLUMNS = ("image", "input_ids", "attention_mask", "label", "group")
+TENSOR_COLUMNS = ("image", "input_ids", "attention_mask", "label", "group", "valid")
 
 
-def collate_rows(batch: dict[str, np.ndarray], pin_memory: bool = False) -> dict[str, torch.Tensor]:
-    """numpy columns -> CPU tensors; string columns (``key``) are dropped from training batches.
+def collate_rows(batch: dict[str, np.ndarray], pin_memory: bool = False) -> dict:
+    """numpy columns -> CPU tensors, plus ``bad_shards``: the shard of every bad row (a list).
 
     Ray hands out read-only zero-copy views; torch needs writable memory, hence the copy.
     Pinned (page-locked) memory lets the copy to the GPU overlap with compute.
@@ -26,7 +26,19 @@ def collate_rows(batch: dict[str, np.ndarray], pin_memory: bool = False) -> dict
     tensors = {name: torch.from_numpy(np.array(batch[name], copy=True)) for name in TENSOR_COLUMNS}
     if pin_memory:
         tensors = {name: t.pin_memory() for name, t in tensors.items()}
+    tensors["bad_shards"] = [str(shard) for shard, ok in zip(batch["shard"], batch["valid"]) if not ok]
     return tensors
+
+
+def drop_bad_rows(batch: dict) -> tuple[dict[str, torch.Tensor], int, list[str]]:
+    """``(clean batch, rows before, shards of the dropped rows)``."""
+    bad_shards = batch.pop("bad_shards")
+    valid = batch.pop("valid")
+    rows = len(valid)
+    if bad_shards:
+        keep = valid.bool()
+        batch = {name: t[keep] for name, t in batch.items()}
+    return batch, rows, bad_shards
 
 
 def pinned_collate_rows(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

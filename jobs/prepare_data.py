@@ -1,0 +1,64 @@
+"""Convert images + captions, or WebDataset tars, into vcl-dist's Parquet shards (a Ray Data job).
+
+    python jobs/prepare_data.py --images DIR --captions captions.csv --out OUT [--val-fraction 0.1]
+    python jobs/prepare_data.py --webdataset DIR_OR_S3_PREFIX --out OUT [--rows-per-shard 10000]
+
+The table (CSV or JSONL) has columns image (a path relative to --images), caption, and
+optionally label (class id or class name) and image_id. Rows with a missing or undecodable
+image, an empty caption or an unknown label are left out and reported. Exit code 1 on a
+missing input, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--captions", help="CSV or JSONL: image, caption[, label, image_id]")
+    source.add_argument("--webdataset", help="folder, glob or s3:// prefix of WebDataset tars")
+    parser.add_argument("--images", help="folder the table's image paths are relative to")
+    parser.add_argument("--out", required=True, help="output folder or s3:// prefix (gets train/ and val/)")
+    parser.add_argument("--rows-per-shard", type=int, default=10_000)
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint; credentials from the AWS environment")
+    args = parser.parse_args(argv)
+    if not 0 <= args.val_fraction < 1 or args.rows_per_shard < 1:
+        parser.error("--val-fraction must be in [0, 1) and --rows-per-shard positive")
+
+    import ray
+
+    from vcl_dist.config import S3Config
+    from vcl_dist.data.importer import check_inputs, import_dataset
+    from vcl_dist.train.runner import connect_ray
+
+    try:
+        check_inputs(args.captions, args.images, args.webdataset)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"vcl-dist: error: {err}", file=sys.stderr)
+        return 1
+    print(f"vcl-dist: {connect_ray(2)}", flush=True)
+    try:
+        report = import_dataset(out=args.out, captions=args.captions, images=args.images, webdataset=args.webdataset,
+                                rows_per_shard=args.rows_per_shard, val_fraction=args.val_fraction,
+                                s3=S3Config(endpoint_url=args.s3_endpoint_url))
+    except (FileNotFoundError, ValueError) as err:
+        print(f"vcl-dist: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        ray.shutdown()
+    print(f"wrote {report.rows_written.get('train', 0)} train and {report.rows_written.get('val', 0)} val rows to {args.out}")
+    if report.classes:
+        print(f"{len(report.classes)} classes -> {args.out}/val/classes.txt")
+    total_bad = sum(report.bad_rows.values())
+    print(f"left out {total_bad} rows" + (": " + ", ".join(f"{n} {r}" for r, n in report.bad_rows.most_common()) if total_bad else ""))
+    for row, reason in report.examples[:5]:
+        print(f"  {row}: {reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

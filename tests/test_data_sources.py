@@ -1,0 +1,254 @@
+"""Data at scale, with real components: an S3-compatible server (moto) on loopback, WebDataset
+tars, bad rows, and the split of every epoch across workers."""
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from vcl_dist.config import load_config
+from vcl_dist.data.datasets import build_split, resolve_source
+from vcl_dist.data.shapes import ensure_shapes_dataset
+from vcl_dist.data.tokenizer import train_wordpiece
+from vcl_dist.train.checkpoint import load_checkpoint
+from vcl_dist.train.loop import local_shuffle_seed
+from vcl_dist.train.runner import run_training
+
+BIN = Path(sys.executable).parent
+SECRET = "vcl-test-secret-key-0123456789abcdefghij"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1, with test credentials in the environment Ray inherits."""
+    port = free_port()
+    server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        server.kill()
+        pytest.fail("moto_server did not start")
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="vcl-test-key-id", AWS_SECRET_ACCESS_KEY=SECRET, AWS_DEFAULT_REGION="us-east-1")
+    yield f"http://127.0.0.1:{port}"
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.terminate()
+    server.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def local_ray(s3_endpoint):
+    ray.shutdown()
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)  # after the credentials are set
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return ensure_shapes_dataset(tmp_path_factory.mktemp("cache"), 512, 64, 32, 2, seed=0)
+
+
+def s3_filesystem(endpoint: str) -> pafs.S3FileSystem:
+    return pafs.S3FileSystem(endpoint_override=endpoint.removeprefix("http://"), scheme="http")
+
+
+def test_train_from_s3_shards_into_s3_storage(s3_endpoint, local_ray, shapes, tiny_shapes_overrides, repo_root, tmp_path):
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="vcl")
+    fs = s3_filesystem(s3_endpoint)
+    for split in ("train", "val"):
+        pafs.copy_files(str(shapes / split), f"vcl/shapes/{split}", destination_filesystem=fs)
+    pafs.copy_files(str(shapes / "classes.txt"), "vcl/shapes/val/classes.txt", destination_filesystem=fs)
+
+    cfg = load_config(repo_root / "jobs/configs/default.yaml", [
+        *tiny_shapes_overrides, "train.epochs=1", f"s3.endpoint_url={s3_endpoint}",
+        "data.source=parquet", "data.train_path=s3://vcl/shapes/train", "data.val_path=s3://vcl/shapes/val",
+        "run.storage_path=s3://vcl/runs", "run.name=from-s3",
+    ])
+    outcome = run_training(cfg)
+
+    assert outcome.run_path == "s3://vcl/runs/from-s3"
+    with fs.open_input_stream("vcl/runs/from-s3/result.json") as stream:
+        result = json.loads(stream.read())
+    assert result["final_metrics"]["epoch"] == 1 and result["final_metrics"]["bad_rows"] == 0
+    assert "val_zero_shot_acc" in result["final_metrics"]  # classes.txt was read from S3
+    assert outcome.checkpoint_path.startswith("s3://vcl/runs/from-s3/checkpoint_")
+    local = tmp_path / "checkpoint"
+    pafs.copy_files(outcome.checkpoint_path.removeprefix("s3://"), str(local), source_filesystem=fs)
+    from transformers import AutoTokenizer
+
+    from vcl_dist.models import build_dual_encoder
+
+    tokenizer = AutoTokenizer.from_pretrained(local / "tokenizer")
+    model = build_dual_encoder(cfg.model, len(tokenizer), cfg.data.max_text_length)
+    assert load_checkpoint(local, model=model)["epoch"] == 0
+    # No credential reaches the run's outputs.
+    for info in fs.get_file_info(pafs.FileSelector("vcl/runs/from-s3", recursive=True)):
+        if info.type == pafs.FileType.File:
+            with fs.open_input_stream(info.path) as stream:
+                assert SECRET.encode() not in stream.read(), info.path
+
+
+def test_unreachable_bucket_is_a_one_line_error(s3_endpoint, repo_root):
+    cfg = load_config(repo_root / "jobs/configs/default.yaml", [
+        f"s3.endpoint_url={s3_endpoint}", "data.source=parquet",
+        "data.train_path=s3://no-such-bucket/train", "data.val_path=s3://no-such-bucket/val",
+    ])
+    with pytest.raises(FileNotFoundError) as err:
+        resolve_source(cfg.data, cfg.s3)
+    assert "\n" not in str(err.value) and "no-such-bucket" in str(err.value)
+
+
+def write_webdataset(rows: dict, folder: Path, per_tar: int = 200) -> None:
+    folder.mkdir(parents=True)
+    for start in range(0, len(rows["key"]), per_tar):
+        with tarfile.open(folder / f"shard-{start // per_tar:05d}.tar", "w") as tar:
+            for i in range(start, min(start + per_tar, len(rows["key"]))):
+                key = rows["key"][i]
+                members = {"png": rows["image"][i], "txt": rows["caption"][i].encode(), "cls": str(rows["label"][i]).encode(),
+                           "json": json.dumps({"image_id": rows["image_id"][i]}).encode()}
+                for ext, data in members.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
+def preprocessed_by_key(source, path, cfg, tokenizer):
+    rows = build_split(source, path, cfg.data, tokenizer, train=False).take_all()
+    return {row["key"]: row for row in rows}
+
+
+def test_webdataset_shards_give_the_same_rows_as_parquet(local_ray, shapes, tiny_shapes_overrides, repo_root, tmp_path):
+    val = pq.read_table(sorted((shapes / "val").glob("*.parquet"))).to_pydict()
+    write_webdataset(val, tmp_path / "wds")
+    tokenizer = train_wordpiece(val["caption"], vocab_size=300)
+    base = [*tiny_shapes_overrides, f"data.val_path={shapes / 'val'}"]
+    parquet_cfg = load_config(None, [*base, "data.source=parquet", f"data.train_path={shapes / 'val'}"])
+    wds_cfg = load_config(None, [*base, "data.source=webdataset", f"data.train_path={tmp_path / 'wds'}"])
+    parquet_source, wds_source = resolve_source(parquet_cfg.data), resolve_source(wds_cfg.data)
+    from_parquet = preprocessed_by_key(parquet_source, parquet_source.train, parquet_cfg, tokenizer)
+    from_tars = preprocessed_by_key(wds_source, wds_source.train, wds_cfg, tokenizer)
+    assert from_parquet.keys() == from_tars.keys() and len(from_tars) == 128
+    for key, row in from_parquet.items():
+        other = from_tars[key]
+        for column in ("image", "input_ids", "attention_mask", "label", "group", "valid"):
+            assert np.array_equal(row[column], other[column]), (key, column)
+
+
+def test_webdataset_source_trains(local_ray, shapes, tiny_shapes_overrides, repo_root, tmp_path):
+    for split in ("train", "val"):
+        write_webdataset(pq.read_table(sorted((shapes / split).glob("*.parquet"))).to_pydict(), tmp_path / split)
+    (tmp_path / "val" / "classes.txt").write_text((shapes / "classes.txt").read_text())
+    cfg = load_config(repo_root / "jobs/configs/default.yaml", [
+        *tiny_shapes_overrides, "train.epochs=2", "data.source=webdataset", f"data.train_path={tmp_path / 'train'}",
+        f"data.val_path={tmp_path / 'val'}", f"run.storage_path={tmp_path / 'runs'}", "run.name=wds",
+    ])
+    outcome = run_training(cfg)
+    assert [m["step"] for m in outcome.history] == [8, 16]  # 512 rows counted from the tars
+    assert outcome.history[-1]["train_loss"] < outcome.history[0]["train_loss"]
+    assert outcome.history[-1]["val_num_images"] == 64
+
+
+def corrupt_copy(shapes: Path, out: Path) -> dict:
+    """The shapes splits with some bad rows planted; returns how many of each split."""
+    planted = {}
+    for split in ("train", "val"):
+        table = pq.read_table(sorted((shapes / split).glob("*.parquet"))).to_pydict()
+        bad = list(range(0, len(table["key"]), 40))  # every 40th row
+        for n, i in enumerate(bad):
+            kind = n % 4
+            if kind == 0:
+                table["image"][i] = b"not an image at all"
+            elif kind == 1:
+                table["image"][i] = None
+            elif kind == 2:
+                table["image"][i] = table["image"][i][:30]  # a truncated PNG
+            else:
+                table["caption"][i] = "   "
+        (out / split).mkdir(parents=True)
+        pq.write_table(pa.table(table), out / split / f"{split}-bad.parquet")
+        planted[split] = len(bad)
+    (out / "val" / "classes.txt").write_text((shapes / "classes.txt").read_text())
+    return planted
+
+
+def test_bad_rows_are_skipped_counted_and_fatal_past_the_limit(local_ray, shapes, tiny_shapes_overrides, repo_root, tmp_path):
+    planted = corrupt_copy(shapes, tmp_path / "data")
+    base = [*tiny_shapes_overrides, "data.source=parquet", f"data.train_path={tmp_path / 'data/train'}",
+            f"data.val_path={tmp_path / 'data/val'}", f"run.storage_path={tmp_path / 'runs'}"]
+    cfg = load_config(repo_root / "jobs/configs/default.yaml", [*base, "train.epochs=1", "data.max_bad_fraction=0.05", "run.name=ok"])
+    outcome = run_training(cfg)
+    metrics = outcome.history[-1]
+    # Every planted train row is counted once (the equal split and full batches see all 512 rows).
+    assert metrics["bad_rows"] == planted["train"] == 13
+    assert metrics["val_bad_rows"] == planted["val"] == 4
+    assert metrics["val_num_captions"] == 128 - planted["val"]
+
+    strict = load_config(repo_root / "jobs/configs/default.yaml",
+                         [*base, "train.epochs=1", "data.max_bad_fraction=0.01", "run.name=strict"])
+    with pytest.raises(Exception) as err:
+        run_training(strict)
+    assert "data.max_bad_fraction=0.01" in str(err.value) and "train-bad.parquet" in str(err.value)
+
+
+def test_every_key_is_seen_once_per_epoch_across_two_workers(local_ray, shapes, tiny_shapes_overrides, tmp_path):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg = load_config(None, [*tiny_shapes_overrides, "data.source=parquet", f"data.train_path={shapes / 'train'}",
+                             f"data.val_path={shapes / 'val'}"])
+    source = resolve_source(cfg.data)
+    tokenizer = train_wordpiece(["a red circle"] * 4, vocab_size=64)
+    dataset = build_split(source, source.train, cfg.data, tokenizer, train=True, seed=1)
+
+    def record_keys(config):
+        rank = ray.train.get_context().get_world_rank()
+        shard = ray.train.get_dataset_shard("train")
+        for epoch in range(2):
+            # Iterated as the training loop does: its local shuffle buffer and seed.
+            batches = shard.iter_batches(batch_size=50, local_shuffle_buffer_size=config["buffer"],
+                                         local_shuffle_seed=local_shuffle_seed(1, epoch, rank))
+            keys = [k for batch in batches for k in batch["key"]]
+            Path(config["out"], f"epoch{epoch}-rank{rank}.json").write_text(json.dumps(list(map(str, keys))))
+
+    TorchTrainer(record_keys, train_loop_config={"out": str(tmp_path), "buffer": cfg.data.shuffle_buffer}, datasets={"train": dataset},
+                 scaling_config=ray.train.ScalingConfig(num_workers=2),
+                 run_config=ray.train.RunConfig(storage_path=str(tmp_path / "runs"), name="keys")).fit()
+    all_keys = set(pq.read_table(sorted((shapes / "train").glob("*.parquet")), columns=["key"]).column(0).to_pylist())
+    orders = []
+    for epoch in range(2):
+        seen = [json.loads((tmp_path / f"epoch{epoch}-rank{rank}.json").read_text()) for rank in range(2)]
+        assert not set(seen[0]) & set(seen[1])  # disjoint parts
+        assert sorted(seen[0] + seen[1]) == sorted(all_keys)  # each key exactly once
+        orders.append(seen[0] + seen[1])
+    assert orders[0] != orders[1]  # a new order every epoch

@@ -1,0 +1,71 @@
+"""jobs/prepare_data.py on a folder of images + a CSV with corrupt and missing images."""
+
+import csv
+import io
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+CLASSES = ["cat", "dog", "fish"]
+
+
+def write_collection(root):
+    images = root / "images"
+    images.mkdir()
+    rows = []
+    for i in range(30):
+        name = f"img{i:02d}.jpg"
+        if i % 10 == 3:
+            (images / name).write_bytes(b"\xff\xd8 this is no jpeg")  # corrupt
+        elif i % 10 == 7:
+            pass  # listed in the CSV, missing on disk
+        else:
+            buffer = io.BytesIO()
+            Image.new("RGB", (16, 16), (i * 8, 0, 0)).save(buffer, format="JPEG")
+            (images / name).write_bytes(buffer.getvalue())
+        # Two captions per image; one of them empty for image 5.
+        for c in range(2):
+            caption = "" if (i == 5 and c == 1) else f"a picture number {i} caption {c}"
+            rows.append({"image": name, "caption": caption, "label": CLASSES[i % 3]})
+    with open(root / "captions.csv", "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=["image", "caption", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return images
+
+
+def test_importer_keeps_good_rows_and_counts_bad_ones(tmp_path, repo_root):
+    images = write_collection(tmp_path)
+    out = tmp_path / "shards"
+    proc = subprocess.run(
+        [sys.executable, str(repo_root / "jobs/prepare_data.py"), "--images", str(images), "--captions",
+         str(tmp_path / "captions.csv"), "--out", str(out), "--val-fraction", "0.3", "--rows-per-shard", "10"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # 30 images x 2 captions = 60 rows; 3 corrupt and 3 missing images lose 12 rows, one empty caption 1.
+    assert "left out 13 rows: 6 undecodable image, 6 missing image, 1 empty caption" in proc.stdout
+    train = pq.read_table(out / "train").to_pydict()
+    val = pq.read_table(out / "val").to_pydict()
+    assert len(train["key"]) + len(val["key"]) == 47
+    assert len(val["key"]) > 0 and len(train["key"]) > 0
+    assert not set(train["image_id"]) & set(val["image_id"])  # all captions of an image in one split
+    assert (out / "val" / "classes.txt").read_text().splitlines() == CLASSES
+    for table in (train, val):
+        for image_id, label in zip(table["image_id"], table["label"]):
+            assert CLASSES[label] == CLASSES[int(image_id[3:5]) % 3]  # names became the right ids
+        for data in table["image"]:
+            Image.open(io.BytesIO(data)).load()  # every kept image decodes
+    assert max(pq.ParquetFile(f).metadata.num_rows for f in (out / "train").glob("*.parquet")) <= 10
+
+
+def test_importer_missing_inputs_are_one_line_errors(tmp_path, repo_root):
+    proc = subprocess.run(
+        [sys.executable, str(repo_root / "jobs/prepare_data.py"), "--images", str(tmp_path / "nope"), "--captions",
+         str(tmp_path / "nope.csv"), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == f"vcl-dist: error: --images: no folder at {tmp_path / 'nope'}"

@@ -1,0 +1,209 @@
+"""Convert image–caption collections into the Parquet shard format, as a Ray Data job.
+
+Inputs: (a) a folder of images plus a CSV or JSONL table with ``image`` (a path relative to
+the folder), ``caption`` and optional ``label`` (a class id, or a class name: names become ids
+and a ``classes.txt``) and ``image_id`` (default: the image path, so several captions of one
+image form one group); (b) WebDataset tars. Every image is read and decoded once, on Ray Data
+workers; rows whose image is missing or undecodable, whose caption is empty or whose label is
+unknown are left out and reported with their reasons. Rows are split into train and val by a
+hash of their ``image_id`` (all captions of an image land in the same split) and written as
+shards of about ``rows_per_shard`` rows. Streaming throughout: nothing has to fit in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from PIL import Image
+
+from ..storage import filesystem_for, write_text_atomically
+from .preprocess import caption_text, parse_label
+from .webdataset import to_shard_columns
+
+SHARD_SCHEMA = pa.schema([
+    ("key", pa.string()), ("image", pa.binary()), ("caption", pa.string()), ("label", pa.int64()), ("image_id", pa.string()),
+])
+
+
+@dataclass
+class ImportReport:
+    rows_written: dict[str, int] = field(default_factory=dict)
+    bad_rows: Counter = field(default_factory=Counter)  # reason -> count
+    examples: list[tuple[str, str]] = field(default_factory=list)  # (row, reason), a few
+    classes: list[str] | None = None
+
+
+class BadRowLog:
+    """A Ray actor that the validating workers tell about every row they leave out."""
+
+    def __init__(self):
+        self.reasons: Counter = Counter()
+        self.examples: list[tuple[str, str]] = []
+
+    def record(self, rows: list[tuple[str, str]]) -> None:
+        for row, reason in rows:
+            self.reasons[reason] += 1
+            if len(self.examples) < 20:
+                self.examples.append((row, reason))
+
+    def summary(self):
+        return dict(self.reasons), self.examples
+
+
+def split_of(image_id: str, val_fraction: float) -> str:
+    bucket = int.from_bytes(hashlib.blake2b(image_id.encode(), digest_size=8).digest(), "little") % 1_000_000
+    return "val" if bucket < val_fraction * 1_000_000 else "train"
+
+
+def check_image(data) -> str | None:
+    """Why the bytes are no usable image, or None. Decodes fully: ``verify`` alone misses
+    truncated files."""
+    if data is None or len(data) == 0:
+        return "missing image"
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as image:
+            image.load()
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return "undecodable image"
+    return None
+
+
+class RowValidator:
+    """``map_batches`` callable: read image bytes (folder inputs), validate, tag the split."""
+
+    def __init__(self, log, images_root: str | None, class_ids: dict[str, int] | None, val_fraction: float):
+        self.log, self.root, self.class_ids, self.val_fraction = log, images_root, class_ids, val_fraction
+
+    def _read(self, relative) -> bytes | None:
+        if not isinstance(relative, str) or not relative:
+            return None
+        try:
+            with open(os.path.join(self.root, relative), "rb") as stream:
+                return stream.read()
+        except OSError:
+            return None
+
+    def _label(self, value) -> int | None:
+        if self.class_ids is not None and value is not None and not isinstance(value, (int, np.integer)):
+            name = str(value).strip()
+            return self.class_ids.get(name) if name else -1
+        return parse_label(value)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        if "__key__" in batch:
+            batch = to_shard_columns(batch)
+            sources = [str(k) for k in batch["key"]]
+            images = list(batch["image"])
+        else:
+            sources = [str(p) for p in batch["image"]]
+            images = [self._read(p) for p in batch["image"]]
+        n = len(sources)
+        captions = [caption_text(c) for c in batch["caption"]]
+        labels = [self._label(v) for v in batch.get("label", [None] * n)]
+        image_ids = batch.get("image_id")
+        out = {name: [] for name in ("key", "image", "caption", "label", "image_id", "split")}
+        bad = []
+        for i in range(n):
+            reason = check_image(images[i]) or (None if captions[i] else "empty caption")
+            if reason is None and labels[i] is None:
+                reason = "unknown label"
+            if reason:
+                bad.append((sources[i], reason))
+                continue
+            image_id = str(image_ids[i]) if image_ids is not None and image_ids[i] not in (None, "") else sources[i]
+            key = hashlib.blake2b(f"{sources[i]}\0{captions[i]}".encode(), digest_size=12).hexdigest()
+            out["key"].append(batch["key"][i] if "key" in batch else key)
+            out["image"].append(bytes(images[i]))
+            out["caption"].append(captions[i])
+            out["label"].append(labels[i] if labels[i] >= 0 else None)
+            out["image_id"].append(image_id)
+            out["split"].append(split_of(image_id, self.val_fraction))
+        if bad:
+            import ray
+
+            ray.get(self.log.record.remote(bad))
+        # An explicit schema: a batch whose labels are all null must still write int64.
+        return pa.table(out, schema=SHARD_SCHEMA.append(pa.field("split", pa.string())))
+
+
+def _class_names(ds) -> list[str] | None:
+    """Distinct non-numeric label values, sorted: they become class ids 0..K-1."""
+    if "label" not in ds.columns():
+        return None
+    values = [v for v in ds.unique("label") if v is not None and str(v).strip()]
+    if not values or all(parse_label(v) is not None for v in values):
+        return None
+    return sorted({str(v).strip() for v in values})
+
+
+def check_inputs(captions: str | None, images: str | None, webdataset: str | None) -> None:
+    """Raise a one-line error for inputs that cannot work, before any Ray work starts."""
+    if (captions is None) == (webdataset is None):
+        raise ValueError("give either --captions (with --images) or --webdataset")
+    if captions is not None:
+        if images is None or not os.path.isdir(images):
+            raise FileNotFoundError(f"--images: no folder at {images}")
+        if not os.path.isfile(captions):
+            raise FileNotFoundError(f"--captions: no file at {captions}")
+
+
+def import_dataset(*, out: str, captions: str | None = None, images: str | None = None, webdataset: str | None = None,
+                   rows_per_shard: int = 10_000, val_fraction: float = 0.1, s3=None) -> ImportReport:
+    """Write ``out/train``, ``out/val`` (Parquet shards) and ``out/val/classes.txt`` (class names)."""
+    import ray
+    import ray.data
+
+    check_inputs(captions, images, webdataset)
+    if captions is not None:
+        reader = ray.data.read_json if captions.endswith((".jsonl", ".json")) else ray.data.read_csv
+        ds = reader(captions, **({"lines": True} if reader is ray.data.read_json else {}))
+        missing = {"image", "caption"} - set(ds.columns())
+        if missing:
+            raise ValueError(f"{captions}: missing column(s) {sorted(missing)}; expected image, caption[, label, image_id]")
+    else:
+        fs, path = filesystem_for(webdataset, s3)
+        ds = ray.data.read_webdataset(path, filesystem=fs, decoder=None, file_extensions=["tar"])
+
+    classes = _class_names(ds) if captions is not None else None
+    log = ray.remote(BadRowLog).remote()
+    validated = ds.map_batches(
+        RowValidator,
+        fn_constructor_kwargs={"log": log, "images_root": images, "class_ids": {c: i for i, c in enumerate(classes)} if classes else None,
+                               "val_fraction": val_fraction},
+        batch_size=256,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.available_resources().get("CPU", 1)))),
+    )
+    out_fs, out_path = filesystem_for(out, s3)
+    staging = f"{out_path}/_staging"
+    validated.write_parquet(staging, filesystem=out_fs, partition_cols=["split"], min_rows_per_file=rows_per_shard,
+                            max_rows_per_file=rows_per_shard)
+    report = ImportReport(classes=classes)
+    for split in ("train", "val"):
+        source = f"{staging}/split={split}"
+        target = f"{out_path}/{split}"
+        if out_fs.get_file_info(source).type == pafs.FileType.NotFound:
+            report.rows_written[split] = 0
+            continue
+        out_fs.create_dir(target, recursive=True)
+        rows = 0
+        for number, info in enumerate(sorted(out_fs.get_file_info(pafs.FileSelector(source)), key=lambda f: f.path)):
+            destination = f"{target}/{split}-{number:05d}.parquet"
+            out_fs.move(info.path, destination)
+            rows += pq.ParquetFile(out_fs.open_input_file(destination)).metadata.num_rows
+        report.rows_written[split] = rows
+    out_fs.delete_dir(staging)
+    if classes:
+        out_fs.create_dir(f"{out_path}/val", recursive=True)
+        write_text_atomically(out_fs, f"{out_path}/val/classes.txt", "\n".join(classes) + "\n")
+    reasons, examples = ray.get(log.summary.remote())
+    report.bad_rows.update(reasons)
+    report.examples = examples
+    return report

@@ -1,0 +1,97 @@
+"""WebDataset tars as img2dataset writes them: ``{key}.jpg|jpeg|png|webp`` + ``{key}.txt``,
+optional ``{key}.cls`` (class id) or ``{key}.json`` (``label``/``cls``, ``image_id``).
+
+Ray Data's ``read_webdataset`` groups a tar's members by key into one row of raw bytes per
+extension; :func:`to_shard_columns` turns such rows into the columns of the Parquet shard
+format, so everything downstream sees one format.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+import numpy as np
+import pyarrow.fs as pafs
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def _text(value) -> str | None:
+    if value is None:
+        return None
+    return value.decode("utf-8", errors="replace") if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+def _metadata(value) -> dict:
+    text = _text(value)
+    if not text:
+        return {}
+    try:
+        meta = json.loads(text)
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def to_shard_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """WebDataset columns (``__key__``, ``jpg``, ``txt``, …) -> ``key, image, caption, label, image_id, path``."""
+    n = len(batch["__key__"])
+    none = np.full(n, None, dtype=object)
+    images = none.copy()
+    for ext in IMAGE_EXTENSIONS:
+        if ext in batch:
+            column = batch[ext]
+            for i in range(n):
+                if images[i] is None and column[i] is not None:
+                    images[i] = column[i]
+    metas = [_metadata(v) for v in batch.get("json", none)]
+    labels = np.empty(n, dtype=object)
+    image_ids = np.empty(n, dtype=object)
+    for i in range(n):
+        cls = _text(batch["cls"][i]) if "cls" in batch else None
+        labels[i] = cls.strip() if cls and cls.strip() else metas[i].get("label", metas[i].get("cls"))
+        image_ids[i] = metas[i].get("image_id")
+    return {
+        "key": np.array([str(k) for k in batch["__key__"]], dtype=object),
+        "image": images,
+        "caption": np.array([_text(c) for c in batch.get("txt", none)], dtype=object),
+        "label": labels,
+        "image_id": image_ids,
+        "path": batch.get("path", none),
+    }
+
+
+def _tar_files(filesystem: pafs.FileSystem, path: str) -> list[str]:
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [path]
+    selector = pafs.FileSelector(path, recursive=True)
+    return sorted(f.path for f in filesystem.get_file_info(selector) if f.path.endswith(".tar"))
+
+
+def _members(filesystem: pafs.FileSystem, path: str):
+    """``(key, extension, tar, member)`` of every member of every tar under ``path``."""
+    for file in _tar_files(filesystem, path):
+        with filesystem.open_input_stream(file) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if member.isfile() and "." in member.name:
+                    key, ext = member.name.rsplit("/", 1)[-1].split(".", 1)
+                    yield key, ext.lower(), tar, member
+
+
+def webdataset_row_count(filesystem: pafs.FileSystem, path: str) -> int:
+    """Samples (keys with an image) in the tars: streams the headers, skips the payloads."""
+    return len({key for key, ext, _, _ in _members(filesystem, path) if ext in IMAGE_EXTENSIONS})
+
+
+def webdataset_captions(filesystem: pafs.FileSystem, path: str, limit: int) -> list[str]:
+    captions = []
+    for _, ext, tar, member in _members(filesystem, path):
+        if ext == "txt":
+            text = tar.extractfile(member).read().decode("utf-8", errors="replace").strip()
+            if text:
+                captions.append(text)
+            if len(captions) >= limit:
+                break
+    return captions

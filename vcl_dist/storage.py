@@ -1,0 +1,65 @@
+"""Where files live: local paths and ``s3://`` URIs behind one pyarrow filesystem.
+
+Credentials never pass through the config: pyarrow's S3 filesystem takes them from the
+standard AWS chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``,
+``~/.aws``, instance roles), so nothing secret is printed, logged or saved with a run. The
+config only says where the endpoint is (``s3.endpoint_url`` for MinIO or other S3-compatible
+servers), which region, and whether to read anonymously.
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from .config import S3Config
+
+
+def filesystem_for(uri: str, s3: S3Config | None = None) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path inside it)`` for a local path or a URI (``s3://bucket/key``, …)."""
+    if uri.startswith("s3://"):
+        s3 = s3 or S3Config()
+        options: dict = {}
+        if s3.endpoint_url:
+            endpoint = urlparse(s3.endpoint_url)
+            options["endpoint_override"] = endpoint.netloc or endpoint.path
+            options["scheme"] = endpoint.scheme or "https"
+        if s3.region:
+            options["region"] = s3.region
+        if s3.anonymous:
+            options["anonymous"] = True
+        return pafs.S3FileSystem(**options), uri[len("s3://"):].rstrip("/")
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def display_uri(uri_or_path: str, filesystem: pafs.FileSystem) -> str:
+    """A path inside ``filesystem`` as users write it (``s3://…`` for S3)."""
+    if isinstance(filesystem, pafs.S3FileSystem) and not uri_or_path.startswith("s3://"):
+        return f"s3://{uri_or_path}"
+    return uri_or_path
+
+
+def exists(filesystem: pafs.FileSystem, path: str) -> bool:
+    try:
+        return filesystem.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as err:  # an unreachable endpoint, a missing bucket, denied access
+        raise FileNotFoundError(f"cannot reach {display_uri(path, filesystem)}: {' '.join(str(err).split())[:200]}") from None
+
+
+def write_text_atomically(filesystem: pafs.FileSystem, path: str, text: str) -> None:
+    """Write, then move into place: a crash never leaves half a file under the final name."""
+    parent = path.rsplit("/", 1)[0]
+    filesystem.create_dir(parent, recursive=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with filesystem.open_output_stream(tmp) as stream:
+        stream.write(text.encode())
+    filesystem.move(tmp, path)
+
+
+def read_text(filesystem: pafs.FileSystem, path: str) -> str:
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read().decode()
