@@ -47,8 +47,8 @@ def test_importer_keeps_good_rows_and_counts_bad_ones(tmp_path, repo_root):
     assert proc.returncode == 0, proc.stderr[-3000:]
     # 30 images x 2 captions = 60 rows; 3 corrupt and 3 missing images lose 12 rows, one empty caption 1.
     assert "left out 13 rows: 6 undecodable image, 6 missing image, 1 empty caption" in proc.stdout
-    train = pq.read_table(out / "train").to_pydict()
-    val = pq.read_table(out / "val").to_pydict()
+    train = pq.read_table(sorted((out / "train").glob("*.parquet"))).to_pydict()
+    val = pq.read_table(sorted((out / "val").glob("*.parquet"))).to_pydict()
     assert len(train["key"]) + len(val["key"]) == 47
     assert len(val["key"]) > 0 and len(train["key"]) > 0
     assert not set(train["image_id"]) & set(val["image_id"])  # all captions of an image in one split
@@ -69,3 +69,29 @@ def test_importer_missing_inputs_are_one_line_errors(tmp_path, repo_root):
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == f"vcl-dist: error: --images: no folder at {tmp_path / 'nope'}"
+
+
+def test_importer_converts_webdataset_tars(tmp_path, repo_root):
+    import json
+    import tarfile
+
+    tars = tmp_path / "wds"
+    tars.mkdir()
+    with tarfile.open(tars / "shard-00000.tar", "w") as tar:
+        for i in range(12):
+            buffer = io.BytesIO()
+            Image.new("RGB", (8, 8), (0, i * 20, 0)).save(buffer, format="PNG")
+            members = {"png": buffer.getvalue() if i != 4 else b"broken", "txt": f"green square {i}".encode(),
+                       "json": json.dumps({"label": i % 2}).encode()}
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"sample{i:03d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "shards"
+    proc = subprocess.run([sys.executable, str(repo_root / "jobs/prepare_data.py"), "--webdataset", str(tars), "--out", str(out),
+                           "--val-fraction", "0"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "left out 1 rows: 1 undecodable image" in proc.stdout
+    table = pq.read_table(sorted((out / "train").glob("*.parquet"))).to_pydict()
+    assert sorted(table["key"]) == [f"sample{i:03d}" for i in range(12) if i != 4]
+    assert all(label == int(key[-3:]) % 2 for key, label in zip(table["key"], table["label"]))

@@ -55,8 +55,9 @@ class DataConfig(Section):
     augment: bool = True
     max_text_length: int = Field(32, ge=4, le=512)
     preprocess_batch_size: int = Field(128, ge=1)
-    preprocess_workers: int = Field(1, ge=1, description="actors decoding and tokenising")
+    preprocess_workers: int | None = Field(None, ge=1, description="most concurrent preprocessing tasks; default: as CPUs allow")
     shuffle_buffer: int = Field(1024, ge=0, description="rows in each worker's local shuffle buffer")
+    prefetch_batches: int = Field(2, ge=0, description="batches each worker's iterator prepares ahead")
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="stop when more rows than this are undecodable")
 
     @model_validator(mode="after")

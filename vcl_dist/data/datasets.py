@@ -73,6 +73,11 @@ def read_class_names(source: DatasetSource) -> list[str] | None:
 
 
 def _parquet(source: DatasetSource, path: str) -> pads.Dataset:
+    """The split's ``*.parquet`` files (a ``classes.txt`` or other files beside them are no shards)."""
+    if source.filesystem.get_file_info(path).type == pafs.FileType.Directory:
+        selector = pafs.FileSelector(path, recursive=True)
+        files = sorted(f.path for f in source.filesystem.get_file_info(selector) if f.path.endswith(".parquet"))
+        return pads.dataset(files, format="parquet", filesystem=source.filesystem)
     return pads.dataset(path, format="parquet", filesystem=source.filesystem)
 
 
@@ -117,17 +122,24 @@ def build_split(source: DatasetSource, path: str, cfg: DataConfig, tokenizer, *,
     """A lazily executed, streaming Ray Dataset of model-ready rows (see :class:`Preprocessor`)."""
     import ray.data
 
+    # Stateless tasks rather than an actor pool: every epoch re-executes the pipeline, and a
+    # new pool would start fresh actor processes each time (seconds of start-up per epoch),
+    # where tasks reuse Ray's pooled worker processes.
     return read_split(source, path, shuffle_seed=seed if train else None).map_batches(
-        Preprocessor,
-        fn_constructor_kwargs={
+        preprocess_batch,
+        fn_kwargs={
             "tokenizer": tokenizer,
             "image_size": cfg.image_size,
             "max_text_length": cfg.max_text_length,
             "augment": train and cfg.augment,
-            "seed": seed,
             "default_shard": SHAPES_SHARD if source.driver_local else "unknown",
         },
         batch_size=cfg.preprocess_batch_size,
-        compute=ray.data.ActorPoolStrategy(size=cfg.preprocess_workers),
+        concurrency=cfg.preprocess_workers,
         num_cpus=1,
     )
+
+
+def preprocess_batch(batch, *, tokenizer, image_size: int, max_text_length: int, augment: bool, default_shard: str):
+    """One ``map_batches`` task: :class:`Preprocessor` with a fresh random stream per batch."""
+    return Preprocessor(tokenizer, image_size, max_text_length, augment, seed=None, default_shard=default_shard)(batch)

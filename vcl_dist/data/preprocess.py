@@ -79,7 +79,7 @@ class Preprocessor:
     and ``shard`` str [B].
     """
 
-    def __init__(self, tokenizer, image_size: int, max_text_length: int, augment: bool, seed: int = 0,
+    def __init__(self, tokenizer, image_size: int, max_text_length: int, augment: bool, seed: int | None = 0,
                  default_shard: str = "unknown"):
         self.tokenizer = tokenizer
         self.image_size = image_size

@@ -114,7 +114,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         model.train()
         batches = iter(
             train_shard.iter_torch_batches(
-                batch_size=local_batch, drop_last=True, collate_fn=collate,
+                batch_size=local_batch, drop_last=True, collate_fn=collate, prefetch_batches=cfg.data.prefetch_batches,
                 local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
                 local_shuffle_seed=local_shuffle_seed(cfg.train.seed, epoch, rank),
             )

@@ -66,7 +66,8 @@ def run_training(cfg: Config) -> TrainingOutcome:
     from .loop import train_loop_per_worker
 
     workers = cfg.train.num_workers
-    print(f"vcl-dist: {connect_ray(int(workers * cfg.train.cpus_per_worker + cfg.data.preprocess_workers * 2))}", flush=True)
+    # Room for the training workers plus two preprocessing tasks at a time.
+    print(f"vcl-dist: {connect_ray(int(workers * cfg.train.cpus_per_worker) + 2)}", flush=True)
     # One progress bar per dataset, not one per operator: readable in logs of submitted jobs.
     ray.data.DataContext.get_current().enable_operator_progress_bars = False
     source = resolve_source(cfg.data, cfg.s3)
