@@ -1,0 +1,124 @@
+"""Images per second of the Ray Data input path against a torch DataLoader doing the same work.
+
+    python benchmarks/data_speed.py [--images 10000] [--size 224] [--processes 2]
+
+Both read the same Parquet shards of JPEGs and run the same per-row work (decode, light
+random crop, resize, tokenise: :class:`vcl_dist.data.preprocess.Preprocessor`) with the same
+number of worker processes, and the same batch size; the consumer only counts rows. Prints a
+table of median images/s over repeated epochs and the ratio. The data are generated on first
+use (JPEGs of the shapes dataset at ``--size`` px) into ``--cache``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from vcl_dist.data.preprocess import Preprocessor
+from vcl_dist.data.shapes import ensure_shapes_dataset
+from vcl_dist.data.tokenizer import train_wordpiece
+
+
+def jpeg_shards(cache: Path, images: int, size: int) -> Path:
+    """The shapes dataset re-encoded as JPEG at ``size`` px, in shards of 1000 rows."""
+    out = cache / f"jpeg-{images}-{size}"
+    if (out / "_SUCCESS").exists():
+        return out
+    source = ensure_shapes_dataset(cache, images, 16, size, 1, seed=0) / "train"
+    out.mkdir(parents=True, exist_ok=True)
+    table = pq.read_table(sorted(source.glob("*.parquet"))).to_pydict()
+    jpegs = []
+    for data in table["image"]:
+        buffer = io.BytesIO()
+        Image.open(io.BytesIO(data)).convert("RGB").save(buffer, format="JPEG", quality=90)
+        jpegs.append(buffer.getvalue())
+    table["image"] = jpegs
+    full = pa.table(table)
+    for start in range(0, full.num_rows, 1000):
+        pq.write_table(full.slice(start, 1000), out / f"part-{start // 1000:05d}.parquet")
+    (out / "_SUCCESS").write_text("")
+    return out
+
+
+class ParquetRows:
+    """A map-style torch Dataset over the shards, batched by the same Preprocessor."""
+
+    def __init__(self, folder: Path, preprocessor: Preprocessor, batch_size: int):
+        self.files = sorted(folder.glob("*.parquet"))
+        self.preprocessor, self.batch_size = preprocessor, batch_size
+        self.chunks = [(f, start) for f in self.files for start in range(0, pq.ParquetFile(f).metadata.num_rows, batch_size)]
+
+    def __len__(self):
+        return len(self.chunks)
+
+    def __getitem__(self, index):
+        file, start = self.chunks[index]
+        table = pq.read_table(file).slice(start, self.batch_size)
+        return self.preprocessor({name: np.array(table[name].to_pylist(), dtype=object) for name in table.column_names})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=10_000)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "vcl-dist"))
+    args = parser.parse_args()
+
+    import ray
+    import torch
+    from torch.utils.data import DataLoader
+
+    from vcl_dist.config import DataConfig
+    from vcl_dist.data.datasets import DatasetSource, build_split
+
+    folder = jpeg_shards(Path(args.cache), args.images, args.size)
+    captions = pq.read_table(sorted(folder.glob("*.parquet")), columns=["caption"]).column(0).to_pylist()
+    tokenizer = train_wordpiece(captions, 4000)
+    preprocessor = Preprocessor(tokenizer, args.size, 32, augment=True)
+
+    loader = DataLoader(ParquetRows(folder, preprocessor, args.batch_size), batch_size=None, shuffle=True,
+                        num_workers=args.processes, persistent_workers=True)
+    loader_rates = []
+    for _ in range(args.epochs):
+        start, rows = time.perf_counter(), 0
+        for batch in loader:
+            rows += len(batch["key"])
+        loader_rates.append(rows / (time.perf_counter() - start))
+    del loader
+
+    ray.init(num_cpus=args.processes, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    import pyarrow.fs as pafs
+
+    cfg = DataConfig(image_size=args.size, preprocess_batch_size=args.batch_size)
+    source = DatasetSource("parquet", str(folder), str(folder), None, pafs.LocalFileSystem())
+    dataset = build_split(source, str(folder), cfg, tokenizer, train=True)
+    ray_rates = []
+    for _ in range(args.epochs):
+        start, rows = time.perf_counter(), 0
+        for batch in dataset.iter_batches(batch_size=args.batch_size, batch_format="numpy"):
+            rows += len(batch["key"])
+        ray_rates.append(rows / (time.perf_counter() - start))
+    ray.shutdown()
+
+    loader_median, ray_median = statistics.median(loader_rates), statistics.median(ray_rates)
+    print(f"\n{args.images} JPEGs at {args.size} px, {args.processes} worker processes, batch {args.batch_size}, "
+          f"median of {args.epochs} epochs, torch {torch.__version__}, ray {ray.__version__}\n")
+    print("| path | images/s | × DataLoader |\n|---|---:|---:|")
+    print(f"| torch DataLoader ({args.processes} workers) | {loader_median:.0f} | 1.00 |")
+    print(f"| Ray Data (read_parquet → map_batches tasks) | {ray_median:.0f} | {ray_median / loader_median:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
