@@ -21,6 +21,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
+from loss_candidates import loss_candidates
 
 from vcl_dist.config import load_config
 from vcl_dist.data.datasets import sample_captions
@@ -28,7 +29,7 @@ from vcl_dist.data.preprocess import Preprocessor
 from vcl_dist.data.shapes import ensure_shapes_dataset
 from vcl_dist.data.tokenizer import train_wordpiece
 from vcl_dist.evaluate import embed_batches, retrieval_metrics, zero_shot_accuracy
-from vcl_dist.losses import InfoNCELoss, TripletLoss, VCRLLoss, build_loss
+from vcl_dist.losses import build_loss
 from vcl_dist.models import build_dual_encoder
 from vcl_dist.precision import autocast
 from vcl_dist.train.schedule import build_optimizer, build_scheduler
@@ -129,23 +130,7 @@ def main() -> None:
         labels = torch.randint(0, 100, (batch,), device=device, generator=g)
         groups = torch.arange(batch, device=device)
 
-        def floor():
-            scores = image @ text.T
-            scores.backward(torch.ones_like(scores))
-
-        candidates = {"matmul floor": floor}
-        for negatives in ("hardest", "semi_hard", "all"):
-            candidates[f"triplet {negatives}"] = TripletLoss(0.2, negatives)
-            candidates[f"vcrl {negatives}"] = VCRLLoss(0.5, 0.01, negatives)
-        candidates["infonce"] = InfoNCELoss().to(device)
-        timings = {}
-        for name, candidate in candidates.items():
-            if isinstance(candidate, torch.nn.Module):
-                def step(loss_fn=candidate):
-                    loss_fn(image, text, labels, groups).backward()
-            else:
-                step = candidate
-            timings[name] = median_ms(step)
+        timings = {name: median_ms(step) for name, step in loss_candidates(image, text, labels, groups).items()}
         for name, ms in timings.items():
             say(f"| {batch} | {name} | {ms:.2f} | {ms / timings['matmul floor']:.2f} |")
     dist.destroy_process_group()

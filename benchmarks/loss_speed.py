@@ -16,9 +16,9 @@ import statistics
 import time
 
 import torch
+from loss_candidates import loss_candidates
 
 from vcl_dist.cpu_memory import keep_freed_memory_for_reuse
-from vcl_dist.losses import InfoNCELoss, TripletLoss, VCRLLoss
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -50,16 +50,7 @@ def main() -> None:
         labels = torch.randint(0, 100, (batch,), generator=g)
         groups = torch.arange(batch)
 
-        def floor():
-            scores = image @ text.T
-            scores.backward(torch.ones_like(scores))
-
-        candidates = {"matmul floor": floor}
-        for negatives in ("hardest", "semi_hard", "all"):
-            candidates[f"triplet {negatives}"] = TripletLoss(0.2, negatives)
-            candidates[f"vcrl {negatives}"] = VCRLLoss(0.5, 0.01, negatives)
-        candidates["vcrl hardest + label tower"] = VCRLLoss(0.5, 0.01, "hardest", num_classes=100, embed_dim=args.dim)
-        candidates["infonce"] = InfoNCELoss()
+        candidates = loss_candidates(image, text, labels, groups, label_tower_classes=100)
         try:
             from pytorch_metric_learning.distances import LpDistance
             from pytorch_metric_learning.losses import TripletMarginLoss
@@ -77,14 +68,7 @@ def main() -> None:
         except ImportError:
             print("pytorch-metric-learning is not installed: its row is left out")
 
-        timings = {}
-        for name, candidate in candidates.items():
-            if isinstance(candidate, torch.nn.Module):
-                def step(loss_fn=candidate):
-                    loss_fn(image, text, labels, groups).backward()
-            else:
-                step = candidate
-            timings[name] = median_seconds(step, args.repeats)
+        timings = {name: median_seconds(step, args.repeats) for name, step in candidates.items()}
         for name, seconds in timings.items():
             rows.append((batch, name, seconds * 1000, seconds / timings["matmul floor"]))
 

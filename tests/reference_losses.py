@@ -19,24 +19,8 @@ def reference_triplet(image_emb, text_emb, labels, groups, margin: float, negati
     for anchors, pool in ((image_emb, text_emb), (text_emb, image_emb)):
         for i in range(n):
             d_ap = squared_distance(anchors[i], pool[i])
-            d_negs = [
-                squared_distance(anchors[i], pool[j])
-                for j in range(n)
-                if groups[j] != groups[i] and not (labels[i] >= 0 and labels[j] == labels[i])
-            ]
-            if not d_negs:
-                continue
-            if negatives == "all":
-                total = total + sum(torch.relu(d_ap - d + margin) for d in d_negs) / len(d_negs)
-                continue
-            if negatives == "hardest":
-                chosen = min(d_negs, key=lambda d: d.item())
-            elif negatives == "semi_hard":
-                farther = [d for d in d_negs if d > d_ap]
-                chosen = min(farther or d_negs, key=lambda d: d.item())
-            else:
-                raise ValueError(negatives)
-            total = total + torch.relu(d_ap - chosen + margin)
+            d_negs = [squared_distance(anchors[i], pool[j]) for j in range(n) if is_negative(labels, groups, i, j)]
+            total = total + _hinge_for_anchor(d_ap, d_negs, margin, negatives)
     return total / (2 * n)
 
 
@@ -47,9 +31,11 @@ def _hinge_for_anchor(d_ap, d_negs, margin, negatives):
         return sum(torch.relu(d_ap - d + margin) for d in d_negs) / len(d_negs)
     if negatives == "hardest":
         chosen = min(d_negs, key=lambda d: d.item())
-    else:
+    elif negatives == "semi_hard":
         farther = [d for d in d_negs if d > d_ap]
         chosen = min(farther or d_negs, key=lambda d: d.item())
+    else:
+        raise ValueError(negatives)
     return torch.relu(d_ap - chosen + margin)
 
 
