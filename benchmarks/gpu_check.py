@@ -24,7 +24,6 @@ import torch.distributed as dist
 from loss_candidates import loss_candidates
 
 from vcl_dist.config import load_config
-from vcl_dist.data.datasets import sample_captions
 from vcl_dist.data.preprocess import Preprocessor
 from vcl_dist.data.shapes import ensure_shapes_dataset
 from vcl_dist.data.tokenizer import train_wordpiece
@@ -33,7 +32,7 @@ from vcl_dist.losses import build_loss
 from vcl_dist.models import build_dual_encoder
 from vcl_dist.precision import autocast
 from vcl_dist.train.schedule import build_optimizer, build_scheduler
-from vcl_dist.train.step import collate_rows, train_step
+from vcl_dist.train.step import collate_rows, drop_bad_rows, train_step
 
 
 def preprocessed_batches(split_dir: Path, preprocessor: Preprocessor, batch_size: int, pin: bool):
@@ -42,7 +41,9 @@ def preprocessed_batches(split_dir: Path, preprocessor: Preprocessor, batch_size
         for start in range(0, table.num_rows - batch_size + 1, batch_size):
             chunk = table.slice(start, batch_size)
             rows = {name: chunk[name].to_numpy(zero_copy_only=False) for name in chunk.column_names}
-            yield collate_rows(preprocessor(rows), pin_memory=pin)
+            batch, _, bad_shards = drop_bad_rows(collate_rows(preprocessor(rows), pin_memory=pin))
+            assert not bad_shards, bad_shards
+            yield batch
 
 
 def synchronize() -> None:
@@ -86,7 +87,8 @@ def main() -> None:
     cfg = load_config(Path(__file__).parent.parent / "jobs/configs/default.yaml", ["data.shapes.num_train=4096", "data.shapes.num_val=300"])
     s = cfg.data.shapes
     root = ensure_shapes_dataset(work / "cache", s.num_train, s.num_val, s.image_size, s.val_captions_per_image, s.seed)
-    tokenizer = train_wordpiece(sample_captions(str(root / "train")), cfg.model.text.vocab_size)
+    captions = pq.read_table(sorted((root / "train").glob("*.parquet")), columns=["caption"]).column(0).to_pylist()
+    tokenizer = train_wordpiece(captions, cfg.model.text.vocab_size)
     class_names = (root / "classes.txt").read_text().split("\n")[:-1]
     train_pre = Preprocessor(tokenizer, cfg.data.image_size, cfg.data.max_text_length, augment=True)
     val_pre = Preprocessor(tokenizer, cfg.data.image_size, cfg.data.max_text_length, augment=False)
