@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
 import time
 from pathlib import Path
@@ -80,7 +81,7 @@ def main() -> None:
     from torch.utils.data import DataLoader
 
     from vcl_dist.config import DataConfig
-    from vcl_dist.data.datasets import DatasetSource, build_split
+    from vcl_dist.data.datasets import RAY_DATA_ENV, DatasetSource, build_split
 
     folder = jpeg_shards(Path(args.cache), args.images, args.size)
     captions = pq.read_table(sorted(folder.glob("*.parquet")), columns=["caption"]).column(0).to_pylist()
@@ -97,6 +98,7 @@ def main() -> None:
         loader_rates.append(rows / (time.perf_counter() - start))
     del loader
 
+    os.environ.update(RAY_DATA_ENV)  # as a local Ray of vcl-dist gets it (see connect_ray)
     ray.init(num_cpus=args.processes, include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     import pyarrow.fs as pafs

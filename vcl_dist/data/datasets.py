@@ -22,6 +22,13 @@ from .shapes import ensure_shapes_dataset
 from .webdataset import webdataset_captions, webdataset_row_count
 
 SHAPES_SHARD = "shapes"
+BLOCK_ROWS = 512
+# Ray's Parquet reader packs row groups into read tasks of up to 128 MiB: right for tabular
+# data, but 128 MiB of encoded images is ~10,000 rows that one map task then decodes on one
+# CPU. Ray reads the size from this variable in the processes that list the files, so it must
+# be in the environment of the Ray workers: set for a local Ray by ``connect_ray``, and by
+# ``ray-cluster.yaml`` on clusters.
+RAY_DATA_ENV = {"RAY_DATA_PARQUET_BIN_PACKING_BYTES": str(8 * 2**20)}
 
 
 @dataclass(frozen=True)
@@ -109,7 +116,10 @@ def read_split(source: DatasetSource, path: str, *, shuffle_seed: int | None):
         import pyarrow.parquet as pq
 
         tables = [pq.read_table(file) for file in sorted(Path(path).glob("*.parquet"))]
-        ds = ray.data.from_arrow(tables)
+        # Small blocks: the blocks are the units of parallel preprocessing and of the first
+        # batch's latency each epoch.
+        blocks = [table.slice(start, BLOCK_ROWS) for table in tables for start in range(0, table.num_rows, BLOCK_ROWS)]
+        ds = ray.data.from_arrow(blocks)
         return ds.randomize_block_order() if shuffle_seed is not None else ds
     shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True) if shuffle_seed is not None else None
     if source.format == "webdataset":

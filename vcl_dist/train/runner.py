@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from ..config import Config, dump_config
-from ..data.datasets import DatasetSource, build_split, count_rows, read_class_names, resolve_source, sample_captions
+from ..data.datasets import RAY_DATA_ENV, DatasetSource, build_split, count_rows, read_class_names, resolve_source, sample_captions
 from ..data.tokenizer import load_pretrained_tokenizer, train_wordpiece
 from ..storage import display_uri, filesystem_for, write_text_atomically
 
@@ -39,6 +39,8 @@ def connect_ray(cpus_needed: int) -> str:
         ray.init(address="auto")
         return f"joined the Ray cluster at {ray.get_runtime_context().gcs_address}"
     except ConnectionError:
+        for name, value in RAY_DATA_ENV.items():  # inherited by the local Ray's workers
+            os.environ.setdefault(name, value)
         ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed))
         return "started a local Ray"
 
