@@ -130,7 +130,6 @@ def read_split(source: DatasetSource, path: str, *, shuffle_seed: int | None):
 
 def build_split(source: DatasetSource, path: str, cfg: DataConfig, tokenizer, *, train: bool, seed: int = 0):
     """A lazily executed, streaming Ray Dataset of model-ready rows (see :class:`Preprocessor`)."""
-
     # Stateless tasks rather than an actor pool: every epoch re-executes the pipeline, and a
     # new pool would start fresh actor processes each time (seconds of start-up per epoch),
     # where tasks reuse Ray's pooled worker processes.

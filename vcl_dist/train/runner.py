@@ -28,8 +28,8 @@ def connect_ray(cpus_needed: int) -> str:
     """Join the running cluster if there is one (``RAY_ADDRESS``, ``ray start``), else start a local one.
 
     A local Ray gets at least ``cpus_needed`` logical CPUs, so that the training workers and the
-    preprocessing actors can all be scheduled on a small laptop (Ray oversubscribes; the OS
-    shares the cores).
+    preprocessing tasks can all be scheduled on a small laptop (Ray oversubscribes; the OS
+    shares the cores), and the Ray Data settings of ``RAY_DATA_ENV`` in its workers' environment.
     """
     import ray
 
