@@ -31,13 +31,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vcl-dist: config error: {err}", file=sys.stderr)
         return 2
 
+    from ray.train import TrainingFailedError
+
     from vcl_dist.report import print_summary
-    from vcl_dist.train.runner import run_training
+    from vcl_dist.train.runner import run_training, training_failure_message
 
     try:
         outcome = run_training(cfg)
     except (FileNotFoundError, ValueError) as err:
         print(f"vcl-dist: error: {err}", file=sys.stderr)
+        return 1
+    except TrainingFailedError as err:
+        print(f"vcl-dist: training failed: {training_failure_message(err)}", file=sys.stderr)
         return 1
     print_summary(outcome)
     return 0

@@ -17,6 +17,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import ray
+from ray.train import TrainingFailedError
 
 from vcl_dist.config import load_config
 from vcl_dist.data.datasets import build_split, resolve_source
@@ -24,7 +25,7 @@ from vcl_dist.data.shapes import ensure_shapes_dataset
 from vcl_dist.data.tokenizer import train_wordpiece
 from vcl_dist.train.checkpoint import load_checkpoint
 from vcl_dist.train.loop import local_shuffle_seed
-from vcl_dist.train.runner import run_training
+from vcl_dist.train.runner import run_training, training_failure_message
 
 BIN = Path(sys.executable).parent
 SECRET = "vcl-test-secret-key-0123456789abcdefghij"
@@ -216,9 +217,11 @@ def test_bad_rows_are_skipped_counted_and_fatal_past_the_limit(local_ray, shapes
 
     strict = load_config(repo_root / "jobs/configs/default.yaml",
                          [*base, "train.epochs=1", "data.max_bad_fraction=0.01", "run.name=strict"])
-    with pytest.raises(Exception) as err:
+    with pytest.raises(TrainingFailedError) as err:
         run_training(strict)
-    assert "data.max_bad_fraction=0.01" in str(err.value) and "train-bad.parquet" in str(err.value)
+    message = training_failure_message(err.value)  # what jobs/train.py prints
+    assert "\n" not in message and message.startswith("BadDataError: ")
+    assert "data.max_bad_fraction=0.01" in message and "train-bad.parquet" in message
 
 
 def test_every_key_is_seen_once_per_epoch_across_two_workers(local_ray, shapes, tiny_shapes_overrides, tmp_path):

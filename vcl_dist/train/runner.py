@@ -45,6 +45,16 @@ def connect_ray(cpus_needed: int) -> str:
         return "started a local Ray"
 
 
+def training_failure_message(err: Exception) -> str:
+    """One line naming why a Ray Train run failed: the workers' own exceptions, without the
+    tracebacks Ray wraps them in (``WorkerGroupError.worker_failures``)."""
+    reasons = set()
+    for failure in (getattr(err, "worker_failures", None) or {}).values():
+        cause = getattr(failure, "_base_exc", failure)
+        reasons.add(f"{type(cause).__name__}: {' '.join(str(cause).split())}")
+    return "; ".join(sorted(reasons)) or " ".join(str(err).split())[:500]
+
+
 def _use_gpu(cfg: Config) -> bool:
     if cfg.train.use_gpu != "auto":
         return bool(cfg.train.use_gpu)
