@@ -76,11 +76,6 @@ def _groups_within_labels(labels: torch.Tensor, groups: torch.Tensor) -> bool:
     return pairs.shape[1] == torch.unique(groups).shape[0]
 
 
-def negative_mask(anchor_labels, anchor_groups, pool_labels, pool_groups) -> torch.Tensor:
-    """``[A, P]`` True where a pool item may serve as the anchor's negative."""
-    return never_negative(anchor_labels, anchor_groups, pool_labels, pool_groups).logical_not_()
-
-
 def check_finite(name: str, tensor: torch.Tensor) -> None:
     if not torch.isfinite(tensor).all():
         raise FloatingPointError(
