@@ -48,12 +48,8 @@ def reference_vcrl(image_emb, text_emb, labels, groups, margin, reg_lambda, nega
     """VCRL as ARCHITECTURE.md writes it: hinge on raw squared distances + λ(‖U‖²+‖V‖²)/N
     (+ label-tower terms), one anchor at a time."""
     n = image_emb.shape[0]
-    total = image_emb.new_zeros(())
-    for anchors, pool in ((image_emb, text_emb), (text_emb, image_emb)):
-        for i in range(n):
-            d_ap = squared_distance(anchors[i], pool[i])
-            d_negs = [squared_distance(anchors[i], pool[j]) for j in range(n) if is_negative(labels, groups, i, j)]
-            total = total + _hinge_for_anchor(d_ap, d_negs, margin, negatives) / (2 * n)
+    # The hinge part is the triplet loss on raw (not normalised) embeddings.
+    total = reference_triplet(image_emb, text_emb, labels, groups, margin, negatives, normalize=False)
     total = total + reg_lambda * (image_emb.pow(2).sum() + text_emb.pow(2).sum()) / n
     if class_embeddings is not None:
         for anchors in (image_emb, text_emb):
