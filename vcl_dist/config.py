@@ -161,6 +161,67 @@ class RunConfig(Section):
     checkpoints_to_keep: int = Field(2, ge=1)
 
 
+class Distribution(Section):
+    """One searched key: ``uniform`` / ``loguniform`` / ``randint`` over [low, high), or ``choice`` of values."""
+
+    type: Literal["uniform", "loguniform", "randint", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _well_formed(self) -> "Distribution":
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("a 'choice' distribution needs a non-empty 'values' list")
+            return self
+        if self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a '{self.type}' distribution needs low < high")
+        if self.type == "loguniform" and self.low <= 0:
+            raise ValueError("a 'loguniform' distribution needs low > 0")
+        return self
+
+    def example(self) -> Any:
+        """A value of the distribution, to check it against the config before any trial."""
+        if self.type == "choice":
+            return self.values[0]
+        return int(self.low) if self.type == "randint" else self.low
+
+
+def _default_space() -> dict[str, Distribution]:
+    return {
+        "loss.margin": Distribution(type="uniform", low=0.05, high=0.8),
+        "loss.reg_lambda": Distribution(type="loguniform", low=1e-4, high=0.1),
+        "train.lr": Distribution(type="loguniform", low=5e-4, high=5e-3),
+    }
+
+
+class TuneConfig(Section):
+    """``python jobs/tune.py``: each trial is one distributed training run with sampled values.
+
+    ``space`` maps dotted config keys to distributions; on the command line, address a key
+    with brackets: ``'tune.space[loss.margin].high=0.6'``; ``'tune.space[train.lr]=null'`` drops
+    a key of the default space.
+    """
+
+    name: str | None = Field(None, description="default: tune-<timestamp>")
+    storage_path: str | None = Field(None, description="default: run.storage_path")
+    search: Literal["optuna", "random"] = "optuna"
+    num_samples: int = Field(8, ge=1, description="trials in all")
+    metric: str = Field("val_rsum", description="a metric of the per-epoch report")
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, ge=1, description="asha: epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(2, gt=1, description="asha: 1/fraction of trials kept at each rung")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="default: as the cluster's CPUs or GPUs allow")
+    seed: int = 0
+    space: dict[str, Distribution | None] = Field(default_factory=_default_space)
+
+    @property
+    def searched(self) -> dict[str, Distribution]:
+        return {key: dist for key, dist in self.space.items() if dist is not None}
+
+
 class Config(Section):
     s3: S3Config = S3Config()
     data: DataConfig = DataConfig()
@@ -169,38 +230,47 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     run: RunConfig = RunConfig()
+    tune: TuneConfig = TuneConfig()
 
 
 def _format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    key = ".".join(str(part) for part in first["loc"])
+    # Keys with dots (the tune space's) are written as the command line addresses them.
+    key = "".join(f"[{part}]" if "." in str(part) else f".{part}" for part in first["loc"]).lstrip(".")
     if first["type"] == "extra_forbidden":
         return f"{key}: unknown key"
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "value_error":
-        # Our cross-field checks: their message already names the keys involved.
-        return message
+        # Our cross-field checks name the keys involved, except inside the tune space.
+        return f"{key}: {message}" if key.startswith("tune.space") else message
     if "input" in first and key:
         return f"{key}: {message} (got {first['input']!r})"
     return f"{key}: {message}" if key else message
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), base: Config | None = None) -> Config:
     """Merge a YAML file with ``a.b=value`` overrides and validate the result.
+
+    ``base``: a config to start from (say, a trained model's) instead of the defaults.
 
     Raises:
         ConfigError: a missing or unparsable file, a malformed override, an unknown key or a
             bad value; the message is one line.
     """
     try:
-        tree = OmegaConf.create({})
+        tree = OmegaConf.create(base.model_dump(mode="json") if base is not None else {})
         if path is not None:
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
-            tree = OmegaConf.load(path)
-            if not isinstance(OmegaConf.to_container(tree), dict):
+            loaded = OmegaConf.load(path)
+            if not isinstance(OmegaConf.to_container(loaded), dict):
                 raise ConfigError(f"{path}: the top level must be a mapping of sections")
+            tree = OmegaConf.merge(tree, loaded)
+        if OmegaConf.select(tree, "tune.space") is None:
+            # The default space is the base that overrides edit, unless the file sets its own.
+            space = {key: dist.model_dump() for key, dist in _default_space().items()}
+            OmegaConf.update(tree, "tune.space", space, force_add=True)
         for item in overrides:
             if "=" not in item or not item.split("=", 1)[0].strip():
                 raise ConfigError(f"override {item!r} is not of the form section.key=value")
@@ -213,6 +283,25 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raise ConfigError(f"cannot read config: {detail.splitlines()[0][:200]}") from None
     try:
         return Config.model_validate(raw or {})
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def override_values(cfg: Config, values: dict[str, Any]) -> Config:
+    """``cfg`` with dotted keys set to values (sampled by Tune, say), validated like a file.
+
+    Raises:
+        ConfigError: a key that names no setting, or a value out of its range (one line).
+    """
+    tree = OmegaConf.create(cfg.model_dump(mode="json"))
+    for key, value in values.items():
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(tree, parent) if parent else tree
+        if not parent or not OmegaConf.is_dict(node) or leaf not in node or OmegaConf.is_dict(node[leaf]):
+            raise ConfigError(f"{key}: no such setting")
+        OmegaConf.update(tree, key, value, merge=False)
+    try:
+        return Config.model_validate(OmegaConf.to_container(tree, resolve=True))
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err)) from None
 

@@ -74,7 +74,10 @@ def retrieval_metrics(embeddings: dict[str, torch.Tensor], ks: Sequence[int] = (
         metrics[f"i2t_r{k}"] = (i2t_rank < k).double().mean().item()
         metrics[f"t2i_r{k}"] = (t2i_rank < k).double().mean().item()
     metrics["rsum"] = sum(metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in ks)
-    metrics["t2i_median_rank"] = float(t2i_rank.double().median().item() + 1)
+    # Ranks are 1-based, as papers report them; median rank is the usual companion of rsum.
+    for direction, rank in (("i2t", i2t_rank), ("t2i", t2i_rank)):
+        metrics[f"{direction}_median_rank"] = float(rank.double().median().item() + 1)
+        metrics[f"{direction}_mean_rank"] = float(rank.double().mean().item() + 1)
 
     labelled_images, labelled_texts = image_labels >= 0, text_labels >= 0
     if labelled_images.any() and labelled_texts.any():

@@ -30,3 +30,26 @@ def print_summary(outcome) -> None:
     console.print(f"run folder: {outcome.run_path}")
     if outcome.checkpoint_path:
         console.print(f"last checkpoint: {outcome.checkpoint_path}")
+    if outcome.model_path:
+        console.print(f"exported model: {outcome.model_path}")
+
+
+def print_metrics(metrics: dict[str, float], title: str) -> None:
+    """Every metric of an evaluation, one row each."""
+    table = Table(title=title, show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4g}")
+    Console().print(table)
+
+
+def print_hits(hits, class_names: list[str] | None, title: str) -> None:
+    """Search results: rank, score, key, class and caption."""
+    table = Table(title=title, show_header=True)
+    for column in ("rank", "score", "key", "class", "caption"):
+        table.add_column(column, justify="right" if column in ("rank", "score") else "left")
+    for hit in hits:
+        label = class_names[hit.label] if class_names and 0 <= hit.label < len(class_names) else ("" if hit.label < 0 else str(hit.label))
+        table.add_row(str(hit.rank), f"{hit.score:.4f}", hit.key, label, hit.caption)
+    Console().print(table)

@@ -133,6 +133,8 @@ def build_split(source: DatasetSource, path: str, cfg: DataConfig, tokenizer, *,
     # Stateless tasks rather than an actor pool: every epoch re-executes the pipeline, and a
     # new pool would start fresh actor processes each time (seconds of start-up per epoch),
     # where tasks reuse Ray's pooled worker processes.
+    import ray.data
+
     return read_split(source, path, shuffle_seed=seed if train else None).map_batches(
         preprocess_batch,
         fn_kwargs={
@@ -143,7 +145,7 @@ def build_split(source: DatasetSource, path: str, cfg: DataConfig, tokenizer, *,
             "default_shard": SHAPES_SHARD if source.driver_local else "unknown",
         },
         batch_size=cfg.preprocess_batch_size,
-        concurrency=cfg.preprocess_workers,
+        compute=ray.data.TaskPoolStrategy(size=cfg.preprocess_workers),
         num_cpus=1,
     )
 

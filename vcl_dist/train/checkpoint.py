@@ -3,7 +3,8 @@
 Layout: ``model.pt`` (the dual encoder's state dict), ``loss.pt`` (the loss's parameters,
 such as a temperature or class embeddings), ``training_state.pt`` (optimizer, scheduler,
 negative memory, epoch, step), ``history.json`` (metrics of every finished epoch), ``config.yaml``
-(the resolved config) and ``tokenizer/``. Enough to resume a run or to serve the model.
+(the resolved config), ``tokenizer/`` and ``classes.txt`` (when the data has class names).
+Enough to resume a run or to serve the model (see :mod:`vcl_dist.retrieval.model`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ STATE_FILE = "training_state.pt"
 HISTORY_FILE = "history.json"
 CONFIG_FILE = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
+CLASSES_FILE = "classes.txt"
 
 
 def save_checkpoint(folder: str | Path, *, model, criterion, optimizer, scheduler, epoch: int, step: int,
-                    history: list[dict], config_yaml: str, tokenizer) -> None:
+                    history: list[dict], config_yaml: str, tokenizer, class_names: list[str] | None = None) -> None:
     folder = Path(folder)
     torch.save(model.state_dict(), folder / MODEL_FILE)
     torch.save(criterion.state_dict(), folder / LOSS_FILE)
@@ -35,6 +37,8 @@ def save_checkpoint(folder: str | Path, *, model, criterion, optimizer, schedule
     (folder / HISTORY_FILE).write_text(json.dumps(history, indent=1))
     (folder / CONFIG_FILE).write_text(config_yaml)
     tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
+    if class_names:
+        (folder / CLASSES_FILE).write_text("".join(f"{name}\n" for name in class_names))
 
 
 def load_checkpoint(folder: str | Path, *, model, criterion=None, optimizer=None, scheduler=None) -> dict:

@@ -167,7 +167,8 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             print("vcl-dist: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
             with tempfile.TemporaryDirectory() as folder:
                 save_checkpoint(folder, model=raw_model, criterion=criterion, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
-                                step=step, history=history, config_yaml=config_yaml, tokenizer=tokenizer)
+                                step=step, history=history, config_yaml=config_yaml, tokenizer=tokenizer,
+                                class_names=class_names)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics, checkpoint=None)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 from ..config import Config, dump_config
 from ..data.datasets import RAY_DATA_ENV, DatasetSource, build_split, count_rows, read_class_names, resolve_source, sample_captions
@@ -22,6 +24,7 @@ class TrainingOutcome:
     final_metrics: dict
     history: list[dict]
     checkpoint_path: str | None
+    model_path: str | None = None
 
 
 def connect_ray(cpus_needed: int) -> str:
@@ -70,7 +73,32 @@ def build_tokenizer(cfg: Config, source: DatasetSource | None):
     return train_wordpiece(sample_captions(source, source.train), cfg.model.text.vocab_size)
 
 
-def run_training(cfg: Config) -> TrainingOutcome:
+@dataclass
+class RunInputs:
+    """What a run needs from its data before training: computed once, shared by Tune's trials."""
+
+    source: DatasetSource
+    tokenizer: object
+    class_names: list[str] | None
+    train_rows: int
+
+
+def prepare_inputs(cfg: Config) -> RunInputs:
+    """Resolve (or generate) the dataset, fit or load the tokenizer, count the training rows.
+
+    Raises:
+        FileNotFoundError: shards or a bucket cannot be found or reached.
+    """
+    source = resolve_source(cfg.data, cfg.s3)
+    return RunInputs(source, build_tokenizer(cfg, source), read_class_names(source), count_rows(source, source.train))
+
+
+def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequence = ()) -> TrainingOutcome:
+    """Train with Ray Train as ``cfg`` says, write the run folder, export the model.
+
+    ``inputs``: from :func:`prepare_inputs` (computed here when not given); ``callbacks``: Ray
+    Train callbacks, such as Tune's ``TuneReportCallback`` when this run is a trial.
+    """
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -82,12 +110,11 @@ def run_training(cfg: Config) -> TrainingOutcome:
     print(f"vcl-dist: {connect_ray(int(workers * cfg.train.cpus_per_worker) + 2)}", flush=True)
     # One progress bar per dataset, not one per operator: readable in logs of submitted jobs.
     ray.data.DataContext.get_current().enable_operator_progress_bars = False
-    source = resolve_source(cfg.data, cfg.s3)
-    tokenizer = build_tokenizer(cfg, source)
-    class_names = read_class_names(source)
+    inputs = inputs or prepare_inputs(cfg)
+    source, tokenizer, class_names = inputs.source, inputs.tokenizer, inputs.class_names
 
     local_batch = cfg.train.batch_size // workers
-    steps_per_epoch = count_rows(source, source.train) // workers // local_batch
+    steps_per_epoch = inputs.train_rows // workers // local_batch
     if steps_per_epoch == 0:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is larger than the training split")
     datasets = {
@@ -113,6 +140,7 @@ def run_training(cfg: Config) -> TrainingOutcome:
             storage_path=storage_path,
             storage_filesystem=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            callbacks=list(callbacks),
         ),
         datasets=datasets,
         # Only "train" is split; rank 0 evaluates on the whole val split.
@@ -124,10 +152,12 @@ def run_training(cfg: Config) -> TrainingOutcome:
     history = (result.return_value or {}).get("history", [])
     final = dict(history[-1]) if history else dict(result.metrics or {})
     run_path = result.path
+    model_path = export_run_model(result.checkpoint, storage, run_path, history, class_names) if result.checkpoint else None
     summary = {
         "run_name": name,
         "run_path": display_uri(run_path, storage),
         "checkpoint": display_uri(result.checkpoint.path, storage) if result.checkpoint else None,
+        "model": display_uri(model_path, storage) if model_path else None,
         "final_metrics": final,
         "throughput": {
             "samples_per_s": final.get("samples_per_s"),
@@ -143,4 +173,22 @@ def run_training(cfg: Config) -> TrainingOutcome:
     write_text_atomically(storage, f"{run_path}/{METRICS_FILE}", "".join(json.dumps(m) + "\n" for m in history))
     write_text_atomically(storage, f"{run_path}/config.yaml", dump_config(cfg))
     write_text_atomically(storage, f"{run_path}/{RESULT_FILE}", json.dumps(summary, indent=2))
-    return TrainingOutcome(summary["run_path"], final, history, summary["checkpoint"])
+    return TrainingOutcome(summary["run_path"], final, history, summary["checkpoint"], summary["model"])
+
+
+def export_run_model(checkpoint, storage, run_path: str, history: list[dict], class_names: list[str] | None) -> str:
+    """Export the run's last checkpoint as ``<run>/model`` (safetensors, config, tokenizer; see
+    :mod:`vcl_dist.retrieval.model`); returns its path inside ``storage``."""
+    import pyarrow.fs as pafs
+
+    from ..retrieval.model import EXPORT_DIR, export_model
+
+    target = f"{run_path}/{EXPORT_DIR}"
+    with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as staging:
+        if isinstance(storage, pafs.LocalFileSystem):
+            export_model(folder, target, history=history, class_names=class_names)
+        else:
+            export_model(folder, f"{staging}/{EXPORT_DIR}", history=history, class_names=class_names)
+            pafs.copy_files(f"{staging}/{EXPORT_DIR}", target, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=storage)
+    return target

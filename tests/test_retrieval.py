@@ -1,0 +1,204 @@
+"""Using a trained model: export → load, embed.py with Ray Data, search.py, evaluate.py's report."""
+
+import html.parser
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from job_modules import load_job
+
+from vcl_dist.config import dump_config, load_config
+from vcl_dist.data.datasets import resolve_source
+from vcl_dist.data.preprocess import Preprocessor
+from vcl_dist.data.tokenizer import train_wordpiece
+from vcl_dist.models import build_dual_encoder
+from vcl_dist.retrieval import export_model, load_model
+from vcl_dist.retrieval.embed import embedding_table
+from vcl_dist.retrieval.model import ModelNotFoundError
+from vcl_dist.retrieval.search import Corpus, fixed_size_lists_to_numpy
+from vcl_dist.train.checkpoint import load_checkpoint, save_checkpoint
+
+
+def _val_rows(cfg, tokenizer) -> dict:
+    source = resolve_source(cfg.data)
+    table = pq.read_table(source.val)
+    batch = {name: np.array(table[name].to_pylist(), dtype=object) for name in table.column_names}
+    return Preprocessor(tokenizer, cfg.data.image_size, cfg.data.max_text_length, augment=False)(batch)
+
+
+def test_export_then_load_gives_the_training_models_embeddings(tiny_shapes_overrides, repo_root, tmp_path):
+    cfg = load_config(repo_root / "jobs/configs/default.yaml", tiny_shapes_overrides)
+    tokenizer = train_wordpiece(["a red circle", "a small blue square at the top", "green star"], 200)
+    torch.manual_seed(3)
+    model = build_dual_encoder(cfg.model, len(tokenizer), cfg.data.max_text_length, tokenizer.pad_token_id)
+    for p in model.parameters():  # random, far from the initialisation
+        p.data.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    save_checkpoint(checkpoint, model=model, criterion=torch.nn.Module(), optimizer=optimizer, scheduler=scheduler,
+                    epoch=0, step=1, history=[{"epoch": 1, "train_loss": 0.5}], config_yaml=dump_config(cfg), tokenizer=tokenizer,
+                    class_names=["red circle", "blue square"])
+
+    exported = export_model(checkpoint, tmp_path / "export")
+    assert sorted(p.name for p in exported.iterdir()) == ["classes.txt", "config.yaml", "history.json", "model.safetensors", "tokenizer"]
+    loaded = load_model(exported)
+    assert loaded.class_names == ["red circle", "blue square"] and loaded.history == [{"epoch": 1, "train_loss": 0.5}]
+
+    rows = _val_rows(cfg, tokenizer)
+    images, ids, mask = (torch.from_numpy(rows[k]) for k in ("image", "input_ids", "attention_mask"))
+    with torch.no_grad():
+        expected_u, expected_v = model(images, ids, mask)
+    torch.testing.assert_close(loaded.encode_pixels(images), expected_u, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loaded.encode_tokens(ids, mask), expected_v, atol=1e-5, rtol=1e-5)
+    captions = ["a red circle", "green star"]
+    tokens = tokenizer(captions, padding="max_length", truncation=True, max_length=cfg.data.max_text_length, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_texts(captions), model.encode_text(tokens["input_ids"], tokens["attention_mask"]))
+
+
+def test_load_model_says_what_is_missing_in_one_line(tmp_path):
+    for path in (tmp_path / "nothing", tmp_path):
+        with pytest.raises(ModelNotFoundError) as err:
+            load_model(path)
+        assert "\n" not in str(err.value) and "no model at" in str(err.value)
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ModelNotFoundError, match="is a file"):
+        load_model(tmp_path / "weights.bin")
+
+
+# --- with a trained run, on a local Ray --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_run(retrieval_train_overrides, repo_root, tmp_path_factory):
+    """One real 2-worker training run that learns the shapes classes well enough to search."""
+    from vcl_dist.train.runner import run_training
+
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    cfg = load_config(repo_root / "jobs/configs/default.yaml",
+                      [*retrieval_train_overrides, f"run.storage_path={tmp_path_factory.mktemp('runs')}", "run.name=retrieval"])
+    outcome = run_training(cfg)
+    yield cfg, outcome
+    ray.shutdown()
+
+
+def test_a_finished_run_exports_its_model(trained_run):
+    cfg, outcome = trained_run
+    export = Path(outcome.model_path)
+    assert export == Path(outcome.run_path) / "model" and (export / "model.safetensors").stat().st_size > 0
+    loaded = load_model(outcome.run_path)  # a run folder resolves to its export
+    assert loaded.history == outcome.history and len(loaded.class_names) == 30
+
+
+@pytest.fixture(scope="module")
+def corpus(trained_run, tmp_path_factory):
+    embed = load_job("embed")
+    _, outcome = trained_run
+    out = tmp_path_factory.mktemp("corpus") / "val"
+    assert embed.main(["--model", outcome.run_path, "--out", str(out), "--batch-size", "48"]) == 0
+    return out
+
+
+def test_embed_writes_the_training_time_embeddings_of_every_val_row(trained_run, corpus):
+    cfg, outcome = trained_run
+    info = json.loads((corpus / "_corpus.json").read_text())
+    assert info["rows"] == 2 * cfg.data.shapes.num_val and info["bad_rows"] == 0 and info["embed_dim"] == cfg.model.embed_dim
+
+    table = pq.read_table(corpus).sort_by("key")
+    assert table.num_rows == info["rows"] and len(set(table["key"].to_pylist())) == table.num_rows
+    assert all(len(t) > 0 for t in table["thumbnail"].to_pylist())
+    # The training-time model: the last checkpoint loaded the way the training loop loads it.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(outcome.checkpoint_path) / "tokenizer")
+    model = build_dual_encoder(cfg.model, len(tokenizer), cfg.data.max_text_length, tokenizer.pad_token_id)
+    load_checkpoint(outcome.checkpoint_path, model=model)
+    model.eval()
+    rows = _val_rows(cfg, tokenizer)
+    order = np.argsort(rows["key"].astype(str))
+    with torch.no_grad():
+        u, v = model(*(torch.from_numpy(rows[k][order]) for k in ("image", "input_ids", "attention_mask")))
+    np.testing.assert_allclose(fixed_size_lists_to_numpy(table["image_embedding"]), u.numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(fixed_size_lists_to_numpy(table["text_embedding"]), v.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_search_by_caption_returns_images_of_its_class_first(trained_run, corpus, tmp_path, capsys):
+    _, outcome = trained_run
+    model = load_model(outcome.run_path)
+    library = Corpus(str(corpus), scan_rows=50)  # several scan batches: the running top-k must merge them
+    right = []
+    for label, name in enumerate(model.class_names):
+        hits = library.search(model.encode_texts([f"a photo of a {name}"])[0], model.similarity, k=5)
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+        assert len({h.key.rsplit("-", 1)[0] for h in hits}) == 5  # distinct images, not one row per caption
+        if hits[0].label == label:
+            right.append(name)
+    # Chance is 1 in 30; this model's val text→image class R@1 is about 0.9.
+    assert len(right) >= 20, right
+
+    search = load_job("search")
+    sheet = tmp_path / "sheet.png"
+    query = f"a photo of a {right[0]}"
+    assert search.main(["--model", outcome.run_path, "--corpus", str(corpus), "--text", query, "-k", "3", "--sheet", str(sheet)]) == 0
+    printed = capsys.readouterr().out
+    first_row = next(line for line in printed.splitlines() if line.strip().startswith("│    1"))
+    assert right[0] in first_row, printed
+    from PIL import Image
+
+    with Image.open(sheet) as image:
+        assert image.width > 200 and image.height > 150
+
+
+class _Sources(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.sources += [value for name, value in attrs if name == "src"]
+
+
+def test_evaluate_reproduces_the_runs_val_metrics_and_writes_a_report(trained_run, tmp_path):
+    evaluate = load_job("evaluate")
+    _, outcome = trained_run
+    out = tmp_path / "report"
+    assert evaluate.main(["--model", outcome.run_path, "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    final = outcome.history[-1]
+    # Same model, same split, same deterministic preprocessing: the same numbers as training's last eval.
+    for key in ("i2t_r1", "t2i_r5", "t2i_class_r1", "rsum", "zero_shot_acc"):
+        assert metrics[key] == pytest.approx(final[f"val_{key}"], abs=1e-6), key
+    assert metrics["bad_rows"] == 0 and metrics["t2i_mean_rank"] >= metrics["t2i_median_rank"] >= 1
+
+    page = (out / "report.html").read_text()
+    parser = _Sources()
+    parser.feed(page)
+    assert len(parser.sources) >= 2 + 4 + 4  # two plots, four text and four image queries
+    for source in parser.sources:
+        assert (out / source).is_file() and (out / source).stat().st_size > 1000, source
+
+
+def test_bad_inputs_end_in_one_line(trained_run, corpus, tmp_path, capsys):
+    search = load_job("search")
+    _, outcome = trained_run
+    assert search.main(["--model", str(tmp_path / "missing"), "--corpus", str(corpus), "--text", "x"]) == 1
+    assert "no model at" in capsys.readouterr().err
+
+    (tmp_path / "not-an-image.jpg").write_bytes(b"\xff\xd8 truncated")
+    assert search.main(["--model", outcome.run_path, "--corpus", str(corpus), "--image", str(tmp_path / "not-an-image.jpg")]) == 1
+    assert "is not an image" in capsys.readouterr().err
+
+    other = tmp_path / "other-corpus"
+    other.mkdir()
+    rows = {"key": ["a"], "caption": ["c"], "label": np.array([0]), "group": np.array([1]), "thumbnail": [b""]}
+    pq.write_table(embedding_table(rows, np.ones((1, 3)), np.ones((1, 3))), other / "part.parquet")
+    assert search.main(["--model", outcome.run_path, "--corpus", str(other), "--text", "a red circle"]) == 1
+    err = capsys.readouterr().err
+    assert "holds 3-d embeddings" in err and len(err.strip().splitlines()) == 1

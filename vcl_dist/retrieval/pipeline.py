@@ -1,0 +1,56 @@
+"""What ``jobs/embed.py`` and ``jobs/evaluate.py`` share: load a model, resolve a split, embed it with Ray Data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+from ..config import Config, load_config
+from ..data.datasets import DatasetSource, count_rows, read_class_names, resolve_source
+from .embed import embedding_dataset
+from .model import RetrievalModel, load_model, model_files
+
+
+def load_model_and_config(model_path: str, overrides: Sequence[str] = ()) -> tuple[RetrievalModel, Config]:
+    """The model at ``model_path`` and its config with ``overrides`` applied (say, another
+    ``data.val_path``). ``s3.*`` overrides also apply to fetching the model itself.
+
+    Raises:
+        ConfigError: a bad override. ModelNotFoundError: nothing at ``model_path``.
+    """
+    s3 = load_config(None, [o for o in overrides if o.strip().startswith("s3.")]).s3
+    model = load_model(model_path, s3=s3)
+    cfg = load_config(None, overrides, base=model.config)
+    return model, cfg
+
+
+@dataclass
+class EmbeddingJob:
+    dataset: object  # the lazy ray.data.Dataset of embedding rows
+    source: DatasetSource
+    split_path: str
+    input_rows: int
+    class_names: list[str] | None
+    use_gpu: bool
+
+
+def plan_embedding(model_path: str, model: RetrievalModel, cfg: Config, split: Literal["train", "val"], *,
+                   use_gpu: bool | Literal["auto"] = "auto", actors: int | None = None, batch_size: int = 256,
+                   thumbnail_size: int = 96) -> EmbeddingJob:
+    """Connect to Ray and build the (lazy) embedding dataset of one split of ``cfg.data``."""
+    import ray
+
+    from ..train.runner import connect_ray
+
+    print(f"vcl-dist: {connect_ray(2)}", flush=True)
+    source = resolve_source(cfg.data, cfg.s3)
+    path = source.val if split == "val" else source.train
+    resources = ray.cluster_resources()
+    gpu = resources.get("GPU", 0) >= 1 if use_gpu == "auto" else bool(use_gpu)
+    if actors is None:
+        # GPU: one actor per GPU. CPU: half the CPUs run the model, the rest decode.
+        actors = int(resources.get("GPU", 1)) if gpu else max(1, int(resources.get("CPU", 2)) // 2)
+    model_ref = ray.put(model_files(model_path, cfg.s3))
+    dataset = embedding_dataset(source, path, model, model_ref, use_gpu=gpu, actors=actors, batch_size=batch_size,
+                                thumbnail_size=thumbnail_size)
+    return EmbeddingJob(dataset, source, path, count_rows(source, path), read_class_names(source) or model.class_names, gpu)
