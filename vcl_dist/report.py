@@ -53,3 +53,18 @@ def print_hits(hits, class_names: list[str] | None, title: str) -> None:
         label = class_names[hit.label] if class_names and 0 <= hit.label < len(class_names) else ("" if hit.label < 0 else str(hit.label))
         table.add_row(str(hit.rank), f"{hit.score:.4f}", hit.key, label, hit.caption)
     Console().print(table)
+
+
+def print_trials(trials: list[dict], keys: list[str], metric: str) -> None:
+    """The best trials of a search, best first."""
+    table = Table(title=f"best trials by final {metric}", show_header=True)
+    for column in ["rank", "trial", *keys, f"final {metric}", f"best {metric}", "epochs", "stopped"]:
+        table.add_column(column)
+    for rank, row in enumerate(trials, 1):
+        values = [row.get(key) for key in keys] + [row[f"final_{metric}"], row[f"best_{metric}"]]
+        table.add_row(str(rank), str(row["trial_id"]), *(_cell(v) for v in values), str(row["epochs"]), row["stop_reason"])
+    Console().print(table)
+
+
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))

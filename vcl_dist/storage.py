@@ -51,12 +51,16 @@ def exists(filesystem: pafs.FileSystem, path: str) -> bool:
 
 
 def write_text_atomically(filesystem: pafs.FileSystem, path: str, text: str) -> None:
+    write_bytes_atomically(filesystem, path, text.encode())
+
+
+def write_bytes_atomically(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write, then move into place: a crash never leaves half a file under the final name."""
     parent = path.rsplit("/", 1)[0]
     filesystem.create_dir(parent, recursive=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with filesystem.open_output_stream(tmp) as stream:
-        stream.write(text.encode())
+        stream.write(data)
     filesystem.move(tmp, path)
 
 
