@@ -1,6 +1,8 @@
 """Train a dual encoder: ``python jobs/train.py [--config FILE] [section.key=value ...]``.
 
-Runs on the built-in shapes dataset by default. Joins a running Ray cluster (``ray start`` or
+Runs on the built-in shapes dataset by default. ``--resume`` continues a run (``run.name``, or the
+one with the newest checkpoint in ``run.storage_path``) from its latest checkpoint, with its own saved config plus the
+overrides given (say, ``train.epochs=12`` to train longer). Joins a running Ray cluster (``ray start`` or
 ``ray job submit``) when there is one, else starts a local Ray. Prints the run folder and a
 summary; exit code 2 for a bad config.
 """
@@ -17,6 +19,8 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue run.name (default: the run with the newest checkpoint) from its latest checkpoint")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. loss.margin=0.3")
     return parser.parse_args(argv)
 
@@ -34,10 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     from ray.train import TrainingFailedError
 
     from vcl_dist.report import print_summary
-    from vcl_dist.train.runner import run_training, training_failure_message
+    from vcl_dist.train.runner import resume_config, run_training, training_failure_message
 
     try:
+        if args.resume:
+            cfg = resume_config(cfg, args.overrides)
+            print(f"vcl-dist: resuming run {cfg.run.name} in {cfg.run.storage_path}", flush=True)
         outcome = run_training(cfg)
+    except ConfigError as err:
+        print(f"vcl-dist: config error: {err}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError) as err:
         print(f"vcl-dist: error: {err}", file=sys.stderr)
         return 1

@@ -1,17 +1,65 @@
-"""ray-cluster.yaml is a valid Ray autoscaler config for the installed Ray."""
+"""The cluster configs are valid for the installed Ray and say what cluster/README.md says they do."""
 
 import json
 from pathlib import Path
 
 import jsonschema
+import pytest
 import ray
 import yaml
+from ray.runtime_env import RuntimeEnv
+
+from vcl_dist.config import load_config
+
+SCHEMA = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
 
 
-def test_cluster_yaml_validates_against_installed_autoscaler_schema(repo_root):
-    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
-    config = yaml.safe_load((repo_root / "ray-cluster.yaml").read_text())
-    jsonschema.validate(config, schema)
-    assert config["available_node_types"]["gpu_worker"]["min_workers"] == 0
+@pytest.mark.parametrize("path, provider", [("ray-cluster.yaml", "aws"), ("cluster/gcp.yaml", "gcp")])
+def test_autoscaler_configs_validate_against_the_installed_schema(repo_root, path, provider):
+    config = yaml.safe_load((repo_root / path).read_text())
+    jsonschema.validate(config, SCHEMA)
+    assert config["provider"]["type"] == provider
+    types = config["available_node_types"]
+    assert types[config["head_node_type"]]["resources"] == {"CPU": 0}
+    gpu_types = {name: t for name, t in types.items() if t["resources"].get("GPU")}
+    assert set(gpu_types) == {"gpu_worker_spot", "gpu_worker_ondemand"}  # spot with an on-demand fallback
+    assert all(t["min_workers"] == 0 for t in gpu_types.values())
+    assert any(not t["resources"].get("GPU") and name != config["head_node_type"] for name, t in types.items())  # CPU workers
+    assert config["idle_timeout_minutes"] > 0 and config["setup_commands"]
     assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
-    assert ray.__version__ in config["docker"]["image"]
+    assert f"rayproject/ray:{ray.__version__}" in config["docker"]["image"]
+
+
+def _containers(pod_template: dict) -> list[dict]:
+    return pod_template["template"]["spec"]["containers"]
+
+
+@pytest.mark.parametrize("path", ["cluster/kuberay/raycluster.yaml", "cluster/kuberay/rayjob.yaml"])
+def test_kuberay_manifests(repo_root, path):
+    manifest = yaml.safe_load((repo_root / path).read_text())
+    assert manifest["apiVersion"] == "ray.io/v1"
+    spec = manifest["spec"] if manifest["kind"] == "RayCluster" else manifest["spec"]["rayClusterSpec"]
+    assert spec["rayVersion"] == ray.__version__ and spec["enableInTreeAutoscaling"] is True
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert groups["gpu"]["minReplicas"] == 0 and groups["gpu"]["maxReplicas"] >= 1
+    assert _containers(groups["gpu"])[0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    for group in [head, *groups.values()]:
+        assert all(c["image"].startswith(f"rayproject/ray:{ray.__version__}") for c in _containers(group))
+    if manifest["kind"] == "RayJob":
+        assert manifest["spec"]["shutdownAfterJobFinishes"] is True
+        entrypoint = manifest["spec"]["entrypoint"].split()
+        assert entrypoint[:2] == ["python", "jobs/train.py"]
+        config = entrypoint[entrypoint.index("--config") + 1]
+        load_config(repo_root / config, [e for e in entrypoint if "=" in e])
+        RuntimeEnv(**yaml.safe_load(manifest["spec"]["runtimeEnvYAML"]))
+
+
+def test_runtime_env_and_gpu_config(repo_root):
+    env = RuntimeEnv(**yaml.safe_load((repo_root / "cluster/runtime_env.yaml").read_text()))
+    assert env["env_vars"]["RAY_DATA_PARQUET_BIN_PACKING_BYTES"] == "8388608"
+    cfg = load_config(repo_root / "jobs/configs/gpu.yaml")
+    assert cfg.train.use_gpu is True and cfg.train.amp is True and cfg.data.train_path.startswith("s3://")
+    text = (repo_root / "jobs/configs/gpu.yaml").read_text().lower()
+    assert "secret" not in text and "access_key" not in text

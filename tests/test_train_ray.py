@@ -1,16 +1,24 @@
 """A real 2-worker Ray Train run on a local Ray: it trains, reports, checkpoints, and learns."""
 
 import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import ray
 import torch
+from job_modules import load_job
 
 from vcl_dist.config import load_config
 from vcl_dist.models import build_dual_encoder
 from vcl_dist.train.checkpoint import TOKENIZER_DIR, load_checkpoint
 from vcl_dist.train.runner import run_training
+
+# Final metrics of the 4-epoch run of the first test, to compare the run that loses a worker with.
+UNINTERRUPTED: dict = {}
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +63,22 @@ def test_two_workers_train_report_and_checkpoint(local_ray, tiny_shapes_override
     assert state["epoch"] == 2 and state["step"] == 24 and len(state["history"]) == 3
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
+    # jobs/train.py --resume: the newest run in the storage path, its own config, one more epoch.
+    assert load_job("train").main(["--resume", f"run.storage_path={tmp_path}", "train.epochs=4"]) == 0
+    resumed = json.loads((run / "result.json").read_text())
+    assert resumed["run_name"] == "ray-train-test" and resumed["config"]["train"]["epochs"] == 4
+    assert resumed["final_metrics"]["epoch"] == 4 and resumed["final_metrics"]["step"] == 32  # not from step 0
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    # The resumed epoch started from the trained weights, not from scratch.
+    assert resumed["final_metrics"]["train_loss"] < history[0]["train_loss"]
+    UNINTERRUPTED["train_loss"] = resumed["final_metrics"]["train_loss"]
+
+
+def test_resume_without_a_run_is_one_line(tmp_path, capsys):
+    assert load_job("train").main(["--resume", f"run.storage_path={tmp_path}"]) == 1
+    err = capsys.readouterr().err
+    assert "no run with a checkpoint to resume" in err and len(err.strip().splitlines()) == 1
+
 
 def test_vcrl_with_label_tower_and_memory_trains_and_checkpoints_its_state(local_ray, tiny_shapes_overrides, repo_root, tmp_path):
     cfg = load_config(
@@ -84,3 +108,55 @@ def test_infonce_with_full_gather_trains(local_ray, tiny_shapes_overrides, repo_
     assert outcome.history[-1]["train_loss"] < outcome.history[0]["train_loss"]
     logit_scale = torch.load(Path(outcome.checkpoint_path) / "loss.pt", weights_only=True)["logit_scale"]
     assert logit_scale.item() != pytest.approx(torch.log(torch.tensor(1 / 0.07)).item())  # it was trained
+
+
+def _processes_titled(word: str) -> list[int]:
+    """Pids whose command line (Ray sets it to ``ray::<actor class>...``) contains ``word``."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if word in cmdline.read_bytes().decode(errors="replace"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # the process ended meanwhile
+            continue
+    return sorted(pids)
+
+
+def _kill_a_training_worker_after_the_first_checkpoint(run: Path, killed: list) -> None:
+    """SIGKILL one RayTrainWorker process once Ray Train has registered a checkpoint of the run."""
+    deadline = time.monotonic() + 300
+    snapshot = run / "checkpoint_manager_snapshot.json"
+    while time.monotonic() < deadline:
+        if snapshot.exists() and "checkpoint_" in snapshot.read_text():
+            workers = _processes_titled("RayTrainWorker")
+            if workers:
+                os.kill(workers[-1], signal.SIGKILL)
+                killed.append(workers[-1])
+                return
+        time.sleep(0.2)
+
+
+def test_a_killed_worker_restarts_from_the_latest_checkpoint(local_ray, tiny_shapes_overrides, repo_root, tmp_path):
+    cfg = load_config(
+        repo_root / "jobs/configs/default.yaml",
+        [*tiny_shapes_overrides, f"run.storage_path={tmp_path}", "run.name=failure", "train.epochs=4", "train.max_failures=2"],
+    )
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_a_training_worker_after_the_first_checkpoint, args=(tmp_path / "failure", killed))
+    killer.start()
+    outcome = run_training(cfg)
+    killer.join()
+    assert killed, "no training worker was killed"
+
+    history = outcome.history
+    # Every epoch once, every step counted once: the restart did not begin again at step 0 ...
+    assert [m["epoch"] for m in history] == [1, 2, 3, 4] and [m["step"] for m in history] == [8, 16, 24, 32]
+    restarted = [m for m in history if m["resumed_from_step"] > 0]
+    # ... but at a checkpointed epoch boundary, with the epochs before it taken from the checkpoint.
+    assert restarted and restarted[0]["resumed_from_step"] in (8, 16, 24)
+    assert all(m["resumed_from_step"] == 0 for m in history[: restarted[0]["resumed_from_step"] // 8])
+    # Within noise of an uninterrupted run of the same config (the 4-epoch run of the first test,
+    # when it ran in this session).
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    if UNINTERRUPTED:
+        assert history[-1]["train_loss"] == pytest.approx(UNINTERRUPTED["train_loss"], rel=0.3)

@@ -128,6 +128,7 @@ class TrainConfig(Section):
     amp: bool | Literal["auto"] = Field("auto", description="bf16 autocast; auto = on GPU only")
     seed: int = 0
     log_every_steps: int = Field(20, ge=1)
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the latest checkpoint; -1 = unlimited")
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainConfig":

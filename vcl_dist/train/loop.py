@@ -95,12 +95,13 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     optimizer = build_optimizer([raw_model, criterion], cfg.train.lr, cfg.train.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.train.warmup_steps, steps_per_epoch * cfg.train.epochs, cfg.train.min_lr_ratio)
 
-    start_epoch, step, history = 0, 0, []
+    start_epoch, step, history, resumed_from_step = 0, 0, [], 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(folder, model=raw_model, criterion=criterion, optimizer=optimizer, scheduler=scheduler)
         start_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
+        resumed_from_step = step
         if rank == 0:
             print(f"vcl-dist: resumed from the checkpoint of epoch {state['epoch']} (step {step})", flush=True)
 
@@ -160,6 +161,8 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             "bad_rows": epoch_bad_rows,
             "epoch_time_s": epoch_time,
             "world_size": world,
+            # The step this worker group started from: > 0 after a restart or --resume.
+            "resumed_from_step": resumed_from_step,
         }
         if rank == 0:
             metrics.update(evaluate_on_val(raw_model, cfg, tokenizer, class_names, device, use_amp, val_cache))

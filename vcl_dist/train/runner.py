@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
+import yaml
+
 from ..config import Config, dump_config
 from ..data.datasets import RAY_DATA_ENV, DatasetSource, build_split, count_rows, read_class_names, resolve_source, sample_captions
 from ..data.tokenizer import load_pretrained_tokenizer, train_wordpiece
@@ -93,6 +95,46 @@ def prepare_inputs(cfg: Config) -> RunInputs:
     return RunInputs(source, build_tokenizer(cfg, source), read_class_names(source), count_rows(source, source.train))
 
 
+def resume_config(cfg: Config, overrides: Sequence[str] = ()) -> Config:
+    """The config to continue a run with: the run's own (from its newest checkpoint) with
+    ``overrides`` on top, under the same ``run.name`` and ``run.storage_path``, so that Ray Train
+    hands the training function that checkpoint (``ray.train.get_checkpoint``).
+
+    The run is ``run.name`` if set, else the run under ``run.storage_path`` with the newest checkpoint.
+
+    Raises:
+        FileNotFoundError: no run, or a run without a checkpoint (one line).
+    """
+    import pyarrow.fs as pafs
+
+    from ..config import load_config
+    from .checkpoint import CONFIG_FILE
+
+    storage, root = filesystem_for(cfg.run.storage_path, cfg.s3)
+
+    def newest_checkpoint(run: str) -> str | None:
+        entries = storage.get_file_info(pafs.FileSelector(f"{root}/{run}", allow_not_found=True))
+        names = [e.path for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_")]
+        return max(names) if names else None  # checkpoint_<timestamp>: the newest sorts last
+
+    if cfg.run.name:
+        name, checkpoint = cfg.run.name, newest_checkpoint(cfg.run.name)
+        if checkpoint is None:
+            raise FileNotFoundError(f"run {name} under {cfg.run.storage_path} has no checkpoint to resume from")
+    else:
+        runs = storage.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+        found = [(c.rsplit("/", 1)[-1], r.base_name, c) for r in runs if r.type == pafs.FileType.Directory
+                 and (c := newest_checkpoint(r.base_name))]
+        if not found:
+            raise FileNotFoundError(f"no run with a checkpoint to resume under {cfg.run.storage_path}")
+        _, name, checkpoint = max(found)  # the run whose last checkpoint is the newest
+    with storage.open_input_stream(f"{checkpoint}/{CONFIG_FILE}") as stream:
+        saved = Config.model_validate(yaml.safe_load(stream.read().decode()))
+    resumed = load_config(None, overrides, base=saved)
+    resumed.run.name, resumed.run.storage_path, resumed.s3 = name, cfg.run.storage_path, cfg.s3
+    return resumed
+
+
 def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequence = ()) -> TrainingOutcome:
     """Train with Ray Train as ``cfg`` says, write the run folder, export the model.
 
@@ -140,6 +182,9 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
             storage_path=storage_path,
             storage_filesystem=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            # A dead worker (a preempted node, a SIGKILL) restarts the worker group, which picks
+            # up the latest checkpoint through ray.train.get_checkpoint().
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=list(callbacks),
         ),
         datasets=datasets,
