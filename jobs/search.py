@@ -28,16 +28,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from vcl_dist.config import ConfigError
+    from vcl_dist.cli import run_job
 
-    try:
-        return _run(args)
-    except ConfigError as err:
-        print(f"vcl-dist: config error: {err}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as err:
-        print(f"vcl-dist: error: {err}", file=sys.stderr)
-        return 1
+    return run_job(lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> int:

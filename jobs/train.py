@@ -27,30 +27,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from vcl_dist.config import ConfigError, load_config
+    from vcl_dist.cli import run_job
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"vcl-dist: config error: {err}", file=sys.stderr)
-        return 2
+    return run_job(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from vcl_dist.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # before Ray is even imported
 
     from ray.train import TrainingFailedError
 
     from vcl_dist.report import print_summary
     from vcl_dist.train.runner import resume_config, run_training, training_failure_message
 
+    if args.resume:
+        cfg = resume_config(cfg, args.overrides)
+        print(f"vcl-dist: resuming run {cfg.run.name} in {cfg.run.storage_path}", flush=True)
     try:
-        if args.resume:
-            cfg = resume_config(cfg, args.overrides)
-            print(f"vcl-dist: resuming run {cfg.run.name} in {cfg.run.storage_path}", flush=True)
         outcome = run_training(cfg)
-    except ConfigError as err:
-        print(f"vcl-dist: config error: {err}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as err:
-        print(f"vcl-dist: error: {err}", file=sys.stderr)
-        return 1
     except TrainingFailedError as err:
         print(f"vcl-dist: training failed: {training_failure_message(err)}", file=sys.stderr)
         return 1

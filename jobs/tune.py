@@ -27,25 +27,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from vcl_dist.config import ConfigError, load_config
+    from vcl_dist.cli import run_job
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        from vcl_dist.tune import check_tune_config
+    return run_job(lambda: _run(args))
 
-        check_tune_config(cfg)
-    except ConfigError as err:
-        print(f"vcl-dist: config error: {err}", file=sys.stderr)
-        return 2
+
+def _run(args: argparse.Namespace) -> int:
+    from vcl_dist.config import load_config
+    from vcl_dist.tune import check_tune_config
+
+    cfg = load_config(args.config, args.overrides)
+    check_tune_config(cfg)  # a bad search space stops here, before Ray starts
 
     from vcl_dist.report import print_trials
     from vcl_dist.tune import run_tune
 
-    try:
-        outcome = run_tune(cfg, resume=args.resume)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"vcl-dist: error: {err}", file=sys.stderr)
-        return 1
+    outcome = run_tune(cfg, resume=args.resume)
     print_trials(outcome.trials[: args.top], list(cfg.tune.searched), cfg.tune.metric)
     print(f"experiment: {outcome.experiment_path}")
     if outcome.best_config_path:
