@@ -160,3 +160,24 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(local_ray, tiny_sha
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     if UNINTERRUPTED:
         assert history[-1]["train_loss"] == pytest.approx(UNINTERRUPTED["train_loss"], rel=0.3)
+
+
+def test_a_run_stopped_inside_an_epoch_resumes_at_that_step(local_ray, tiny_shapes_overrides, repo_root, tmp_path):
+    train = load_job("train")
+    args = [*tiny_shapes_overrides, f"run.storage_path={tmp_path}", "run.name=mid-epoch", "train.epochs=2"]
+    # 8 steps per epoch: checkpoints at steps 3, 6, 8 (epoch end), 9, and 11 where max_steps stops it.
+    assert train.main([*args, "train.checkpoint_every_steps=3", "train.max_steps=11"]) == 0
+    run = tmp_path / "mid-epoch"
+    newest = max(run.glob("checkpoint_2*"))
+    state = torch.load(newest / "training_state.pt", weights_only=True)
+    assert (state["epoch"], state["epoch_step"], state["step"]) == (1, 3, 11)
+    assert len(state["rng"]) == 2 and len(state["epoch_progress"]) == 2  # one per worker
+    assert state["epoch_progress"][0]["steps"] == 3
+
+    assert train.main(["--resume", f"run.storage_path={tmp_path}", "run.name=mid-epoch", "train.max_steps=null"]) == 0
+    result = json.loads((run / "result.json").read_text())
+    # Epoch 2 finished its remaining 5 steps: 16 in all, not 11 + 8 (a restarted epoch) or 24.
+    assert result["final_metrics"]["epoch"] == 2 and result["final_metrics"]["step"] == 16
+    assert result["final_metrics"]["resumed_from_step"] == 11
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert 0 < result["final_metrics"]["train_loss"] < float("inf")

@@ -115,12 +115,15 @@ class LossConfig(Section):
 
 
 class TrainConfig(Section):
-    num_workers: int = Field(2, ge=1)
+    num_workers: int = Field(2, ge=1, description="training workers (the most, when elastic)")
+    min_workers: int | None = Field(None, ge=1, description="elastic: go on with as few as this; default: not elastic")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how workers are placed on nodes (Ray placement group strategy)")
     cpus_per_worker: float = Field(1, gt=0)
     use_gpu: bool | Literal["auto"] = "auto"
     epochs: int = Field(8, ge=1)
-    batch_size: int = Field(128, ge=2, description="global batch: the negative pool of every step")
-    lr: float = Field(2e-3, gt=0, le=1)
+    batch_size: int = Field(128, ge=2, description="global batch at num_workers workers: the negative pool of every step")
+    lr: float = Field(2e-3, gt=0, le=1, description="at num_workers workers; scaled with the world size when elastic")
     weight_decay: float = Field(0.05, ge=0)
     warmup_steps: int = Field(50, ge=0)
     min_lr_ratio: float = Field(0.02, ge=0, le=1)
@@ -129,6 +132,8 @@ class TrainConfig(Section):
     seed: int = 0
     log_every_steps: int = Field(20, ge=1)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the latest checkpoint; -1 = unlimited")
+    checkpoint_every_steps: int | None = Field(None, ge=1, description="also checkpoint inside epochs; default: epoch ends only")
+    max_steps: int | None = Field(None, ge=1, description="stop (with a checkpoint) after this many steps in all")
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainConfig":
@@ -139,6 +144,8 @@ class TrainConfig(Section):
             )
         if self.batch_size // self.num_workers < 2:
             raise ValueError("train.batch_size must give every worker at least 2 samples")
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"train.min_workers ({self.min_workers}) must not exceed train.num_workers ({self.num_workers})")
         return self
 
 

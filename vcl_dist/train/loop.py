@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -74,10 +75,14 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     cfg = Config.model_validate(loop_config["config"])
     tokenizer = loop_config["tokenizer"]
     class_names: list[str] | None = loop_config["class_names"]
-    steps_per_epoch: int = loop_config["steps_per_epoch"]
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    # Each worker keeps the batch it has at full size, so the global pool and (linear scaling
+    # rule) the learning rate follow the world size when an elastic run shrinks or grows.
+    local_batch = cfg.train.batch_size // cfg.train.num_workers
+    steps_per_epoch = loop_config["train_rows"] // world // local_batch
+    lr = cfg.train.lr * world / cfg.train.num_workers
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     if not on_gpu:
@@ -92,24 +97,58 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     raw_model = model.module if hasattr(model, "module") else model
     criterion = build_loss(cfg.loss, num_classes=len(class_names) if class_names else None, embed_dim=cfg.model.embed_dim)
     criterion.to(device)
-    optimizer = build_optimizer([raw_model, criterion], cfg.train.lr, cfg.train.weight_decay)
+    optimizer = build_optimizer([raw_model, criterion], lr, cfg.train.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.train.warmup_steps, steps_per_epoch * cfg.train.epochs, cfg.train.min_lr_ratio)
 
-    start_epoch, step, history, resumed_from_step = 0, 0, [], 0
+    # Where this worker group starts: the beginning, an epoch boundary, or inside an epoch.
+    start_epoch, step, history, resumed_from_step, skip_steps, carried = 0, 0, [], 0, 0, {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(folder, model=raw_model, criterion=criterion, optimizer=optimizer, scheduler=scheduler)
-        start_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
-        resumed_from_step = step
+        step, history, resumed_from_step = state["step"], state["history"], state["step"]
+        if state["epoch_step"]:  # saved inside an epoch: finish that epoch
+            start_epoch, skip_steps = state["epoch"], state["epoch_step"]
+            saved = state["epoch_progress"]
+            # This rank's running sums; after a resize, the mean of the saved ranks'.
+            carried = saved[rank] if len(saved) == world else {
+                "loss_sum": sum(p["loss_sum"] for p in saved) / len(saved), "steps": saved[0]["steps"]}
+        else:
+            start_epoch = state["epoch"] + 1
+        saved_world = len(state["rng"] or []) or world
+        if saved_world != world:
+            # Another world size: the same number of rows into the epoch, and this size's lr.
+            skip_steps = skip_steps * saved_world // world
+            rescale_learning_rate(optimizer, scheduler, lr)
+        restore_rng_state(state["rng"], rank, world, device)
         if rank == 0:
-            print(f"vcl-dist: resumed from the checkpoint of epoch {state['epoch']} (step {step})", flush=True)
+            where = f"step {skip_steps} of epoch {start_epoch + 1}" if skip_steps else f"the end of epoch {start_epoch}"
+            print(f"vcl-dist: resumed from the checkpoint at {where} (global step {step})", flush=True)
 
-    local_batch = cfg.train.batch_size // world
+    worker_nodes = count_worker_nodes()
+    if rank == 0:
+        print(f"vcl-dist: {world} workers on {worker_nodes} nodes: global pool {local_batch * world} rows per step, lr {lr:.3g}, "
+              f"{steps_per_epoch} steps per epoch", flush=True)
     config_yaml = dump_config(cfg)
     collate = pinned_collate_rows if on_gpu else collate_rows
     train_shard = ray.train.get_dataset_shard("train")
     val_cache = ValCache()
+    every = cfg.train.checkpoint_every_steps
+
+    def report_with_checkpoint(metrics: dict, epoch: int, epoch_step: int, progress: dict | None) -> None:
+        """Every worker reports (a barrier); rank 0 attaches a checkpoint with every worker's RNG
+        state and, inside an epoch, every worker's running sums."""
+        workers = gather_worker_states(device, progress)
+        rng = [w["rng"] for w in workers]
+        progress = [w["progress"] for w in workers] if progress is not None else None
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            save_checkpoint(folder, model=raw_model, criterion=criterion, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+                            step=step, history=history, config_yaml=config_yaml, tokenizer=tokenizer, class_names=class_names,
+                            epoch_step=epoch_step, epoch_progress=progress, rng=rng)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
@@ -120,10 +159,18 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
                 local_shuffle_seed=local_shuffle_seed(cfg.train.seed, epoch, rank),
             )
         )
-        loss_sum, steps, waits = 0.0, 0, []
+        resuming = epoch == start_epoch and skip_steps > 0
+        # A resumed epoch replays its data position by count: Ray Data cannot seek inside an
+        # epoch, so every worker passes over the batches it had trained on before the checkpoint.
+        to_skip = skip_steps if resuming else 0
+        loss_sum, steps = (carried["loss_sum"], carried["steps"]) if resuming else (0.0, 0)
+        trained, waits = 0, []
         bad_rows = BadRowCounter(cfg.data.max_bad_fraction)
         epoch_start = time.perf_counter()
         for batch in lockstep(batches, device, waits):
+            if to_skip:
+                to_skip -= 1
+                continue
             batch, rows, bad_shards = drop_bad_rows(batch)
             bad_rows.add(rows, bad_shards)
             if len(batch["image"]) < 2:
@@ -131,6 +178,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             loss = train_step(model, criterion, optimizer, scheduler, batch, device, use_amp, cfg.train.grad_clip_norm)
             loss_sum += loss
             steps += 1
+            trained += 1
             step += 1
             if steps % cfg.train.log_every_steps == 0:
                 bad_rows.check(device)  # a collective: every worker, same steps
@@ -139,9 +187,18 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
                 print(
                     f"epoch {epoch + 1}/{cfg.train.epochs} step {steps}/{steps_per_epoch} "
                     f"loss {loss_sum / steps:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
-                    f"{steps * cfg.train.batch_size / elapsed:.0f} samples/s",
+                    f"{trained * local_batch * world / elapsed:.0f} samples/s",
                     flush=True,
                 )
+            stopping = cfg.train.max_steps is not None and step >= cfg.train.max_steps
+            if steps < steps_per_epoch and ((every and step % every == 0) or stopping):
+                # A checkpoint inside the epoch: what a restart needs to finish it.
+                report_with_checkpoint({"epoch": epoch, "step": step, "epoch_step": steps, "train_loss": loss_sum / steps},
+                                       epoch, steps, {"loss_sum": loss_sum, "steps": steps})
+            if stopping:
+                if rank == 0:
+                    print(f"vcl-dist: stopped at train.max_steps={cfg.train.max_steps}", flush=True)
+                return {"history": history, "stopped_at_step": step} if rank == 0 else None
         epoch_time = time.perf_counter() - epoch_start
         if steps == 0:
             raise RuntimeError(
@@ -155,12 +212,15 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             "step": step,
             "train_loss": mean_loss,
             "lr": scheduler.get_last_lr()[0],
-            "samples_per_s": steps * cfg.train.batch_size / epoch_time,
-            "samples_per_s_per_worker": steps * local_batch / epoch_time,
+            "samples_per_s": trained * local_batch * world / epoch_time,
+            "samples_per_s_per_worker": trained * local_batch / epoch_time,
             "data_wait_fraction": wait_fraction,
             "bad_rows": epoch_bad_rows,
             "epoch_time_s": epoch_time,
             "world_size": world,
+            "worker_nodes": worker_nodes,
+            "global_batch": local_batch * world,
+            "base_lr": lr,
             # The step this worker group started from: > 0 after a restart or --resume.
             "resumed_from_step": resumed_from_step,
         }
@@ -168,14 +228,52 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             metrics.update(evaluate_on_val(raw_model, cfg, tokenizer, class_names, device, use_amp, val_cache))
             history.append(metrics)
             print("vcl-dist: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
-            with tempfile.TemporaryDirectory() as folder:
-                save_checkpoint(folder, model=raw_model, criterion=criterion, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
-                                step=step, history=history, config_yaml=config_yaml, tokenizer=tokenizer,
-                                class_names=class_names)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-        else:
-            ray.train.report(metrics, checkpoint=None)
+        report_with_checkpoint(metrics, epoch, 0, None)
+        if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
+            return {"history": history, "stopped_at_step": step} if rank == 0 else None
     return {"history": history} if rank == 0 else None
+
+
+def gather_worker_states(device: torch.device, progress: dict | None) -> list[dict]:
+    """Every worker's torch RNG state (dropout draws from it) and epoch progress, in rank order."""
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    state = {"rng": rng, "progress": progress}
+    _, world = distributed_world()
+    if world == 1:
+        return [state]
+    states: list = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def count_worker_nodes() -> int:
+    """How many Ray nodes this worker group spans."""
+    node = ray.get_runtime_context().get_node_id()
+    _, world = distributed_world()
+    if world == 1:
+        return 1
+    nodes: list = [None] * world
+    dist.all_gather_object(nodes, node)
+    return len(set(nodes))
+
+
+def rescale_learning_rate(optimizer, scheduler, lr: float) -> None:
+    """Make ``lr`` the base of the schedule (a restored optimizer carries the old world size's)."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr
+        group["lr"] = lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+
+
+def restore_rng_state(states: list[dict] | None, rank: int, world: int, device: torch.device) -> None:
+    """Put back this rank's RNG state; a checkpoint of another world size has no state for it."""
+    if not states or len(states) != world:
+        return
+    torch.set_rng_state(states[rank]["cpu"])
+    if device.type == "cuda" and "cuda" in states[rank]:
+        torch.cuda.set_rng_state(states[rank]["cuda"], device)
 
 
 @dataclass

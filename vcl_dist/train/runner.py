@@ -173,10 +173,15 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
             "config": cfg.model_dump(mode="json"),
             "tokenizer": tokenizer,
             "class_names": class_names,
-            "steps_per_epoch": steps_per_epoch,
+            "train_rows": inputs.train_rows,
         },
         # Ray Train picks nccl when the workers have GPUs and gloo otherwise.
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        # Elastic with train.min_workers: Ray Train starts with as many workers as fit (up to
+        # num_workers) and restarts the group at another size when nodes come or go.
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=(cfg.train.min_workers, workers) if cfg.train.min_workers else workers,
+            use_gpu=use_gpu, resources_per_worker=resources, placement_strategy=cfg.train.placement_strategy,
+        ),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
