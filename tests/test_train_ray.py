@@ -28,18 +28,19 @@ def local_ray():
     ray.shutdown()
 
 
-def test_two_workers_train_report_and_checkpoint(local_ray, tiny_shapes_overrides, repo_root, tmp_path):
+def test_two_workers_train_checkpoint_inside_epochs_and_resume_there(local_ray, tiny_shapes_overrides, repo_root, tmp_path):
+    # 512 rows, 2 workers, local batch 32: 8 lock-stepped steps per epoch. Checkpoints every 3
+    # steps and at epoch ends; train.max_steps stops the run at step 20, 4 steps into epoch 3.
     cfg = load_config(
         repo_root / "jobs/configs/default.yaml",
-        [*tiny_shapes_overrides, f"run.storage_path={tmp_path}", "run.name=ray-train-test", "train.epochs=3"],
+        [*tiny_shapes_overrides, f"run.storage_path={tmp_path}", "run.name=ray-train-test", "train.epochs=3",
+         "train.checkpoint_every_steps=3", "train.max_steps=20"],
     )
     outcome = run_training(cfg)
 
     history = outcome.history
-    assert [m["epoch"] for m in history] == [1, 2, 3]
+    assert [m["epoch"] for m in history] == [1, 2] and [m["step"] for m in history] == [8, 16]
     assert all(m["world_size"] == 2 for m in history)
-    # 512 rows, 2 workers, local batch 32: 8 lock-stepped steps per epoch.
-    assert [m["step"] for m in history] == [8, 16, 24]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     for key in ("val_i2t_r1", "val_t2i_r10", "val_t2i_class_r1", "val_zero_shot_acc", "val_rsum", "samples_per_s"):
         assert key in history[-1], key
@@ -47,12 +48,11 @@ def test_two_workers_train_report_and_checkpoint(local_ray, tiny_shapes_override
 
     run = Path(outcome.run_path)
     result = json.loads((run / "result.json").read_text())
-    assert result["final_metrics"]["epoch"] == 3
-    assert result["config"]["train"]["epochs"] == 3
+    assert result["final_metrics"]["epoch"] == 2 and result["config"]["train"]["epochs"] == 3
     assert result["throughput"]["samples_per_s"] > 0
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
 
-    # The last checkpoint restores into a fresh model with weights_only loading.
+    # The last checkpoint is inside epoch 3 and restores into a fresh model with weights_only loading.
     checkpoint = Path(outcome.checkpoint_path)
     from transformers import AutoTokenizer
 
@@ -60,16 +60,19 @@ def test_two_workers_train_report_and_checkpoint(local_ray, tiny_shapes_override
     model = build_dual_encoder(cfg.model, len(tokenizer), cfg.data.max_text_length)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     state = load_checkpoint(checkpoint, model=model)
-    assert state["epoch"] == 2 and state["step"] == 24 and len(state["history"]) == 3
+    assert (state["epoch"], state["epoch_step"], state["step"]) == (2, 4, 20) and len(state["history"]) == 2
+    assert len(state["rng"]) == 2 and [p["steps"] for p in state["epoch_progress"]] == [4, 4]  # one per worker
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
-    # jobs/train.py --resume: the newest run in the storage path, its own config, one more epoch.
-    assert load_job("train").main(["--resume", f"run.storage_path={tmp_path}", "train.epochs=4"]) == 0
+    # jobs/train.py --resume: the run with the newest checkpoint, its own config, two more epochs' worth.
+    assert load_job("train").main(["--resume", f"run.storage_path={tmp_path}", "train.epochs=4", "train.max_steps=null"]) == 0
     resumed = json.loads((run / "result.json").read_text())
     assert resumed["run_name"] == "ray-train-test" and resumed["config"]["train"]["epochs"] == 4
-    assert resumed["final_metrics"]["epoch"] == 4 and resumed["final_metrics"]["step"] == 32  # not from step 0
-    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
-    # The resumed epoch started from the trained weights, not from scratch.
+    # Epoch 3 finished its remaining 4 steps: 32 in all, not 20 + 8 (a restarted epoch) + 8.
+    assert resumed["final_metrics"]["epoch"] == 4 and resumed["final_metrics"]["step"] == 32
+    assert resumed["final_metrics"]["resumed_from_step"] == 20
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [8, 16, 24, 32]
+    # The resumed epochs started from the trained weights, not from scratch.
     assert resumed["final_metrics"]["train_loss"] < history[0]["train_loss"]
     UNINTERRUPTED["train_loss"] = resumed["final_metrics"]["train_loss"]
 
@@ -161,23 +164,3 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(local_ray, tiny_sha
     if UNINTERRUPTED:
         assert history[-1]["train_loss"] == pytest.approx(UNINTERRUPTED["train_loss"], rel=0.3)
 
-
-def test_a_run_stopped_inside_an_epoch_resumes_at_that_step(local_ray, tiny_shapes_overrides, repo_root, tmp_path):
-    train = load_job("train")
-    args = [*tiny_shapes_overrides, f"run.storage_path={tmp_path}", "run.name=mid-epoch", "train.epochs=2"]
-    # 8 steps per epoch: checkpoints at steps 3, 6, 8 (epoch end), 9, and 11 where max_steps stops it.
-    assert train.main([*args, "train.checkpoint_every_steps=3", "train.max_steps=11"]) == 0
-    run = tmp_path / "mid-epoch"
-    newest = max(run.glob("checkpoint_2*"))
-    state = torch.load(newest / "training_state.pt", weights_only=True)
-    assert (state["epoch"], state["epoch_step"], state["step"]) == (1, 3, 11)
-    assert len(state["rng"]) == 2 and len(state["epoch_progress"]) == 2  # one per worker
-    assert state["epoch_progress"][0]["steps"] == 3
-
-    assert train.main(["--resume", f"run.storage_path={tmp_path}", "run.name=mid-epoch", "train.max_steps=null"]) == 0
-    result = json.loads((run / "result.json").read_text())
-    # Epoch 2 finished its remaining 5 steps: 16 in all, not 11 + 8 (a restarted epoch) or 24.
-    assert result["final_metrics"]["epoch"] == 2 and result["final_metrics"]["step"] == 16
-    assert result["final_metrics"]["resumed_from_step"] == 11
-    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    assert 0 < result["final_metrics"]["train_loss"] < float("inf")
