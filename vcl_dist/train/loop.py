@@ -107,18 +107,20 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(folder, model=raw_model, criterion=criterion, optimizer=optimizer, scheduler=scheduler)
         step, history, resumed_from_step = state["step"], state["history"], state["step"]
+        saved_world = len(state["rng"] or []) or world
         if state["epoch_step"]:  # saved inside an epoch: finish that epoch
-            start_epoch, skip_steps = state["epoch"], state["epoch_step"]
-            saved = state["epoch_progress"]
-            # This rank's running sums; after a resize, the mean of the saved ranks'.
-            carried = saved[rank] if len(saved) == world else {
-                "loss_sum": sum(p["loss_sum"] for p in saved) / len(saved), "steps": saved[0]["steps"]}
+            start_epoch, skip_steps, saved = state["epoch"], state["epoch_step"], state["epoch_progress"]
+            if saved_world == world:
+                carried = saved[rank]  # this rank's running sums
+            else:
+                # Another world size: as many rows into the epoch, at this size's steps, with
+                # the saved ranks' mean loss so far.
+                skip_steps = skip_steps * saved_world // world
+                mean_loss = sum(p["loss_sum"] for p in saved) / max(1, sum(p["steps"] for p in saved))
+                carried = {"loss_sum": mean_loss * skip_steps, "steps": skip_steps}
         else:
             start_epoch = state["epoch"] + 1
-        saved_world = len(state["rng"] or []) or world
         if saved_world != world:
-            # Another world size: the same number of rows into the epoch, and this size's lr.
-            skip_steps = skip_steps * saved_world // world
             rescale_learning_rate(optimizer, scheduler, lr)
         restore_rng_state(state["rng"], rank, world, device)
         if rank == 0:
