@@ -59,8 +59,10 @@ def write_report(out_dir: str | Path, *, model: RetrievalModel, table: pa.Table,
     if history:
         figures.append(("Training curves", _training_curves(history, out / PLOTS_DIR / "training_curves.png")))
     figures.append(("Recall@K", _recall_chart(metrics, ks, out / PLOTS_DIR / "recall_at_k.png")))
-    text_queries = _text_query_sheets(model, table, out / QUERIES_DIR, examples, top_k)
-    image_queries = _image_queries(model, table, out / QUERIES_DIR, examples, top_k)
+    # Converted once for both kinds of example query.
+    rows = {**table_embeddings(table), "thumbnail": table["thumbnail"].to_pylist(), "caption": table["caption"].to_pylist()}
+    text_queries = _text_query_sheets(model, rows, out / QUERIES_DIR, examples, top_k)
+    image_queries = _image_queries(model, rows, out / QUERIES_DIR, examples, top_k)
     page = out / "report.html"
     page.write_text(_html(title, metrics, figures, text_queries, image_queries, out))
     return page
@@ -120,11 +122,10 @@ def _spread(n: int, count: int) -> list[int]:
     return sorted({round(i * (n - 1) / max(count - 1, 1)) for i in range(min(count, n))})
 
 
-def _text_query_sheets(model: RetrievalModel, table: pa.Table, folder: Path, examples: int, top_k: int) -> list[dict]:
-    embeddings = table_embeddings(table)
+def _text_query_sheets(model: RetrievalModel, embeddings: dict, folder: Path, examples: int, top_k: int) -> list[dict]:
     image_rows = distinct_images(embeddings["group"])
     scores = model.similarity(embeddings["text"].double(), embeddings["image"][image_rows].double())
-    thumbnails, captions = table["thumbnail"].to_pylist(), table["caption"].to_pylist()
+    thumbnails, captions = embeddings["thumbnail"], embeddings["caption"]
     queries = []
     for n, row in enumerate(_spread(len(captions), examples)):
         best = torch.topk(scores[row], min(top_k, len(image_rows))).indices
@@ -139,11 +140,10 @@ def _text_query_sheets(model: RetrievalModel, table: pa.Table, folder: Path, exa
     return queries
 
 
-def _image_queries(model: RetrievalModel, table: pa.Table, folder: Path, examples: int, top_k: int) -> list[dict]:
-    embeddings = table_embeddings(table)
+def _image_queries(model: RetrievalModel, embeddings: dict, folder: Path, examples: int, top_k: int) -> list[dict]:
     image_rows = distinct_images(embeddings["group"])
     scores = model.similarity(embeddings["image"][image_rows].double(), embeddings["text"].double())
-    thumbnails, captions = table["thumbnail"].to_pylist(), table["caption"].to_pylist()
+    thumbnails, captions = embeddings["thumbnail"], embeddings["caption"]
     queries = []
     for n, index in enumerate(_spread(len(image_rows), examples)):
         row = int(image_rows[index])
