@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import statistics
 import time
 from pathlib import Path
@@ -72,7 +71,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "vcl-dist"))
     args = parser.parse_args()
 
@@ -81,7 +80,7 @@ def main() -> None:
     from torch.utils.data import DataLoader
 
     from vcl_dist.config import DataConfig
-    from vcl_dist.data.datasets import RAY_DATA_ENV, DatasetSource, build_split
+    from vcl_dist.data.datasets import DatasetSource, build_split, use_ray_data_settings
 
     folder = jpeg_shards(Path(args.cache), args.images, args.size)
     captions = pq.read_table(sorted(folder.glob("*.parquet")), columns=["caption"]).column(0).to_pylist()
@@ -90,15 +89,7 @@ def main() -> None:
 
     loader = DataLoader(ParquetRows(folder, preprocessor, args.batch_size), batch_size=None, shuffle=True,
                         num_workers=args.processes, persistent_workers=True)
-    loader_rates = []
-    for _ in range(args.epochs):
-        start, rows = time.perf_counter(), 0
-        for batch in loader:
-            rows += len(batch["key"])
-        loader_rates.append(rows / (time.perf_counter() - start))
-    del loader
-
-    os.environ.update(RAY_DATA_ENV)  # as a local Ray of vcl-dist gets it (see connect_ray)
+    use_ray_data_settings()  # as every vcl-dist pipeline gets them
     ray.init(num_cpus=args.processes, include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     import pyarrow.fs as pafs
@@ -106,20 +97,41 @@ def main() -> None:
     cfg = DataConfig(image_size=args.size, preprocess_batch_size=args.batch_size)
     source = DatasetSource("parquet", str(folder), str(folder), None, pafs.LocalFileSystem())
     dataset = build_split(source, str(folder), cfg, tokenizer, train=True)
-    ray_rates = []
+    paths = {
+        "torch DataLoader": lambda: iter(loader),
+        "Ray Data (read_parquet → map_batches tasks)": lambda: dataset.iter_batches(batch_size=args.batch_size, batch_format="numpy"),
+    }
+    # Epochs alternate between the two paths, so that a busy spell of this shared machine
+    # slows both alike.
+    timings: dict[str, list[tuple[float, float, int]]] = {name: [] for name in paths}
     for _ in range(args.epochs):
-        start, rows = time.perf_counter(), 0
-        for batch in dataset.iter_batches(batch_size=args.batch_size, batch_format="numpy"):
-            rows += len(batch["key"])
-        ray_rates.append(rows / (time.perf_counter() - start))
+        for name, epoch in paths.items():
+            timings[name].append(time_epoch(epoch()))
     ray.shutdown()
 
-    loader_median, ray_median = statistics.median(loader_rates), statistics.median(ray_rates)
-    print(f"\n{args.images} JPEGs at {args.size} px, {args.processes} worker processes, batch {args.batch_size}, "
-          f"median of {args.epochs} epochs, torch {torch.__version__}, ray {ray.__version__}\n")
-    print("| path | images/s | × DataLoader |\n|---|---:|---:|")
-    print(f"| torch DataLoader ({args.processes} workers) | {loader_median:.0f} | 1.00 |")
-    print(f"| Ray Data (read_parquet → map_batches tasks) | {ray_median:.0f} | {ray_median / loader_median:.2f} |")
+    print(
+        f"\n{args.images} JPEGs at {args.size} px, {args.processes} worker processes, batch {args.batch_size}, "
+        f"median of {args.epochs} epochs, torch {torch.__version__}, ray {ray.__version__}\n"
+    )
+    print("| path | images/s | × DataLoader | first batch (s) | images/s after the first batch | × DataLoader |")
+    print("|---|---:|---:|---:|---:|---:|")
+    base = base_steady = None
+    for name, runs in timings.items():
+        rate = statistics.median(rows / total for total, _, rows in runs)
+        steady = statistics.median(rows / (total - first) for total, first, rows in runs)
+        first = statistics.median(first for _, first, _ in runs)
+        base, base_steady = base or rate, base_steady or steady
+        print(f"| {name} | {rate:.0f} | {rate / base:.2f} | {first:.2f} | {steady:.0f} | {steady / base_steady:.2f} |")
+
+
+def time_epoch(batches) -> tuple[float, float, int]:
+    """(seconds for the epoch, seconds to its first batch, rows) of one pass over ``batches``."""
+    start = time.perf_counter()
+    first, rows = None, 0
+    for batch in batches:
+        first = first if first is not None else time.perf_counter() - start
+        rows += len(batch["key"])
+    return time.perf_counter() - start, first, rows
 
 
 if __name__ == "__main__":

@@ -64,3 +64,18 @@ def test_rows_without_image_id_are_their_own_group(shapes):
     batch = {name: np.array(values, dtype=object) for name, values in rows.items() if name != "image_id"}
     out = Preprocessor(tokenizer, 16, 8, augment=False)(batch)
     assert len(set(out["group"].tolist())) == len(rows["key"])
+
+
+def test_fetch_first_ahead_yields_everything_in_order_and_raises_in_the_consumer():
+    from vcl_dist.train.loop import fetch_first_ahead
+
+    assert list(fetch_first_ahead(iter(range(5)))) == [0, 1, 2, 3, 4]
+    assert list(fetch_first_ahead(iter([]))) == []
+
+    def broken():
+        raise OSError("shard unreadable")
+        yield
+
+    batches = fetch_first_ahead(broken())  # the error happens in the thread, now
+    with pytest.raises(OSError, match="shard unreadable"):
+        next(batches)

@@ -17,6 +17,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import ray
+from job_modules import load_job
 from ray.train import TrainingFailedError
 
 from vcl_dist.config import load_config
@@ -24,7 +25,7 @@ from vcl_dist.data.datasets import build_split, resolve_source
 from vcl_dist.data.shapes import ensure_shapes_dataset
 from vcl_dist.data.tokenizer import train_wordpiece
 from vcl_dist.train.checkpoint import load_checkpoint
-from vcl_dist.train.loop import local_shuffle_seed
+from vcl_dist.train.loop import fetch_first_ahead, local_shuffle_seed
 from vcl_dist.train.runner import run_training, training_failure_message
 
 BIN = Path(sys.executable).parent
@@ -113,6 +114,16 @@ def test_train_from_s3_shards_into_s3_storage(s3_endpoint, local_ray, shapes, ti
     tokenizer = AutoTokenizer.from_pretrained(local / "tokenizer")
     model = build_dual_encoder(cfg.model, len(tokenizer), cfg.data.max_text_length)
     assert load_checkpoint(local, model=model)["epoch"] == 0
+
+    # jobs/train.py --resume finds the run and its newest checkpoint in the bucket and goes on.
+    assert load_job("train").main(["--resume", "run.storage_path=s3://vcl/runs", f"s3.endpoint_url={s3_endpoint}", "train.epochs=2"]) == 0
+    with fs.open_input_stream("vcl/runs/from-s3/result.json") as stream:
+        resumed = json.loads(stream.read())
+    steps = result["final_metrics"]["step"]
+    assert resumed["final_metrics"]["epoch"] == 2 and resumed["final_metrics"]["resumed_from_step"] == steps
+    with fs.open_input_stream("vcl/runs/from-s3/metrics.jsonl") as stream:
+        assert [json.loads(line)["epoch"] for line in stream.read().decode().splitlines()] == [1, 2]
+    assert resumed["final_metrics"]["step"] == 2 * steps and resumed["checkpoint"] != result["checkpoint"]
     # No credential reaches the run's outputs.
     for info in fs.get_file_info(pafs.FileSelector("vcl/runs/from-s3", recursive=True)):
         if info.type == pafs.FileType.File:
@@ -238,11 +249,17 @@ def test_every_key_is_seen_once_per_epoch_across_two_workers(local_ray, shapes, 
     def record_keys(config):
         rank = ray.train.get_context().get_world_rank()
         shard = ray.train.get_dataset_shard("train")
+        def epoch_batches(epoch):
+            # Iterated as the training loop does: its local shuffle buffer and seed, and the
+            # next epoch started (fetch_first_ahead) before this one's results are written.
+            return iter(shard.iter_batches(batch_size=50, local_shuffle_buffer_size=config["buffer"],
+                                           local_shuffle_seed=local_shuffle_seed(1, epoch, rank)))
+
+        batches = epoch_batches(0)
         for epoch in range(2):
-            # Iterated as the training loop does: its local shuffle buffer and seed.
-            batches = shard.iter_batches(batch_size=50, local_shuffle_buffer_size=config["buffer"],
-                                         local_shuffle_seed=local_shuffle_seed(1, epoch, rank))
             keys = [k for batch in batches for k in batch["key"]]
+            if epoch == 0:
+                batches = fetch_first_ahead(epoch_batches(1))
             Path(config["out"], f"epoch{epoch}-rank{rank}.json").write_text(json.dumps(list(map(str, keys))))
 
     TorchTrainer(record_keys, train_loop_config={"out": str(tmp_path), "buffer": cfg.data.shuffle_buffer}, datasets={"train": dataset},

@@ -11,6 +11,7 @@ checkpoint.
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -54,6 +55,33 @@ def lockstep(batches: Iterator, device: torch.device, waits: list[float]) -> Ite
         elif batch is None:
             return
         yield batch
+
+
+def fetch_first_ahead(batches: Iterator) -> Iterator:
+    """``batches``, whose first item is fetched from now on in a background thread."""
+    fetched: list = []
+    done = threading.Event()
+
+    def fetch() -> None:
+        try:
+            fetched.append(next(batches, None))
+        except BaseException as err:  # handed to the consumer, raised in its thread
+            fetched.append(err)
+        done.set()
+
+    # A daemon thread: a run that stops early (an error, train.max_steps) must not wait on it.
+    threading.Thread(target=fetch, name="vcl-dist-epoch-prefetch", daemon=True).start()
+
+    def chained() -> Iterator:
+        done.wait()
+        first = fetched[0]
+        if isinstance(first, BaseException):
+            raise first
+        if first is not None:
+            yield first
+            yield from batches
+
+    return chained()
 
 
 def local_shuffle_seed(seed: int, epoch: int, rank: int) -> int:
@@ -152,15 +180,20 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
                             epoch_step=epoch_step, epoch_progress=progress, rng=rng)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
-    for epoch in range(start_epoch, cfg.train.epochs):
-        model.train()
-        batches = iter(
+    def epoch_batches(epoch: int) -> Iterator:
+        return iter(
             train_shard.iter_torch_batches(
                 batch_size=local_batch, drop_last=True, collate_fn=collate, prefetch_batches=cfg.data.prefetch_batches,
                 local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
                 local_shuffle_seed=local_shuffle_seed(cfg.train.seed, epoch, rank),
             )
         )
+
+    upcoming = None  # the next epoch's batches, started during this epoch's evaluation
+    for epoch in range(start_epoch, cfg.train.epochs):
+        model.train()
+        batches = upcoming or epoch_batches(epoch)
+        upcoming = None
         resuming = epoch == start_epoch and skip_steps > 0
         # A resumed epoch replays its data position by count: Ray Data cannot seek inside an
         # epoch, so every worker passes over the batches it had trained on before the checkpoint.
@@ -207,7 +240,9 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
                 f"epoch {epoch + 1} had no full batch of {local_batch} rows on some worker: "
                 "the training split is smaller than train.batch_size"
             )
-        mean_loss, wait_fraction = _mean_over_workers([loss_sum / steps, sum(waits) / epoch_time], device)
+        # The first batch's wait is the pipeline's start-up (Ray Data re-executes it every
+        # epoch); the rest is the steady state, where preprocessing falls behind the steps.
+        mean_loss, wait_fraction, first_wait = _mean_over_workers([loss_sum / steps, sum(waits) / epoch_time, waits[0]], device)
         _, epoch_bad_rows = bad_rows.check(device, final=True)
         metrics = {
             "epoch": epoch + 1,
@@ -217,6 +252,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             "samples_per_s": trained * local_batch * world / epoch_time,
             "samples_per_s_per_worker": trained * local_batch / epoch_time,
             "data_wait_fraction": wait_fraction,
+            "data_wait_first_batch_s": first_wait,
             "bad_rows": epoch_bad_rows,
             "epoch_time_s": epoch_time,
             "world_size": world,
@@ -226,6 +262,12 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             # The step this worker group started from: > 0 after a restart or --resume.
             "resumed_from_step": resumed_from_step,
         }
+        last = epoch + 1 == cfg.train.epochs or (cfg.train.max_steps is not None and step >= cfg.train.max_steps)
+        if not last:
+            # Ray Data starts each epoch's pipeline anew, and a worker's first batch waits for
+            # its shuffle buffer to fill: started now, that overlaps rank 0's evaluation and
+            # the checkpoint instead of the next epoch's first step.
+            upcoming = fetch_first_ahead(epoch_batches(epoch + 1))
         if rank == 0:
             metrics.update(evaluate_on_val(raw_model, cfg, tokenizer, class_names, device, use_amp, val_cache))
             history.append(metrics)

@@ -213,6 +213,7 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
             "samples_per_s": final.get("samples_per_s"),
             "samples_per_s_per_worker": final.get("samples_per_s_per_worker"),
             "data_wait_fraction": final.get("data_wait_fraction"),
+            "data_wait_first_batch_s": final.get("data_wait_first_batch_s"),
             "bad_rows": sum(m.get("bad_rows", 0) for m in history),
             "wall_time_s": wall,
         },
