@@ -155,6 +155,23 @@ def write_webdataset(rows: dict, folder: Path, per_tar: int = 200) -> None:
                     tar.addfile(info, io.BytesIO(data))
 
 
+def test_webdataset_row_count_uses_img2dataset_stats_when_every_tar_has_them(tmp_path):
+    from vcl_dist.data.webdataset import webdataset_row_count
+
+    rows = {"key": [f"s{i:03d}" for i in range(25)], "image": [b"not decoded here"] * 25, "caption": ["a red circle"] * 25,
+            "label": [1] * 25, "image_id": [f"s{i:03d}" for i in range(25)]}
+    folder = tmp_path / "wds"
+    write_webdataset(rows, folder, per_tar=10)  # 3 tars: 10, 10, 5
+    fs = pafs.LocalFileSystem()
+    assert webdataset_row_count(fs, str(folder)) == 25
+    for name, successes in (("shard-00000", 10), ("shard-00001", 10)):
+        (folder / f"{name}_stats.json").write_text(json.dumps({"count": 12, "successes": successes}))
+    assert webdataset_row_count(fs, str(folder)) == 25  # one tar without stats: all are read
+    # With stats for every tar, the count comes from them (4, not 5: the tars are not read).
+    (folder / "shard-00002_stats.json").write_text(json.dumps({"count": 6, "successes": 4}))
+    assert webdataset_row_count(fs, str(folder)) == 24
+
+
 def preprocessed_by_key(source, path, cfg, tokenizer):
     rows = build_split(source, path, cfg.data, tokenizer, train=False).take_all()
     return {row["key"]: row for row in rows}
