@@ -99,7 +99,7 @@ def main() -> None:
     dataset = build_split(source, str(folder), cfg, tokenizer, train=True)
     paths = {
         "torch DataLoader": lambda: iter(loader),
-        "Ray Data (read_parquet → map_batches tasks)": lambda: dataset.iter_batches(batch_size=args.batch_size, batch_format="numpy"),
+        "Ray Data (vcl-dist read + preprocess tasks)": lambda: dataset.iter_batches(batch_size=args.batch_size, batch_format="numpy"),
     }
     # Epochs alternate between the two paths, so that a busy spell of this shared machine
     # slows both alike.

@@ -79,3 +79,33 @@ def test_fetch_first_ahead_yields_everything_in_order_and_raises_in_the_consumer
     batches = fetch_first_ahead(broken())  # the error happens in the thread, now
     with pytest.raises(OSError, match="shard unreadable"):
         next(batches)
+
+
+def test_parquet_read_units_pack_whole_row_groups_and_reorder_every_execution(tmp_path):
+    import types
+
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    from vcl_dist.data.parquet_source import PreprocessedParquet, plan_read_units
+
+    rng = np.random.default_rng(0)
+    for f in range(3):
+        table = pa.table({"key": [f"{f}-{i}" for i in range(100)], "image": [rng.bytes(1000) for _ in range(100)]})
+        pq.write_table(table, tmp_path / f"part-{f}.parquet", row_group_size=20, compression="none")  # 5 groups of ~20 kB
+    files = sorted(str(p) for p in tmp_path.glob("*.parquet"))
+    units = plan_read_units(pafs.LocalFileSystem(), files, unit_bytes=45_000)
+    assert [u.row_groups for u in units] == [(0, 1), (2, 3), (4,)] * 3  # two groups fit under 45 kB, three do not
+    assert sum(u.rows for u in units) == 300 and [u.path for u in units[:3]] == [files[0]] * 3
+
+    def order(source, execution):
+        """The units in the order of the read tasks an execution (an epoch) gets."""
+        tasks = source.get_read_tasks(1, data_context=types.SimpleNamespace(_execution_idx=execution))
+        return [(task.read_fn.args[1].path, task.read_fn.args[1].row_groups) for task in tasks]
+
+    shuffled = PreprocessedParquet(pafs.LocalFileSystem(), units, 16, dict, shuffle_seed=7)
+    epochs = [order(shuffled, e) for e in range(3)]
+    assert all(sorted(e) == sorted((u.path, u.row_groups) for u in units) for e in epochs)  # every unit, once
+    assert epochs[0] != epochs[1] != epochs[2] and epochs[1] == order(shuffled, 1)  # new each epoch, reproducible
+    in_order = PreprocessedParquet(pafs.LocalFileSystem(), units, 16, dict, shuffle_seed=None)
+    assert order(in_order, 0) == order(in_order, 5) == [(u.path, u.row_groups) for u in units]

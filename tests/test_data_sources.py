@@ -172,6 +172,24 @@ def test_webdataset_row_count_uses_img2dataset_stats_when_every_tar_has_them(tmp
     assert webdataset_row_count(fs, str(folder)) == 24
 
 
+def test_shard_paths_may_be_folders_globs_or_files(tmp_path):
+    from vcl_dist.storage import list_files
+
+    for name in ("a/part-0.parquet", "a/part-1.parquet", "a/classes.txt", "b/part-0.parquet", "b/deeper/part-9.parquet"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    fs, root = pafs.LocalFileSystem(), str(tmp_path)
+    assert list_files(fs, f"{root}/a", "parquet") == [f"{root}/a/part-0.parquet", f"{root}/a/part-1.parquet"]
+    assert list_files(fs, f"{root}/b", "parquet") == [f"{root}/b/deeper/part-9.parquet", f"{root}/b/part-0.parquet"]
+    assert list_files(fs, f"{root}/*/part-0.parquet", "parquet") == [f"{root}/a/part-0.parquet", f"{root}/b/part-0.parquet"]
+    assert list_files(fs, f"{root}/a/part-[1].parquet", "parquet") == [f"{root}/a/part-1.parquet"]
+    assert list_files(fs, f"{root}/a/part-1.parquet", "parquet") == [f"{root}/a/part-1.parquet"]
+    for missing in (f"{root}/c", f"{root}/*/none-*.parquet", f"{root}/a/classes.txt.parquet"):
+        with pytest.raises(FileNotFoundError, match="no .parquet files at") as err:
+            list_files(fs, missing, "parquet")
+        assert "\n" not in str(err.value)
+
+
 def preprocessed_by_key(source, path, cfg, tokenizer):
     rows = build_split(source, path, cfg.data, tokenizer, train=False).take_all()
     return {row["key"]: row for row in rows}

@@ -67,3 +67,30 @@ def write_bytes_atomically(filesystem: pafs.FileSystem, path: str, data: bytes) 
 def read_text(filesystem: pafs.FileSystem, path: str) -> str:
     with filesystem.open_input_stream(path) as stream:
         return stream.read().decode()
+
+
+GLOB_CHARACTERS = "*?["
+
+
+def list_files(filesystem: pafs.FileSystem, path: str, extension: str) -> list[str]:
+    """The ``extension`` files of a folder (searched recursively), of a glob (``*``, ``?``,
+    ``[…]``; ``*`` also crosses ``/``), or the one file ``path`` names; sorted.
+
+    Raises:
+        FileNotFoundError: nothing matches (one line).
+    """
+    import fnmatch
+
+    if any(c in path for c in GLOB_CHARACTERS):
+        first = min(path.index(c) for c in GLOB_CHARACTERS if c in path)
+        base = path[:first].rsplit("/", 1)[0] if "/" in path[:first] else ""
+        infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        files = sorted(i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, path))
+    elif filesystem.get_file_info(path).type == pafs.FileType.Directory:
+        infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+        files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(f".{extension}"))
+    else:
+        files = [path] if filesystem.get_file_info(path).type == pafs.FileType.File else []
+    if not files:
+        raise FileNotFoundError(f"no .{extension} files at {display_uri(path, filesystem)}")
+    return files

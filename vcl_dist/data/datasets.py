@@ -9,6 +9,7 @@ worker's local buffer shuffles rows.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +18,15 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from ..config import DataConfig, S3Config
-from ..storage import exists, filesystem_for, read_text
+from ..storage import GLOB_CHARACTERS, exists, filesystem_for, list_files, read_text
 from .preprocess import Preprocessor
 from .shapes import ensure_shapes_dataset
 from .webdataset import webdataset_captions, webdataset_row_count
 
 SHAPES_SHARD = "shapes"
 BLOCK_ROWS = 512
+# Read units of encoded images: ~700 JPEGs at 224 px, decoded by one task.
+READ_UNIT_BYTES = 8 * 2**20
 RAY_DATA_ENV = {
     # Ray's Parquet reader packs row groups into read tasks of up to 128 MiB: right for tabular
     # data, but 128 MiB of encoded images is ~10,000 rows that one map task then decodes on one
@@ -85,7 +88,12 @@ def resolve_source(cfg: DataConfig, s3: S3Config | None = None) -> DatasetSource
     filesystem, train = filesystem_for(cfg.train_path, s3)
     _, val = filesystem_for(cfg.val_path, s3)
     for key, path in (("data.train_path", train), ("data.val_path", val)):
-        if "*" not in path and not exists(filesystem, path):
+        if any(c in path for c in GLOB_CHARACTERS):
+            try:
+                list_files(filesystem, path, "tar" if cfg.source == "webdataset" else "parquet")
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"{key}: {err}") from None
+        elif not exists(filesystem, path):
             raise FileNotFoundError(f"{key}: nothing at {getattr(cfg, key.split('.')[1])}")
     if cfg.classes_path:
         classes = filesystem_for(cfg.classes_path, s3)[1]
@@ -107,11 +115,7 @@ def read_class_names(source: DatasetSource) -> list[str] | None:
 
 def _parquet(source: DatasetSource, path: str) -> pads.Dataset:
     """The split's ``*.parquet`` files (a ``classes.txt`` or other files beside them are no shards)."""
-    if source.filesystem.get_file_info(path).type == pafs.FileType.Directory:
-        selector = pafs.FileSelector(path, recursive=True)
-        files = sorted(f.path for f in source.filesystem.get_file_info(selector) if f.path.endswith(".parquet"))
-        return pads.dataset(files, format="parquet", filesystem=source.filesystem)
-    return pads.dataset(path, format="parquet", filesystem=source.filesystem)
+    return pads.dataset(list_files(source.filesystem, path, "parquet"), format="parquet", filesystem=source.filesystem)
 
 
 def count_rows(source: DatasetSource, path: str) -> int:
@@ -149,10 +153,11 @@ def read_split(source: DatasetSource, path: str, *, shuffle_seed: int | None):
         ds = ray.data.from_arrow(blocks)
         return ds.randomize_block_order() if shuffle_seed is not None else ds
     shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True) if shuffle_seed is not None else None
+    files = list_files(source.filesystem, path, "tar" if source.format == "webdataset" else "parquet")
     if source.format == "webdataset":
-        return ray.data.read_webdataset(path, filesystem=source.filesystem, decoder=None, include_paths=True,
+        return ray.data.read_webdataset(files, filesystem=source.filesystem, decoder=None, include_paths=True,
                                         shuffle=shuffle, file_extensions=["tar"])
-    return ray.data.read_parquet(path, filesystem=source.filesystem, include_paths=True, shuffle=shuffle)
+    return ray.data.read_parquet(files, filesystem=source.filesystem, include_paths=True, shuffle=shuffle)
 
 
 def build_split(source: DatasetSource, path: str, cfg: DataConfig, tokenizer, *, train: bool, seed: int = 0):
@@ -162,7 +167,21 @@ def build_split(source: DatasetSource, path: str, cfg: DataConfig, tokenizer, *,
     # where tasks reuse Ray's pooled worker processes.
     import ray.data
 
-    return read_split(source, path, shuffle_seed=seed if train else None).map_batches(
+    shuffle_seed = seed if train else None
+    if source.format == "parquet" and not source.driver_local:
+        # Reading and preprocessing in one task per read unit (see parquet_source).
+        from .parquet_source import PreprocessedParquet, plan_read_units
+
+        use_ray_data_settings()
+        units = plan_read_units(source.filesystem, _parquet(source, path).files, READ_UNIT_BYTES)
+        make_preprocessor = functools.partial(Preprocessor, tokenizer, cfg.image_size, cfg.max_text_length,
+                                              augment=train and cfg.augment, seed=None)
+        return ray.data.read_datasource(
+            PreprocessedParquet(source.filesystem, units, cfg.preprocess_batch_size, make_preprocessor, shuffle_seed),
+            override_num_blocks=len(units), num_cpus=1,
+            **({"concurrency": cfg.preprocess_workers} if cfg.preprocess_workers else {}),
+        )
+    return read_split(source, path, shuffle_seed=shuffle_seed).map_batches(
         preprocess_batch,
         fn_kwargs={
             "tokenizer": tokenizer,

@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow.fs as pafs
 
+from ..storage import list_files
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -64,11 +66,7 @@ def to_shard_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _tar_files(filesystem: pafs.FileSystem, path: str) -> list[str]:
-    info = filesystem.get_file_info(path)
-    if info.type == pafs.FileType.File:
-        return [path]
-    selector = pafs.FileSelector(path, recursive=True)
-    return sorted(f.path for f in filesystem.get_file_info(selector) if f.path.endswith(".tar"))
+    return list_files(filesystem, path, "tar")
 
 
 def _members(filesystem: pafs.FileSystem, path: str):
