@@ -65,18 +65,19 @@ def to_shard_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def _tar_files(filesystem: pafs.FileSystem, path: str) -> list[str]:
-    return list_files(filesystem, path, "tar")
+def _tar_members(filesystem: pafs.FileSystem, tar_path: str):
+    """``(key, extension, tar, member)`` of every file in one tar, streamed (payloads not kept)."""
+    with filesystem.open_input_stream(tar_path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            if member.isfile() and "." in member.name:
+                key, ext = member.name.rsplit("/", 1)[-1].split(".", 1)
+                yield key, ext.lower(), tar, member
 
 
 def _members(filesystem: pafs.FileSystem, path: str):
     """``(key, extension, tar, member)`` of every member of every tar under ``path``."""
-    for file in _tar_files(filesystem, path):
-        with filesystem.open_input_stream(file) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if member.isfile() and "." in member.name:
-                    key, ext = member.name.rsplit("/", 1)[-1].split(".", 1)
-                    yield key, ext.lower(), tar, member
+    for tar_path in list_files(filesystem, path, "tar"):
+        yield from _tar_members(filesystem, tar_path)
 
 
 def webdataset_row_count(filesystem: pafs.FileSystem, path: str) -> int:
@@ -85,7 +86,7 @@ def webdataset_row_count(filesystem: pafs.FileSystem, path: str) -> int:
     From img2dataset's ``{shard}_stats.json`` files (``successes``: the samples it wrote) when
     every tar has one, which reads no tar at all; else by reading the tars, 16 at a time.
     """
-    tars = _tar_files(filesystem, path)
+    tars = list_files(filesystem, path, "tar")
     counted = _counts_from_stats(filesystem, tars)
     if counted is not None:
         return counted
@@ -109,15 +110,8 @@ def _counts_from_stats(filesystem: pafs.FileSystem, tars: list[str]) -> int | No
 
 
 def _count_samples(filesystem: pafs.FileSystem, tar_path: str) -> int:
-    """Keys with an image in one tar (its payloads are streamed past, not kept)."""
-    keys = set()
-    with filesystem.open_input_stream(tar_path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for member in tar:
-            if member.isfile() and "." in member.name:
-                key, ext = member.name.rsplit("/", 1)[-1].split(".", 1)
-                if ext.lower() in IMAGE_EXTENSIONS:
-                    keys.add(key)
-    return len(keys)
+    """Keys with an image in one tar."""
+    return len({key for key, ext, _, _ in _tar_members(filesystem, tar_path) if ext in IMAGE_EXTENSIONS})
 
 
 def webdataset_captions(filesystem: pafs.FileSystem, path: str, limit: int) -> list[str]:

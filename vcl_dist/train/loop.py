@@ -165,6 +165,9 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     val_cache = ValCache()
     every = cfg.train.checkpoint_every_steps
 
+    def reached_max_steps() -> bool:
+        return cfg.train.max_steps is not None and step >= cfg.train.max_steps
+
     def report_with_checkpoint(metrics: dict, epoch: int, epoch_step: int, progress: dict | None) -> None:
         """Every worker reports (a barrier); rank 0 attaches a checkpoint with every worker's RNG
         state and, inside an epoch, every worker's running sums."""
@@ -225,7 +228,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
                     f"{trained * local_batch * world / elapsed:.0f} samples/s",
                     flush=True,
                 )
-            stopping = cfg.train.max_steps is not None and step >= cfg.train.max_steps
+            stopping = reached_max_steps()
             if steps < steps_per_epoch and ((every and step % every == 0) or stopping):
                 # A checkpoint inside the epoch: what a restart needs to finish it.
                 report_with_checkpoint({"epoch": epoch, "step": step, "epoch_step": steps, "train_loss": loss_sum / steps},
@@ -262,8 +265,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             # The step this worker group started from: > 0 after a restart or --resume.
             "resumed_from_step": resumed_from_step,
         }
-        last = epoch + 1 == cfg.train.epochs or (cfg.train.max_steps is not None and step >= cfg.train.max_steps)
-        if not last:
+        if epoch + 1 < cfg.train.epochs and not reached_max_steps():
             # Ray Data starts each epoch's pipeline anew, and a worker's first batch waits for
             # its shuffle buffer to fill: started now, that overlaps rank 0's evaluation and
             # the checkpoint instead of the next epoch's first step.
@@ -273,7 +275,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             history.append(metrics)
             print("vcl-dist: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
         report_with_checkpoint(metrics, epoch, 0, None)
-        if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
+        if reached_max_steps():
             return {"history": history, "stopped_at_step": step} if rank == 0 else None
     return {"history": history} if rank == 0 else None
 
