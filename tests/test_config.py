@@ -56,3 +56,13 @@ def test_bad_input_exits_2_with_one_line(args, expected, repo_root, tmp_path):
     assert lines[0].startswith("vcl-dist: config error: ")
     assert expected in lines[0]
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_resume_without_a_run_is_one_line(tmp_path, capsys):
+    # Here, not beside the Ray Train tests: no Ray is connected in this module, so no Ray
+    # worker's log line can land in the captured stderr (a leftover Train controller's did).
+    from job_modules import load_job
+
+    assert load_job("train").main(["--resume", f"run.storage_path={tmp_path}"]) == 1
+    err = capsys.readouterr().err
+    assert "no run with a checkpoint to resume" in err and len(err.strip().splitlines()) == 1

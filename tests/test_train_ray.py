@@ -77,12 +77,6 @@ def test_two_workers_train_checkpoint_inside_epochs_and_resume_there(local_ray, 
     UNINTERRUPTED["train_loss"] = resumed["final_metrics"]["train_loss"]
 
 
-def test_resume_without_a_run_is_one_line(tmp_path, capsys):
-    assert load_job("train").main(["--resume", f"run.storage_path={tmp_path}"]) == 1
-    err = capsys.readouterr().err
-    assert "no run with a checkpoint to resume" in err and len(err.strip().splitlines()) == 1
-
-
 def test_vcrl_with_label_tower_and_memory_trains_and_checkpoints_its_state(local_ray, tiny_shapes_overrides, repo_root, tmp_path):
     cfg = load_config(
         repo_root / "jobs/configs/default.yaml",
