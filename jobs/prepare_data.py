@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from vcl_dist.config import S3Config
     from vcl_dist.data.importer import check_inputs, import_dataset
-    from vcl_dist.train.runner import connect_ray
+    from vcl_dist.ray_cluster import connect_ray
 
     try:
         check_inputs(args.captions, args.images, args.webdataset)

@@ -2,9 +2,15 @@
 
 Runs on the built-in shapes dataset by default. ``--resume`` continues a run (``run.name``, or the
 one with the newest checkpoint in ``run.storage_path``) from its latest checkpoint, with its own saved config plus the
-overrides given (say, ``train.epochs=12`` to train longer). Joins a running Ray cluster (``ray start`` or
-``ray job submit``) when there is one, else starts a local Ray. Prints the run folder and a
-summary; exit code 2 for a bad config.
+overrides given (say, ``train.epochs=12`` to train longer). Relative paths in the config are
+resolved against the folder the command is started from.
+
+Which Ray: RAY_ADDRESS=<host>:<port> (set by ``ray job submit``) joins that cluster; otherwise
+the cluster ``ray start`` last started on this machine, if it runs; otherwise a new local Ray.
+RAY_ADDRESS=local always starts a new local Ray. A cluster too small for the run (training
+workers + 1 CPU for data) and without an autoscaler stops the job at once, in one line.
+
+Prints the run folder and a summary; exit code 2 for a bad config, 1 for a failed run.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ def _run(args: argparse.Namespace) -> int:
     from ray.train import TrainingFailedError
 
     from vcl_dist.report import print_summary
+    from vcl_dist.train.fatal import RunEndedByFatalError
     from vcl_dist.train.runner import resume_config, run_training, training_failure_message
 
     if args.resume:
@@ -49,6 +56,9 @@ def _run(args: argparse.Namespace) -> int:
         outcome = run_training(cfg)
     except TrainingFailedError as err:
         print(f"vcl-dist: training failed: {training_failure_message(err)}", file=sys.stderr)
+        return 1
+    except RunEndedByFatalError as err:  # bad data, a broken checkpoint, a NaN step: not retried
+        print(f"vcl-dist: training failed: {err}", file=sys.stderr)
         return 1
     print_summary(outcome)
     return 0

@@ -4,7 +4,10 @@ Each trial is a distributed training run (Ray Train inside a Ray Tune trial) wit
 ``tune.space`` sampled by Optuna or at random; ASHA stops weak trials early. Prints a ranked
 table of the best trials and writes trials.csv, best_config.yaml, tune_result.json and a plot
 to the experiment folder (local or s3://). ``--resume`` continues the newest (or the named,
-``tune.name=…``) experiment without rerunning finished trials. Exit code 2 for a bad config.
+``tune.name=…``) experiment without rerunning finished trials. Relative paths resolve against
+the folder the command is started from. Which Ray it joins: as jobs/train.py --help says
+(RAY_ADDRESS, else a running ``ray start`` cluster, else a new local Ray; RAY_ADDRESS=local
+forces a new one). Exit code 2 for a bad config.
 """
 
 from __future__ import annotations

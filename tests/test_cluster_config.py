@@ -29,6 +29,11 @@ def test_autoscaler_configs_validate_against_the_installed_schema(repo_root, pat
     assert config["idle_timeout_minutes"] > 0 and config["setup_commands"]
     assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
     assert f"rayproject/ray:{ray.__version__}" in config["docker"]["image"]
+    # Token authentication on every node: the token at Ray's default path, RAY_AUTH_MODE=token
+    # on every `ray start`, the head's and the workers'.
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ") for c in starts)
 
 
 def _containers(pod_template: dict) -> list[dict]:
@@ -43,6 +48,7 @@ def test_kuberay_manifests(repo_root, path):
     assert spec["rayVersion"] == ray.__version__ and spec["enableInTreeAutoscaling"] is True
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    assert spec["authOptions"] == {"mode": "token"}  # KubeRay makes the token Secret and sets it in every pod
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
     assert groups["gpu"]["minReplicas"] == 0 and groups["gpu"]["maxReplicas"] >= 1
     assert _containers(groups["gpu"])[0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
@@ -50,11 +56,25 @@ def test_kuberay_manifests(repo_root, path):
         assert all(c["image"].startswith(f"rayproject/ray:{ray.__version__}") for c in _containers(group))
     if manifest["kind"] == "RayJob":
         assert manifest["spec"]["shutdownAfterJobFinishes"] is True
+        # The dashboard listens on the head's 127.0.0.1 only: the submitter must run inside the
+        # head pod (a sidecar), which then must not restart on its own.
+        assert manifest["spec"]["submissionMode"] == "SidecarMode"
+        assert head["template"]["spec"]["restartPolicy"] == "Never"
         entrypoint = manifest["spec"]["entrypoint"].split()
         assert entrypoint[:2] == ["python", "jobs/train.py"]
         config = entrypoint[entrypoint.index("--config") + 1]
         load_config(repo_root / config, [e for e in entrypoint if "=" in e])
         RuntimeEnv(**yaml.safe_load(manifest["spec"]["runtimeEnvYAML"]))
+
+
+def test_torch_floor_is_the_first_safe_weights_only_release(repo_root):
+    """torch.load(weights_only=True) is safe only from torch 2.6 (CVE-2025-32434)."""
+    import tomllib
+
+    deps = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert "torch>=2.6" in deps
+    for path in ("cluster/runtime_env.yaml", "cluster/kuberay/rayjob.yaml"):
+        assert "torch>=2.6" in (repo_root / path).read_text(), path
 
 
 def test_runtime_env_and_gpu_config(repo_root):

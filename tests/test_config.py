@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,6 +36,7 @@ BAD_INPUTS = [
     (["model.text.hidden_size=130"], "model.text.hidden_size"),
     (["eval.prompt_template=no slot"], "eval.prompt_template"),
     (["train.use_gpu=sometimes"], "train.use_gpu"),
+    (["model.image.arch=no_such_net"], "the config builds no model: model.image.arch: Unknown model no_such_net"),
     (["epochs"], "not of the form section.key=value"),
     (["--config", "/nonexistent/config.yaml"], "config file not found"),
     (["--config", "{bad_yaml}"], "cannot read config"),
@@ -66,3 +68,49 @@ def test_resume_without_a_run_is_one_line(tmp_path, capsys):
     assert load_job("train").main(["--resume", f"run.storage_path={tmp_path}"]) == 1
     err = capsys.readouterr().err
     assert "no run with a checkpoint to resume" in err and len(err.strip().splitlines()) == 1
+
+
+def test_relative_paths_resolve_against_the_starting_folder_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bert").mkdir()
+    cfg = load_config(None, ["data.source=parquet", "data.train_path=shards/train", "data.val_path=shards/*/val-*.parquet",
+                             "run.storage_path=runs", "tune.storage_path=../tune", "model.text.pretrained=bert"])
+    assert cfg.run.storage_path == str(tmp_path / "runs") and cfg.tune.storage_path == str(tmp_path / "../tune")
+    assert cfg.data.train_path == str(tmp_path / "shards/train") and cfg.data.val_path == str(tmp_path / "shards/*/val-*.parquet")
+    assert cfg.data.cache_dir == str(Path.home() / ".cache/vcl-dist")
+    assert cfg.model.text.pretrained == str(tmp_path / "bert")  # a folder that exists; a hub name stays a name
+    assert load_config(None, ["model.text.pretrained=bert-base-uncased"]).model.text.pretrained == "bert-base-uncased"
+    remote = load_config(None, ["run.storage_path=s3://bucket/runs"])
+    assert remote.run.storage_path == "s3://bucket/runs"
+
+
+@pytest.mark.parametrize("where", ["run:\n  name: ${oc.env:VCL_TEST_SECRET}\n",
+                                   "eval:\n  prompt_template: 'a {} ${oc.env:VCL_TEST_SECRET}'\n",
+                                   "eval:\n  recall_ks: [1, '${oc.env:VCL_TEST_SECRET}']\n"])
+def test_a_saved_config_is_data_never_resolved(where, tmp_path, monkeypatch, capsys):
+    """A model folder comes from anywhere: its config.yaml must not read the loader's environment."""
+    from job_modules import load_job
+
+    from vcl_dist.config import load_saved_config
+    from vcl_dist.retrieval.model import load_model
+
+    monkeypatch.setenv("VCL_TEST_SECRET", "s3cr3t-value")
+    with pytest.raises(ConfigError) as err:
+        load_saved_config(where, "config.yaml")
+    assert "interpolation" in str(err.value) and "s3cr3t" not in str(err.value)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"")
+    (model / "config.yaml").write_text(where)
+    with pytest.raises(ConfigError, match="refusing to load it"):
+        load_model(model)
+    assert load_job("evaluate").main(["--model", str(model), "--out", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "interpolation" in err and "s3cr3t" not in err
+
+
+def test_a_saved_config_without_interpolations_loads_as_written():
+    from vcl_dist.config import dump_config, load_saved_config
+
+    cfg = load_config(None, ["loss.name=vcrl", "eval.prompt_template=a drawing of a {}"])
+    assert load_saved_config(dump_config(cfg), "config.yaml") == cfg

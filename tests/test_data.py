@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from vcl_dist.data.preprocess import Preprocessor, stable_id
+from vcl_dist.data.preprocess import Preprocessor, caption_problem, caption_text, parse_label, stable_id
 from vcl_dist.data.shapes import CLASS_NAMES, COLOURS, SHAPES, ensure_shapes_dataset
 from vcl_dist.data.tokenizer import train_wordpiece
 
@@ -64,6 +64,61 @@ def test_rows_without_image_id_are_their_own_group(shapes):
     batch = {name: np.array(values, dtype=object) for name, values in rows.items() if name != "image_id"}
     out = Preprocessor(tokenizer, 16, 8, augment=False)(batch)
     assert len(set(out["group"].tolist())) == len(rows["key"])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), 1e30, -5, 3.5, "3.5", "nan", "inf", "Infinity",
+                                   "1e30", "-5", "cat", True, b"\xff\xfe", 2**40, "99999999999999999999", [1]])
+def test_hostile_labels_are_no_class_and_never_raise(value):
+    assert parse_label(value) is None
+
+
+@pytest.mark.parametrize("value, expected", [(None, -1), ("", -1), ("  ", -1), (-1, -1), ("-1", -1), (0, 0), (7, 7), (7.0, 7),
+                                             ("7", 7), (" 12 ", 12), (b"3", 3), (np.int64(5), 5), (np.float32(2.0), 2)])
+def test_labels_that_are_class_ids_or_unlabeled(value, expected):
+    assert parse_label(value) == expected
+
+
+def test_a_label_outside_the_class_list_is_no_class():
+    assert parse_label(29, num_classes=30) == 29
+    assert parse_label(30, num_classes=30) is None and parse_label("30", num_classes=30) is None
+    assert parse_label(None, num_classes=30) == -1
+
+
+def test_captions_must_be_utf8_text():
+    assert caption_text(b" a red circle ") == "a red circle" and caption_text("a disc") == "a disc"
+    assert caption_text("caf\u00e9".encode()) == "caf\u00e9"
+    assert caption_text(b"\xff\xfe caption") is None and caption_problem(b"\xff\xfe caption") == "caption is not UTF-8 text"
+    for blank in (None, "", "  \n", b"  "):
+        assert caption_text(blank) is None and caption_problem(blank) == "empty caption"
+
+
+def test_preprocessor_flags_hostile_rows_as_bad_and_keeps_odd_images(shapes):
+    from hostile_inputs import BAD_CAPTIONS, BAD_IMAGES, BAD_LABELS, GOOD_ODD_IMAGES
+
+    rows = read_split(shapes, "train")
+    tokenizer = train_wordpiece(rows["caption"], vocab_size=200)
+    n = len(rows["key"])
+    images = list(rows["image"])
+    captions: list = list(rows["caption"])
+    labels: list = [str(label) for label in rows["label"]]
+    odd = {i: make() for i, make in enumerate(GOOD_ODD_IMAGES.values())}
+    images[: len(odd)] = odd.values()
+    bad = [make() for make, _ in BAD_IMAGES.values()]
+    first = len(odd)
+    images[first : first + len(bad)] = bad
+    at = first + len(bad)
+    labels[at : at + len(BAD_LABELS)] = BAD_LABELS
+    at += len(BAD_LABELS)
+    captions[at : at + len(BAD_CAPTIONS)] = BAD_CAPTIONS
+    planted = len(bad) + len(BAD_LABELS) + len(BAD_CAPTIONS)
+    assert at + len(BAD_CAPTIONS) < n
+    batch = {"key": np.array(rows["key"], dtype=object), "image": np.array(images + [None], dtype=object)[:-1],
+             "caption": np.array(captions + [None], dtype=object)[:-1], "label": np.array(labels, dtype=object)}
+    out = Preprocessor(tokenizer, 24, 16, augment=False, num_classes=len(CLASS_NAMES))(batch)
+    assert (out["valid"] == 0).sum() == planted
+    assert out["valid"][: len(odd)].all()  # odd but good images decode
+    assert not out["valid"][first : first + planted].any()
+    assert out["image"][: len(odd)].reshape(len(odd), -1).max(axis=1).min() > 0  # no blank picture
 
 
 def test_fetch_first_ahead_yields_everything_in_order_and_raises_in_the_consumer():

@@ -17,16 +17,17 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import ray
+from hostile_inputs import plant_hostile_rows
 from job_modules import load_job
-from ray.train import TrainingFailedError
 
 from vcl_dist.config import load_config
 from vcl_dist.data.datasets import build_split, resolve_source
 from vcl_dist.data.shapes import ensure_shapes_dataset
 from vcl_dist.data.tokenizer import train_wordpiece
 from vcl_dist.train.checkpoint import load_checkpoint
+from vcl_dist.train.fatal import RunEndedByFatalError
 from vcl_dist.train.loop import fetch_first_ahead, local_shuffle_seed
-from vcl_dist.train.runner import run_training, training_failure_message
+from vcl_dist.train.runner import run_training
 
 BIN = Path(sys.executable).parent
 SECRET = "vcl-test-secret-key-0123456789abcdefghij"
@@ -146,10 +147,12 @@ def write_webdataset(rows: dict, folder: Path, per_tar: int = 200) -> None:
     for start in range(0, len(rows["key"]), per_tar):
         with tarfile.open(folder / f"shard-{start // per_tar:05d}.tar", "w") as tar:
             for i in range(start, min(start + per_tar, len(rows["key"]))):
-                key = rows["key"][i]
-                members = {"png": rows["image"][i], "txt": rows["caption"][i].encode(), "cls": str(rows["label"][i]).encode(),
-                           "json": json.dumps({"image_id": rows["image_id"][i]}).encode()}
+                key, caption = rows["key"][i], rows["caption"][i]
+                members = {"png": rows["image"][i], "txt": caption if isinstance(caption, bytes) else caption.encode(),
+                           "cls": str(rows["label"][i]).encode(), "json": json.dumps({"image_id": rows["image_id"][i]}).encode()}
                 for ext, data in members.items():
+                    if data is None:  # a sample without an image
+                        continue
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -191,21 +194,28 @@ def test_shard_paths_may_be_folders_globs_or_files(tmp_path):
 
 
 def preprocessed_by_key(source, path, cfg, tokenizer):
-    rows = build_split(source, path, cfg.data, tokenizer, train=False).take_all()
+    rows = build_split(source, path, cfg.data, tokenizer, train=False, num_classes=30).take_all()
     return {row["key"]: row for row in rows}
 
 
 def test_webdataset_shards_give_the_same_rows_as_parquet(local_ray, shapes, tiny_shapes_overrides, repo_root, tmp_path):
     val = pq.read_table(sorted((shapes / "val").glob("*.parquet"))).to_pydict()
-    write_webdataset(val, tmp_path / "wds")
     tokenizer = train_wordpiece(val["caption"], vocab_size=300)
+    # The same hostile rows in both formats (captions as bytes: one is not UTF-8).
+    val["label"] = [str(label) for label in val["label"]]
+    val["caption"] = [caption.encode() for caption in val["caption"]]
+    plant_hostile_rows(val, list(range(3, 128, 8)))
+    write_webdataset(val, tmp_path / "wds")
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table(val), tmp_path / "pq" / "val.parquet")
     base = [*tiny_shapes_overrides, f"data.val_path={shapes / 'val'}"]
-    parquet_cfg = load_config(None, [*base, "data.source=parquet", f"data.train_path={shapes / 'val'}"])
+    parquet_cfg = load_config(None, [*base, "data.source=parquet", f"data.train_path={tmp_path / 'pq'}"])
     wds_cfg = load_config(None, [*base, "data.source=webdataset", f"data.train_path={tmp_path / 'wds'}"])
     parquet_source, wds_source = resolve_source(parquet_cfg.data), resolve_source(wds_cfg.data)
     from_parquet = preprocessed_by_key(parquet_source, parquet_source.train, parquet_cfg, tokenizer)
     from_tars = preprocessed_by_key(wds_source, wds_source.train, wds_cfg, tokenizer)
     assert from_parquet.keys() == from_tars.keys() and len(from_tars) == 128
+    assert sum(not row["valid"] for row in from_tars.values()) == 16  # every planted row, none else
     for key, row in from_parquet.items():
         other = from_tars[key]
         for column in ("image", "input_ids", "attention_mask", "label", "group", "valid"):
@@ -228,24 +238,32 @@ def test_webdataset_source_trains(local_ray, shapes, tiny_shapes_overrides, repo
 
 
 def corrupt_copy(shapes: Path, out: Path) -> dict:
-    """The shapes splits with some bad rows planted; returns how many of each split."""
+    """The shapes splits with hostile rows planted (and odd images that must decode), labels
+    as text and captions as bytes so that one column can hold every kind; the train split in
+    two shards, one with more bad rows. Returns how many bad rows each shard got."""
+    from hostile_inputs import GOOD_ODD_IMAGES
+
     planted = {}
     for split in ("train", "val"):
         table = pq.read_table(sorted((shapes / split).glob("*.parquet"))).to_pydict()
-        bad = list(range(0, len(table["key"]), 40))  # every 40th row
-        for n, i in enumerate(bad):
-            kind = n % 4
-            if kind == 0:
-                table["image"][i] = b"not an image at all"
-            elif kind == 1:
-                table["image"][i] = None
-            elif kind == 2:
-                table["image"][i] = table["image"][i][:30]  # a truncated PNG
-            else:
-                table["caption"][i] = "   "
+        table["label"] = [str(label) for label in table["label"]]
+        table["caption"] = [caption.encode() for caption in table["caption"]]
+        for i, make in enumerate(GOOD_ODD_IMAGES.values()):
+            table["image"][1 + 2 * i] = make()
+        n = len(table["key"])
         (out / split).mkdir(parents=True)
-        pq.write_table(pa.table(table), out / split / f"{split}-bad.parquet")
-        planted[split] = len(bad)
+        if split == "train":  # "train-worst": a bad row in 20; "train-fewer": one in 40
+            parts = {"train-worst": (0, n // 2, 20), "train-fewer": (n // 2, n, 40)}
+        else:
+            parts = {"val-bad": (0, n, 30)}
+        for name, (start, stop, every) in parts.items():
+            part = {column: values[start:stop] for column, values in table.items()}
+            bad = list(range(0, stop - start, every))
+            plant_hostile_rows(part, bad)
+            schema = pa.schema([("key", pa.string()), ("image", pa.binary()), ("caption", pa.binary()), ("label", pa.string()),
+                                ("image_id", pa.string())])
+            pq.write_table(pa.table(part, schema=schema), out / split / f"{name}.parquet")
+            planted[name] = len(bad)
     (out / "val" / "classes.txt").write_text((shapes / "classes.txt").read_text())
     return planted
 
@@ -257,18 +275,26 @@ def test_bad_rows_are_skipped_counted_and_fatal_past_the_limit(local_ray, shapes
     cfg = load_config(repo_root / "jobs/configs/default.yaml", [*base, "train.epochs=1", "data.max_bad_fraction=0.05", "run.name=ok"])
     outcome = run_training(cfg)
     metrics = outcome.history[-1]
-    # Every planted train row is counted once (the equal split and full batches see all 512 rows).
-    assert metrics["bad_rows"] == planted["train"] == 13
-    assert metrics["val_bad_rows"] == planted["val"] == 4
-    assert metrics["val_num_captions"] == 128 - planted["val"]
+    # Every planted train row is counted once (the equal split and full batches see all 512
+    # rows); the odd images (CMYK, 16-bit, palette, RGBA, EXIF-rotated) are good rows.
+    assert planted == {"train-worst": 13, "train-fewer": 7, "val-bad": 5}
+    assert metrics["bad_rows"] == 20
+    assert metrics["val_bad_rows"] == 5
+    assert metrics["val_num_captions"] == 128 - 5
+    result = json.loads((tmp_path / "runs" / "ok" / "result.json").read_text())
+    worst = [(Path(s["shard"]).name, s["bad_rows"]) for s in result["throughput"]["bad_rows_worst_shards"]]
+    assert worst == [("train-worst.parquet", 13), ("train-fewer.parquet", 7)]
+    assert [(Path(s["shard"]).name, s["bad_rows"]) for s in result["throughput"]["val_bad_rows_worst_shards"]] == [("val-bad.parquet", 5)]
 
+    # Past the limit: one line naming the worst shard over all workers, and no retry although
+    # the run allows restarts (the same rows would stop it again).
     strict = load_config(repo_root / "jobs/configs/default.yaml",
-                         [*base, "train.epochs=1", "data.max_bad_fraction=0.01", "run.name=strict"])
-    with pytest.raises(TrainingFailedError) as err:
+                         [*base, "train.epochs=1", "data.max_bad_fraction=0.01", "train.max_failures=3", "run.name=strict"])
+    with pytest.raises(RunEndedByFatalError) as err:
         run_training(strict)
-    message = training_failure_message(err.value)  # what jobs/train.py prints
+    message = str(err.value)  # what jobs/train.py prints after "vcl-dist: training failed: "
     assert "\n" not in message and message.startswith("BadDataError: ")
-    assert "data.max_bad_fraction=0.01" in message and "train-bad.parquet" in message
+    assert "data.max_bad_fraction=0.01" in message and "most in shard" in message and "train-worst.parquet (13 rows)" in message
 
 
 def test_every_key_is_seen_once_per_epoch_across_two_workers(local_ray, shapes, tiny_shapes_overrides, tmp_path):

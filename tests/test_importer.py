@@ -95,3 +95,44 @@ def test_importer_converts_webdataset_tars(tmp_path, repo_root):
     table = pq.read_table(sorted((out / "train").glob("*.parquet"))).to_pydict()
     assert sorted(table["key"]) == [f"sample{i:03d}" for i in range(12) if i != 4]
     assert all(label == int(key[-3:]) % 2 for key, label in zip(table["key"], table["label"]))
+
+
+def test_importer_reads_nothing_outside_the_image_folder_and_counts_hostile_rows(tmp_path, repo_root):
+    from hostile_inputs import BAD_CAPTIONS, GOOD_ODD_IMAGES, decompression_bomb_png, eps_document, jpeg
+
+    images = tmp_path / "images"
+    images.mkdir()
+    secret = tmp_path / "secret.jpg"  # a readable image just outside the folder
+    secret.write_bytes(jpeg(Image.new("RGB", (8, 8), (1, 2, 3))))
+    (images / "link.jpg").symlink_to(secret)
+    rows = []
+    for i in range(20):
+        (images / f"ok{i}.jpg").write_bytes(jpeg(Image.new("RGB", (8, 8), (i * 10, 0, 0))))
+        rows.append((f"ok{i}.jpg", f"picture {i}".encode(), str(i % 3)))
+    for name, make in GOOD_ODD_IMAGES.items():  # odd but good: kept
+        (images / f"{name}.img").write_bytes(make())
+        rows.append((f"{name}.img", f"odd {name}".encode(), "1"))
+    (images / "bomb.png").write_bytes(decompression_bomb_png())
+    (images / "doc.eps").write_bytes(eps_document())
+    rows += [("bomb.png", b"a bomb", "0"), ("doc.eps", b"a document", "0")]
+    rows += [(path, b"a secret", "0") for path in ("../secret.jpg", str(secret), "link.jpg", "../../../../etc/passwd")]
+    rows += [("ok0.jpg", f"label {label}".encode(), label) for label in ("nan", "inf", "1e30", "-5", "3.5", "Infinity")]
+    rows += [("ok1.jpg", caption, "1") for caption in BAD_CAPTIONS]
+    with open(tmp_path / "captions.csv", "wb") as stream:
+        stream.write(b"image,caption,label\n")
+        for path, caption, label in rows:
+            stream.write(b",".join([path.encode(), b'"' + caption + b'"', label.encode()]) + b"\n")
+
+    out = tmp_path / "shards"
+    proc = subprocess.run([sys.executable, str(repo_root / "jobs/prepare_data.py"), "--images", str(images), "--captions",
+                           str(tmp_path / "captions.csv"), "--out", str(out), "--val-fraction", "0"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = next(line for line in proc.stdout.splitlines() if line.startswith("left out"))
+    counts = dict((reason, int(n)) for n, reason in (part.split(" ", 1) for part in summary.split(": ", 1)[1].split(", ")))
+    assert counts == {"outside the image folder": 4, "bad label": 6, "undecodable image": 1, "image too large": 1,
+                      "caption is not UTF-8 text": 1, "empty caption": 1}
+    table = pq.read_table(sorted((out / "train").glob("*.parquet"))).to_pydict()
+    assert len(table["key"]) == 20 + len(GOOD_ODD_IMAGES)
+    assert secret.read_bytes() not in table["image"]
+    assert {caption for caption in table["caption"] if caption.startswith("odd")} == {f"odd {n}" for n in GOOD_ODD_IMAGES}

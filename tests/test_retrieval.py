@@ -196,6 +196,32 @@ def test_evaluate_reproduces_the_runs_val_metrics_and_writes_a_report(trained_ru
         assert (out / source).is_file() and (out / source).stat().st_size > 1000, source
 
 
+def test_embed_and_evaluate_skip_and_count_hostile_rows(trained_run, tmp_path):
+    import pyarrow as pa
+    from hostile_inputs import plant_hostile_rows
+
+    cfg, outcome = trained_run
+    source = resolve_source(cfg.data)
+    val = pq.read_table(source.val).to_pydict()
+    val["label"] = [str(label) for label in val["label"]]  # text and bytes: one column holds every kind
+    val["caption"] = [caption.encode() for caption in val["caption"]]
+    plant_hostile_rows(val, list(range(0, 48, 3)))  # 16 rows, one of each kind
+    shards = tmp_path / "hostile"
+    shards.mkdir()
+    pq.write_table(pa.table(val), shards / "val-hostile.parquet")
+    overrides = ["data.source=parquet", f"data.train_path={shards}", f"data.val_path={shards}",
+                 f"data.classes_path={Path(source.classes_path)}"]
+    out = tmp_path / "corpus"
+    assert load_job("embed").main(["--model", outcome.run_path, "--out", str(out), *overrides]) == 0
+    info = json.loads((out / "_corpus.json").read_text())
+    rows = len(val["key"])
+    assert info["bad_rows"] == 16 and info["rows"] == rows - 16 == pq.read_table(out).num_rows
+    report = tmp_path / "report"
+    assert load_job("evaluate").main(["--model", outcome.run_path, "--out", str(report), *overrides]) == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["bad_rows"] == 16 and metrics["num_captions"] == rows - 16
+
+
 def test_bad_inputs_end_in_one_line(trained_run, corpus, tmp_path, capsys):
     search = load_job("search")
     _, outcome = trained_run

@@ -75,6 +75,37 @@ def test_two_workers_train_checkpoint_inside_epochs_and_resume_there(local_ray, 
     # The resumed epochs started from the trained weights, not from scratch.
     assert resumed["final_metrics"]["train_loss"] < history[0]["train_loss"]
     UNINTERRUPTED["train_loss"] = resumed["final_metrics"]["train_loss"]
+    assert_errors_that_would_happen_again_end_the_run(tmp_path, Path(resumed["checkpoint"]))
+
+
+def assert_errors_that_would_happen_again_end_the_run(storage: Path, checkpoint: Path) -> None:
+    """With restarts allowed, a step that overflows and a broken checkpoint still end the run at
+    once, in one line: a restart would fail the same way. (Too many bad rows: the same, in
+    test_data_sources; a config that builds no model stops before Ray, in test_config.)"""
+    import contextlib
+    import io
+
+    def resume(*overrides: str) -> list[str]:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = load_job("train").main(["--resume", f"run.storage_path={storage}", "train.epochs=5", "train.max_failures=3",
+                                           *overrides])
+        assert code == 1
+        return [line for line in err.getvalue().splitlines() if line.startswith("vcl-dist: training failed:")]
+
+    # Resumed as VCRL with λ = 1e38: λ·‖U‖² overflows float32 at the next step, which stops
+    # before the optimizer moves and names the checkpoint that is still good.
+    failures = resume("loss.name=vcrl", "loss.reg_lambda=1e38")
+    assert len(failures) == 1, failures
+    assert failures[0].startswith("vcl-dist: training failed: NonFiniteLossError: step 33 (epoch 5): loss inf")
+    assert f"the optimizer step was not taken. Last good checkpoint: {checkpoint}" in failures[0]
+
+    # The same checkpoint with its weights file cut short (a full disk, a killed copy).
+    weights = checkpoint / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    failures = resume()
+    assert len(failures) == 1 and "CheckpointLoadError: cannot resume from the checkpoint" in failures[0]
+    assert checkpoint.name in failures[0]
 
 
 def test_vcrl_with_label_tower_and_memory_trains_and_checkpoints_its_state(local_ray, tiny_shapes_overrides, repo_root, tmp_path):
@@ -157,4 +188,5 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(local_ray, tiny_sha
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     if UNINTERRUPTED:
         assert history[-1]["train_loss"] == pytest.approx(UNINTERRUPTED["train_loss"], rel=0.3)
+
 

@@ -71,13 +71,19 @@ def _cpus_free() -> bool:
     return ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
 
 
-def test_search_stops_trials_early_survives_ctrl_c_and_resumes(ray_address, tiny_shapes_overrides, repo_root, tmp_path):
+@pytest.mark.e2e
+def test_search_stops_trials_early_survives_ctrl_c_and_resumes(ray_address, tiny_shapes_overrides, repo_root, tmp_path,
+                                                                monkeypatch):
+    # Started as a user would, from a folder of their own with the default relative storage
+    # path: every path the search reports must land there, not in a trial's working directory.
+    work = tmp_path / "work"
+    work.mkdir()
     command = [sys.executable, str(repo_root / "jobs/tune.py"), *tiny_shapes_overrides, "train.epochs=3",
-               "tune.num_samples=4", "tune.reduction_factor=2", f"run.storage_path={tmp_path}", "tune.name=search"]
+               "tune.num_samples=4", "tune.reduction_factor=2", "run.storage_path=runs", "tune.name=search"]
     env = os.environ | {"RAY_ADDRESS": ray_address}
-    experiment = tmp_path / "search"
+    experiment = work / "runs" / "search"
     log = (tmp_path / "first.log").open("w")
-    first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work)
     try:
         # A trial is finished once its training run has written result.json.
         _wait_for(lambda: list(experiment.glob("train_runs/*/result.json")), 400, "a first finished trial")
@@ -90,7 +96,7 @@ def test_search_stops_trials_early_survives_ctrl_c_and_resumes(ray_address, tiny
     assert "--resume" in (tmp_path / "first.log").read_text()
     _wait_for(_cpus_free, 60, "the interrupted search's CPUs to come back")
 
-    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=900, cwd=work)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "best trials by final val_rsum" in resumed.stdout
 
@@ -109,7 +115,11 @@ def test_search_stops_trials_early_survives_ctrl_c_and_resumes(ray_address, tiny
 
     summary = json.loads((experiment / "tune_result.json").read_text())
     assert summary["best_trial"] == rows[0]["trial_id"] and summary["stopped_early"] == len(stopped)
-    assert Path(summary["best_checkpoint"]).is_dir()
+    for key in ("experiment", "best_checkpoint", "best_model", "best_config"):  # every reported path is there
+        assert Path(summary[key]).exists() and Path(summary[key]).is_relative_to(work), (key, summary[key])
+    assert (Path(summary["best_model"]) / "model.safetensors").is_file()
+    for row in rows:
+        assert Path(row["checkpoint"]).is_dir() and Path(row["checkpoint"]).is_relative_to(experiment), row
     assert (experiment / "metric_vs_params.png").stat().st_size > 5000
     _wait_for(_cpus_free, 60, "the search's CPUs to come back")
     from ray.util.state import list_placement_groups
@@ -119,6 +129,12 @@ def test_search_stops_trials_early_survives_ctrl_c_and_resumes(ray_address, tiny
     # The best trial's config is a ready-to-run training config.
     best = load_config(experiment / "best_config.yaml")
     assert best.loss.margin == pytest.approx(float(rows[0]["loss.margin"]))
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    monkeypatch.chdir(fresh)
     assert load_job("train").main(["--config", str(experiment / "best_config.yaml"), "train.epochs=1",
-                                   f"run.storage_path={tmp_path / 'best'}", "run.name=best"]) == 0
-    assert json.loads((tmp_path / "best" / "best" / "result.json").read_text())["config"]["loss"]["margin"] == best.loss.margin
+                                   "run.storage_path=best-runs", "run.name=best"]) == 0
+    result = json.loads((fresh / "best-runs" / "best" / "result.json").read_text())
+    assert result["config"]["loss"]["margin"] == best.loss.margin
+    for key in ("run_path", "checkpoint", "model"):
+        assert Path(result[key]).is_dir() and Path(result[key]).is_relative_to(fresh), (key, result[key])

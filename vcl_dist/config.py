@@ -8,6 +8,7 @@ names the offending key, raised before Ray starts.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -290,9 +291,77 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), b
         detail = " ".join(str(err).split())
         raise ConfigError(f"cannot read config: {detail.splitlines()[0][:200]}") from None
     try:
-        return Config.model_validate(raw or {})
+        cfg = Config.model_validate(raw or {})
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err)) from None
+    return resolve_local_paths(cfg)
+
+
+# Config keys that name local files or folders (or URIs, which stay as they are).
+LOCAL_PATH_KEYS = ("data.train_path", "data.val_path", "data.classes_path", "data.cache_dir", "run.storage_path",
+                   "tune.storage_path")
+
+
+def resolve_local_paths(cfg: Config, base_dir: str | Path | None = None) -> Config:
+    """``cfg`` with every relative local path made absolute against ``base_dir`` (default: the
+    working directory of this process) and ``~`` expanded; URIs (``s3://…``) stay as they are.
+
+    Done once, on the driver, before anything reaches Ray: Ray Tune runs each trial in a
+    working directory of its own, and a job's workers run elsewhere again, so a relative
+    ``runs`` would land in a temporary session folder that vanishes with Ray. A relative
+    ``model.text.pretrained`` is resolved only when it names an existing local folder (else it
+    is a hub name).
+    """
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+
+    def absolute(path: str) -> str:
+        return str(base / os.path.expanduser(path)) if not Path(os.path.expanduser(path)).is_absolute() else os.path.expanduser(path)
+
+    for key in LOCAL_PATH_KEYS:
+        section, leaf = key.split(".")
+        value = getattr(getattr(cfg, section), leaf)
+        if value and "://" not in value:
+            setattr(getattr(cfg, section), leaf, absolute(value))
+    pretrained = cfg.model.text.pretrained
+    if pretrained and "://" not in pretrained and Path(absolute(pretrained)).is_dir():
+        cfg.model.text.pretrained = absolute(pretrained)
+    return cfg
+
+
+def load_saved_config(text: str, where: str) -> Config:
+    """The config saved with a model or checkpoint: untrusted input, read as plain data.
+
+    No OmegaConf interpolation is resolved (a crafted ``${oc.env:AWS_SECRET_ACCESS_KEY}`` must
+    not read the loader's environment into outputs), and a config that holds one is refused:
+    configs that vcl-dist writes are resolved before they are saved, so they never do.
+
+    Raises:
+        ConfigError: unparsable, an interpolation, an unknown key or a bad value (one line,
+            naming ``where``).
+    """
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: cannot read config: {' '.join(str(err).split())[:200]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections")
+    interpolation = _find_interpolation(raw)
+    if interpolation:
+        raise ConfigError(f"{where}: {interpolation} holds an interpolation ('${{…}}'), which a saved config never does; "
+                          "refusing to load it")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{where}: {_format_validation_error(err)}") from None
+
+
+def _find_interpolation(node, key: str = "") -> str | None:
+    """The dotted key of the first string holding ``${``, or None."""
+    if isinstance(node, dict):
+        return next((found for k, v in node.items() if (found := _find_interpolation(v, f"{key}.{k}".lstrip(".")))), None)
+    if isinstance(node, list):
+        return next((found for i, v in enumerate(node) if (found := _find_interpolation(v, f"{key}[{i}]"))), None)
+    return key if isinstance(node, str) and "${" in node else None
 
 
 def override_values(cfg: Config, values: dict[str, Any]) -> Config:

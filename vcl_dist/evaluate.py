@@ -4,6 +4,12 @@ Protocol (VSE++ / CLIP_benchmark): every distinct image (rows sharing a ``group`
 query, and any of its captions is a hit; every caption is one text query, and its image is the
 hit. The class-level variant counts any item of the query's label as a hit. ``rsum`` is the sum
 of the six instance-level recalls (fractions, so at most 6).
+
+Ties count against the query: a query's rank is the number of non-hit items that score **at
+least** as high as its best hit. A collapsed model (every embedding equal) therefore has
+recall 0, not 1, and a tie between zero-shot prompts is a miss. Non-finite embeddings or
+scores raise :class:`NonFiniteEmbeddingsError` instead of becoming a metric (``x > nan`` is
+false, so a NaN model would otherwise rank every hit first).
 """
 
 from __future__ import annotations
@@ -14,6 +20,18 @@ import torch
 from torch import nn
 
 from .precision import autocast
+
+
+class NonFiniteEmbeddingsError(ValueError):
+    """A model produced NaN or infinite embeddings or scores: no metric can be computed."""
+
+
+def check_finite(name: str, values: torch.Tensor) -> None:
+    """Raise :class:`NonFiniteEmbeddingsError` (one line) when ``values`` holds a NaN or an inf."""
+    bad = ~torch.isfinite(values)
+    if bad.any():
+        raise NonFiniteEmbeddingsError(f"{int(bad.sum())} of {values.numel()} values of the {name} are NaN or infinite: "
+                                       "the model diverged or its input is broken; no metric is computed")
 
 
 @torch.no_grad()
@@ -37,17 +55,25 @@ def embed_batches(model: nn.Module, batches: Iterable[dict], device: torch.devic
 
 
 def similarity(queries: torch.Tensor, items: torch.Tensor, normalized: bool) -> torch.Tensor:
-    """Higher is closer: cosine for normalised spaces, minus squared distance otherwise."""
+    """``[Q, D] x [N, D] -> [Q, N]``, higher is closer: cosine for normalised spaces, minus
+    squared distance otherwise. Squared distances come from per-pair differences, not from
+    ``‖q‖² + ‖x‖² − 2q·x``: equal items then score exactly equal, so a tie stays a tie."""
     if normalized:
         return nn.functional.normalize(queries, dim=-1) @ nn.functional.normalize(items, dim=-1).T
-    return -torch.cdist(queries, items).pow(2)
+    return -torch.cdist(queries, items, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
 
 
-def _rank_of_first_hit(scores: torch.Tensor, hits: torch.Tensor) -> torch.Tensor:
-    """``[Q, N]`` scores and hit mask -> ``[Q]`` 0-based rank of the best-scored hit
-    (``N`` when a query has no hit). Ties count in the query's favour."""
+def rank_of_first_hit(scores: torch.Tensor, hits: torch.Tensor) -> torch.Tensor:
+    """``[Q, N]`` scores and hit mask -> ``[Q]`` 0-based rank of the best-scored hit: the number
+    of non-hit items scoring at least as high as it (ties count against the query). ``N`` when
+    a query has no hit.
+
+    Raises:
+        NonFiniteEmbeddingsError: a score is NaN or infinite.
+    """
+    check_finite("similarity scores", scores)
     best_hit = scores.masked_fill(~hits, float("-inf")).max(dim=1).values
-    ranks = (scores > best_hit.unsqueeze(1)).sum(dim=1)
+    ranks = ((scores >= best_hit.unsqueeze(1)) & ~hits).sum(dim=1)
     return torch.where(hits.any(dim=1), ranks, torch.full_like(ranks, scores.shape[1]))
 
 
@@ -60,6 +86,8 @@ def distinct_images(groups: torch.Tensor) -> torch.Tensor:
 
 
 def retrieval_metrics(embeddings: dict[str, torch.Tensor], ks: Sequence[int] = (1, 5, 10), normalized: bool = True) -> dict[str, float]:
+    check_finite("image embeddings", embeddings["image"])
+    check_finite("text embeddings", embeddings["text"])
     image_rows = distinct_images(embeddings["group"])
     images = embeddings["image"][image_rows]
     image_groups, image_labels = embeddings["group"][image_rows], embeddings["label"][image_rows]
@@ -68,8 +96,8 @@ def retrieval_metrics(embeddings: dict[str, torch.Tensor], ks: Sequence[int] = (
 
     metrics: dict[str, float] = {"num_images": float(len(image_rows)), "num_captions": float(len(texts))}
     same_image = image_groups.unsqueeze(1) == text_groups.unsqueeze(0)
-    i2t_rank = _rank_of_first_hit(scores, same_image)
-    t2i_rank = _rank_of_first_hit(scores.T, same_image.T)
+    i2t_rank = rank_of_first_hit(scores, same_image)
+    t2i_rank = rank_of_first_hit(scores.T, same_image.T)
     for k in ks:
         metrics[f"i2t_r{k}"] = (i2t_rank < k).double().mean().item()
         metrics[f"t2i_r{k}"] = (t2i_rank < k).double().mean().item()
@@ -84,8 +112,8 @@ def retrieval_metrics(embeddings: dict[str, torch.Tensor], ks: Sequence[int] = (
         same_label = (image_labels.unsqueeze(1) == text_labels.unsqueeze(0)) & labelled_images.unsqueeze(1)
         class_scores = scores[labelled_images][:, labelled_texts]
         class_hits = same_label[labelled_images][:, labelled_texts]
-        i2t_class = _rank_of_first_hit(class_scores, class_hits)
-        t2i_class = _rank_of_first_hit(class_scores.T, class_hits.T)
+        i2t_class = rank_of_first_hit(class_scores, class_hits)
+        t2i_class = rank_of_first_hit(class_scores.T, class_hits.T)
         for k in ks:
             metrics[f"i2t_class_r{k}"] = (i2t_class < k).double().mean().item()
             metrics[f"t2i_class_r{k}"] = (t2i_class < k).double().mean().item()
@@ -96,7 +124,14 @@ def retrieval_metrics(embeddings: dict[str, torch.Tensor], ks: Sequence[int] = (
 def zero_shot_accuracy(model: nn.Module, tokenizer, class_names: Sequence[str], template: str,
                        embeddings: dict[str, torch.Tensor], device: torch.device, max_length: int,
                        normalized: bool = True) -> float:
-    """Classify every distinct labelled image by its nearest class prompt; the accuracy."""
+    """Classify every distinct labelled image by its nearest class prompt; the accuracy.
+
+    An image counts as right only when its own class's prompt scores strictly higher than
+    every other prompt: a tie is a miss (a collapsed model scores 0, not 1/K or 1).
+
+    Raises:
+        NonFiniteEmbeddingsError: an image or prompt embedding, or a score, is NaN or infinite.
+    """
     prompts = [template.format(name) for name in class_names]
     tokens = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     was_training = model.training
@@ -108,5 +143,8 @@ def zero_shot_accuracy(model: nn.Module, tokenizer, class_names: Sequence[str], 
     keep = (labels >= 0) & (labels < len(class_names))
     if not keep.any():
         return float("nan")
-    predicted = similarity(embeddings["image"][rows][keep], prompt_emb, normalized).argmax(dim=1)
-    return (predicted == labels[keep]).double().mean().item()
+    check_finite("prompt embeddings", prompt_emb)
+    check_finite("image embeddings", embeddings["image"])
+    scores = similarity(embeddings["image"][rows][keep].double(), prompt_emb.double(), normalized)  # [I, K]
+    own_class = nn.functional.one_hot(labels[keep], len(class_names)).bool()
+    return (rank_of_first_hit(scores, own_class) == 0).double().mean().item()

@@ -119,7 +119,8 @@ def run_tune(cfg: Config, resume: bool = False) -> TuneOutcome:
     """Run (or resume) the search that ``cfg.tune`` describes and write its outputs."""
     from ray import tune
 
-    from .train.runner import connect_ray, prepare_inputs
+    from .ray_cluster import connect_ray
+    from .train.runner import prepare_inputs
 
     check_tune_config(cfg)
     import ray
@@ -244,7 +245,7 @@ def write_outputs(cfg: Config, grid, storage, experiment: str) -> TuneOutcome:
         best_config_path = f"{experiment}/{BEST_CONFIG}"
         write_text_atomically(storage, best_config_path, dump_config(best_cfg))
     write_bytes_atomically(storage, f"{experiment}/{PLOT}", plot_metric_vs_params(cfg, rows))
-    train_runs = f"{experiment}/{TRAIN_RUNS}"
+    best_model = best and best_trial_model(storage, f"{experiment}/{TRAIN_RUNS}/{best['trial_id']}", best["checkpoint"])
     summary = {
         "experiment": display_uri(experiment, storage),
         "metric": metric,
@@ -253,7 +254,7 @@ def write_outputs(cfg: Config, grid, storage, experiment: str) -> TuneOutcome:
         f"best_{metric}": best and best[f"final_{metric}"],
         "best_values": best and {key: best[key] for key in cfg.tune.searched},
         "best_checkpoint": best and best["checkpoint"] and display_uri(best["checkpoint"], storage),
-        "best_model": best and display_uri(f"{train_runs}/{best['trial_id']}/model", storage),
+        "best_model": best_model and display_uri(best_model, storage),
         "best_config": best_config_path and display_uri(best_config_path, storage),
         "trials": len(rows),
         "stopped_early": sum(r["stop_reason"].startswith("stopped early") for r in rows),
@@ -261,6 +262,25 @@ def write_outputs(cfg: Config, grid, storage, experiment: str) -> TuneOutcome:
     }
     write_text_atomically(storage, f"{experiment}/{SUMMARY}", json.dumps(summary, indent=2))
     return TuneOutcome(display_uri(experiment, storage), experiment.rsplit("/", 1)[-1], rows, summary["best_config"], summary)
+
+
+def best_trial_model(storage, run_path: str, checkpoint: str | None) -> str | None:
+    """The best trial's exported model: its run's ``model/`` when it finished, else exported
+    here from its last checkpoint (a trial that ASHA stopped never exported one); None when
+    there is neither."""
+    from .retrieval.model import EXPORT_DIR, WEIGHTS_FILE
+    from .storage import exists
+
+    model = f"{run_path}/{EXPORT_DIR}"
+    if exists(storage, f"{model}/{WEIGHTS_FILE}"):
+        return model
+    if not checkpoint or not exists(storage, checkpoint):
+        return None
+    import ray.train
+
+    from .train.runner import export_run_model
+
+    return export_run_model(ray.train.Checkpoint(checkpoint, filesystem=storage), storage, run_path, None, None)
 
 
 def plot_metric_vs_params(cfg: Config, rows: list[dict]) -> bytes:

@@ -160,8 +160,10 @@ def read_split(source: DatasetSource, path: str, *, shuffle_seed: int | None):
     return ray.data.read_parquet(files, filesystem=source.filesystem, include_paths=True, shuffle=shuffle)
 
 
-def build_split(source: DatasetSource, path: str, cfg: DataConfig, tokenizer, *, train: bool, seed: int = 0):
-    """A lazily executed, streaming Ray Dataset of model-ready rows (see :class:`Preprocessor`)."""
+def build_split(source: DatasetSource, path: str, cfg: DataConfig, tokenizer, *, train: bool, seed: int = 0,
+                num_classes: int | None = None):
+    """A lazily executed, streaming Ray Dataset of model-ready rows (see :class:`Preprocessor`);
+    ``num_classes``: the size of the label space, outside which a label is a bad row."""
     # Stateless tasks rather than an actor pool: every epoch re-executes the pipeline, and a
     # new pool would start fresh actor processes each time (seconds of start-up per epoch),
     # where tasks reuse Ray's pooled worker processes.
@@ -175,7 +177,7 @@ def build_split(source: DatasetSource, path: str, cfg: DataConfig, tokenizer, *,
         use_ray_data_settings()
         units = plan_read_units(source.filesystem, _parquet(source, path).files, READ_UNIT_BYTES)
         make_preprocessor = functools.partial(Preprocessor, tokenizer, cfg.image_size, cfg.max_text_length,
-                                              augment=train and cfg.augment, seed=None)
+                                              augment=train and cfg.augment, seed=None, num_classes=num_classes)
         return ray.data.read_datasource(
             PreprocessedParquet(source.filesystem, units, cfg.preprocess_batch_size, make_preprocessor, shuffle_seed),
             override_num_blocks=len(units), num_cpus=1,
@@ -189,13 +191,17 @@ def build_split(source: DatasetSource, path: str, cfg: DataConfig, tokenizer, *,
             "max_text_length": cfg.max_text_length,
             "augment": train and cfg.augment,
             "default_shard": SHAPES_SHARD if source.driver_local else "unknown",
+            "num_classes": num_classes,
         },
         batch_size=cfg.preprocess_batch_size,
+        batch_format="pyarrow",
         compute=ray.data.TaskPoolStrategy(size=cfg.preprocess_workers),
         num_cpus=1,
     )
 
 
-def preprocess_batch(batch, *, tokenizer, image_size: int, max_text_length: int, augment: bool, default_shard: str):
+def preprocess_batch(batch, *, tokenizer, image_size: int, max_text_length: int, augment: bool, default_shard: str,
+                     num_classes: int | None = None):
     """One ``map_batches`` task: :class:`Preprocessor` with a fresh random stream per batch."""
-    return Preprocessor(tokenizer, image_size, max_text_length, augment, seed=None, default_shard=default_shard)(batch)
+    return Preprocessor(tokenizer, image_size, max_text_length, augment, seed=None, default_shard=default_shard,
+                        num_classes=num_classes)(batch)

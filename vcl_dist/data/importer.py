@@ -13,21 +13,22 @@ shards of about ``rows_per_shard`` rows. Streaming throughout: nothing has to fi
 from __future__ import annotations
 
 import hashlib
-import io
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from PIL import Image
 
 from ..storage import filesystem_for, write_text_atomically
-from .preprocess import caption_text, parse_label
+from .images import UnusableImageError, open_image
+from .preprocess import caption_problem, caption_text, parse_label, pylist_columns
 from .webdataset import to_shard_columns
 
+OUTSIDE_IMAGE_FOLDER = "outside the image folder"
+INTEGER = re.compile(r"[+-]?[0-9]+")
 SHARD_SCHEMA = pa.schema([
     ("key", pa.string()), ("image", pa.binary()), ("caption", pa.string()), ("label", pa.int64()), ("image_id", pa.string()),
 ])
@@ -64,15 +65,12 @@ def split_of(image_id: str, val_fraction: float) -> str:
 
 
 def check_image(data) -> str | None:
-    """Why the bytes are no usable image, or None. Decodes fully: ``verify`` alone misses
-    truncated files."""
-    if data is None or len(data) == 0:
-        return "missing image"
+    """Why the bytes are no usable image, or None: the decoder training uses, run in full
+    (``verify`` alone misses truncated files), so what is imported is what can be trained on."""
     try:
-        with Image.open(io.BytesIO(bytes(data))) as image:
-            image.load()
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return "undecodable image"
+        open_image(data)
+    except UnusableImageError as err:
+        return err.reason
     return None
 
 
@@ -80,24 +78,31 @@ class RowValidator:
     """``map_batches`` callable: read image bytes (folder inputs), validate, tag the split."""
 
     def __init__(self, log, images_root: str | None, class_ids: dict[str, int] | None, val_fraction: float):
-        self.log, self.root, self.class_ids, self.val_fraction = log, images_root, class_ids, val_fraction
+        self.log, self.class_ids, self.val_fraction = log, class_ids, val_fraction
+        self.root = os.path.realpath(images_root) if images_root is not None else None
 
-    def _read(self, relative) -> bytes | None:
-        if not isinstance(relative, str) or not relative:
-            return None
+    def _read(self, relative) -> bytes | str:
+        """The bytes of an image named relative to the image folder, or why there are none.
+        A path that is absolute or leads out of the folder (``../``, a symlink) is never opened."""
+        if not isinstance(relative, str) or not relative.strip():
+            return "missing image"
+        path = os.path.realpath(os.path.join(self.root, relative))
+        if os.path.isabs(relative) or os.path.commonpath([path, self.root]) != self.root:
+            return OUTSIDE_IMAGE_FOLDER
         try:
-            with open(os.path.join(self.root, relative), "rb") as stream:
+            with open(path, "rb") as stream:
                 return stream.read()
         except OSError:
-            return None
+            return "missing image"
 
     def _label(self, value) -> int | None:
-        if self.class_ids is not None and value is not None and not isinstance(value, (int, np.integer)):
-            name = str(value).strip()
+        if self.class_ids is not None and isinstance(value, str):
+            name = value.strip()
             return self.class_ids.get(name) if name else -1
         return parse_label(value)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def __call__(self, table: pa.Table) -> pa.Table:
+        batch = pylist_columns(table)  # nulls stay None (numpy batches turn null ints into NaN)
         if "__key__" in batch:
             batch = to_shard_columns(batch)
             sources = [str(k) for k in batch["key"]]
@@ -106,23 +111,24 @@ class RowValidator:
             sources = [str(p) for p in batch["image"]]
             images = [self._read(p) for p in batch["image"]]
         n = len(sources)
-        captions = [caption_text(c) for c in batch["caption"]]
         labels = [self._label(v) for v in batch.get("label", [None] * n)]
         image_ids = batch.get("image_id")
         out = {name: [] for name in ("key", "image", "caption", "label", "image_id", "split")}
         bad = []
         for i in range(n):
-            reason = check_image(images[i]) or (None if captions[i] else "empty caption")
+            reason = images[i] if isinstance(images[i], str) else check_image(images[i])
+            reason = reason or caption_problem(batch["caption"][i])
             if reason is None and labels[i] is None:
-                reason = "unknown label"
+                reason = "bad label"
             if reason:
                 bad.append((sources[i], reason))
                 continue
             image_id = str(image_ids[i]) if image_ids is not None and image_ids[i] not in (None, "") else sources[i]
-            key = hashlib.blake2b(f"{sources[i]}\0{captions[i]}".encode(), digest_size=12).hexdigest()
+            caption = caption_text(batch["caption"][i])
+            key = hashlib.blake2b(f"{sources[i]}\0{caption}".encode(), digest_size=12).hexdigest()
             out["key"].append(batch["key"][i] if "key" in batch else key)
             out["image"].append(bytes(images[i]))
-            out["caption"].append(captions[i])
+            out["caption"].append(caption)
             out["label"].append(labels[i] if labels[i] >= 0 else None)
             out["image_id"].append(image_id)
             out["split"].append(split_of(image_id, self.val_fraction))
@@ -135,13 +141,20 @@ class RowValidator:
 
 
 def _class_names(ds) -> list[str] | None:
-    """Distinct non-numeric label values, sorted: they become class ids 0..K-1."""
+    """Class names when the label column holds names: its distinct values, sorted, become ids
+    0..K-1. A numeric column, or text that is all integers, holds ids: those are checked row by
+    row (a ``-5``, ``3.5``, ``nan`` or ``1e30`` there is a bad row, not a class)."""
+    import pyarrow.types as patypes
+
     if "label" not in ds.columns():
         return None
-    values = [v for v in ds.unique("label") if v is not None and str(v).strip()]
-    if not values or all(parse_label(v) is not None for v in values):
+    label_type = ds.schema().base_schema.field("label").type
+    if not (patypes.is_string(label_type) or patypes.is_large_string(label_type)):
         return None
-    return sorted({str(v).strip() for v in values})
+    values = {str(v).strip() for v in ds.unique("label") if v is not None and str(v).strip()}
+    if not values or all(INTEGER.fullmatch(v) for v in values):
+        return None
+    return sorted(values)
 
 
 def check_inputs(captions: str | None, images: str | None, webdataset: str | None) -> None:
@@ -163,8 +176,16 @@ def import_dataset(*, out: str, captions: str | None = None, images: str | None 
 
     check_inputs(captions, images, webdataset)
     if captions is not None:
-        reader = ray.data.read_json if captions.endswith((".jsonl", ".json")) else ray.data.read_csv
-        ds = reader(captions, **({"lines": True} if reader is ray.data.read_json else {}))
+        if captions.endswith((".jsonl", ".json")):
+            ds = ray.data.read_json(captions, lines=True)
+        else:
+            import pyarrow.csv as pacsv
+
+            # Only an empty cell is missing: pyarrow would also read "nan", "NULL", "N/A", … as
+            # null, which would turn a corrupt label into an unlabeled row instead of a bad one.
+            # Captions are read as bytes: one that is not UTF-8 is a bad row, not a failed import.
+            ds = ray.data.read_csv(captions, convert_options=pacsv.ConvertOptions(
+                null_values=[""], strings_can_be_null=True, column_types={"caption": pa.binary()}))
         missing = {"image", "caption"} - set(ds.columns())
         if missing:
             raise ValueError(f"{captions}: missing column(s) {sorted(missing)}; expected image, caption[, label, image_id]")
@@ -179,6 +200,7 @@ def import_dataset(*, out: str, captions: str | None = None, images: str | None 
         fn_constructor_kwargs={"log": log, "images_root": images, "class_ids": {c: i for i, c in enumerate(classes)} if classes else None,
                                "val_fraction": val_fraction},
         batch_size=256,
+        batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.available_resources().get("CPU", 1)))),
     )
     out_fs, out_path = filesystem_for(out, s3)

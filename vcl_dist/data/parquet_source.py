@@ -28,6 +28,8 @@ import pyarrow.parquet as pq
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockAccessor, BlockMetadata
 
+from .preprocess import pylist_columns
+
 
 @dataclass(frozen=True)
 class ReadUnit:
@@ -67,8 +69,7 @@ def read_and_preprocess(filesystem: pafs.FileSystem, unit: ReadUnit, batch_rows:
     preprocess = make_preprocessor()
     with filesystem.open_input_file(unit.path) as file:
         for record_batch in pq.ParquetFile(file).iter_batches(batch_size=batch_rows, row_groups=list(unit.row_groups)):
-            batch = {name: np.array(record_batch.column(i).to_pylist(), dtype=object)
-                     for i, name in enumerate(record_batch.schema.names)}
+            batch = pylist_columns(record_batch)
             batch["path"] = np.full(record_batch.num_rows, unit.path, dtype=object)  # names the shard of a bad row
             yield BlockAccessor.batch_to_block(preprocess(batch))
 

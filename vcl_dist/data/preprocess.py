@@ -4,8 +4,8 @@ Runs on CPU workers anywhere in the cluster, never in the training process. Imag
 ``uint8 [B, 3, H, W]`` (four times smaller than float in the object store); the training step
 converts and normalises them on its device.
 
-Bad rows (missing or undecodable image bytes, a missing or empty caption, a label that is no
-integer) are kept with ``valid = 0`` and a blank image rather than dropped here: the training
+Bad rows (missing or undecodable image bytes, a missing, blank or non-UTF-8 caption, a label
+that is no class id) are kept with ``valid = 0`` and a blank image rather than dropped here: the training
 loop then counts them per shard, reports the count and stops the run with the shard's name
 when too many are bad, which a silently shrinking dataset would never do.
 """
@@ -13,12 +13,23 @@ when too many are bad, which a silently shrinking dataset would never do.
 from __future__ import annotations
 
 import hashlib
-import io
+import math
 
 import numpy as np
-from PIL import Image
 
+from .images import UnusableImageError, decode_image
 from .webdataset import to_shard_columns
+
+
+def pylist_columns(table) -> dict[str, np.ndarray]:
+    """A ``pyarrow.Table`` (or record batch) -> ``{column: object array}`` with nulls as None.
+
+    Pipelines hand the preprocessor Arrow batches, not numpy ones: numpy turns a nullable
+    integer column into floats with NaN for null, and a NaN label is a bad row while a null
+    one is an unlabeled row.
+    """
+    return {name: np.fromiter(table.column(i).to_pylist(), dtype=object, count=table.num_rows)
+            for i, name in enumerate(table.schema.names)}
 
 
 def stable_id(text: str) -> int:
@@ -26,52 +37,78 @@ def stable_id(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
-def decode_image(data: bytes, size: int, rng: np.random.Generator | None) -> np.ndarray:
-    """Encoded bytes -> ``uint8 [3, size, size]``; with ``rng``, a light random crop-and-resize.
-
-    Raises:
-        OSError, ValueError: the bytes are no image PIL can decode.
-    """
-    with Image.open(io.BytesIO(data)) as image:
-        image = image.convert("RGB")
-        if rng is not None:
-            # Keep at least 85% of each side: captions name positions, so no flips and no
-            # crops that could move an object into another third of the frame.
-            w, h = image.size
-            scale = rng.uniform(0.85, 1.0)
-            cw, ch = max(1, int(w * scale)), max(1, int(h * scale))
-            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            image = image.crop((x0, y0, x0 + cw, y0 + ch))
-        image = image.resize((size, size), Image.BILINEAR)
-        array = np.asarray(image, dtype=np.uint8)
-    return array.transpose(2, 0, 1)
+# Class ids are int64 in the shard format, but ids past 2³¹ are no class index any tower can
+# hold: such a value is a corrupt cell, not a class.
+MAX_LABEL = 2**31 - 1
 
 
-def parse_label(value) -> int | None:
-    """A shard's label cell -> class id, ``-1`` for unlabeled, ``None`` when it is no integer."""
-    if value is None or (isinstance(value, float) and value != value):
+def parse_label(value, num_classes: int | None = None) -> int | None:
+    """A shard's label cell -> class id; ``-1`` for unlabeled (null, empty, or -1 itself);
+    ``None`` when it is no usable class id: not an integer (``"3.5"``, ``"cat"``), not finite
+    (NaN, ``inf``, JSON ``Infinity``), negative, huge (``1e30``), or, with ``num_classes``
+    (the lines of ``classes.txt``), not below it. Never raises."""
+    if value is None:
         return -1
     if isinstance(value, (bytes, bytearray)):
-        value = value.decode(errors="replace")
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
     if isinstance(value, str):
         value = value.strip()
         if not value:
             return -1
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
+        try:
+            number = int(value)  # exact for long digit strings, which float() would round
+        except ValueError:
+            try:
+                number = float(value)
+            except ValueError:
+                return None
+    elif isinstance(value, (bool, np.bool_)):
         return None
-    return int(number) if number == int(number) and number >= -1 else None
+    elif isinstance(value, (int, np.integer)):
+        number = int(value)
+    elif isinstance(value, (float, np.floating)):
+        number = float(value)
+    else:
+        return None
+    if isinstance(number, float):
+        if not math.isfinite(number) or not number.is_integer():
+            return None
+        number = int(number)
+    if number == -1:
+        return -1
+    if number < 0 or number > MAX_LABEL or (num_classes is not None and number >= num_classes):
+        return None
+    return number
+
+
+def caption_problem(value) -> str | None:
+    """Why a caption cell is unusable, or None: missing, not UTF-8, or blank."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return "caption is not UTF-8 text"
+    if not isinstance(value, str) or not value.strip():
+        return "empty caption"
+    return None
 
 
 def caption_text(value) -> str | None:
-    if isinstance(value, (bytes, bytearray)):
-        value = value.decode("utf-8", errors="replace")
-    return value.strip() if isinstance(value, str) and value.strip() else None
+    """A caption cell (str, or UTF-8 bytes from a binary column or a tar) -> stripped text;
+    None when :func:`caption_problem` finds it unusable (bytes are never decoded with
+    replacement characters: a mis-encoded caption is a bad row, not a garbled one)."""
+    if caption_problem(value) is not None:
+        return None
+    return (bytes(value).decode("utf-8") if isinstance(value, (bytes, bytearray, memoryview)) else value).strip()
 
 
 class Preprocessor:
-    """A callable class for ``Dataset.map_batches``: raw shard rows -> model-ready arrays.
+    """A callable class for ``Dataset.map_batches``: raw shard rows (an Arrow batch, or columns
+    with None for null) -> model-ready arrays. ``num_classes``: the size of the label space
+    (``classes.txt``, the label tower); a label outside it is a bad row.
 
     Output columns: ``image`` uint8 [B, 3, S, S], ``input_ids`` / ``attention_mask`` int64
     [B, L], ``label`` int64 [B] (-1 when unlabeled), ``group`` int64 [B] (rows sharing it show
@@ -80,14 +117,17 @@ class Preprocessor:
     """
 
     def __init__(self, tokenizer, image_size: int, max_text_length: int, augment: bool, seed: int | None = 0,
-                 default_shard: str = "unknown"):
+                 default_shard: str = "unknown", num_classes: int | None = None):
         self.tokenizer = tokenizer
+        self.num_classes = num_classes
         self.image_size = image_size
         self.max_text_length = max_text_length
         self.rng = np.random.default_rng(seed) if augment else None
         self.default_shard = default_shard
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch) -> dict[str, np.ndarray]:
+        if not isinstance(batch, dict):  # an Arrow batch
+            batch = pylist_columns(batch)
         if "__key__" in batch:
             batch = to_shard_columns(batch)
         keys = [str(k) for k in batch["key"]]
@@ -96,13 +136,13 @@ class Preprocessor:
         images = np.zeros((n, 3, self.image_size, self.image_size), dtype=np.uint8)
         for i, data in enumerate(batch["image"]):
             try:
-                images[i] = decode_image(bytes(data), self.image_size, self.rng)
-            except (OSError, ValueError, TypeError, Image.DecompressionBombError):
-                valid[i] = 0  # missing (None), truncated or not an image at all
+                images[i] = decode_image(data, self.image_size, self.rng)
+            except UnusableImageError:
+                valid[i] = 0  # missing, truncated, too large, or not an image of an accepted format
         captions = [caption_text(c) for c in batch["caption"]]
         labels = np.full(n, -1, dtype=np.int64)
         for i, value in enumerate(batch.get("label", [None] * n)):
-            parsed = parse_label(value)
+            parsed = parse_label(value, self.num_classes)
             if parsed is None:
                 valid[i] = 0
             else:

@@ -58,7 +58,8 @@ def to_shard_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {
         "key": np.array([str(k) for k in batch["__key__"]], dtype=object),
         "image": images,
-        "caption": np.array([_text(c) for c in batch.get("txt", none)], dtype=object),
+        # Raw bytes: the preprocessor decodes them strictly (a caption that is not UTF-8 is a bad row).
+        "caption": np.array(list(batch.get("txt", none)), dtype=object),
         "label": labels,
         "image_id": image_ids,
         "path": batch.get("path", none),
@@ -115,10 +116,12 @@ def _count_samples(filesystem: pafs.FileSystem, tar_path: str) -> int:
 
 
 def webdataset_captions(filesystem: pafs.FileSystem, path: str, limit: int) -> list[str]:
+    from .preprocess import caption_text
+
     captions = []
     for _, ext, tar, member in _members(filesystem, path):
         if ext == "txt":
-            text = tar.extractfile(member).read().decode("utf-8", errors="replace").strip()
+            text = caption_text(tar.extractfile(member).read())
             if text:
                 captions.append(text)
             if len(captions) >= limit:

@@ -47,6 +47,26 @@ class DualEncoder(nn.Module):
         return self.encode_image(images), self.encode_text(input_ids, attention_mask)
 
 
+def check_model_config(cfg: ModelConfig) -> None:
+    """Build the model's structure on the meta device — no memory, no weights — so that a config
+    that describes no model (an unknown torchvision name, say) stops on the driver, before Ray
+    starts any worker. Towers with pretrained weights are left to the workers: reading weights
+    here would load them twice.
+
+    Raises:
+        ConfigError: the towers cannot be built (one line).
+    """
+    from ..config import ConfigError
+
+    if cfg.image.weights or cfg.text.pretrained:
+        return
+    try:
+        with torch.device("meta"):
+            build_dual_encoder(cfg, cfg.text.vocab_size, 16)
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise ConfigError(f"the config builds no model: {' '.join(str(err).split())[:300]}") from None
+
+
 def build_dual_encoder(cfg: ModelConfig, vocab_size: int, max_text_length: int, pad_token_id: int = 0) -> DualEncoder:
     return DualEncoder(
         build_image_tower(cfg.image),

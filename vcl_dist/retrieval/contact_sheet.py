@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import textwrap
 from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
+
+from ..data.images import UnusableImageError, open_image
 
 HIT = (46, 160, 67)
 MISS = (207, 34, 46)
@@ -47,9 +48,8 @@ def _open(data: bytes, size: int) -> Image.Image | None:
     if not data:
         return None
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image = image.convert("RGB")
-    except (OSError, ValueError):
+        image = open_image(data)
+    except UnusableImageError:
         return None
     # Thumbnails are small: scale up with nearest neighbour so that shapes stay crisp.
     scale = size / max(image.size)

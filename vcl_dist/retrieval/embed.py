@@ -28,10 +28,10 @@ import json
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
 
 from ..data.datasets import SHAPES_SHARD, DatasetSource, read_split
-from ..data.preprocess import Preprocessor, caption_text
+from ..data.images import UnusableImageError, open_image
+from ..data.preprocess import Preprocessor, caption_text, pylist_columns
 from ..data.webdataset import to_shard_columns
 from ..storage import write_text_atomically
 
@@ -42,22 +42,24 @@ CORPUS_INFO_FILE = "_corpus.json"
 def thumbnail_jpeg(data, size: int) -> bytes:
     """A JPEG at most ``size`` pixels on its longer side; empty bytes for undecodable input."""
     try:
-        with Image.open(io.BytesIO(bytes(data))) as image:
-            image = image.convert("RGB")
-            image.thumbnail((size, size))
-            out = io.BytesIO()
-            image.save(out, format="JPEG", quality=85)
-            return out.getvalue()
-    except (OSError, ValueError, TypeError, Image.DecompressionBombError):
+        image = open_image(data, min_side=size)
+    except UnusableImageError:
         return b""
+    image.thumbnail((size, size))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=85)
+    return out.getvalue()
 
 
-def prepare_rows(batch, *, tokenizer, image_size: int, max_text_length: int, thumbnail_size: int, default_shard: str):
-    """One CPU task: raw shard rows -> model-ready rows (:class:`Preprocessor`) plus the caption
-    text and a thumbnail, which the Parquet output keeps."""
+def prepare_rows(table: pa.Table, *, tokenizer, image_size: int, max_text_length: int, thumbnail_size: int, default_shard: str,
+                 num_classes: int | None = None):
+    """One CPU task: raw shard rows (an Arrow batch) -> model-ready rows (:class:`Preprocessor`)
+    plus the caption text and a thumbnail, which the Parquet output keeps."""
+    batch = pylist_columns(table)
     if "__key__" in batch:
         batch = to_shard_columns(batch)
-    rows = Preprocessor(tokenizer, image_size, max_text_length, augment=False, default_shard=default_shard)(batch)
+    rows = Preprocessor(tokenizer, image_size, max_text_length, augment=False, default_shard=default_shard,
+                        num_classes=num_classes)(batch)
     rows["caption"] = np.array([caption_text(c) or "" for c in batch["caption"]], dtype=object)
     rows["thumbnail"] = np.array(
         [thumbnail_jpeg(data, thumbnail_size) if ok and thumbnail_size else b"" for data, ok in zip(batch["image"], rows["valid"])],
@@ -109,11 +111,12 @@ class EmbedRows:
 
 
 def embedding_dataset(source: DatasetSource, path: str, model, model_ref, *, use_gpu: bool, actors: int,
-                      batch_size: int, thumbnail_size: int):
+                      batch_size: int, thumbnail_size: int, num_classes: int | None = None):
     """A lazy Ray Dataset of embedding rows (see the module docstring) for the split at ``path``.
 
     ``model``: the :class:`~vcl_dist.retrieval.model.RetrievalModel` (for its tokenizer and
-    input sizes); ``model_ref``: ``ray.put(model_files(...))``.
+    input sizes); ``model_ref``: ``ray.put(model_files(...))``; ``num_classes``: rows whose
+    label is outside ``range(num_classes)`` are bad rows.
     """
     import ray.data
 
@@ -125,8 +128,10 @@ def embedding_dataset(source: DatasetSource, path: str, model, model_ref, *, use
             "max_text_length": model.config.data.max_text_length,
             "thumbnail_size": thumbnail_size,
             "default_shard": SHAPES_SHARD if source.driver_local else "unknown",
+            "num_classes": num_classes,
         },
         batch_size=batch_size,
+        batch_format="pyarrow",
         num_cpus=1,
     )
     return rows.map_batches(

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from ..config import Config, S3Config, dump_config
-from ..data.preprocess import decode_image
+from ..data.images import UnusableImageError, decode_image
 from ..evaluate import similarity
 from ..losses import normalizes_embeddings
 from ..models import DualEncoder, build_dual_encoder
@@ -116,8 +116,8 @@ class RetrievalModel:
             data, name = bytes(image), "image bytes"
         try:
             return decode_image(data, self.image_size, rng=None)
-        except (OSError, ValueError, Image.DecompressionBombError):
-            raise ValueError(f"{name} is not an image this model can read (JPEG, PNG, WebP, …)") from None
+        except UnusableImageError as err:
+            raise ValueError(f"{name} is not an image this model can read: {err}") from None
 
     def similarity(self, queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """``[Q, D] x [N, D] -> [Q, N]``, higher is closer."""
@@ -229,10 +229,12 @@ def _model_folder(filesystem: pafs.FileSystem, path: str, shown: str) -> str:
 def _load_local(folder: Path, device: str | torch.device) -> RetrievalModel:
     from transformers import AutoTokenizer
 
-    from ..config import load_config
+    from ..config import load_saved_config
 
     device = torch.device(device)
-    cfg = load_config(folder / CONFIG_FILE)
+    if not (folder / CONFIG_FILE).is_file():
+        raise ModelNotFoundError(f"no {CONFIG_FILE} in the model folder {folder}")
+    cfg = load_saved_config((folder / CONFIG_FILE).read_text(), f"the model's {CONFIG_FILE}")
     tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))
     model = build_dual_encoder(cfg.model, len(tokenizer), cfg.data.max_text_length, tokenizer.pad_token_id or 0)
     if (folder / WEIGHTS_FILE).exists():

@@ -40,7 +40,7 @@ def plan_embedding(model_path: str, model: RetrievalModel, cfg: Config, split: L
     """Connect to Ray and build the (lazy) embedding dataset of one split of ``cfg.data``."""
     import ray
 
-    from ..train.runner import connect_ray
+    from ..ray_cluster import connect_ray
 
     print(f"vcl-dist: {connect_ray(2)}", flush=True)
     source = resolve_source(cfg.data, cfg.s3)
@@ -51,6 +51,7 @@ def plan_embedding(model_path: str, model: RetrievalModel, cfg: Config, split: L
         # GPU: one actor per GPU. CPU: half the CPUs run the model, the rest decode.
         actors = int(resources.get("GPU", 1)) if gpu else max(1, int(resources.get("CPU", 2)) // 2)
     model_ref = ray.put(model_files(model_path, cfg.s3))
+    class_names = read_class_names(source) or model.class_names
     dataset = embedding_dataset(source, path, model, model_ref, use_gpu=gpu, actors=actors, batch_size=batch_size,
-                                thumbnail_size=thumbnail_size)
-    return EmbeddingJob(dataset, source, path, count_rows(source, path), read_class_names(source) or model.class_names, gpu)
+                                thumbnail_size=thumbnail_size, num_classes=len(class_names) if class_names else None)
+    return EmbeddingJob(dataset, source, path, count_rows(source, path), class_names, gpu)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -29,9 +30,13 @@ from ..losses import build_loss, normalizes_embeddings
 from ..losses.gather import distributed_world
 from ..models import build_dual_encoder
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data_quality import BadDataError, BadRowCounter
+from .data_quality import BadDataError, BadRowCounter, worst_shards
+from .fatal import CheckpointLoadError, ModelBuildError, NonFiniteLossError, end_run_on_fatal_error
 from .schedule import build_optimizer, build_scheduler
 from .step import collate_rows, drop_bad_rows, pinned_collate_rows, train_step
+
+# A step needs at least this many usable rows on every worker (an anchor and a negative).
+MIN_ROWS_PER_STEP = 2
 
 
 def lockstep(batches: Iterator, device: torch.device, waits: list[float]) -> Iterator:
@@ -39,21 +44,27 @@ def lockstep(batches: Iterator, device: torch.device, waits: list[float]) -> Ite
 
     Collectives (the gather in the loss, DDP's all-reduce) hang if one worker takes a step
     that another does not; one tiny all-reduce per step makes all workers stop together,
-    whatever their shards hold. The time spent waiting for the data iterator alone (not for
-    the other workers) is appended to ``waits``.
+    whatever their shards hold. The same all-reduce says whether every worker's batch has
+    ``MIN_ROWS_PER_STEP`` usable rows, so a batch of bad rows stops all workers at once with
+    :class:`BadDataError` (which is not retried) rather than one of them. The time spent
+    waiting for the data iterator alone (not for the other workers) is appended to ``waits``.
     """
     _, world = distributed_world()
     while True:
         started = time.perf_counter()
         batch = next(batches, None)
         waits.append(time.perf_counter() - started)
+        usable_rows = int(batch["valid"].sum()) if batch is not None else 0
+        flags = [0 if batch is None else 1, 1 if usable_rows >= MIN_ROWS_PER_STEP else 0]
         if world > 1:
-            flag = torch.tensor([0 if batch is None else 1], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            if flag.item() == 0:
-                return
-        elif batch is None:
+            reduced = torch.tensor(flags, device=device)
+            dist.all_reduce(reduced, op=dist.ReduceOp.MIN)
+            flags = reduced.tolist()
+        if flags[0] == 0:
             return
+        if flags[1] == 0:
+            raise BadDataError(f"a training batch had fewer than {MIN_ROWS_PER_STEP} usable rows on some worker "
+                               f"(this worker: {usable_rows} of {len(batch['valid'])}): the shards are mostly corrupt")
         yield batch
 
 
@@ -99,6 +110,7 @@ def _mean_over_workers(values: list[float], device: torch.device) -> list[float]
     return tensor.tolist()
 
 
+@end_run_on_fatal_error
 def train_loop_per_worker(loop_config: dict) -> dict | None:
     cfg = Config.model_validate(loop_config["config"])
     tokenizer = loop_config["tokenizer"]
@@ -120,10 +132,13 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     use_amp = cfg.train.amp is True or (cfg.train.amp == "auto" and on_gpu)
 
     torch.manual_seed(cfg.train.seed)
-    model = build_dual_encoder(cfg.model, len(tokenizer), cfg.data.max_text_length, tokenizer.pad_token_id or 0)
+    try:
+        model = build_dual_encoder(cfg.model, len(tokenizer), cfg.data.max_text_length, tokenizer.pad_token_id or 0)
+        criterion = build_loss(cfg.loss, num_classes=len(class_names) if class_names else None, embed_dim=cfg.model.embed_dim)
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        raise ModelBuildError(f"the config builds no model: {' '.join(str(err).split())[:300]}") from None
     model = ray.train.torch.prepare_model(model)
     raw_model = model.module if hasattr(model, "module") else model
-    criterion = build_loss(cfg.loss, num_classes=len(class_names) if class_names else None, embed_dim=cfg.model.embed_dim)
     criterion.to(device)
     optimizer = build_optimizer([raw_model, criterion], lr, cfg.train.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.train.warmup_steps, steps_per_epoch * cfg.train.epochs, cfg.train.min_lr_ratio)
@@ -132,8 +147,12 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     start_epoch, step, history, resumed_from_step, skip_steps, carried = 0, 0, [], 0, 0, {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = load_checkpoint(folder, model=raw_model, criterion=criterion, optimizer=optimizer, scheduler=scheduler)
+        try:
+            with checkpoint.as_directory() as folder:
+                state = load_checkpoint(folder, model=raw_model, criterion=criterion, optimizer=optimizer, scheduler=scheduler)
+        except Exception as err:  # torch, pickle, zip, JSON and shape errors alike: it fails the same way next time
+            raise CheckpointLoadError(f"cannot resume from the checkpoint {checkpoint.path}: {type(err).__name__}: "
+                                      f"{' '.join(str(err).split())[:300]}") from None
         step, history, resumed_from_step = state["step"], state["history"], state["step"]
         saved_world = len(state["rng"] or []) or world
         if state["epoch_step"]:  # saved inside an epoch: finish that epoch
@@ -211,9 +230,13 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
                 continue
             batch, rows, bad_shards = drop_bad_rows(batch)
             bad_rows.add(rows, bad_shards)
-            if len(batch["image"]) < 2:
-                raise BadDataError(f"a batch of {rows} rows had {len(bad_shards)} unusable rows (shard {bad_shards[0]})")
-            loss = train_step(model, criterion, optimizer, scheduler, batch, device, use_amp, cfg.train.grad_clip_norm)
+            try:
+                loss = train_step(model, criterion, optimizer, scheduler, batch, device, use_amp, cfg.train.grad_clip_norm)
+            except FloatingPointError as err:
+                raise NonFiniteLossError(
+                    f"step {step + 1} (epoch {epoch + 1}): {' '.join(str(err).split())}; the optimizer step was not taken. "
+                    f"Last good checkpoint: {latest_checkpoint_path() or 'none yet'}"
+                ) from None
             loss_sum += loss
             steps += 1
             trained += 1
@@ -247,6 +270,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         # epoch); the rest is the steady state, where preprocessing falls behind the steps.
         mean_loss, wait_fraction, first_wait = _mean_over_workers([loss_sum / steps, sum(waits) / epoch_time, waits[0]], device)
         _, epoch_bad_rows = bad_rows.check(device, final=True)
+        epoch_bad_shards = worst_shards(bad_rows.global_by_shard()) if epoch_bad_rows else []
         metrics = {
             "epoch": epoch + 1,
             "step": step,
@@ -272,12 +296,20 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             upcoming = fetch_first_ahead(epoch_batches(epoch + 1))
         if rank == 0:
             metrics.update(evaluate_on_val(raw_model, cfg, tokenizer, class_names, device, use_amp, val_cache))
-            history.append(metrics)
+            # Kept in the history (checkpoints, metrics.jsonl, result.json), not in the metrics
+            # reported to Ray: a list of shards is no metric to plot or to tune on.
+            history.append({**metrics, "bad_shards": epoch_bad_shards, "val_bad_shards": worst_shards(val_cache.by_shard)})
             print("vcl-dist: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
         report_with_checkpoint(metrics, epoch, 0, None)
         if reached_max_steps():
             return {"history": history, "stopped_at_step": step} if rank == 0 else None
     return {"history": history} if rank == 0 else None
+
+
+def latest_checkpoint_path() -> str | None:
+    """Where the run's newest checkpoint is (Ray Train's view from this worker), for messages."""
+    checkpoint = ray.train.get_checkpoint()
+    return checkpoint.path if checkpoint is not None else None
 
 
 def gather_worker_states(device: torch.device, progress: dict | None) -> list[dict]:
@@ -330,12 +362,14 @@ class ValCache:
 
     batches: list[dict[str, torch.Tensor]] = field(default_factory=list)
     bad_rows: int = 0
+    by_shard: Counter = field(default_factory=Counter)
     filled: bool = False
 
     def fill(self, batch_size: int) -> None:
         for batch in ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=batch_size, collate_fn=collate_rows):
             batch, _, bad_shards = drop_bad_rows(batch)
             self.bad_rows += len(bad_shards)
+            self.by_shard.update(bad_shards)
             if len(batch["image"]):
                 self.batches.append(batch)
         self.filled = True

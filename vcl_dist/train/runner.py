@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-import yaml
-
 from ..config import Config, dump_config
-from ..data.datasets import RAY_DATA_ENV, DatasetSource, build_split, count_rows, read_class_names, resolve_source, sample_captions
+from ..data.datasets import DatasetSource, build_split, count_rows, read_class_names, resolve_source, sample_captions
 from ..data.tokenizer import load_pretrained_tokenizer, train_wordpiece
+from ..models import check_model_config
+from ..ray_cluster import JobNeeds, check_cluster_fits, connect_ray
 from ..storage import display_uri, filesystem_for, write_text_atomically
+from .data_quality import worst_shards
+from .fatal import raise_if_fatal
 
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
@@ -27,27 +29,6 @@ class TrainingOutcome:
     history: list[dict]
     checkpoint_path: str | None
     model_path: str | None = None
-
-
-def connect_ray(cpus_needed: int) -> str:
-    """Join the running cluster if there is one (``RAY_ADDRESS``, ``ray start``), else start a local one.
-
-    A local Ray gets at least ``cpus_needed`` logical CPUs, so that the training workers and the
-    preprocessing tasks can all be scheduled on a small laptop (Ray oversubscribes; the OS
-    shares the cores), and the Ray Data settings of ``RAY_DATA_ENV`` in its workers' environment.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return "already connected"
-    try:
-        ray.init(address="auto")
-        return f"joined the Ray cluster at {ray.get_runtime_context().gcs_address}"
-    except ConnectionError:
-        for name, value in RAY_DATA_ENV.items():  # inherited by the local Ray's workers
-            os.environ.setdefault(name, value)
-        ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed))
-        return "started a local Ray"
 
 
 def training_failure_message(err: Exception) -> str:
@@ -95,6 +76,16 @@ def prepare_inputs(cfg: Config) -> RunInputs:
     return RunInputs(source, build_tokenizer(cfg, source), read_class_names(source), count_rows(source, source.train))
 
 
+def label_space_size(cfg: Config, class_names: list[str] | None) -> int | None:
+    """How many class ids the run can use: the lines of ``classes.txt`` and, with VCRL's label
+    tower, ``loss.num_classes``; rows with a label outside it are bad rows (counted, skipped)
+    rather than an index error inside a training step."""
+    sizes = [len(class_names)] if class_names else []
+    if cfg.loss.name == "vcrl" and cfg.loss.label_tower and cfg.loss.num_classes:
+        sizes.append(cfg.loss.num_classes)
+    return min(sizes) if sizes else None
+
+
 def resume_config(cfg: Config, overrides: Sequence[str] = ()) -> Config:
     """The config to continue a run with: the run's own (from its newest checkpoint) with
     ``overrides`` on top, under the same ``run.name`` and ``run.storage_path``, so that Ray Train
@@ -107,7 +98,7 @@ def resume_config(cfg: Config, overrides: Sequence[str] = ()) -> Config:
     """
     import pyarrow.fs as pafs
 
-    from ..config import load_config
+    from ..config import load_config, load_saved_config
     from .checkpoint import CONFIG_FILE
 
     storage, root = filesystem_for(cfg.run.storage_path, cfg.s3)
@@ -129,7 +120,7 @@ def resume_config(cfg: Config, overrides: Sequence[str] = ()) -> Config:
             raise FileNotFoundError(f"no run with a checkpoint to resume under {cfg.run.storage_path}")
         _, name, checkpoint = max(found)  # the run whose last checkpoint is the newest
     with storage.open_input_stream(f"{checkpoint}/{CONFIG_FILE}") as stream:
-        saved = Config.model_validate(yaml.safe_load(stream.read().decode()))
+        saved = load_saved_config(stream.read().decode(), display_uri(f"{checkpoint}/{CONFIG_FILE}", storage))
     resumed = load_config(None, overrides, base=saved)
     resumed.run.name, resumed.run.storage_path, resumed.s3 = name, cfg.run.storage_path, cfg.s3
     return resumed
@@ -147,9 +138,12 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
 
     from .loop import train_loop_per_worker
 
+    check_model_config(cfg.model)  # before any Ray work: a config error is one line, exit 2
     workers = cfg.train.num_workers
     # Room for the training workers plus two preprocessing tasks at a time.
     print(f"vcl-dist: {connect_ray(int(workers * cfg.train.cpus_per_worker) + 2)}", flush=True)
+    use_gpu = _use_gpu(cfg)
+    check_cluster_fits(JobNeeds(cfg.train.min_workers or workers, cfg.train.cpus_per_worker, 1 if use_gpu else 0))
     # One progress bar per dataset, not one per operator: readable in logs of submitted jobs.
     ray.data.DataContext.get_current().enable_operator_progress_bars = False
     inputs = inputs or prepare_inputs(cfg)
@@ -159,13 +153,13 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
     steps_per_epoch = inputs.train_rows // workers // local_batch
     if steps_per_epoch == 0:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is larger than the training split")
+    classes = label_space_size(cfg, class_names)
     datasets = {
-        "train": build_split(source, source.train, cfg.data, tokenizer, train=True, seed=cfg.train.seed),
-        "val": build_split(source, source.val, cfg.data, tokenizer, train=False),
+        "train": build_split(source, source.train, cfg.data, tokenizer, train=True, seed=cfg.train.seed, num_classes=classes),
+        "val": build_split(source, source.val, cfg.data, tokenizer, train=False, num_classes=classes),
     }
     storage, storage_path = filesystem_for(cfg.run.storage_path, cfg.s3)
     name = cfg.run.name or f"vcl-{time.strftime('%Y%m%d-%H%M%S')}"
-    use_gpu = _use_gpu(cfg)
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -199,6 +193,7 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
     started = time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - started
+    raise_if_fatal(result.return_value)
     history = (result.return_value or {}).get("history", [])
     final = dict(history[-1]) if history else dict(result.metrics or {})
     run_path = result.path
@@ -215,6 +210,11 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
             "data_wait_fraction": final.get("data_wait_fraction"),
             "data_wait_first_batch_s": final.get("data_wait_first_batch_s"),
             "bad_rows": sum(m.get("bad_rows", 0) for m in history),
+            # The shards to look at first: bad rows per shard over all epochs and workers.
+            "bad_rows_worst_shards": [{"shard": shard, "bad_rows": count}
+                                      for shard, count in worst_shards(total_bad_shards(history, "bad_shards"))],
+            "val_bad_rows_worst_shards": [{"shard": shard, "bad_rows": count}
+                                          for shard, count in worst_shards(total_bad_shards(history[-1:], "val_bad_shards"))],
             "wall_time_s": wall,
         },
         "num_workers": workers,
@@ -227,9 +227,18 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
     return TrainingOutcome(summary["run_path"], final, history, summary["checkpoint"], summary["model"])
 
 
-def export_run_model(checkpoint, storage, run_path: str, history: list[dict], class_names: list[str] | None) -> str:
+def total_bad_shards(history: list[dict], key: str) -> Counter:
+    """Bad rows per shard summed over the epochs of ``history`` (each epoch keeps its worst shards)."""
+    total: Counter = Counter()
+    for epoch in history:
+        total.update(dict(epoch.get(key) or []))
+    return total
+
+
+def export_run_model(checkpoint, storage, run_path: str, history: list[dict] | None, class_names: list[str] | None) -> str:
     """Export the run's last checkpoint as ``<run>/model`` (safetensors, config, tokenizer; see
-    :mod:`vcl_dist.retrieval.model`); returns its path inside ``storage``."""
+    :mod:`vcl_dist.retrieval.model`); returns its path inside ``storage``. ``history`` and
+    ``class_names``: None takes the checkpoint's own."""
     import pyarrow.fs as pafs
 
     from ..retrieval.model import EXPORT_DIR, export_model

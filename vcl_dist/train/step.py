@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.nn.utils import clip_grad_norm_, get_total_norm
 
 from ..losses.gather import average_gradients
 from ..precision import autocast
@@ -45,9 +46,20 @@ def pinned_collate_rows(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]
     return collate_rows(batch, pin_memory=True)
 
 
+class NonFiniteStepError(FloatingPointError):
+    """The step's loss or gradient norm is NaN or infinite; the optimizer step was not taken."""
+
+
 def train_step(model, criterion, optimizer, scheduler, batch: dict[str, torch.Tensor], device: torch.device,
                use_amp: bool, grad_clip_norm: float | None) -> float:
-    """One optimisation step on a collated batch; returns this worker's loss value."""
+    """One optimisation step on a collated batch; returns this worker's loss value.
+
+    Raises:
+        FloatingPointError: the gathered embeddings are not finite (from the loss), or
+            :class:`NonFiniteStepError`: the loss or the gradient norm is not; in both cases
+            before ``optimizer.step``, so the weights stay as they were. The gradient norm is
+            taken after DDP's all-reduce, so every worker reaches the same verdict.
+    """
     batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
     with autocast(device, use_amp):
         image_emb, text_emb = model(batch["image"], batch["input_ids"], batch["attention_mask"])
@@ -56,8 +68,14 @@ def train_step(model, criterion, optimizer, scheduler, batch: dict[str, torch.Te
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     average_gradients(criterion.parameters())
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     if grad_clip_norm:
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip_norm)
+        grad_norm = clip_grad_norm_(params, grad_clip_norm)
+    else:
+        grad_norm = get_total_norm([p.grad for p in params if p.grad is not None])
+    loss_value, norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()  # one host sync
+    if not (np.isfinite(loss_value) and np.isfinite(norm_value)):
+        raise NonFiniteStepError(f"loss {loss_value:.4g}, gradient norm {norm_value:.4g}")
     optimizer.step()
     scheduler.step()
-    return loss.item()
+    return loss_value

@@ -1,0 +1,43 @@
+"""Which cluster a job joins, and whether that cluster can run it (ray_cluster)."""
+
+import pytest
+
+from vcl_dist import ray_cluster
+from vcl_dist.ray_cluster import JobNeeds, ResourceWaitReporter, connect_ray, shortfall, workers_that_fit
+
+
+def test_the_readme_job_does_not_fit_a_two_core_head():
+    needs = JobNeeds(workers=2, cpus_per_worker=1, gpus_per_worker=0)
+    assert needs.cpus == 3
+    problem = shortfall([{"CPU": 2.0}], needs)
+    assert problem == ("it has 2 CPUs and the job needs 3 CPUs: 2 training workers × 1 CPU (train.cpus_per_worker) "
+                       "plus 1 for the data preprocessing tasks")
+    assert shortfall([{"CPU": 2.0}], JobNeeds(2, 0.5, 0)) is None  # the fix the message suggests
+    assert shortfall([{"CPU": 4.0}], needs) is None
+
+
+def test_workers_must_fit_on_single_nodes():
+    needs = JobNeeds(workers=2, cpus_per_worker=4, gpus_per_worker=1)
+    assert workers_that_fit([{"CPU": 0}, {"CPU": 4, "GPU": 1}, {"CPU": 4, "GPU": 1}], needs) == 2
+    assert workers_that_fit([{"CPU": 8, "GPU": 1}, {"CPU": 2, "GPU": 1}], needs) == 1  # a GPU node short of CPUs
+    problem = shortfall([{"CPU": 8, "GPU": 1}, {"CPU": 2, "GPU": 1}], needs)
+    assert problem is not None and "10 CPUs and 2 GPUs" in problem and "2 GPUs:" in problem
+
+
+def test_an_autoscaling_cluster_is_waited_for_with_a_line_per_interval(monkeypatch, capsys):
+    nodes = [[{"CPU": 2.0}], [{"CPU": 2.0}], [{"CPU": 2.0}, {"CPU": 4.0}]]
+    monkeypatch.setattr(ray_cluster, "alive_node_resources", lambda: nodes.pop(0))
+    reporter = ResourceWaitReporter(JobNeeds(2, 1, 0), interval_s=0.05)
+    reporter.start()
+    reporter.join(timeout=5)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all(line.startswith("vcl-dist: ") for line in lines)
+    assert lines[0].startswith("vcl-dist: still waiting for the autoscaler") and "it has 2 CPUs" in lines[0]
+    assert lines[-1].startswith("vcl-dist: the cluster can now hold the job")
+
+
+def test_a_dashboard_address_is_no_driver_address(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    with pytest.raises(ValueError, match="is a dashboard address, for `ray job submit`") as err:
+        connect_ray(2)
+    assert "\n" not in str(err.value)

@@ -1,0 +1,116 @@
+"""Untrusted image bytes -> an RGB picture: the one decoder every reader of images uses.
+
+Training, evaluation, the importer, embedding and serving all read images that come from
+outside (a crawl, a user's folder, an HTTP request), so decoding is locked down in one place:
+
+- Only JPEG, PNG, WebP, GIF, BMP and TIFF are opened (``Image.open(formats=…)``): no other of
+  Pillow's decoders (EPS, which runs Ghostscript; PSD; ICNS; …) ever sees the bytes.
+- The pixel count is checked from the header before anything is decoded: a decompression
+  bomb (a few KB of PNG that inflate to gigabytes) is refused, not allocated. Large JPEGs are
+  decoded with Pillow's draft mode, which lets libjpeg scale by 1/2–1/8 while decoding, so a
+  50-megapixel photo costs what a small one does when the tower wants 224 px.
+- What a photo means is what is shown: the EXIF orientation is applied, transparency is laid
+  on white (not on the black that dropping the alpha channel gives), CMYK and palette images
+  become RGB, 16-bit images are scaled to 8 bits (not clipped to white).
+
+A file that cannot be decoded (truncated, not an image, another format) raises
+:class:`UnusableImageError` with the reason; callers count the row as bad.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# Pixels an image may have once decoded (after JPEG draft scaling): 64 MP, an 8K x 8K picture,
+# 192 MiB as RGB. Pillow's own bomb check fires only past ~179 MP and merely warns above ~89 MP.
+MAX_DECODED_PIXELS = 64 * 2**20
+WHITE = (255, 255, 255)
+
+
+class UnusableImageError(ValueError):
+    """The bytes are no image vcl-dist accepts. ``reason``: a short category to count rows by
+    (``missing image``, ``image too large``, ``undecodable image``); ``str(err)``: the reason with its detail, one line."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason} ({detail})" if detail else reason)
+        self.reason = reason
+
+
+def open_image(data: bytes | bytearray | memoryview | None, min_side: int | None = None) -> Image.Image:
+    """Decode untrusted bytes into an RGB ``PIL.Image`` (loaded: no file handle stays open).
+
+    ``min_side``: the smallest side the caller will resize to; a large JPEG is then decoded at
+    a reduced scale that still covers it (draft mode).
+
+    Raises:
+        UnusableImageError: missing, another format, too many pixels, truncated or corrupt.
+    """
+    if data is None or (isinstance(data, (bytes, bytearray, memoryview)) and len(data) == 0):
+        raise UnusableImageError("missing image")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise UnusableImageError("undecodable image", f"the image cell holds {type(data).__name__}, not bytes")
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel cap is stricter than the DecompressionBombWarning it would print.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(bytes(data)), formats=ACCEPTED_FORMATS) as image:
+                if min_side and image.format == "JPEG":
+                    image.draft("RGB", (min_side, min_side))  # only ever scales down, never below the request
+                width, height = image.size
+                if width * height > MAX_DECODED_PIXELS:
+                    raise UnusableImageError("image too large", f"{width}x{height} pixels, at most {MAX_DECODED_PIXELS}")
+                image.load()
+                return to_rgb(ImageOps.exif_transpose(image))
+    except UnusableImageError:
+        raise
+    except Image.DecompressionBombError as err:  # Pillow's own limit, met while reading the header
+        raise UnusableImageError("image too large", " ".join(str(err).split())[:120]) from None
+    except Image.UnidentifiedImageError:
+        # Garbage and images of other formats alike: no decoder but the accepted ones looked.
+        raise UnusableImageError("undecodable image", f"not one of the accepted formats {', '.join(ACCEPTED_FORMATS)}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        # Truncated files, bad headers, broken EXIF, Pillow's own bomb error.
+        raise UnusableImageError("undecodable image", " ".join(str(err).split())[:120]) from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB, as the picture looks: alpha over white, 16-bit scaled to 8."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16-bit (and 32-bit) greyscale: convert("L") would clip every value above 255 to white.
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        grey = np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("LA", "PA", "La", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        background = Image.new("RGB", image.size, WHITE)
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def decode_image(data, size: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Encoded bytes -> ``uint8 [3, size, size]``; with ``rng``, a light random crop-and-resize.
+
+    Raises:
+        UnusableImageError: see :func:`open_image`.
+    """
+    image = open_image(data, min_side=size)
+    if rng is not None:
+        # Keep at least 85% of each side: captions name positions, so no flips and no crops
+        # that could move an object into another third of the frame.
+        w, h = image.size
+        scale = rng.uniform(0.85, 1.0)
+        cw, ch = max(1, int(w * scale)), max(1, int(h * scale))
+        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        image = image.crop((x0, y0, x0 + cw, y0 + ch))
+    image = image.resize((size, size), Image.BILINEAR)
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)

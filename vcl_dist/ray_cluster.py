@@ -1,0 +1,189 @@
+"""The Ray cluster a job runs on: which one it joins, and whether that one can run it.
+
+Which cluster (:func:`connect_ray`), in this order:
+
+1. ``RAY_ADDRESS=local``: a fresh local Ray in this process, whatever else runs on the machine.
+2. ``RAY_ADDRESS=<host>:<port>`` (the GCS address; ``ray job submit`` sets it for the job):
+   that cluster.
+3. Otherwise the cluster that ``ray start`` last started on this machine, if it still runs
+   (Ray's ``address="auto"``), else a fresh local Ray sized for the job.
+
+Whether it can run the job (:func:`check_cluster_fits`): the training workers' placement
+group holds ``num_workers × cpus_per_worker`` CPUs (and a GPU each) for the whole run, and the
+Ray Data tasks that feed them need at least one more CPU. A cluster that cannot hold both never
+starts training and Ray says nothing: the data tasks wait forever. Without an autoscaler that
+is an error at once, with what the job needs and what the cluster has; with one, the job waits
+and says every minute what it is waiting for (:class:`ResourceWaitReporter`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from dataclasses import dataclass
+
+# Logical CPUs that the data pipeline needs beside the training workers: one preprocessing
+# task at a time at least (more run when there is room).
+DATA_CPUS = 1
+WAIT_REPORT_INTERVAL_S = 60.0
+
+
+class ClusterTooSmallError(ValueError):
+    """The cluster cannot hold the job and nothing will grow it; ``str(err)`` is one line."""
+
+
+def connect_ray(cpus_needed: int) -> str:
+    """Connect as the module docstring says; returns what was done, for the job's log.
+
+    A fresh local Ray gets at least ``cpus_needed`` logical CPUs, so that the training workers
+    and the preprocessing tasks can all be scheduled on a small laptop (Ray oversubscribes;
+    the OS shares the cores), and the Ray Data settings of ``RAY_DATA_ENV`` in its workers'
+    environment.
+
+    Raises:
+        ValueError: ``RAY_ADDRESS`` names a dashboard (``http://…``), which is for
+            ``ray job submit``, not for a driver (one line).
+    """
+    import ray
+
+    from .data.datasets import RAY_DATA_ENV
+
+    if ray.is_initialized():
+        return "already connected"
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address.startswith(("http://", "https://")):
+        raise ValueError(f"RAY_ADDRESS={address} is a dashboard address, for `ray job submit`; run this job with "
+                         "`ray job submit --address … -- python jobs/…`, or unset RAY_ADDRESS (RAY_ADDRESS=local: a local Ray)")
+    if address != "local":
+        try:
+            ray.init(address=address or "auto")
+            return f"joined the Ray cluster at {ray.get_runtime_context().gcs_address}"
+        except ConnectionError:
+            if address:
+                raise ValueError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}") from None
+    for name, value in RAY_DATA_ENV.items():  # inherited by the local Ray's workers
+        os.environ.setdefault(name, value)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed))
+    return "started a local Ray"
+
+
+@dataclass(frozen=True)
+class JobNeeds:
+    """What a training run holds while it runs."""
+
+    workers: int  # the fewest the run can start with (train.min_workers for elastic runs)
+    cpus_per_worker: float
+    gpus_per_worker: int
+
+    @property
+    def cpus(self) -> float:
+        return self.workers * self.cpus_per_worker + DATA_CPUS
+
+    def describe(self) -> str:
+        gpus = f" and {self.workers * self.gpus_per_worker} GPUs" if self.gpus_per_worker else ""
+        return (f"{_number(self.cpus)} CPUs{gpus}: {self.workers} training workers × {_number(self.cpus_per_worker)} CPU "
+                f"(train.cpus_per_worker){' + 1 GPU' if self.gpus_per_worker else ''} plus {DATA_CPUS} for the data "
+                "preprocessing tasks")
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def workers_that_fit(nodes: list[dict[str, float]], needs: JobNeeds) -> int:
+    """How many training workers the nodes' total resources can hold (a worker's CPUs and GPU
+    must be on one node)."""
+    count = 0
+    for node in nodes:
+        fits = node.get("CPU", 0) / needs.cpus_per_worker
+        if needs.gpus_per_worker:
+            fits = min(fits, node.get("GPU", 0) / needs.gpus_per_worker)
+        count += int(fits + 1e-9)
+    return count
+
+
+def shortfall(nodes: list[dict[str, float]], needs: JobNeeds) -> str | None:
+    """Why the nodes cannot hold the job, or None when they can."""
+    total_cpus = sum(node.get("CPU", 0) for node in nodes)
+    total_gpus = sum(node.get("GPU", 0) for node in nodes)
+    has = f"{_number(total_cpus)} CPUs" + (f" and {_number(total_gpus)} GPUs" if needs.gpus_per_worker else "")
+    if workers_that_fit(nodes, needs) < needs.workers or total_cpus + 1e-9 < needs.cpus:
+        return f"it has {has} and the job needs {needs.describe()}"
+    return None
+
+
+def check_cluster_fits(needs: JobNeeds) -> None:
+    """Stop a job that the connected cluster can never run; on an autoscaling cluster, start a
+    :class:`ResourceWaitReporter` instead when the cluster is short now.
+
+    Raises:
+        ClusterTooSmallError: short, and no autoscaler can add nodes (one line, with the fixes).
+    """
+    import ray
+
+    problem = shortfall(alive_node_resources(), needs)
+    if problem is None:
+        return
+    if autoscaler_can_add_nodes():
+        print(f"vcl-dist: waiting for the autoscaler: {problem}", flush=True)
+        ResourceWaitReporter(needs).start()
+        return
+    raise ClusterTooSmallError(
+        f"the Ray cluster at {ray.get_runtime_context().gcs_address} cannot run this job and no autoscaler can add nodes: "
+        f"{problem}. Use fewer workers (train.num_workers), fewer CPUs each (e.g. train.cpus_per_worker="
+        f"{_number(max(0.25, needs.cpus_per_worker / 2))}), or start Ray with more logical CPUs "
+        f"(ray start --head --num-cpus={math.ceil(needs.cpus)})"
+    )
+
+
+def alive_node_resources() -> list[dict[str, float]]:
+    """Total resources of every alive node."""
+    import ray
+
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
+def autoscaler_can_add_nodes() -> bool:
+    """Whether an autoscaler that launches nodes watches this cluster.
+
+    Every head runs Ray's monitor; without an autoscaling config it uses the read-only node
+    provider, whose node types are the nodes themselves (``node_<node id>``). An autoscaler v2
+    (KubeRay) is taken as able to add nodes.
+    """
+    import ray
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        if is_autoscaler_v2(fetch_from_server=True):
+            return True
+        status = _internal_kv_get("__autoscaling_status")  # ray_constants.DEBUG_AUTOSCALING_STATUS
+    except Exception:  # an older or newer GCS without these keys: assume a fixed cluster
+        return False
+    if not status:
+        return False
+    report = json.loads(status).get("autoscaler_report") or {}
+    node_types = set((report.get("node_type_mapping") or {}).values())
+    readonly = {f"node_{node['NodeID']}" for node in ray.nodes()}
+    return bool(node_types - readonly) or bool(report.get("pending_launches")) or bool(report.get("pending_nodes"))
+
+
+class ResourceWaitReporter(threading.Thread):
+    """Says every minute, until the cluster can hold the job, what the job waits for."""
+
+    def __init__(self, needs: JobNeeds, interval_s: float = WAIT_REPORT_INTERVAL_S):
+        super().__init__(name="vcl-dist-resource-wait", daemon=True)
+        self.needs, self.interval_s = needs, interval_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        waited = 0.0
+        while not self.stopped.wait(self.interval_s):
+            waited += self.interval_s
+            problem = shortfall(alive_node_resources(), self.needs)
+            if problem is None:
+                print(f"vcl-dist: the cluster can now hold the job (after {waited / 60:.0f} min)", flush=True)
+                return
+            print(f"vcl-dist: still waiting for the autoscaler after {waited / 60:.0f} min: {problem}", flush=True)
