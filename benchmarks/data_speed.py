@@ -80,7 +80,8 @@ def main() -> None:
     from torch.utils.data import DataLoader
 
     from vcl_dist.config import DataConfig
-    from vcl_dist.data.datasets import DatasetSource, build_split, use_ray_data_settings
+    from vcl_dist.data.datasets import DatasetSource, build_split
+    from vcl_dist.ray_cluster import use_ray_data_settings
 
     folder = jpeg_shards(Path(args.cache), args.images, args.size)
     captions = pq.read_table(sorted(folder.glob("*.parquet")), columns=["caption"]).column(0).to_pylist()

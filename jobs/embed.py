@@ -39,7 +39,6 @@ def _run(args: argparse.Namespace) -> int:
 
     import pyarrow.fs as pafs
 
-    from vcl_dist.losses import normalizes_embeddings
     from vcl_dist.retrieval.embed import write_corpus_info
     from vcl_dist.retrieval.pipeline import load_model_and_config, plan_embedding
     from vcl_dist.retrieval.search import Corpus
@@ -64,7 +63,7 @@ def _run(args: argparse.Namespace) -> int:
     rows = len(Corpus(args.out, cfg.s3))
     info = {
         "rows": rows, "bad_rows": job.input_rows - rows, "embed_dim": model.embed_dim,
-        "normalized": normalizes_embeddings(cfg.loss.name), "model": args.model,
+        "normalized": model.normalized, "model": args.model,
         "source": display_uri(job.split_path, job.source.filesystem), "seconds": seconds,
     }
     write_corpus_info(filesystem, out, info)

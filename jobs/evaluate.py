@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     import pyarrow as pa
 
-    from vcl_dist.report import print_metrics
+    from vcl_dist.console_tables import print_metrics
+    from vcl_dist.retrieval.html_report import evaluate_table, write_report
     from vcl_dist.retrieval.pipeline import load_model_and_config, plan_embedding
-    from vcl_dist.retrieval.report import evaluate_table, write_report
 
     if args.examples < 0 or args.top_k < 1:
         raise ValueError("--examples must not be negative and --top-k must be positive")

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from vcl_dist.report import print_hits
+    from vcl_dist.console_tables import print_hits
     from vcl_dist.retrieval.contact_sheet import contact_sheet
     from vcl_dist.retrieval.pipeline import load_model_and_config
     from vcl_dist.retrieval.search import Corpus

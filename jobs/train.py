@@ -45,7 +45,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from ray.train import TrainingFailedError
 
-    from vcl_dist.report import print_summary
+    from vcl_dist.console_tables import print_summary
     from vcl_dist.train.fatal import RunEndedByFatalError
     from vcl_dist.train.runner import resume_config, run_training, training_failure_message
 

@@ -42,7 +42,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     check_tune_config(cfg)  # a bad search space stops here, before Ray starts
 
-    from vcl_dist.report import print_trials
+    from vcl_dist.console_tables import print_trials
     from vcl_dist.tune import run_tune
 
     outcome = run_tune(cfg, resume=args.resume)

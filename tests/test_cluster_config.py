@@ -10,7 +10,7 @@ import yaml
 from ray.runtime_env import RuntimeEnv
 
 from vcl_dist.config import load_config
-from vcl_dist.data.datasets import RAY_DATA_ENV
+from vcl_dist.ray_cluster import RAY_DATA_ENV
 
 SCHEMA = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
 

@@ -7,8 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from vcl_dist.data.preprocess import Preprocessor, caption_problem, caption_text, parse_label, stable_id
+from vcl_dist.data.preprocess import Preprocessor, stable_id
 from vcl_dist.data.shapes import CLASS_NAMES, COLOURS, SHAPES, ensure_shapes_dataset
+from vcl_dist.data.shard_format import caption_problem, caption_text, parse_label
 from vcl_dist.data.tokenizer import train_wordpiece
 
 

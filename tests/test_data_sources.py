@@ -24,7 +24,7 @@ from vcl_dist.config import load_config
 from vcl_dist.data.datasets import build_split, resolve_source
 from vcl_dist.data.shapes import ensure_shapes_dataset
 from vcl_dist.data.tokenizer import train_wordpiece
-from vcl_dist.train.checkpoint import load_checkpoint
+from vcl_dist.models.artifacts import load_checkpoint
 from vcl_dist.train.fatal import RunEndedByFatalError
 from vcl_dist.train.loop import fetch_first_ahead, local_shuffle_seed
 from vcl_dist.train.runner import run_training

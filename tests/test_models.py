@@ -61,3 +61,32 @@ def test_dual_encoder_projects_both_towers_into_one_space():
     ids_padded = torch.cat([ids, torch.zeros(3, 4, dtype=torch.long)], dim=1)
     mask_padded = torch.cat([mask, torch.zeros(3, 4, dtype=torch.long)], dim=1)
     torch.testing.assert_close(model.encode_text(ids_padded, mask_padded), v)
+
+
+@pytest.mark.parametrize("loss, similarity", [("triplet", "cosine"), ("infonce", "cosine"), ("vcrl", "squared_distance")])
+def test_the_similarity_a_model_ranks_by_is_part_of_the_model_and_its_export(loss, similarity, tmp_path):
+    """Downstream code asks the model how to rank, not the losses package."""
+    import json
+
+    from safetensors import safe_open
+
+    from vcl_dist.config import dump_config
+    from vcl_dist.models.artifacts import export_model
+    from vcl_dist.retrieval import load_model
+
+    cfg = load_config(None, [f"loss.name={loss}", "model.embed_dim=8", "model.image.width=4", "model.text.hidden_size=16",
+                             "model.text.intermediate_size=32", "model.text.num_heads=2", "model.text.num_layers=1"])
+    assert cfg.similarity == similarity
+    tokenizer = train_wordpiece(["a red circle", "a blue square"] * 10, vocab_size=60)
+    model = build_dual_encoder(cfg.model, len(tokenizer), cfg.data.max_text_length, similarity=cfg.similarity)
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    torch.save(model.state_dict(), checkpoint / "model.pt")
+    (checkpoint / "config.yaml").write_text(dump_config(cfg))
+    (checkpoint / "history.json").write_text(json.dumps([]))
+    tokenizer.save_pretrained(str(checkpoint / "tokenizer"))
+    export = export_model(checkpoint, tmp_path / "model")
+    with safe_open(str(export / "model.safetensors"), framework="pt") as weights:
+        assert weights.metadata()["similarity"] == similarity
+    loaded = load_model(export)
+    assert loaded.model.similarity == similarity and loaded.normalized == (similarity == "cosine")

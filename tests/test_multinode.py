@@ -15,6 +15,9 @@ from vcl_dist.data.datasets import build_split, resolve_source
 from vcl_dist.data.tokenizer import train_wordpiece
 from vcl_dist.train.runner import run_training
 
+# Multi-node runs start three Ray nodes on this machine: end-to-end checks, run by .ci/run with -m e2e.
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def cluster():

@@ -16,11 +16,10 @@ from vcl_dist.data.datasets import resolve_source
 from vcl_dist.data.preprocess import Preprocessor
 from vcl_dist.data.tokenizer import train_wordpiece
 from vcl_dist.models import build_dual_encoder
+from vcl_dist.models.artifacts import ModelNotFoundError, load_checkpoint, save_checkpoint
 from vcl_dist.retrieval import export_model, load_model
 from vcl_dist.retrieval.embed import embedding_table
-from vcl_dist.retrieval.model import ModelNotFoundError
 from vcl_dist.retrieval.search import Corpus, fixed_size_lists_to_numpy
-from vcl_dist.train.checkpoint import load_checkpoint, save_checkpoint
 
 
 def _val_rows(cfg, tokenizer) -> dict:

@@ -14,7 +14,8 @@ from job_modules import load_job
 
 from vcl_dist.config import load_config
 from vcl_dist.models import build_dual_encoder
-from vcl_dist.train.checkpoint import TOKENIZER_DIR, load_checkpoint
+from vcl_dist.models.artifacts import TOKENIZER_DIR, load_checkpoint
+from vcl_dist.train.metrics import reported_metric_names
 from vcl_dist.train.runner import run_training
 
 # Final metrics of the 4-epoch run of the first test, to compare the run that loses a worker with.
@@ -45,6 +46,8 @@ def test_two_workers_train_checkpoint_inside_epochs_and_resume_there(local_ray, 
     for key in ("val_i2t_r1", "val_t2i_r10", "val_t2i_class_r1", "val_zero_shot_acc", "val_rsum", "samples_per_s"):
         assert key in history[-1], key
     assert history[-1]["val_num_images"] == 64 and history[-1]["val_num_captions"] == 128
+    # What tune.metric is checked against is what an epoch reports: one list, no drift.
+    assert set(history[-1]) - {"bad_shards", "val_bad_shards"} == reported_metric_names(cfg)
 
     run = Path(outcome.run_path)
     result = json.loads((run / "result.json").read_text())
@@ -111,11 +114,13 @@ def assert_errors_that_would_happen_again_end_the_run(storage: Path, checkpoint:
 def test_vcrl_with_label_tower_and_memory_trains_and_checkpoints_its_state(local_ray, tiny_shapes_overrides, repo_root, tmp_path):
     cfg = load_config(
         repo_root / "jobs/configs/default.yaml",
-        [*tiny_shapes_overrides, f"run.storage_path={tmp_path}", "run.name=vcrl", "train.epochs=2",
+        [*tiny_shapes_overrides, f"run.storage_path={tmp_path}", "run.name=vcrl", "train.epochs=3", "train.max_steps=16",
          "loss.name=vcrl", "loss.margin=0.5", "loss.reg_lambda=0.05", "loss.label_tower=true",
          "loss.memory_size=96", "loss.memory_warmup_steps=2"],
     )
     outcome = run_training(cfg)
+    # train.max_steps reached on an epoch's last step: that epoch still reports and checkpoints.
+    assert [m["step"] for m in outcome.history] == [8, 16]
     assert outcome.history[-1]["train_loss"] < outcome.history[0]["train_loss"]
     checkpoint = Path(outcome.checkpoint_path)
     loss_state = torch.load(checkpoint / "loss.pt", weights_only=True)

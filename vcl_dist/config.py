@@ -231,6 +231,12 @@ class TuneConfig(Section):
         return {key: dist for key, dist in self.space.items() if dist is not None}
 
 
+# How a model trained with each loss ranks: triplet and InfoNCE work on L2-normalised
+# embeddings (cosine), VCRL on raw ones (squared Euclidean distance).
+SIMILARITY_OF_LOSS: dict[str, Literal["cosine", "squared_distance"]] = {
+    "triplet": "cosine", "infonce": "cosine", "vcrl": "squared_distance"}
+
+
 class Config(Section):
     s3: S3Config = S3Config()
     data: DataConfig = DataConfig()
@@ -240,6 +246,12 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     run: RunConfig = RunConfig()
     tune: TuneConfig = TuneConfig()
+
+    @property
+    def similarity(self) -> Literal["cosine", "squared_distance"]:
+        """The similarity the model ranks by, given to it when it is built (and recorded in its
+        export): downstream code asks the model, never the losses package."""
+        return SIMILARITY_OF_LOSS[self.loss.name]
 
 
 def _format_validation_error(err: ValidationError) -> str:

@@ -85,6 +85,14 @@ def distinct_images(groups: torch.Tensor) -> torch.Tensor:
     return first.sort().values
 
 
+def retrieval_metric_names(ks: Sequence[int] = (1, 5, 10)) -> list[str]:
+    """Every key :func:`retrieval_metrics` can return (the class-level ones when labels exist)."""
+    names = ["num_images", "num_captions"]
+    names += [f"{d}_r{k}" for k in ks for d in ("i2t", "t2i")] + ["rsum"]
+    names += [f"{d}_{kind}_rank" for d in ("i2t", "t2i") for kind in ("median", "mean")]
+    return names + [f"{d}_class_r{k}" for k in ks for d in ("i2t", "t2i")]
+
+
 def retrieval_metrics(embeddings: dict[str, torch.Tensor], ks: Sequence[int] = (1, 5, 10), normalized: bool = True) -> dict[str, float]:
     check_finite("image embeddings", embeddings["image"])
     check_finite("text embeddings", embeddings["text"])

@@ -1,4 +1,5 @@
-"""The Ray cluster a job runs on: which one it joins, and whether that one can run it.
+"""The Ray cluster a job runs on: which one it joins, whether that one can run it, and the Ray
+Data settings every vcl-dist pipeline runs with.
 
 Which cluster (:func:`connect_ray`), in this order:
 
@@ -24,6 +25,39 @@ import os
 import threading
 from dataclasses import dataclass
 
+RAY_DATA_ENV = {
+    # Ray's Parquet reader packs row groups into read tasks of up to 128 MiB: right for tabular
+    # data, but 128 MiB of encoded images is ~10,000 rows that one map task then decodes on one
+    # CPU.
+    "RAY_DATA_PARQUET_BIN_PACKING_BYTES": str(8 * 2**20),
+    # For every execution (every epoch of every split) Ray 2.60's Parquet reader starts this
+    # many footer-reading actors, 32 by default, and kills them when the files are listed:
+    # 32 new processes per epoch, measured at ~3 CPU-seconds and a second of start-up before
+    # the first read. Two actors, each with 128 concurrent reads, still list thousands of S3
+    # files in seconds.
+    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2",
+}
+# Ray reads these variables in the driver (when ``read_parquet`` plans) and in the workers
+# that list files: ``use_ray_data_settings`` sets them in the driver, ``connect_ray`` in a
+# local Ray's workers, and ``ray-cluster.yaml`` / ``cluster/`` on clusters.
+
+
+def use_ray_data_settings() -> None:
+    """The Ray Data settings of vcl-dist, for the pipelines this process builds from now on.
+
+    Besides ``RAY_DATA_ENV``: Ray Data reserves half of the CPUs for each operator by default,
+    so while the Parquet reads of an epoch are still queued the decode operator may use only
+    half of the CPUs it could (measured on 2 CPUs: one decode task at a time for the first
+    seconds of every epoch). The pipeline is a straight line whose reads are cheap, so
+    reservation buys nothing here; streaming backpressure still bounds memory.
+    """
+    import ray.data
+
+    for name, value in RAY_DATA_ENV.items():
+        os.environ.setdefault(name, value)
+    ray.data.DataContext.get_current().op_resource_reservation_enabled = False
+
+
 # Logical CPUs that the data pipeline needs beside the training workers: one preprocessing
 # task at a time at least (more run when there is room).
 DATA_CPUS = 1
@@ -32,6 +66,12 @@ WAIT_REPORT_INTERVAL_S = 60.0
 
 class ClusterTooSmallError(ValueError):
     """The cluster cannot hold the job and nothing will grow it; ``str(err)`` is one line."""
+
+
+def cpus_for_training(workers: int, cpus_per_worker: float) -> int:
+    """Logical CPUs a local Ray gets for a training run: the workers' plus room for two
+    preprocessing tasks at a time."""
+    return int(workers * cpus_per_worker) + 2
 
 
 def connect_ray(cpus_needed: int) -> str:
@@ -47,8 +87,6 @@ def connect_ray(cpus_needed: int) -> str:
             ``ray job submit``, not for a driver (one line).
     """
     import ray
-
-    from .data.datasets import RAY_DATA_ENV
 
     if ray.is_initialized():
         return "already connected"

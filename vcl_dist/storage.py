@@ -94,3 +94,15 @@ def list_files(filesystem: pafs.FileSystem, path: str, extension: str) -> list[s
     if not files:
         raise FileNotFoundError(f"no .{extension} files at {display_uri(path, filesystem)}")
     return files
+
+
+def newest_folder(filesystem: pafs.FileSystem, path: str, prefix: str, containing: str | None = None) -> str | None:
+    """The folder directly under ``path`` whose name starts with ``prefix`` and sorts last —
+    the newest, for names that carry their start time (``checkpoint_<timestamp>``,
+    ``tune-<timestamp>``) — optionally only among folders holding the file ``containing``;
+    None when there is none."""
+    entries = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    names = sorted(e.path for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith(prefix))
+    if containing is not None:
+        names = [n for n in names if filesystem.get_file_info(f"{n}/{containing}").type != pafs.FileType.NotFound]
+    return names[-1] if names else None

@@ -10,7 +10,6 @@ worker's local buffer shuffles rows.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,48 +17,17 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from ..config import DataConfig, S3Config
+from ..ray_cluster import use_ray_data_settings
 from ..storage import GLOB_CHARACTERS, exists, filesystem_for, list_files, read_text
 from .preprocess import Preprocessor
 from .shapes import ensure_shapes_dataset
+from .shard_format import parse_class_names
 from .webdataset import webdataset_captions, webdataset_row_count
 
 SHAPES_SHARD = "shapes"
 BLOCK_ROWS = 512
 # Read units of encoded images: ~700 JPEGs at 224 px, decoded by one task.
 READ_UNIT_BYTES = 8 * 2**20
-RAY_DATA_ENV = {
-    # Ray's Parquet reader packs row groups into read tasks of up to 128 MiB: right for tabular
-    # data, but 128 MiB of encoded images is ~10,000 rows that one map task then decodes on one
-    # CPU.
-    "RAY_DATA_PARQUET_BIN_PACKING_BYTES": str(8 * 2**20),
-    # For every execution (every epoch of every split) Ray 2.60's Parquet reader starts this
-    # many footer-reading actors, 32 by default, and kills them when the files are listed:
-    # 32 new processes per epoch, measured at ~3 CPU-seconds and a second of start-up before
-    # the first read. Two actors, each with 128 concurrent reads, still list thousands of S3
-    # files in seconds.
-    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2",
-}
-# Ray reads these variables in the driver (when ``read_parquet`` plans) and in the workers
-# that list files: ``use_ray_data_settings`` sets them in the driver, ``connect_ray`` in a
-# local Ray's workers, and ``ray-cluster.yaml`` / ``cluster/`` on clusters.
-
-
-def use_ray_data_settings() -> None:
-    """The Ray Data settings of vcl-dist, for the pipelines this process builds from now on.
-
-    Besides ``RAY_DATA_ENV``: Ray Data reserves half of the CPUs for each operator by default,
-    so while the Parquet reads of an epoch are still queued the decode operator may use only
-    half of the CPUs it could (measured on 2 CPUs: one decode task at a time for the first
-    seconds of every epoch). The pipeline is a straight line whose reads are cheap, so
-    reservation buys nothing here; streaming backpressure still bounds memory.
-    """
-    import ray.data
-
-    for name, value in RAY_DATA_ENV.items():
-        os.environ.setdefault(name, value)
-    ray.data.DataContext.get_current().op_resource_reservation_enabled = False
-
-
 @dataclass(frozen=True)
 class DatasetSource:
     """Resolved locations of one dataset's splits, inside ``filesystem``."""
@@ -109,8 +77,7 @@ def read_class_names(source: DatasetSource) -> list[str] | None:
     """``classes.txt``: one class name per line, in label order."""
     if source.classes_path is None:
         return None
-    names = [line.strip() for line in read_text(source.filesystem, source.classes_path).splitlines()]
-    return [n for n in names if n] or None
+    return parse_class_names(read_text(source.filesystem, source.classes_path))
 
 
 def _parquet(source: DatasetSource, path: str) -> pads.Dataset:

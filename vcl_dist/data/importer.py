@@ -24,14 +24,10 @@ import pyarrow.parquet as pq
 
 from ..storage import filesystem_for, write_text_atomically
 from .images import UnusableImageError, open_image
-from .preprocess import caption_problem, caption_text, parse_label, pylist_columns
-from .webdataset import to_shard_columns
+from .shard_format import SHARD_SCHEMA, caption_problem, caption_text, format_class_names, parse_label, pylist_columns, to_shard_columns
 
 OUTSIDE_IMAGE_FOLDER = "outside the image folder"
 INTEGER = re.compile(r"[+-]?[0-9]+")
-SHARD_SCHEMA = pa.schema([
-    ("key", pa.string()), ("image", pa.binary()), ("caption", pa.string()), ("label", pa.int64()), ("image_id", pa.string()),
-])
 
 
 @dataclass
@@ -224,7 +220,7 @@ def import_dataset(*, out: str, captions: str | None = None, images: str | None 
     out_fs.delete_dir(staging)
     if classes:
         out_fs.create_dir(f"{out_path}/val", recursive=True)
-        write_text_atomically(out_fs, f"{out_path}/val/classes.txt", "\n".join(classes) + "\n")
+        write_text_atomically(out_fs, f"{out_path}/val/classes.txt", format_class_names(classes))
     reasons, examples = ray.get(log.summary.remote())
     report.bad_rows.update(reasons)
     report.examples = examples

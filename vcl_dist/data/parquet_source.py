@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockAccessor, BlockMetadata
 
-from .preprocess import pylist_columns
+from .shard_format import pylist_columns
 
 
 @dataclass(frozen=True)

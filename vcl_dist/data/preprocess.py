@@ -13,96 +13,16 @@ when too many are bad, which a silently shrinking dataset would never do.
 from __future__ import annotations
 
 import hashlib
-import math
 
 import numpy as np
 
 from .images import UnusableImageError, decode_image
-from .webdataset import to_shard_columns
-
-
-def pylist_columns(table) -> dict[str, np.ndarray]:
-    """A ``pyarrow.Table`` (or record batch) -> ``{column: object array}`` with nulls as None.
-
-    Pipelines hand the preprocessor Arrow batches, not numpy ones: numpy turns a nullable
-    integer column into floats with NaN for null, and a NaN label is a bad row while a null
-    one is an unlabeled row.
-    """
-    return {name: np.fromiter(table.column(i).to_pylist(), dtype=object, count=table.num_rows)
-            for i, name in enumerate(table.schema.names)}
+from .shard_format import caption_text, parse_label, pylist_columns, to_shard_columns
 
 
 def stable_id(text: str) -> int:
     """A 63-bit id of a string, equal on every process (``hash()`` is salted per process)."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
-
-
-# Class ids are int64 in the shard format, but ids past 2³¹ are no class index any tower can
-# hold: such a value is a corrupt cell, not a class.
-MAX_LABEL = 2**31 - 1
-
-
-def parse_label(value, num_classes: int | None = None) -> int | None:
-    """A shard's label cell -> class id; ``-1`` for unlabeled (null, empty, or -1 itself);
-    ``None`` when it is no usable class id: not an integer (``"3.5"``, ``"cat"``), not finite
-    (NaN, ``inf``, JSON ``Infinity``), negative, huge (``1e30``), or, with ``num_classes``
-    (the lines of ``classes.txt``), not below it. Never raises."""
-    if value is None:
-        return -1
-    if isinstance(value, (bytes, bytearray)):
-        try:
-            value = bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    if isinstance(value, str):
-        value = value.strip()
-        if not value:
-            return -1
-        try:
-            number = int(value)  # exact for long digit strings, which float() would round
-        except ValueError:
-            try:
-                number = float(value)
-            except ValueError:
-                return None
-    elif isinstance(value, (bool, np.bool_)):
-        return None
-    elif isinstance(value, (int, np.integer)):
-        number = int(value)
-    elif isinstance(value, (float, np.floating)):
-        number = float(value)
-    else:
-        return None
-    if isinstance(number, float):
-        if not math.isfinite(number) or not number.is_integer():
-            return None
-        number = int(number)
-    if number == -1:
-        return -1
-    if number < 0 or number > MAX_LABEL or (num_classes is not None and number >= num_classes):
-        return None
-    return number
-
-
-def caption_problem(value) -> str | None:
-    """Why a caption cell is unusable, or None: missing, not UTF-8, or blank."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        try:
-            value = bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            return "caption is not UTF-8 text"
-    if not isinstance(value, str) or not value.strip():
-        return "empty caption"
-    return None
-
-
-def caption_text(value) -> str | None:
-    """A caption cell (str, or UTF-8 bytes from a binary column or a tar) -> stripped text;
-    None when :func:`caption_problem` finds it unusable (bytes are never decoded with
-    replacement characters: a mis-encoded caption is a bad row, not a garbled one)."""
-    if caption_problem(value) is not None:
-        return None
-    return (bytes(value).decode("utf-8") if isinstance(value, (bytes, bytearray, memoryview)) else value).strip()
 
 
 class Preprocessor:

@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from .shard_format import SHARD_SCHEMA, format_class_names
+
 SHAPES = {
     "circle": ["circle", "disc", "round dot"],
     "square": ["square", "box", "block"],
@@ -144,16 +146,7 @@ def generate_split(out_dir: Path, split: str, num_images: int, captions_per_imag
         nonlocal shard, rows
         if not rows["key"]:
             return
-        table = pa.table(
-            {
-                "key": pa.array(rows["key"], pa.string()),
-                "image": pa.array(rows["image"], pa.binary()),
-                "caption": pa.array(rows["caption"], pa.string()),
-                "label": pa.array(rows["label"], pa.int64()),
-                "image_id": pa.array(rows["image_id"], pa.string()),
-            }
-        )
-        pq.write_table(table, out_dir / f"{split}-{shard:05d}.parquet")
+        pq.write_table(pa.table(rows, schema=SHARD_SCHEMA), out_dir / f"{split}-{shard:05d}.parquet")
         shard += 1
         rows = {name: [] for name in rows}
 
@@ -198,7 +191,7 @@ def ensure_shapes_dataset(cache_dir: str | os.PathLike, num_train: int, num_val:
     print(f"vcl-dist: generating the shapes dataset ({num_train} train / {num_val} val images) into {root}", flush=True)
     generate_split(staging / "train", "train", num_train, 1, image_size, seed)
     generate_split(staging / "val", "val", num_val, val_captions_per_image, image_size, seed)
-    (staging / "classes.txt").write_text("\n".join(CLASS_NAMES) + "\n")
+    (staging / "classes.txt").write_text(format_class_names(CLASS_NAMES))
     (staging / "params.json").write_text(json.dumps(params, indent=2))
     (staging / "_SUCCESS").write_text("")
     try:

@@ -8,62 +8,13 @@ format, so everything downstream sees one format.
 
 from __future__ import annotations
 
-import json
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pyarrow.fs as pafs
 
 from ..storage import list_files
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-
-
-def _text(value) -> str | None:
-    if value is None:
-        return None
-    return value.decode("utf-8", errors="replace") if isinstance(value, (bytes, bytearray)) else str(value)
-
-
-def _metadata(value) -> dict:
-    text = _text(value)
-    if not text:
-        return {}
-    try:
-        meta = json.loads(text)
-    except ValueError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def to_shard_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """WebDataset columns (``__key__``, ``jpg``, ``txt``, …) -> ``key, image, caption, label, image_id, path``."""
-    n = len(batch["__key__"])
-    none = np.full(n, None, dtype=object)
-    images = none.copy()
-    for ext in IMAGE_EXTENSIONS:
-        if ext in batch:
-            column = batch[ext]
-            for i in range(n):
-                if images[i] is None and column[i] is not None:
-                    images[i] = column[i]
-    metas = [_metadata(v) for v in batch.get("json", none)]
-    labels = np.empty(n, dtype=object)
-    image_ids = np.empty(n, dtype=object)
-    for i in range(n):
-        cls = _text(batch["cls"][i]) if "cls" in batch else None
-        labels[i] = cls.strip() if cls and cls.strip() else metas[i].get("label", metas[i].get("cls"))
-        image_ids[i] = metas[i].get("image_id")
-    return {
-        "key": np.array([str(k) for k in batch["__key__"]], dtype=object),
-        "image": images,
-        # Raw bytes: the preprocessor decodes them strictly (a caption that is not UTF-8 is a bad row).
-        "caption": np.array(list(batch.get("txt", none)), dtype=object),
-        "label": labels,
-        "image_id": image_ids,
-        "path": batch.get("path", none),
-    }
+from .shard_format import IMAGE_EXTENSIONS, caption_text, json_object
 
 
 def _tar_members(filesystem: pafs.FileSystem, tar_path: str):
@@ -102,7 +53,7 @@ def _counts_from_stats(filesystem: pafs.FileSystem, tars: list[str]) -> int | No
 
     def successes(file: str) -> int | None:
         with filesystem.open_input_stream(file) as stream:
-            value = _metadata(stream.read()).get("successes")
+            value = json_object(stream.read()).get("successes")
         return value if isinstance(value, int) and value >= 0 else None
 
     with ThreadPoolExecutor(max_workers=16) as pool:
@@ -116,8 +67,6 @@ def _count_samples(filesystem: pafs.FileSystem, tar_path: str) -> int:
 
 
 def webdataset_captions(filesystem: pafs.FileSystem, path: str, limit: int) -> list[str]:
-    from .preprocess import caption_text
-
     captions = []
     for _, ext, tar, member in _members(filesystem, path):
         if ext == "txt":

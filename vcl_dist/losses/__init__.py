@@ -1,7 +1,10 @@
 """Contrastive losses over the global pool; they know nothing of Ray, only of torch.distributed.
 
-Parts compose like pytorch-metric-learning's: :mod:`.pool` (gather + memory + masks),
-:mod:`.distances`, :mod:`.negatives` (negative selection), and the losses on top.
+Start with :mod:`.definitions`: each loss as defined, in a few lines of dense masked
+score-matrix code — the specification the fast classes here are tested against. Those compose
+like pytorch-metric-learning's parts: :mod:`.pool` (gather + memory + masks), :mod:`.distances`,
+:mod:`.negatives` (negative selection), :mod:`.fused` (dense terms with hand-written backward),
+and the losses on top.
 """
 
 from __future__ import annotations
@@ -29,9 +32,4 @@ def build_loss(cfg: LossConfig, num_classes: int | None = None, embed_dim: int |
     raise ValueError(f"loss.name: unknown loss {cfg.name!r}")
 
 
-def normalizes_embeddings(loss_name: str) -> bool:
-    """Whether a loss works on cosine similarity (retrieval then ranks by cosine too)."""
-    return loss_name != "vcrl"
-
-
-__all__ = ["InfoNCELoss", "NegativeMemory", "TripletLoss", "VCRLLoss", "build_loss", "normalizes_embeddings"]
+__all__ = ["InfoNCELoss", "NegativeMemory", "TripletLoss", "VCRLLoss", "build_loss"]

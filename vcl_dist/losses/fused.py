@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import torch
 
+from .distances import squared_distances, squared_distances_normalized
 from .negatives import INF, count_true
 
 
 def _squared_distances(anchors: torch.Tensor, items: torch.Tensor, normalized: bool) -> torch.Tensor:
-    if normalized:
-        return torch.addmm(anchors.new_tensor(2.0), anchors, items.T, alpha=-2.0)
-    distances = torch.addmm(items.pow(2).sum(1).unsqueeze(0), anchors, items.T, alpha=-2.0)
-    return distances.add_(anchors.pow(2).sum(1, keepdim=True))
+    return squared_distances_normalized(anchors, items) if normalized else squared_distances(anchors, items)
 
 
 def _distance_backward(grad: torch.Tensor, anchors, items, normalized: bool):

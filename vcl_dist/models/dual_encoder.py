@@ -18,11 +18,15 @@ class DualEncoder(nn.Module):
 
     Images arrive as ``uint8 [B, 3, H, W]`` straight from the data pipeline and are scaled and
     normalised here, on the model's device. The projections are bias-free linear maps
-    (``U = Wᵢᵀ X``, ``V = Wₜᵀ Y`` in the VCRL notation); losses decide whether to normalise.
+    (``U = Wᵢᵀ X``, ``V = Wₜᵀ Y`` in the VCRL notation); losses decide whether to normalise, and
+    ``similarity`` records the choice for retrieval.
     """
 
-    def __init__(self, image_tower: nn.Module, text_tower: nn.Module, embed_dim: int):
+    def __init__(self, image_tower: nn.Module, text_tower: nn.Module, embed_dim: int, similarity: str = "cosine"):
         super().__init__()
+        # How embeddings of this model are compared ("cosine" or "squared_distance"): fixed by
+        # the loss it is trained with, part of the model for everything that ranks with it.
+        self.similarity = similarity
         self.image_tower = image_tower
         self.text_tower = text_tower
         self.image_projection = nn.Linear(image_tower.out_features, embed_dim, bias=False)
@@ -67,9 +71,12 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise ConfigError(f"the config builds no model: {' '.join(str(err).split())[:300]}") from None
 
 
-def build_dual_encoder(cfg: ModelConfig, vocab_size: int, max_text_length: int, pad_token_id: int = 0) -> DualEncoder:
+def build_dual_encoder(cfg: ModelConfig, vocab_size: int, max_text_length: int, pad_token_id: int = 0,
+                       similarity: str = "cosine") -> DualEncoder:
+    """``similarity``: :attr:`vcl_dist.config.Config.similarity` of the run."""
     return DualEncoder(
         build_image_tower(cfg.image),
         build_text_tower(cfg.text, vocab_size, max_text_length, pad_token_id),
         cfg.embed_dim,
+        similarity,
     )

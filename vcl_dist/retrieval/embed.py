@@ -31,8 +31,8 @@ import torch
 
 from ..data.datasets import SHAPES_SHARD, DatasetSource, read_split
 from ..data.images import UnusableImageError, open_image
-from ..data.preprocess import Preprocessor, caption_text, pylist_columns
-from ..data.webdataset import to_shard_columns
+from ..data.preprocess import Preprocessor
+from ..data.shard_format import caption_text, pylist_columns, to_shard_columns
 from ..storage import write_text_atomically
 
 # The leading underscore keeps readers of the folder (pyarrow, pandas, Spark) from taking it for data.

@@ -1,45 +1,30 @@
-"""A trained dual encoder outside of training: export it to a folder, load it anywhere, encode.
+"""A trained dual encoder outside of training: load it anywhere, turn raw inputs into embeddings.
 
-An export folder holds ``model.safetensors`` (the dual encoder's weights), ``config.yaml`` (the
-run's resolved config: towers, image size, text length, loss), ``tokenizer/`` and, when the run
-had them, ``history.json`` (per-epoch metrics) and ``classes.txt``. :func:`load_model` reads an
-export folder, a training checkpoint folder or a run folder (its ``model/`` export, else its
-newest checkpoint), local or ``s3://``, with no Ray involved: inference on a laptop or in a
-serving process is one call.
+:func:`load_model` reads an export folder, a training checkpoint folder or a run folder (its
+``model/`` export, else its newest checkpoint), local or ``s3://``, with no Ray involved:
+inference on a laptop or in a serving process is one call. The files themselves are
+:mod:`vcl_dist.models.artifacts`'.
 """
 
 from __future__ import annotations
 
 import io
-import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
-import pyarrow.fs as pafs
 import torch
 from PIL import Image
 
-from ..config import Config, S3Config, dump_config
+from ..config import Config, S3Config
 from ..data.images import UnusableImageError, decode_image
 from ..evaluate import similarity
-from ..losses import normalizes_embeddings
-from ..models import DualEncoder, build_dual_encoder
+from ..models import DualEncoder
+from ..models.artifacts import ModelFolder, ModelNotFoundError, folder_of_files, local_model_folder, read_model_folder
 from ..precision import autocast
-from ..storage import display_uri, filesystem_for
-from ..train.checkpoint import CLASSES_FILE, CONFIG_FILE, HISTORY_FILE, MODEL_FILE, TOKENIZER_DIR
 
-WEIGHTS_FILE = "model.safetensors"
-EXPORT_DIR = "model"  # a run's export, beside its checkpoints
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """No export, checkpoint or run at the given path (one-line message)."""
+__all__ = ["ModelNotFoundError", "RetrievalModel", "load_model", "load_model_files"]
 
 
 @dataclass
@@ -64,7 +49,8 @@ class RetrievalModel:
 
     @property
     def normalized(self) -> bool:
-        return normalizes_embeddings(self.config.loss.name)
+        """Whether the model ranks by cosine (else by minus squared distance): the model's own."""
+        return self.model.similarity == "cosine"
 
     @property
     def image_size(self) -> int:
@@ -124,39 +110,6 @@ class RetrievalModel:
         return similarity(queries, items, self.normalized)
 
 
-def export_model(source: str | Path, out_dir: str | Path, *, history: list[dict] | None = None,
-                 class_names: Sequence[str] | None = None) -> Path:
-    """Write ``source`` (a checkpoint or export folder, local) as an export folder ``out_dir``.
-
-    The folder is assembled beside its destination and renamed into place, so a crash never
-    leaves a half-written export under the final name.
-    """
-    from safetensors.torch import save_model
-
-    source, out_dir = Path(source), Path(out_dir)
-    loaded = load_model(source)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        # save_model (not save_file) copes with tied or shared tensors.
-        save_model(loaded.model, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-        (staging / CONFIG_FILE).write_text(dump_config(loaded.config))
-        loaded.tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
-        history = history if history is not None else loaded.history
-        if history:
-            (staging / HISTORY_FILE).write_text(json.dumps(history, indent=1))
-        class_names = class_names if class_names is not None else loaded.class_names
-        if class_names:
-            (staging / CLASSES_FILE).write_text("".join(f"{name}\n" for name in class_names))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
-
-
 def load_model(path: str | Path, device: str | torch.device = "cpu", s3: S3Config | None = None) -> RetrievalModel:
     """Load an export folder, a checkpoint folder or a run folder (local or ``s3://``) for inference.
 
@@ -164,85 +117,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", s3: S3Confi
         ModelNotFoundError: nothing loadable at ``path`` (one line).
     """
     with local_model_folder(path, s3) as folder:
-        return _load_local(folder, device)
-
-
-@contextmanager
-def local_model_folder(path: str | Path, s3: S3Config | None = None) -> Iterator[Path]:
-    """The local folder holding the model at ``path``; an ``s3://`` model is downloaded for the
-    duration of the ``with`` block."""
-    path = str(path)
-    if path.startswith("s3://"):
-        filesystem, remote = filesystem_for(path, s3)
-        folder = _model_folder(filesystem, remote, path)
-        with tempfile.TemporaryDirectory() as local:
-            pafs.copy_files(folder, local, source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem())
-            yield Path(local)
-        return
-    local = str(Path(path).expanduser().resolve())
-    yield Path(_model_folder(pafs.LocalFileSystem(), local, path))
-
-
-def model_files(path: str | Path, s3: S3Config | None = None) -> dict[str, bytes]:
-    """Every file of the model at ``path`` by relative name: what Ray ships to inference actors
-    on other nodes, which cannot read the driver's disk."""
-    with local_model_folder(path, s3) as folder:
-        return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+        return _ready(read_model_folder(folder), device)
 
 
 def load_model_files(files: dict[str, bytes], device: str | torch.device = "cpu") -> RetrievalModel:
-    """The inverse of :func:`model_files`."""
-    with tempfile.TemporaryDirectory() as local:
-        for name, data in files.items():
-            target = Path(local) / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-        return _load_local(Path(local), device)
+    """A model from the files :func:`~vcl_dist.models.artifacts.model_files` collected."""
+    with folder_of_files(files) as folder:
+        return _ready(read_model_folder(folder), device)
 
 
-def _model_folder(filesystem: pafs.FileSystem, path: str, shown: str) -> str:
-    """The folder that holds the weights: ``path`` itself, a run's export, or its newest checkpoint."""
-    def has(name: str, folder: str = path) -> bool:
-        return filesystem.get_file_info(f"{folder}/{name}").type != pafs.FileType.NotFound
-
-    try:
-        kind = filesystem.get_file_info(path).type
-        if kind == pafs.FileType.File:
-            raise ModelNotFoundError(f"{shown} is a file: pass the model's folder (an export, a checkpoint or a run)")
-        if has(WEIGHTS_FILE) or has(MODEL_FILE):
-            return path
-        if has(f"{EXPORT_DIR}/{WEIGHTS_FILE}"):
-            return f"{path}/{EXPORT_DIR}"
-        entries = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except ModelNotFoundError:
-        raise
-    except OSError as err:
-        raise ModelNotFoundError(f"cannot reach {shown}: {' '.join(str(err).split())[:200]}") from None
-    checkpoints = sorted(e.path for e in entries if e.type == pafs.FileType.Directory
-                         and e.base_name.startswith("checkpoint_") and has(MODEL_FILE, e.path))
-    if checkpoints:
-        return checkpoints[-1]  # Ray Train names them checkpoint_<timestamp>: the last is the newest
-    raise ModelNotFoundError(f"no model at {display_uri(shown, filesystem)}: expected an export ({WEIGHTS_FILE}), "
-                             "a checkpoint (model.pt) or a run folder holding either")
-
-
-def _load_local(folder: Path, device: str | torch.device) -> RetrievalModel:
-    from transformers import AutoTokenizer
-
-    from ..config import load_saved_config
-
+def _ready(loaded: ModelFolder, device: str | torch.device) -> RetrievalModel:
     device = torch.device(device)
-    if not (folder / CONFIG_FILE).is_file():
-        raise ModelNotFoundError(f"no {CONFIG_FILE} in the model folder {folder}")
-    cfg = load_saved_config((folder / CONFIG_FILE).read_text(), f"the model's {CONFIG_FILE}")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))
-    model = build_dual_encoder(cfg.model, len(tokenizer), cfg.data.max_text_length, tokenizer.pad_token_id or 0)
-    if (folder / WEIGHTS_FILE).exists():
-        from safetensors.torch import load_model as load_safetensors
-
-        load_safetensors(model, str(folder / WEIGHTS_FILE), device="cpu")
-    else:  # a training checkpoint
-        model.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
-    history = json.loads((folder / HISTORY_FILE).read_text()) if (folder / HISTORY_FILE).exists() else []
-    classes = (folder / CLASSES_FILE).read_text().split("\n") if (folder / CLASSES_FILE).exists() else []
-    return RetrievalModel(model.to(device).eval(), tokenizer, cfg, device, history, [c for c in classes if c.strip()] or None)
+    return RetrievalModel(loaded.model.to(device).eval(), loaded.tokenizer, loaded.config, device, loaded.history,
+                          loaded.class_names)

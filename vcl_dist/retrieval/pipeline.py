@@ -7,8 +7,9 @@ from typing import Literal, Sequence
 
 from ..config import Config, load_config
 from ..data.datasets import DatasetSource, count_rows, read_class_names, resolve_source
+from ..models.artifacts import model_files
 from .embed import embedding_dataset
-from .model import RetrievalModel, load_model, model_files
+from .model import RetrievalModel, load_model
 
 
 def load_model_and_config(model_path: str, overrides: Sequence[str] = ()) -> tuple[RetrievalModel, Config]:

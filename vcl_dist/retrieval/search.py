@@ -14,12 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 import torch
 
 from ..config import S3Config
 from ..evaluate import distinct_images
-from ..storage import display_uri, exists, filesystem_for, read_text
+from ..storage import display_uri, exists, filesystem_for, list_files, read_text
 from .embed import CORPUS_INFO_FILE
 
 EMBEDDING_COLUMNS = {"image": "image_embedding", "text": "text_embedding"}
@@ -47,10 +46,10 @@ class Corpus:
         self.filesystem, self.path = filesystem_for(uri, s3)
         if not exists(self.filesystem, self.path):
             raise FileNotFoundError(f"no corpus at {uri}")
-        selector = pafs.FileSelector(self.path, recursive=True)
-        files = sorted(f.path for f in self.filesystem.get_file_info(selector) if f.path.endswith(".parquet"))
-        if not files:
-            raise FileNotFoundError(f"no Parquet files in {uri}: run jobs/embed.py first")
+        try:
+            files = list_files(self.filesystem, self.path, "parquet")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no Parquet files in {uri}: run jobs/embed.py first") from None
         self.dataset = pads.dataset(files, format="parquet", filesystem=self.filesystem)
         missing = {"key", *EMBEDDING_COLUMNS.values()} - set(self.dataset.schema.names)
         if missing:

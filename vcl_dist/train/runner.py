@@ -13,7 +13,7 @@ from ..config import Config, dump_config
 from ..data.datasets import DatasetSource, build_split, count_rows, read_class_names, resolve_source, sample_captions
 from ..data.tokenizer import load_pretrained_tokenizer, train_wordpiece
 from ..models import check_model_config
-from ..ray_cluster import JobNeeds, check_cluster_fits, connect_ray
+from ..ray_cluster import JobNeeds, check_cluster_fits, connect_ray, cpus_for_training
 from ..storage import display_uri, filesystem_for, write_text_atomically
 from .data_quality import worst_shards
 from .fatal import raise_if_fatal
@@ -99,23 +99,17 @@ def resume_config(cfg: Config, overrides: Sequence[str] = ()) -> Config:
     import pyarrow.fs as pafs
 
     from ..config import load_config, load_saved_config
-    from .checkpoint import CONFIG_FILE
+    from ..models.artifacts import CONFIG_FILE, newest_checkpoint
 
     storage, root = filesystem_for(cfg.run.storage_path, cfg.s3)
-
-    def newest_checkpoint(run: str) -> str | None:
-        entries = storage.get_file_info(pafs.FileSelector(f"{root}/{run}", allow_not_found=True))
-        names = [e.path for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_")]
-        return max(names) if names else None  # checkpoint_<timestamp>: the newest sorts last
-
     if cfg.run.name:
-        name, checkpoint = cfg.run.name, newest_checkpoint(cfg.run.name)
+        name, checkpoint = cfg.run.name, newest_checkpoint(storage, f"{root}/{cfg.run.name}")
         if checkpoint is None:
             raise FileNotFoundError(f"run {name} under {cfg.run.storage_path} has no checkpoint to resume from")
     else:
         runs = storage.get_file_info(pafs.FileSelector(root, allow_not_found=True))
         found = [(c.rsplit("/", 1)[-1], r.base_name, c) for r in runs if r.type == pafs.FileType.Directory
-                 and (c := newest_checkpoint(r.base_name))]
+                 and (c := newest_checkpoint(storage, r.path))]
         if not found:
             raise FileNotFoundError(f"no run with a checkpoint to resume under {cfg.run.storage_path}")
         _, name, checkpoint = max(found)  # the run whose last checkpoint is the newest
@@ -140,8 +134,7 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
 
     check_model_config(cfg.model)  # before any Ray work: a config error is one line, exit 2
     workers = cfg.train.num_workers
-    # Room for the training workers plus two preprocessing tasks at a time.
-    print(f"vcl-dist: {connect_ray(int(workers * cfg.train.cpus_per_worker) + 2)}", flush=True)
+    print(f"vcl-dist: {connect_ray(cpus_for_training(workers, cfg.train.cpus_per_worker))}", flush=True)
     use_gpu = _use_gpu(cfg)
     check_cluster_fits(JobNeeds(cfg.train.min_workers or workers, cfg.train.cpus_per_worker, 1 if use_gpu else 0))
     # One progress bar per dataset, not one per operator: readable in logs of submitted jobs.
@@ -241,7 +234,7 @@ def export_run_model(checkpoint, storage, run_path: str, history: list[dict] | N
     ``class_names``: None takes the checkpoint's own."""
     import pyarrow.fs as pafs
 
-    from ..retrieval.model import EXPORT_DIR, export_model
+    from ..models.artifacts import EXPORT_DIR, export_model
 
     target = f"{run_path}/{EXPORT_DIR}"
     with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as staging:

@@ -12,10 +12,9 @@ import numpy as np
 import torch
 from torch.nn.utils import clip_grad_norm_, get_total_norm
 
+from ..data.shard_format import TENSOR_COLUMNS
 from ..losses.gather import average_gradients
 from ..precision import autocast
-
-TENSOR_COLUMNS = ("image", "input_ids", "attention_mask", "label", "group", "valid")
 
 
 def collate_rows(batch: dict[str, np.ndarray], pin_memory: bool = False) -> dict:
@@ -29,17 +28,6 @@ def collate_rows(batch: dict[str, np.ndarray], pin_memory: bool = False) -> dict
         tensors = {name: t.pin_memory() for name, t in tensors.items()}
     tensors["bad_shards"] = [str(shard) for shard, ok in zip(batch["shard"], batch["valid"]) if not ok]
     return tensors
-
-
-def drop_bad_rows(batch: dict) -> tuple[dict[str, torch.Tensor], int, list[str]]:
-    """``(clean batch, rows before, shards of the dropped rows)``."""
-    bad_shards = batch.pop("bad_shards")
-    valid = batch.pop("valid")
-    rows = len(valid)
-    if bad_shards:
-        keep = valid.bool()
-        batch = {name: t[keep] for name, t in batch.items()}
-    return batch, rows, bad_shards
 
 
 def pinned_collate_rows(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

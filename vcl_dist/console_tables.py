@@ -1,4 +1,4 @@
-"""Terminal summaries of finished runs."""
+"""Terminal tables for the jobs: a run's summary, an evaluation's metrics, search hits, the best trials."""
 
 from __future__ import annotations
 

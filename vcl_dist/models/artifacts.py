@@ -1,0 +1,240 @@
+"""A model's files, in one place: training checkpoints, the exported model, and which folder of
+a run holds the newest complete one — local or in S3.
+
+The training wing (:mod:`vcl_dist.train`) writes checkpoints and exports through this module,
+and the serving wing (:mod:`vcl_dist.retrieval`) reads them through it; neither imports the other.
+
+A **checkpoint** (one folder, loadable with ``torch.load(weights_only=True)``): ``model.pt``
+(the dual encoder's state dict), ``loss.pt`` (the loss's parameters, such as a temperature or
+class embeddings), ``training_state.pt`` (optimizer, scheduler, negative memory, epoch, step,
+the data position and every worker's RNG state), ``history.json`` (metrics of every finished
+epoch), ``config.yaml`` (the resolved config), ``tokenizer/`` and ``classes.txt``.
+
+An **export** (``<run>/model/``): ``model.safetensors`` (the dual encoder's weights) with the
+same ``config.yaml``, ``tokenizer/``, ``history.json`` and ``classes.txt``; assembled beside its
+destination and renamed into place.
+
+A model is named by an export folder, a checkpoint folder, or a run folder (its export, else
+its newest checkpoint): :func:`find_model_folder`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import pyarrow.fs as pafs
+import torch
+
+from ..config import Config, S3Config, dump_config
+from ..data.shard_format import format_class_names, parse_class_names
+from ..storage import display_uri, filesystem_for, newest_folder
+from .dual_encoder import DualEncoder, build_dual_encoder
+
+MODEL_FILE = "model.pt"
+LOSS_FILE = "loss.pt"
+STATE_FILE = "training_state.pt"
+HISTORY_FILE = "history.json"
+CONFIG_FILE = "config.yaml"
+TOKENIZER_DIR = "tokenizer"
+CLASSES_FILE = "classes.txt"
+
+
+def save_checkpoint(folder: str | Path, *, model, criterion, optimizer, scheduler, epoch: int, step: int,
+                    history: list[dict], config_yaml: str, tokenizer, class_names: list[str] | None = None,
+                    epoch_step: int = 0, epoch_progress: dict | None = None, rng: list[dict] | None = None) -> None:
+    """``epoch``: the epoch the checkpoint is in (0-based); ``epoch_step``: steps done in it, 0 when
+    the checkpoint closes it; ``epoch_progress``: the epoch's running sums, to finish it after a
+    restart; ``rng``: every worker's RNG state, in rank order."""
+    folder = Path(folder)
+    torch.save(model.state_dict(), folder / MODEL_FILE)
+    torch.save(criterion.state_dict(), folder / LOSS_FILE)
+    memory = getattr(criterion, "memory", None)
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
+         "epoch_step": epoch_step, "epoch_progress": epoch_progress, "rng": rng,
+         "memory": memory.state_dict() if memory is not None else None},
+        folder / STATE_FILE,
+    )
+    (folder / HISTORY_FILE).write_text(json.dumps(history, indent=1))
+    (folder / CONFIG_FILE).write_text(config_yaml)
+    tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
+    if class_names:
+        (folder / CLASSES_FILE).write_text(format_class_names(class_names))
+
+
+def load_checkpoint(folder: str | Path, *, model, criterion=None, optimizer=None, scheduler=None) -> dict:
+    """Restore what is given; returns ``epoch``, ``step``, ``epoch_step``, ``epoch_progress``,
+    ``rng`` and ``history`` of the saved run."""
+    folder = Path(folder)
+    model.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    if criterion is not None:
+        criterion.load_state_dict(torch.load(folder / LOSS_FILE, map_location="cpu", weights_only=True))
+        memory = getattr(criterion, "memory", None)
+        if memory is not None and state.get("memory") is not None:
+            memory.load_state_dict(state["memory"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    history = json.loads((folder / HISTORY_FILE).read_text())
+    return {"epoch": state["epoch"], "step": state["step"], "history": history, "epoch_step": state.get("epoch_step", 0),
+            "epoch_progress": state.get("epoch_progress"), "rng": state.get("rng")}
+
+
+WEIGHTS_FILE = "model.safetensors"
+EXPORT_DIR = "model"  # a run's export, beside its checkpoints
+CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train's checkpoint_<timestamp> folders: the newest sorts last
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """No export, checkpoint or run at the given path (one-line message)."""
+
+
+@dataclass
+class ModelFolder:
+    """What a model folder holds, loaded on the CPU."""
+
+    model: DualEncoder
+    tokenizer: object
+    config: Config
+    history: list[dict]
+    class_names: list[str] | None
+
+
+def read_model_folder(folder: Path) -> ModelFolder:
+    """Load a local export or checkpoint folder. The config is untrusted input, read as data
+    (:func:`~vcl_dist.config.load_saved_config`).
+
+    Raises:
+        ModelNotFoundError: no config in the folder. ConfigError: a config that cannot be loaded.
+    """
+    from transformers import AutoTokenizer
+
+    from ..config import load_saved_config
+
+    if not (folder / CONFIG_FILE).is_file():
+        raise ModelNotFoundError(f"no {CONFIG_FILE} in the model folder {folder}")
+    cfg = load_saved_config((folder / CONFIG_FILE).read_text(), f"the model's {CONFIG_FILE}")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))
+    model = build_dual_encoder(cfg.model, len(tokenizer), cfg.data.max_text_length, tokenizer.pad_token_id or 0,
+                               cfg.similarity)
+    if (folder / WEIGHTS_FILE).exists():
+        from safetensors import safe_open
+        from safetensors.torch import load_model as load_safetensors
+
+        load_safetensors(model, str(folder / WEIGHTS_FILE), device="cpu")
+        with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as weights:
+            model.similarity = (weights.metadata() or {}).get("similarity", model.similarity)  # as recorded at export
+    else:  # a training checkpoint
+        model.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
+    history = json.loads((folder / HISTORY_FILE).read_text()) if (folder / HISTORY_FILE).exists() else []
+    classes = parse_class_names((folder / CLASSES_FILE).read_text()) if (folder / CLASSES_FILE).exists() else None
+    return ModelFolder(model, tokenizer, cfg, history, classes)
+
+
+def export_model(source: str | Path, out_dir: str | Path, *, history: list[dict] | None = None,
+                 class_names: Sequence[str] | None = None) -> Path:
+    """Write ``source`` (a checkpoint or export folder, local) as an export folder ``out_dir``.
+
+    The folder is assembled beside its destination and renamed into place, so a crash never
+    leaves a half-written export under the final name.
+    """
+    from safetensors.torch import save_model
+
+    source, out_dir = Path(source), Path(out_dir)
+    loaded = read_model_folder(source)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        # save_model (not save_file) copes with tied or shared tensors.
+        save_model(loaded.model, str(staging / WEIGHTS_FILE), metadata={"format": "pt", "similarity": loaded.model.similarity})
+        (staging / CONFIG_FILE).write_text(dump_config(loaded.config))
+        loaded.tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
+        history = history if history is not None else loaded.history
+        if history:
+            (staging / HISTORY_FILE).write_text(json.dumps(history, indent=1))
+        class_names = class_names if class_names is not None else loaded.class_names
+        if class_names:
+            (staging / CLASSES_FILE).write_text(format_class_names(class_names))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def newest_checkpoint(filesystem: pafs.FileSystem, run_path: str) -> str | None:
+    """The run's newest checkpoint folder that holds weights, or None."""
+    return newest_folder(filesystem, run_path, CHECKPOINT_PREFIX, containing=MODEL_FILE)
+
+
+def find_model_folder(filesystem: pafs.FileSystem, path: str, shown: str) -> str:
+    """The folder that holds the weights: ``path`` itself, a run's export, or its newest checkpoint.
+
+    Raises:
+        ModelNotFoundError: none of them, or the path cannot be reached (one line).
+    """
+    def has(name: str, folder: str = path) -> bool:
+        return filesystem.get_file_info(f"{folder}/{name}").type != pafs.FileType.NotFound
+
+    try:
+        kind = filesystem.get_file_info(path).type
+        if kind == pafs.FileType.File:
+            raise ModelNotFoundError(f"{shown} is a file: pass the model's folder (an export, a checkpoint or a run)")
+        if has(WEIGHTS_FILE) or has(MODEL_FILE):
+            return path
+        if has(f"{EXPORT_DIR}/{WEIGHTS_FILE}"):
+            return f"{path}/{EXPORT_DIR}"
+        checkpoint = newest_checkpoint(filesystem, path)
+    except ModelNotFoundError:
+        raise
+    except OSError as err:
+        raise ModelNotFoundError(f"cannot reach {shown}: {' '.join(str(err).split())[:200]}") from None
+    if checkpoint:
+        return checkpoint
+    raise ModelNotFoundError(f"no model at {display_uri(shown, filesystem)}: expected an export ({WEIGHTS_FILE}), "
+                             "a checkpoint (model.pt) or a run folder holding either")
+
+
+@contextmanager
+def local_model_folder(path: str | Path, s3: S3Config | None = None) -> Iterator[Path]:
+    """The local folder holding the model at ``path``; an ``s3://`` model is downloaded for the
+    duration of the ``with`` block."""
+    path = str(path)
+    if path.startswith("s3://"):
+        filesystem, remote = filesystem_for(path, s3)
+        folder = find_model_folder(filesystem, remote, path)
+        with tempfile.TemporaryDirectory() as local:
+            pafs.copy_files(folder, local, source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem())
+            yield Path(local)
+        return
+    local = str(Path(path).expanduser().resolve())
+    yield Path(find_model_folder(pafs.LocalFileSystem(), local, path))
+
+
+def model_files(path: str | Path, s3: S3Config | None = None) -> dict[str, bytes]:
+    """Every file of the model at ``path`` by relative name: what Ray ships to inference actors
+    on other nodes, which cannot read the driver's disk."""
+    with local_model_folder(path, s3) as folder:
+        return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+@contextmanager
+def folder_of_files(files: dict[str, bytes]) -> Iterator[Path]:
+    """The inverse of :func:`model_files`: the files written to a temporary folder."""
+    with tempfile.TemporaryDirectory() as local:
+        for name, data in files.items():
+            target = Path(local) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        yield Path(local)

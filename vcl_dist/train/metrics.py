@@ -1,0 +1,96 @@
+"""One epoch's counters on one worker, and the metrics each epoch reports — with the list of
+their names, which ``tune.metric`` is checked against (kept here, where the metrics are made).
+
+Per epoch, every worker counts its steps, loss, data waits and bad rows; at the epoch's end
+they are averaged or summed over workers (collectives) into :data:`EPOCH_METRICS`, and rank 0
+adds the validation metrics (``val_`` + :func:`vcl_dist.evaluate.retrieval_metric_names`,
+``val_bad_rows``, ``val_zero_shot_acc``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config
+from ..evaluate import retrieval_metric_names
+from ..losses.gather import distributed_world
+from .data_quality import BadRowCounter, worst_shards
+
+EPOCH_METRICS = (
+    "epoch", "step", "train_loss", "lr", "samples_per_s", "samples_per_s_per_worker", "data_wait_fraction",
+    "data_wait_first_batch_s", "bad_rows", "epoch_time_s", "world_size", "worker_nodes", "global_batch", "base_lr",
+    "resumed_from_step",
+)
+
+
+def reported_metric_names(cfg: Config) -> set[str]:
+    """Every metric an epoch's report can carry (the class-level and zero-shot ones need labels
+    and ``classes.txt``)."""
+    val = [f"val_{name}" for name in retrieval_metric_names(cfg.eval.recall_ks)] + ["val_bad_rows", "val_zero_shot_acc"]
+    return set(EPOCH_METRICS) | set(val)
+
+
+class EpochProgress:
+    """One worker's counters for one epoch; ``carried``: the running sums a resumed epoch
+    continues from. ``waits`` collects the time spent waiting for each batch (see ``lockstep``)."""
+
+    def __init__(self, epoch: int, carried: dict, max_bad_fraction: float, global_batch: int):
+        self.epoch, self.global_batch = epoch, global_batch
+        self.loss_sum, self.steps = carried["loss_sum"], carried["steps"]
+        self.trained = 0  # steps this worker group took (a resumed epoch's first ones were taken before)
+        self.waits: list[float] = []
+        self.bad_rows = BadRowCounter(max_bad_fraction)
+        self.started = time.perf_counter()
+
+    def add(self, loss: float) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+        self.trained += 1
+
+    def running_sums(self) -> dict:
+        """What a checkpoint inside the epoch keeps of this worker's progress."""
+        return {"loss_sum": self.loss_sum, "steps": self.steps}
+
+    def log_line(self, epochs: int, steps_per_epoch: int, lr: float) -> str:
+        elapsed = time.perf_counter() - self.started
+        return (f"epoch {self.epoch + 1}/{epochs} step {self.steps}/{steps_per_epoch} loss {self.loss_sum / self.steps:.4f} "
+                f"lr {lr:.2e} {self.trained * self.global_batch / elapsed:.0f} samples/s")
+
+    def finish(self, device: torch.device, **fields) -> tuple[dict, list[tuple[str, int]]]:
+        """The epoch's metrics (``fields`` adds the ones the loop knows: step, lr, world size, …)
+        and its worst shards; collectives: every worker calls it.
+
+        Raises:
+            BadDataError: the epoch's bad rows are past ``data.max_bad_fraction``.
+        """
+        elapsed = time.perf_counter() - self.started
+        if self.steps == 0:
+            raise RuntimeError(f"epoch {self.epoch + 1} had no full batch on some worker: "
+                               "the training split is smaller than train.batch_size")
+        # The first batch's wait is the pipeline's start-up (Ray Data re-executes it every
+        # epoch); the rest is the steady state, where preprocessing falls behind the steps.
+        mean_loss, wait_fraction, first_wait = mean_over_workers(
+            [self.loss_sum / self.steps, sum(self.waits) / elapsed, self.waits[0]], device)
+        _, bad_rows = self.bad_rows.check(device, final=True)
+        bad_shards = worst_shards(self.bad_rows.global_by_shard()) if bad_rows else []
+        world = distributed_world()[1]
+        metrics = {
+            "epoch": self.epoch + 1, "train_loss": mean_loss,
+            "samples_per_s": self.trained * self.global_batch / elapsed,
+            "samples_per_s_per_worker": self.trained * self.global_batch / world / elapsed,
+            "data_wait_fraction": wait_fraction, "data_wait_first_batch_s": first_wait, "bad_rows": bad_rows,
+            "epoch_time_s": elapsed, **fields,
+        }
+        return {name: metrics[name] for name in EPOCH_METRICS}, bad_shards
+
+
+def mean_over_workers(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    _, world = distributed_world()
+    if world > 1:
+        dist.all_reduce(tensor)
+        tensor /= world
+    return tensor.tolist()

@@ -1,0 +1,5 @@
+"""Ray Tune around the trainer: the search (:mod:`.search`) and what it leaves behind (:mod:`.results`)."""
+
+from .search import check_tune_config, run_tune, trial_concurrency
+
+__all__ = ["check_tune_config", "run_tune", "trial_concurrency"]

@@ -1,0 +1,157 @@
+"""Hyperparameter search with Ray Tune; every trial is one distributed Ray Train run.
+
+The Train V2 way: Tune runs a driver function per trial (:func:`run_trial`), which builds the
+trial's config from the sampled values and calls :func:`~vcl_dist.train.runner.run_training`
+with ``TuneReportCallback``, so each epoch's rank-0 report reaches Tune (and ASHA) as one
+iteration. The dataset, tokenizer and row count are prepared once by the driver and handed to
+every trial: all trials share one data pipeline definition. What the search leaves behind is
+:mod:`.results`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..config import Config, ConfigError, Distribution, override_values
+from ..storage import display_uri, filesystem_for, newest_folder
+from ..train.metrics import reported_metric_names
+from .results import TRAIN_RUNS, TuneOutcome, write_outputs
+
+# Driver functions only wait on their TorchTrainer; the CPUs they would hold are better spent
+# on training workers and data tasks.
+TRIAL_DRIVER_CPUS = 0.01
+
+
+def check_tune_config(cfg: Config) -> None:
+    """Stop a bad search before any trial starts.
+
+    Raises:
+        ConfigError: an empty space, a key that names no setting, a distribution whose values
+            the setting cannot take, or an unknown metric (one line).
+    """
+    space = cfg.tune.searched
+    if not space:
+        raise ConfigError("tune.space is empty: name at least one key to search")
+    for key, dist in space.items():
+        for value in ([*dist.values] if dist.type == "choice" else [dist.example(), _upper(dist)]):
+            try:
+                override_values(cfg, {key: value})
+            except ConfigError as err:
+                raise ConfigError(f"tune.space[{key}]: {err}") from None
+    if cfg.train.checkpoint_every_steps or cfg.train.max_steps:
+        # Tune counts every report as an iteration (ASHA's clock); trials report once per epoch.
+        raise ConfigError("train.checkpoint_every_steps and train.max_steps are not for tune trials: leave them unset")
+    if cfg.tune.metric not in reported_metric_names(cfg):
+        raise ConfigError(f"tune.metric: {cfg.tune.metric!r} is not reported; one of {', '.join(sorted(reported_metric_names(cfg)))}")
+
+
+def _upper(dist: Distribution):
+    return int(dist.high) - 1 if dist.type == "randint" else dist.high
+
+
+def search_space(cfg: Config) -> dict:
+    from ray import tune
+
+    domains = {
+        "uniform": lambda d: tune.uniform(d.low, d.high),
+        "loguniform": lambda d: tune.loguniform(d.low, d.high),
+        "randint": lambda d: tune.randint(int(d.low), int(d.high)),
+        "choice": lambda d: tune.choice(d.values),
+    }
+    return {key: domains[dist.type](dist) for key, dist in cfg.tune.searched.items()}
+
+
+def trial_concurrency(cfg: Config, resources: dict) -> int:
+    """Trials that fit side by side: the cluster's GPUs (or CPUs, keeping one for data tasks)
+    divided by one trial's training workers. More would only queue idle trial drivers."""
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    if cfg.train.use_gpu is not False and resources.get("GPU", 0) >= cfg.train.num_workers:
+        return max(1, int(resources["GPU"] // cfg.train.num_workers))
+    per_trial = cfg.train.num_workers * cfg.train.cpus_per_worker
+    return max(1, int((resources.get("CPU", 1) - 1) // per_trial))
+
+
+def run_trial(sampled: dict, *, base: dict, inputs, runs_uri: str) -> None:
+    """One trial (a Tune function trainable): a full training run with the sampled values."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ..train.runner import run_training
+
+    cfg = override_values(Config.model_validate(base), sampled)
+    cfg.run.name = tune.get_context().get_trial_id()
+    cfg.run.storage_path = runs_uri
+    run_training(cfg, inputs, callbacks=[TuneReportCallback()])
+
+
+def run_tune(cfg: Config, resume: bool = False) -> TuneOutcome:
+    """Run (or resume) the search that ``cfg.tune`` describes and write its outputs."""
+    from ray import tune
+
+    from ..ray_cluster import connect_ray, cpus_for_training
+    from ..train.runner import prepare_inputs
+
+    check_tune_config(cfg)
+    import ray
+
+    print(f"vcl-dist: {connect_ray(cpus_for_training(cfg.train.num_workers, cfg.train.cpus_per_worker))}", flush=True)
+    storage_uri = cfg.tune.storage_path or cfg.run.storage_path
+    storage, storage_path = filesystem_for(storage_uri, cfg.s3)
+    name = cfg.tune.name or (latest_experiment(storage, storage_path) if resume else None) or f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
+    experiment = f"{storage_path}/{name}"
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), inputs=prepare_inputs(cfg),
+                             runs_uri=f"{storage_uri.rstrip('/')}/{name}/{TRAIN_RUNS}"),
+        {"CPU": TRIAL_DRIVER_CPUS},
+    )
+    if resume:
+        if not tune.Tuner.can_restore(experiment, storage_filesystem=storage):
+            raise FileNotFoundError(f"no tune run to resume at {display_uri(experiment, storage)}")
+        print(f"vcl-dist: resuming {display_uri(experiment, storage)}", flush=True)
+        # Finished trials keep their results; unfinished and errored ones run again.
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage)
+    else:
+        concurrency = trial_concurrency(cfg, ray.cluster_resources())
+        print(f"vcl-dist: {cfg.tune.num_samples} trials, up to {concurrency} at a time, in {display_uri(experiment, storage)}",
+              flush=True)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=search_space(cfg),
+            tune_config=tune.TuneConfig(
+                metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
+                search_alg=_search_algorithm(cfg), scheduler=_scheduler(cfg), max_concurrent_trials=concurrency,
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage, verbose=1),
+        )
+    grid = tuner.fit()
+    return write_outputs(cfg, grid, storage, experiment)
+
+
+def _search_algorithm(cfg: Config):
+    if cfg.tune.search == "random":
+        return None  # Tune's default: independent random samples of the space
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=cfg.tune.seed))
+
+
+def _scheduler(cfg: Config):
+    if cfg.tune.scheduler == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    # One iteration = one epoch's report; a trial runs at least grace_period epochs.
+    # stop_last_trials=False: a trial that reaches the last epoch is left to finish on its own
+    # (writing result.json and exporting its model) instead of being killed at its last report.
+    return ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs, stop_last_trials=False,
+                         grace_period=min(cfg.tune.grace_period, cfg.train.epochs), reduction_factor=cfg.tune.reduction_factor)
+
+
+def latest_experiment(storage, path: str) -> str | None:
+    """The name of the newest ``tune-*`` experiment under ``path`` (names carry their start time)."""
+    newest = newest_folder(storage, path, "tune-")
+    return newest.rsplit("/", 1)[-1] if newest else None
+
+
