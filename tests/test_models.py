@@ -90,3 +90,10 @@ def test_the_similarity_a_model_ranks_by_is_part_of_the_model_and_its_export(los
         assert weights.metadata()["similarity"] == similarity
     loaded = load_model(export)
     assert loaded.model.similarity == similarity and loaded.normalized == (similarity == "cosine")
+    # A PIL image is seen as the same file would be: transparency on white.
+    from hostile_inputs import rgba_png
+    from PIL import Image as PILImage
+
+    picture = PILImage.open(__import__("io").BytesIO(rgba_png()))
+    assert picture.mode == "RGBA"
+    assert torch.equal(loaded.encode_images([picture]), loaded.encode_images([rgba_png()]))

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from ..config import Config, S3Config
-from ..data.images import UnusableImageError, decode_image
+from ..data.images import UnusableImageError, decode_image, to_rgb
 from ..evaluate import similarity
 from ..models import DualEncoder
 from ..models.artifacts import ModelFolder, ModelNotFoundError, folder_of_files, local_model_folder, read_model_folder
@@ -90,7 +90,7 @@ class RetrievalModel:
     def _pixels(self, image) -> np.ndarray:
         if isinstance(image, Image.Image):
             buffer = io.BytesIO()
-            image.convert("RGB").save(buffer, format="PNG")
+            to_rgb(image).save(buffer, format="PNG")  # as the decoder shows files: alpha on white
             data, name = buffer.getvalue(), "a PIL image"
         elif isinstance(image, (str, Path)):
             name = str(image)
