@@ -42,7 +42,9 @@ def test_two_workers_train_checkpoint_inside_epochs_and_resume_there(local_ray, 
     history = outcome.history
     assert [m["epoch"] for m in history] == [1, 2] and [m["step"] for m in history] == [8, 16]
     assert all(m["world_size"] == 2 for m in history)
-    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    # Learning is checked after the resume below, over 4 epochs: after 2 (16 steps) the tiny
+    # model's mean loss moves by about its run-to-run noise (measured 0.006-0.009 lower in
+    # three runs, 0.0002 higher in one CI run).
     for key in ("val_i2t_r1", "val_t2i_r10", "val_t2i_class_r1", "val_zero_shot_acc", "val_rsum", "samples_per_s"):
         assert key in history[-1], key
     assert history[-1]["val_num_images"] == 64 and history[-1]["val_num_captions"] == 128
