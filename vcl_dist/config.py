@@ -327,7 +327,8 @@ def resolve_local_paths(cfg: Config, base_dir: str | Path | None = None) -> Conf
     base = Path(base_dir) if base_dir is not None else Path.cwd()
 
     def absolute(path: str) -> str:
-        return str(base / os.path.expanduser(path)) if not Path(os.path.expanduser(path)).is_absolute() else os.path.expanduser(path)
+        expanded = Path(os.path.expanduser(path))
+        return str(expanded if expanded.is_absolute() else base / expanded)
 
     for key in LOCAL_PATH_KEYS:
         section, leaf = key.split(".")

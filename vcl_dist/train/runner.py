@@ -203,11 +203,10 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
             "data_wait_fraction": final.get("data_wait_fraction"),
             "data_wait_first_batch_s": final.get("data_wait_first_batch_s"),
             "bad_rows": sum(m.get("bad_rows", 0) for m in history),
-            # The shards to look at first: bad rows per shard over all epochs and workers.
-            "bad_rows_worst_shards": [{"shard": shard, "bad_rows": count}
-                                      for shard, count in worst_shards(total_bad_shards(history, "bad_shards"))],
-            "val_bad_rows_worst_shards": [{"shard": shard, "bad_rows": count}
-                                          for shard, count in worst_shards(total_bad_shards(history[-1:], "val_bad_shards"))],
+            # The shards to look at first: bad rows per shard over all epochs and workers. The val
+            # split is read once and cached, so its last epoch holds all of its counts.
+            "bad_rows_worst_shards": worst_shard_rows(history, "bad_shards"),
+            "val_bad_rows_worst_shards": worst_shard_rows(history[-1:], "val_bad_shards"),
             "wall_time_s": wall,
         },
         "num_workers": workers,
@@ -220,17 +219,18 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
     return TrainingOutcome(summary["run_path"], final, history, summary["checkpoint"], summary["model"])
 
 
-def total_bad_shards(history: list[dict], key: str) -> Counter:
-    """Bad rows per shard summed over the epochs of ``history`` (each epoch keeps its worst shards)."""
+def worst_shard_rows(history: list[dict], key: str) -> list[dict]:
+    """``[{"shard", "bad_rows"}]``, worst first: bad rows per shard summed over the epochs of
+    ``history`` (each epoch keeps its worst shards under ``key``)."""
     total: Counter = Counter()
     for epoch in history:
         total.update(dict(epoch.get(key) or []))
-    return total
+    return [{"shard": shard, "bad_rows": count} for shard, count in worst_shards(total)]
 
 
 def export_run_model(checkpoint, storage, run_path: str, history: list[dict] | None, class_names: list[str] | None) -> str:
     """Export the run's last checkpoint as ``<run>/model`` (safetensors, config, tokenizer; see
-    :mod:`vcl_dist.retrieval.model`); returns its path inside ``storage``. ``history`` and
+    :mod:`vcl_dist.models.artifacts`); returns its path inside ``storage``. ``history`` and
     ``class_names``: None takes the checkpoint's own."""
     import pyarrow.fs as pafs
 
