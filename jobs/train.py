@@ -10,6 +10,7 @@ the cluster ``ray start`` last started on this machine, if it runs; otherwise a 
 RAY_ADDRESS=local always starts a new local Ray. A cluster too small for the run (training
 workers + 1 CPU for data) and without an autoscaler stops the job at once, in one line.
 
+A ``run.name`` that exists already is continued only with ``--resume`` (without it: exit 2).
 Prints the run folder and a summary; exit code 2 for a bad config, 1 for a failed run.
 """
 
@@ -53,7 +54,7 @@ def _run(args: argparse.Namespace) -> int:
         cfg = resume_config(cfg, args.overrides)
         print(f"vcl-dist: resuming run {cfg.run.name} in {cfg.run.storage_path}", flush=True)
     try:
-        outcome = run_training(cfg)
+        outcome = run_training(cfg, resume=args.resume)
     except TrainingFailedError as err:
         print(f"vcl-dist: training failed: {training_failure_message(err)}", file=sys.stderr)
         return 1

@@ -1,5 +1,6 @@
 """Config loading: overrides merge, and every bad input is one line on stderr with exit code 2."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,11 @@ def test_a_saved_config_without_interpolations_loads_as_written():
 
     cfg = load_config(None, ["loss.name=vcrl", "eval.prompt_template=a drawing of a {}"])
     assert load_saved_config(dump_config(cfg), "config.yaml") == cfg
+
+
+def test_default_run_names_sort_by_start_time_and_never_collide():
+    from vcl_dist.train.runner import default_run_name
+
+    names = [default_run_name() for _ in range(50)]  # all in the same second, or two
+    assert len(set(names)) == 50
+    assert all(re.fullmatch(r"vcl-\d{8}-\d{6}-[0-9a-f]{6}", n) for n in names), names[0]

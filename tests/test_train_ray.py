@@ -29,7 +29,8 @@ def local_ray():
     ray.shutdown()
 
 
-def test_two_workers_train_checkpoint_inside_epochs_and_resume_there(local_ray, tiny_shapes_overrides, repo_root, tmp_path):
+def test_two_workers_train_checkpoint_inside_epochs_and_resume_there(local_ray, tiny_shapes_overrides, repo_root, tmp_path,
+                                                                    capsys):
     # 512 rows, 2 workers, local batch 32: 8 lock-stepped steps per epoch. Checkpoints every 3
     # steps and at epoch ends; train.max_steps stops the run at step 20, 4 steps into epoch 3.
     cfg = load_config(
@@ -68,6 +69,16 @@ def test_two_workers_train_checkpoint_inside_epochs_and_resume_there(local_ray, 
     assert (state["epoch"], state["epoch_step"], state["step"]) == (2, 4, 20) and len(state["history"]) == 2
     assert len(state["rng"]) == 2 and [p["steps"] for p in state["epoch_progress"]] == [4, 4]  # one per worker
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    # The same run.name without --resume is refused before anything starts: Ray Train would
+    # otherwise continue that run silently, under the new config.
+    capsys.readouterr()
+    assert load_job("train").main([*tiny_shapes_overrides, f"run.storage_path={tmp_path}", "run.name=ray-train-test",
+                                   "loss.margin=0.5"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vcl-dist")]  # not Ray's progress bars
+    assert err == [f"vcl-dist: config error: run.name=ray-train-test: a run of that name exists in {tmp_path}; "
+                   "continue it with --resume or choose another run.name"], err
+    assert json.loads((run / "result.json").read_text()) == result
 
     # jobs/train.py --resume: the run with the newest checkpoint, its own config, two more epochs' worth.
     assert load_job("train").main(["--resume", f"run.storage_path={tmp_path}", "train.epochs=4", "train.max_steps=null"]) == 0

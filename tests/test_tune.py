@@ -45,6 +45,32 @@ def test_concurrency_follows_the_cluster(repo_root):
     assert trial_concurrency(load_config(repo_root / "jobs/configs/tune.yaml", ["tune.max_concurrent_trials=3"]), {"CPU": 4}) == 3
 
 
+def test_a_trial_run_again_finds_its_attempts_and_a_finished_run_reports_its_epochs(tmp_path):
+    import pandas as pd
+    import pyarrow.fs as pafs
+
+    from vcl_dist.tune.results import last_attempt
+    from vcl_dist.tune.search import finished_run_reports, trial_attempts
+
+    for name in ("abc", "abc-10", "abc-2", "abcd", "abc-x", "xabc"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "abc-3").write_text("a file, not a run")
+    storage = pafs.LocalFileSystem()
+    assert trial_attempts(storage, str(tmp_path), "abc") == [str(tmp_path / n) for n in ("abc", "abc-2", "abc-10")]
+    assert trial_attempts(storage, str(tmp_path / "none"), "abc") == []
+
+    run = tmp_path / "abc-10"
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "val_rsum": 0.5}\n{"epoch": 2, "val_rsum": 0.7}\n')
+    (run / "result.json").write_text(json.dumps({"checkpoint": str(run / "checkpoint_x")}))
+    assert finished_run_reports(storage, str(run)) == [
+        {"epoch": 1, "val_rsum": 0.5}, {"epoch": 2, "val_rsum": 0.7, "checkpoint_path": str(run / "checkpoint_x")}]
+
+    # A trial's progress after a restart: only the last attempt's rows count.
+    progress = pd.DataFrame({"training_iteration": [1, 2, 3, 1, 2], "val_rsum": [0.1, 0.9, 0.95, 0.2, 0.3]})
+    assert last_attempt(progress)["val_rsum"].tolist() == [0.2, 0.3]
+    assert last_attempt(progress.iloc[:3])["val_rsum"].tolist() == [0.1, 0.9, 0.95]
+
+
 @pytest.fixture(scope="module")
 def ray_address():
     """A local Ray that the tune.py processes join (RAY_ADDRESS): it outlives an interrupted search,
@@ -111,6 +137,14 @@ def test_search_stops_trials_early_survives_ctrl_c_and_resumes(ray_address, tiny
         assert 0.05 <= float(row["loss.margin"]) <= 1.0 and 1e-4 <= float(row["loss.reg_lambda"]) <= 0.1
     for trial, mtime in finished.items():  # trials finished before Ctrl-C were not run again
         assert (experiment / "train_runs" / trial / "result.json").stat().st_mtime_ns == mtime
+    # The trial that Ctrl-C interrupted started over in a fresh run folder, from epoch 1: each
+    # trial's epochs in trials.csv are the epochs its last run trained, one Tune iteration each.
+    for retry in experiment.glob("train_runs/*-2"):
+        assert not (retry.parent / retry.name.removesuffix("-2") / "result.json").exists()
+    for row in (r for r in rows if r["stop_reason"] == "completed"):
+        run = Path(row["checkpoint"]).parent
+        epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert epochs == list(range(1, int(row["epochs"]) + 1)), (row, epochs)
     assert rows[0]["final_val_rsum"] == max(rows, key=lambda r: float(r["final_val_rsum"]))["final_val_rsum"]
 
     summary = json.loads((experiment / "tune_result.json").read_text())

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
+import secrets
 import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..config import Config, dump_config
+from ..config import Config, ConfigError, dump_config
 from ..data.datasets import DatasetSource, build_split, count_rows, read_class_names, resolve_source, sample_captions
 from ..data.tokenizer import load_pretrained_tokenizer, train_wordpiece
 from ..models import check_model_config
 from ..ray_cluster import JobNeeds, check_cluster_fits, connect_ray, cpus_for_training
-from ..storage import display_uri, filesystem_for, write_text_atomically
+from ..storage import display_uri, exists, filesystem_for, write_text_atomically
 from .data_quality import worst_shards
 from .fatal import raise_if_fatal
 
@@ -120,11 +121,17 @@ def resume_config(cfg: Config, overrides: Sequence[str] = ()) -> Config:
     return resumed
 
 
-def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequence = ()) -> TrainingOutcome:
+def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequence = (), *,
+                 resume: bool = False) -> TrainingOutcome:
     """Train with Ray Train as ``cfg`` says, write the run folder, export the model.
 
     ``inputs``: from :func:`prepare_inputs` (computed here when not given); ``callbacks``: Ray
-    Train callbacks, such as Tune's ``TuneReportCallback`` when this run is a trial.
+    Train callbacks, such as Tune's ``TuneReportCallback`` when this run is a trial; ``resume``:
+    continue the run ``cfg.run.name`` (see :func:`resume_config`). Without it, a run of that name
+    must not exist yet — Ray Train would silently continue it, under another config.
+
+    Raises:
+        ConfigError: ``run.name`` names an existing run and ``resume`` is False (one line).
     """
     import ray.data
     import ray.train
@@ -133,6 +140,11 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
     from .loop import train_loop_per_worker
 
     check_model_config(cfg.model)  # before any Ray work: a config error is one line, exit 2
+    storage, storage_path = filesystem_for(cfg.run.storage_path, cfg.s3)
+    name = cfg.run.name or default_run_name()
+    if not resume and exists(storage, f"{storage_path}/{name}"):
+        raise ConfigError(f"run.name={name}: a run of that name exists in {display_uri(storage_path, storage)}; "
+                          "continue it with --resume or choose another run.name")
     workers = cfg.train.num_workers
     print(f"vcl-dist: {connect_ray(cpus_for_training(workers, cfg.train.cpus_per_worker))}", flush=True)
     use_gpu = _use_gpu(cfg)
@@ -151,8 +163,6 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
         "train": build_split(source, source.train, cfg.data, tokenizer, train=True, seed=cfg.train.seed, num_classes=classes),
         "val": build_split(source, source.val, cfg.data, tokenizer, train=False, num_classes=classes),
     }
-    storage, storage_path = filesystem_for(cfg.run.storage_path, cfg.s3)
-    name = cfg.run.name or f"vcl-{time.strftime('%Y%m%d-%H%M%S')}"
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -202,6 +212,7 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
             "samples_per_s_per_worker": final.get("samples_per_s_per_worker"),
             "data_wait_fraction": final.get("data_wait_fraction"),
             "data_wait_first_batch_s": final.get("data_wait_first_batch_s"),
+            "peak_memory_gib": max((m.get("peak_memory_gib", 0.0) for m in history), default=None),
             "bad_rows": sum(m.get("bad_rows", 0) for m in history),
             # The shards to look at first: bad rows per shard over all epochs and workers. The val
             # split is read once and cached, so its last epoch holds all of its counts.
@@ -217,6 +228,12 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
     write_text_atomically(storage, f"{run_path}/config.yaml", dump_config(cfg))
     write_text_atomically(storage, f"{run_path}/{RESULT_FILE}", json.dumps(summary, indent=2))
     return TrainingOutcome(summary["run_path"], final, history, summary["checkpoint"], summary["model"])
+
+
+def default_run_name() -> str:
+    """``vcl-<start time>-<random>``: sorts by start time, and two runs started in the same
+    second (say, by a script) still get different folders."""
+    return f"vcl-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def worst_shard_rows(history: list[dict], key: str) -> list[dict]:

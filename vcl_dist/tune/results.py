@@ -36,7 +36,7 @@ def trial_rows(cfg: Config, grid) -> list[dict]:
     rows = []
     interrupted = search_interrupted(cfg, grid)
     for result in grid:
-        history = result.metrics_dataframe
+        history = last_attempt(result.metrics_dataframe)
         values = history[metric].dropna().tolist() if history is not None and metric in history else []
         reported = result.metrics or {}
         epochs = int(reported.get("training_iteration", 0))
@@ -65,6 +65,15 @@ def trial_rows(cfg: Config, grid) -> list[dict]:
     return sorted(rows, key=rank)
 
 
+def last_attempt(history):
+    """The rows of a trial's progress that its last attempt reported: a trial run again after an
+    interruption starts over at iteration 1 (see :func:`.search.run_trial`)."""
+    if history is None or "training_iteration" not in history or history.empty:
+        return history
+    starts = history.index[history["training_iteration"] == 1]
+    return history.loc[starts[-1]:] if len(starts) else history
+
+
 def search_interrupted(cfg: Config, grid) -> bool:
     """Whether the search stopped (say, on Ctrl-C) before all ``tune.num_samples`` trials ended."""
     return len(grid) < cfg.tune.num_samples or grid.num_terminated + grid.num_errors < len(grid)
@@ -87,7 +96,7 @@ def write_outputs(cfg: Config, grid, storage, experiment: str) -> TuneOutcome:
         best_config_path = f"{experiment}/{BEST_CONFIG}"
         write_text_atomically(storage, best_config_path, dump_config(best_cfg))
     write_bytes_atomically(storage, f"{experiment}/{PLOT}", plot_metric_vs_params(cfg, rows))
-    best_model = best and best_trial_model(storage, f"{experiment}/{TRAIN_RUNS}/{best['trial_id']}", best["checkpoint"])
+    best_model = best and best_trial_model(storage, best["checkpoint"])
     summary = {
         "experiment": display_uri(experiment, storage),
         "metric": metric,
@@ -106,18 +115,19 @@ def write_outputs(cfg: Config, grid, storage, experiment: str) -> TuneOutcome:
     return TuneOutcome(display_uri(experiment, storage), experiment.rsplit("/", 1)[-1], rows, summary["best_config"], summary)
 
 
-def best_trial_model(storage, run_path: str, checkpoint: str | None) -> str | None:
-    """The best trial's exported model: its run's ``model/`` when it finished, else exported
-    here from its last checkpoint (a trial that ASHA stopped never exported one); None when
-    there is neither."""
+def best_trial_model(storage, checkpoint: str | None) -> str | None:
+    """The best trial's exported model: the ``model/`` of the training run that holds its last
+    checkpoint, when that run finished, else exported there from the checkpoint (a trial that
+    ASHA stopped never exported one); None without a checkpoint."""
     from ..models.artifacts import EXPORT_DIR, WEIGHTS_FILE
     from ..storage import exists
 
+    if not checkpoint or not exists(storage, checkpoint):
+        return None
+    run_path = checkpoint.rstrip("/").rsplit("/", 1)[0]
     model = f"{run_path}/{EXPORT_DIR}"
     if exists(storage, f"{model}/{WEIGHTS_FILE}"):
         return model
-    if not checkpoint or not exists(storage, checkpoint):
-        return None
     import ray.train
 
     from ..train.runner import export_run_model

@@ -10,10 +10,12 @@ every trial: all trials share one data pipeline definition. What the search leav
 
 from __future__ import annotations
 
+import json
+import re
 import time
 
 from ..config import Config, ConfigError, Distribution, override_values
-from ..storage import display_uri, filesystem_for, newest_folder
+from ..storage import display_uri, exists, filesystem_for, newest_folder, read_text
 from ..train.metrics import reported_metric_names
 from .results import TRAIN_RUNS, TuneOutcome, write_outputs
 
@@ -73,16 +75,59 @@ def trial_concurrency(cfg: Config, resources: dict) -> int:
 
 
 def run_trial(sampled: dict, *, base: dict, inputs, runs_uri: str) -> None:
-    """One trial (a Tune function trainable): a full training run with the sampled values."""
+    """One trial (a Tune function trainable): a full training run with the sampled values.
+
+    What a trial run again by ``--resume`` does (Tune keeps no checkpoint of its own for a trial,
+    so its iteration count starts again at 1):
+
+    - interrupted or errored before its training run finished: it starts over at epoch 1, in a
+      fresh run folder (``<trial>-2``, ``<trial>-3``, …; the unfinished one stays for inspection),
+      so Tune's iterations and ASHA's rungs count the epochs this attempt trained;
+    - its training run had finished (``result.json`` written; the search was stopped before Tune
+      recorded the trial's end): it is not trained again — its epochs are reported to Tune from
+      the run's ``metrics.jsonl``, one iteration each, the checkpoint with the last.
+    """
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ..train.runner import run_training
+    from ..train.runner import RESULT_FILE, run_training
 
     cfg = override_values(Config.model_validate(base), sampled)
-    cfg.run.name = tune.get_context().get_trial_id()
+    trial = tune.get_context().get_trial_id()
+    storage, root = filesystem_for(runs_uri, cfg.s3)
+    attempts = trial_attempts(storage, root, trial)
+    if attempts and exists(storage, f"{attempts[-1]}/{RESULT_FILE}"):
+        for metrics in finished_run_reports(storage, attempts[-1]):
+            tune.report(metrics)
+        return
+    cfg.run.name = trial if not attempts else f"{trial}-{len(attempts) + 1}"
     cfg.run.storage_path = runs_uri
     run_training(cfg, inputs, callbacks=[TuneReportCallback()])
+
+
+def trial_attempts(storage, root: str, trial: str) -> list[str]:
+    """The training run folders of ``trial`` under ``root``, first attempt first."""
+    import pyarrow.fs as pafs
+
+    entries = storage.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    attempt = {e.path: (1 if e.base_name == trial else int(e.base_name.rsplit("-", 1)[1]))
+               for e in entries if e.type == pafs.FileType.Directory
+               and (e.base_name == trial or re.fullmatch(rf"{re.escape(trial)}-\d+", e.base_name))}
+    return sorted(attempt, key=attempt.get)
+
+
+def finished_run_reports(storage, run_path: str) -> list[dict]:
+    """What a finished training run reported to Tune, epoch by epoch, rebuilt from its files:
+    ``metrics.jsonl`` and, with the last epoch, the checkpoint of ``result.json``."""
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
+    from ..train.runner import METRICS_FILE, RESULT_FILE
+
+    reports = [json.loads(line) for line in read_text(storage, f"{run_path}/{METRICS_FILE}").splitlines() if line.strip()]
+    checkpoint = json.loads(read_text(storage, f"{run_path}/{RESULT_FILE}")).get("checkpoint")
+    if reports and checkpoint:
+        reports[-1][CHECKPOINT_PATH_KEY] = checkpoint.removeprefix("s3://")  # as Ray Train reports it: a path in storage
+    return reports
 
 
 def run_tune(cfg: Config, resume: bool = False) -> TuneOutcome:
