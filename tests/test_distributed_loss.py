@@ -5,7 +5,8 @@ Each worker holds its slice of one global batch; the towers are wrapped in DDP. 
 loss values must equal the loss of one process on the whole batch, and every DDP-averaged
 parameter gradient (and every gradient of the loss's own parameters, averaged by hand) must
 equal the single-process gradient, in float64 to 1e-6. World sizes 2 (equal halves) and 3
-(unequal local batches, as at the end of an epoch).
+(unequal local batches, as at the end of an epoch). The workers run every case twice: dense, and
+tiled (``chunk_size`` 4, which divides no pool here); the reference is always the dense loss.
 """
 
 import os
@@ -24,25 +25,26 @@ from vcl_dist.losses.negatives import NEGATIVE_SELECTION
 NUM_CLASSES = 3
 
 
-def make_loss(name, negatives, gather, with_memory):
+def make_loss(name, negatives, gather, with_memory, chunk_size=None):
     torch.manual_seed(11)  # the same loss parameters on every worker and in the reference
     memory = NegativeMemory(size=9) if with_memory else None
     if name == "triplet":
-        loss = TripletLoss(margin=1.0, negatives=negatives, gather=gather, memory=memory)
+        loss = TripletLoss(margin=1.0, negatives=negatives, gather=gather, memory=memory, chunk_size=chunk_size)
     elif name == "vcrl":
         loss = VCRLLoss(margin=2.0, reg_lambda=0.05, negatives=negatives, gather=gather, memory=memory,
-                        num_classes=NUM_CLASSES, embed_dim=5, label_weight=0.5)
+                        num_classes=NUM_CLASSES, embed_dim=5, label_weight=0.5, chunk_size=chunk_size)
     else:
-        loss = InfoNCELoss(init_temperature=0.3, gather=gather, memory=memory)
+        loss = InfoNCELoss(init_temperature=0.3, gather=gather, memory=memory, chunk_size=chunk_size)
     return loss.double()
 
 
 CASES = [
-    (name, negatives, gather, with_memory)
+    (name, negatives, gather, with_memory, chunk_size)
     for name, modes in (("triplet", sorted(NEGATIVE_SELECTION)), ("vcrl", sorted(NEGATIVE_SELECTION)), ("infonce", ["-"]))
     for negatives in modes
     for gather in ("local", "full")
     for with_memory in (False, True)
+    for chunk_size in (None, 4)
 ]
 
 
@@ -121,7 +123,7 @@ def test_gathered_losses_and_ddp_gradients_equal_single_process(sizes, tmp_path)
     per_rank = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(len(sizes))]
     batches = make_batches(sum(sizes))
     for case in CASES:
-        want = run_steps(make_model(), make_loss(*case), batches)
+        want = run_steps(make_model(), make_loss(*case[:4]), batches)  # dense, in one process
         for step, (want_loss, want_grads) in enumerate(want):
             assert want_loss.item() > 0, case
             for rank, results in enumerate(per_rank):

@@ -113,6 +113,8 @@ class LossConfig(Section):
     max_logit_scale: float = Field(100.0, gt=1, description="infonce: clamp of 1/temperature")
     memory_size: int = Field(0, ge=0, description="rows of the negative memory; 0 = off")
     memory_warmup_steps: int = Field(0, ge=0, description="steps before the memory is used")
+    chunk_size: int | None = Field(None, ge=1, description="tile the pool in chunks of this many rows: memory "
+                                   "[anchors × chunk] instead of [anchors × pool]; null = dense")
 
 
 class TrainConfig(Section):
@@ -135,6 +137,9 @@ class TrainConfig(Section):
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the latest checkpoint; -1 = unlimited")
     checkpoint_every_steps: int | None = Field(None, ge=1, description="also checkpoint inside epochs; default: epoch ends only")
     max_steps: int | None = Field(None, ge=1, description="stop (with a checkpoint) after this many steps in all")
+    micro_batch_size: int | None = Field(None, ge=1, description="run the towers in micro-batches of this many rows "
+                                         "with cached embedding gradients (GradCache): activations of one micro-batch at "
+                                         "a time, the same gradient; default: the whole local batch at once")
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainConfig":

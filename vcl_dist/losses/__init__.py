@@ -4,7 +4,8 @@ Start with :mod:`.definitions`: each loss as defined, in a few lines of dense ma
 score-matrix code — the specification the fast classes here are tested against. Those compose
 like pytorch-metric-learning's parts: :mod:`.pool` (gather + memory + masks), :mod:`.distances`,
 :mod:`.negatives` (negative selection), :mod:`.fused` (dense terms with hand-written backward),
-and the losses on top.
+:mod:`.tiled` (the same terms a tile of the pool at a time, for pools of any size), and the
+losses on top.
 """
 
 from __future__ import annotations
@@ -20,15 +21,15 @@ def build_loss(cfg: LossConfig, num_classes: int | None = None, embed_dim: int |
     """The loss module of a config; ``num_classes`` and ``embed_dim`` feed VCRL's label tower."""
     memory = NegativeMemory(cfg.memory_size, cfg.memory_warmup_steps) if cfg.memory_size else None
     if cfg.name == "triplet":
-        return TripletLoss(cfg.margin, cfg.negatives, normalize=True, gather=cfg.gather, memory=memory)
+        return TripletLoss(cfg.margin, cfg.negatives, normalize=True, gather=cfg.gather, memory=memory, chunk_size=cfg.chunk_size)
     if cfg.name == "vcrl":
         classes = (cfg.num_classes or num_classes) if cfg.label_tower else None
         if cfg.label_tower and not classes:
             raise ValueError("loss.label_tower needs loss.num_classes or a classes.txt beside the val shards")
         return VCRLLoss(cfg.margin, cfg.reg_lambda, cfg.negatives, cfg.gather, memory,
-                        num_classes=classes, embed_dim=embed_dim, label_weight=cfg.label_weight)
+                        num_classes=classes, embed_dim=embed_dim, label_weight=cfg.label_weight, chunk_size=cfg.chunk_size)
     if cfg.name == "infonce":
-        return InfoNCELoss(cfg.init_temperature, cfg.max_logit_scale, cfg.gather, memory)
+        return InfoNCELoss(cfg.init_temperature, cfg.max_logit_scale, cfg.gather, memory, chunk_size=cfg.chunk_size)
     raise ValueError(f"loss.name: unknown loss {cfg.name!r}")
 
 

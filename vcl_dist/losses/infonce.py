@@ -17,6 +17,7 @@ from torch import nn
 from .fused import infonce_terms
 from .memory import NegativeMemory
 from .pool import build_pool, direction_inputs, enqueue_batch
+from .tiled import check_chunk_size, infonce_terms_tiled
 
 
 class InfoNCELoss(nn.Module):
@@ -25,18 +26,18 @@ class InfoNCELoss(nn.Module):
     Args:
         init_temperature: initial ``1/s`` (CLIP: 0.07).
         max_scale: upper clamp of ``s`` (CLIP: 100), which keeps training stable.
-        gather, memory: as for :class:`~vcl_dist.losses.TripletLoss`.
+        gather, memory, chunk_size: as for :class:`~vcl_dist.losses.TripletLoss`.
 
     ``logit_scale`` is a parameter of this module: give it to the optimizer, and average its
     gradient over workers (it lives outside the DDP-wrapped model).
     """
 
     def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0, gather: str = "local",
-                 memory: NegativeMemory | None = None):
+                 memory: NegativeMemory | None = None, chunk_size: int | None = None):
         super().__init__()
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self.max_log_scale = math.log(max_scale)
-        self.gather, self.memory = gather, memory
+        self.gather, self.memory, self.chunk_size = gather, memory, check_chunk_size(chunk_size)
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.clamp(max=self.max_log_scale).exp()
@@ -46,6 +47,12 @@ class InfoNCELoss(nn.Module):
         text_emb = nn.functional.normalize(text_emb, dim=-1)
         pool = build_pool(image_emb, text_emb, labels, groups, self.gather, self.memory)
         scale = self.scale().to(image_emb.dtype)
+        if self.chunk_size:
+            terms = [infonce_terms_tiled(anchors, items, scale, pool.positive, pool.never_negatives, self.chunk_size, pool_dims)
+                     for anchors, items, pool_dims in direction_inputs(pool)]
+            loss = pool.reduce(torch.cat(terms).mean(dim=0))
+            enqueue_batch(pool, self.memory)
+            return loss
         # The own pair stays in the softmax although it is no negative.
         excluded = pool.invalid.clone()
         excluded[torch.arange(len(pool.positive), device=excluded.device), pool.positive] = False

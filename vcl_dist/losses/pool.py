@@ -17,6 +17,7 @@ Gather variants:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -34,7 +35,7 @@ class Pool:
     image_pool: torch.Tensor  # [P, D]: the global batch, then memory rows
     text_pool: torch.Tensor  # [P, D]
     pool_labels: torch.Tensor  # [P]
-    invalid: torch.Tensor  # [A, P] bool: never a negative of the anchor (same image or label)
+    never_negatives: NeverNegatives  # which pool rows may not be an anchor's negative
     positive: torch.Tensor  # [A] pool row of each anchor's own pair
     weight: float  # multiplies the sum of per-anchor terms: W/N (local) or 1/N (full)
     batch_rows: int  # N: pool rows that belong to the global batch (the rest is memory)
@@ -43,31 +44,81 @@ class Pool:
     anchors_are_batch: bool
     global_batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # for the memory
 
+    @cached_property
+    def invalid(self) -> torch.Tensor:
+        """``[A, P]`` bool: never a negative of the anchor (same image or label). The dense
+        paths only: the tiled ones (:mod:`.tiled`) build it a tile at a time."""
+        return self.never_negatives.tile(0, self.image_pool.shape[0])
+
     def reduce(self, per_anchor: torch.Tensor) -> torch.Tensor:
         """The worker's share of the global mean over anchors (see the module docstring)."""
         return per_anchor.sum() * self.weight
 
 
-def never_negative(anchor_labels, anchor_groups, pool_labels, pool_groups) -> torch.Tensor:
-    """``[A, P]`` True where a pool item must not be pushed away from the anchor: the same
-    image group (its own pair, other captions of its image) or the anchor's label (labels < 0
-    mean "unlabeled" and never match).
+class NeverNegatives:
+    """Which pool items must not be pushed away from an anchor: the same image group (its own
+    pair, other captions of its image) or the anchor's label (labels < 0 mean "unlabeled" and
+    never match). ``tile(start, stop)`` is the ``[A, stop − start]`` bool mask of pool rows
+    ``start:stop``, built from the label and group vectors, so no ``[A, P]`` mask need exist.
 
-    These masks are ``A x P``, so the common cases take one comparison instead of four: with
-    no labels at all, the mask is "same group"; with every item labelled and every group
-    inside one label (captions of one image share its class), it is "same label".
+    The masks are ``A x P`` in all, so the common cases take one comparison instead of four,
+    decided once for the whole pool: with no labels at all, the mask is "same group"; with
+    every item labelled and every group inside one label (captions of one image share its
+    class), it is "same label".
     """
-    anchors_labelled, pool_labelled = anchor_labels >= 0, pool_labels >= 0
-    if not anchors_labelled.any() and not pool_labelled.any():
-        return anchor_groups.unsqueeze(1) == pool_groups.unsqueeze(0)
-    if anchors_labelled.all() and pool_labelled.all() and _groups_within_labels(
-        torch.cat([anchor_labels, pool_labels]), torch.cat([anchor_groups, pool_groups])
-    ):
-        return anchor_labels.unsqueeze(1) == pool_labels.unsqueeze(0)
-    invalid = anchor_groups.unsqueeze(1) == pool_groups.unsqueeze(0)
-    same_label = anchor_labels.unsqueeze(1) == pool_labels.unsqueeze(0)
-    same_label &= anchors_labelled.unsqueeze(1)
-    return invalid.logical_or_(same_label)
+
+    def __init__(self, anchor_labels, anchor_groups, pool_labels, pool_groups):
+        self.anchor_labels, self.anchor_groups = anchor_labels, anchor_groups
+        self.pool_labels, self.pool_groups = pool_labels, pool_groups
+        anchors_labelled, pool_labelled = anchor_labels >= 0, pool_labels >= 0
+        if not anchors_labelled.any() and not pool_labelled.any():
+            self.rule = "group"
+        elif anchors_labelled.all() and pool_labelled.all() and _groups_within_labels(
+            torch.cat([anchor_labels, pool_labels]), torch.cat([anchor_groups, pool_groups])
+        ):
+            self.rule = "label"
+        else:
+            self.rule = "group or label"
+
+    def tile(self, start: int, stop: int) -> torch.Tensor:
+        if self.rule == "label":
+            return self.anchor_labels.unsqueeze(1) == self.pool_labels[start:stop].unsqueeze(0)
+        invalid = self.anchor_groups.unsqueeze(1) == self.pool_groups[start:stop].unsqueeze(0)
+        if self.rule == "group":
+            return invalid
+        same_label = self.anchor_labels.unsqueeze(1) == self.pool_labels[start:stop].unsqueeze(0)
+        same_label &= (self.anchor_labels >= 0).unsqueeze(1)
+        return invalid.logical_or_(same_label)
+
+
+    def counts(self) -> torch.Tensor:
+        """``[A]`` int64: each anchor's never-negatives in the whole pool, from sorted keys
+        (``O((A + P) log P)``), without any ``[A, P]`` comparison."""
+        if self.rule == "label":
+            return _matches(self.anchor_labels, self.pool_labels)
+        same_group = _matches(self.anchor_groups, self.pool_groups)
+        if self.rule == "group":
+            return same_group
+        # |same group ∪ same label| = |same group| + |same label| − |both|, for labelled anchors.
+        groups = torch.unique(torch.cat([self.anchor_groups, self.pool_groups]), return_inverse=True)[1]
+        labels = torch.unique(torch.cat([self.anchor_labels, self.pool_labels]), return_inverse=True)[1]
+        pairs = groups * (int(labels.max()) + 1) + labels
+        count = self.anchor_labels.shape[0]
+        both = _matches(pairs[:count], pairs[count:])
+        same_label = _matches(self.anchor_labels, self.pool_labels)
+        return same_group + torch.where(self.anchor_labels >= 0, same_label - both, 0)
+
+
+def _matches(anchor_keys: torch.Tensor, pool_keys: torch.Tensor) -> torch.Tensor:
+    """``[A]``: how many pool keys equal each anchor's key."""
+    values, counts = torch.unique(pool_keys, return_counts=True)
+    at = torch.searchsorted(values, anchor_keys).clamp_max_(values.shape[0] - 1)
+    return torch.where(values[at] == anchor_keys, counts[at], 0)
+
+
+def never_negative(anchor_labels, anchor_groups, pool_labels, pool_groups) -> torch.Tensor:
+    """The whole ``[A, P]`` mask of :class:`NeverNegatives`."""
+    return NeverNegatives(anchor_labels, anchor_groups, pool_labels, pool_groups).tile(0, pool_labels.shape[0])
 
 
 def _groups_within_labels(labels: torch.Tensor, groups: torch.Tensor) -> bool:
@@ -118,7 +169,7 @@ def build_pool(image_emb, text_emb, labels, groups, gather: str = "local", memor
     return Pool(
         image_anchors=anchors[0], text_anchors=anchors[1], anchor_labels=anchors[2],
         image_pool=pool_images, text_pool=pool_texts, pool_labels=pool_labels,
-        invalid=never_negative(anchors[2], anchors[3], pool_labels, pool_groups),
+        never_negatives=NeverNegatives(anchors[2], anchors[3], pool_labels, pool_groups),
         positive=positive, weight=weight, batch_rows=total,
         anchors_are_batch=anchors[0].shape[0] == total,
         global_batch=(all_images, all_texts, all_labels, all_groups),

@@ -31,6 +31,7 @@ from .fused import mean_hinge_all_negatives
 from .memory import NegativeMemory
 from .negatives import INF, MINED_MODES, NEGATIVE_SELECTION, hinge, mine_negatives
 from .pool import Pool, build_pool, direction_inputs, enqueue_batch, positive_entries, score_matrices
+from .tiled import check_chunk_size, mean_hinge_all_negatives_tiled, mine_negatives_tiled
 
 
 def triplet_terms(distances: torch.Tensor, positive: torch.Tensor, valid: torch.Tensor, margin: float, negatives: str) -> torch.Tensor:
@@ -39,30 +40,39 @@ def triplet_terms(distances: torch.Tensor, positive: torch.Tensor, valid: torch.
     return NEGATIVE_SELECTION[negatives](d_ap, distances, valid, margin)
 
 
-def bidirectional_triplet(pool: Pool, margin: float, negatives: str, normalized: bool) -> torch.Tensor:
+def bidirectional_triplet(pool: Pool, margin: float, negatives: str, normalized: bool, chunk_size: int | None = None) -> torch.Tensor:
     """Per-anchor ``[A]`` mean of the image→text and text→image triplet terms.
 
     Mined modes find their negative on a distance matrix computed without gradient, then
     recompute the two distances that matter from the embeddings: the backward pass costs
     ``O(A·D)`` instead of two ``[A, P]``-sized matmuls. The result and its gradient are those
     of the dense definition (the gradient of a min is the gradient at the argmin).
+    ``chunk_size``: visit the pool in tiles of that many rows and never hold the whole
+    distance matrix (:mod:`.tiled`); None: the dense path.
     """
     distance_fn = squared_distances_normalized if normalized else squared_distances
     paired_fn = paired_squared_distances_normalized if normalized else paired_squared_distances
     if negatives not in MINED_MODES:
-        terms = [
-            mean_hinge_all_negatives(anchors, items, pool.invalid, pool.positive, pool_dims, margin, normalized)
-            for anchors, items, pool_dims in direction_inputs(pool)
-        ]
+        if chunk_size:
+            terms = [mean_hinge_all_negatives_tiled(anchors, items, pool.positive, pool.never_negatives, margin, normalized,
+                                                    chunk_size, pool_dims) for anchors, items, pool_dims in direction_inputs(pool)]
+        else:
+            terms = [mean_hinge_all_negatives(anchors, items, pool.invalid, pool.positive, pool_dims, margin, normalized)
+                     for anchors, items, pool_dims in direction_inputs(pool)]
         return torch.cat(terms).mean(dim=0)
     # d(anchor, positive) is the same pair in both directions: one differentiable [A] vector.
     d_ap = paired_fn(pool.image_anchors, pool.text_pool.index_select(0, pool.positive))
-    with torch.no_grad():
-        choices = []
-        for filled, pool_dims in score_matrices(pool, distance_fn):
-            d_ap_rows = [positive_entries(filled, pool.positive, dim) for dim in pool_dims]
-            filled.masked_fill_(pool.invalid, INF)
-            choices += [mine_negatives(filled, d, negatives, dim) for d, dim in zip(d_ap_rows, pool_dims)]
+    choices = []
+    if chunk_size:
+        for anchors, items, pool_dims in direction_inputs(pool):
+            choices += mine_negatives_tiled(anchors.detach(), items.detach(), d_ap.detach(), pool.never_negatives, negatives,
+                                            chunk_size, normalized, pool_dims)
+    else:
+        with torch.no_grad():
+            for filled, pool_dims in score_matrices(pool, distance_fn):
+                d_ap_rows = [positive_entries(filled, pool.positive, dim) for dim in pool_dims]
+                filled.masked_fill_(pool.invalid, INF)
+                choices += [mine_negatives(filled, d, negatives, dim) for d, dim in zip(d_ap_rows, pool_dims)]
     terms = []
     for (anchors, items), (index, has_negative) in zip(
         [(pool.image_anchors, pool.text_pool), (pool.text_anchors, pool.image_pool)], choices
@@ -83,6 +93,9 @@ class TripletLoss(nn.Module):
         normalize: L2-normalise the embeddings first (``d² = 2 − 2·cos``).
         gather: ``local`` | ``full`` (see :mod:`.pool`).
         memory: an optional :class:`NegativeMemory` of past global batches (extra negatives).
+        chunk_size: compute over the pool in tiles of this many rows, holding at most
+            ``[anchors × chunk_size]`` scores in forward and backward (:mod:`.tiled`); None:
+            the dense ``[anchors × pool]`` path.
 
     On W workers with ``gather="local"``, each worker returns ``W · (Σ_local terms) / N``: the
     mean over workers is the global loss, and after DDP averages gradients they are exactly
@@ -90,17 +103,18 @@ class TripletLoss(nn.Module):
     """
 
     def __init__(self, margin: float = 0.2, negatives: str = "semi_hard", normalize: bool = True,
-                 gather: str = "local", memory: NegativeMemory | None = None):
+                 gather: str = "local", memory: NegativeMemory | None = None, chunk_size: int | None = None):
         super().__init__()
         if negatives not in NEGATIVE_SELECTION:
             raise ValueError(f"negatives must be one of {sorted(NEGATIVE_SELECTION)}, got {negatives!r}")
         self.margin, self.negatives, self.normalize, self.gather, self.memory = margin, negatives, normalize, gather, memory
+        self.chunk_size = check_chunk_size(chunk_size)
 
     def forward(self, image_emb, text_emb, labels, groups) -> torch.Tensor:
         if self.normalize:
             image_emb = nn.functional.normalize(image_emb, dim=-1)
             text_emb = nn.functional.normalize(text_emb, dim=-1)
         pool = build_pool(image_emb, text_emb, labels, groups, self.gather, self.memory)
-        loss = pool.reduce(bidirectional_triplet(pool, self.margin, self.negatives, self.normalize))
+        loss = pool.reduce(bidirectional_triplet(pool, self.margin, self.negatives, self.normalize, self.chunk_size))
         enqueue_batch(pool, self.memory)
         return loss

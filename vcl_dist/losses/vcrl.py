@@ -24,6 +24,7 @@ from .distances import squared_distances
 from .memory import NegativeMemory
 from .negatives import NEGATIVE_SELECTION
 from .pool import build_pool, enqueue_batch
+from .tiled import check_chunk_size
 from .triplet import bidirectional_triplet, triplet_terms
 
 
@@ -34,7 +35,8 @@ class VCRLLoss(nn.Module):
         margin: hinge margin on squared Euclidean distances (scale-dependent: with the
             regulariser holding norms near 1, margins of 0.1–1 are typical).
         reg_lambda: λ of the Frobenius-norm regulariser.
-        negatives, gather, memory: as for :class:`~vcl_dist.losses.TripletLoss`.
+        negatives, gather, memory, chunk_size: as for :class:`~vcl_dist.losses.TripletLoss`
+            (the label tower's ``[anchors × classes]`` terms are small and stay dense).
         num_classes, embed_dim: turn on the label tower (both needed).
         label_weight: weight of the image→class and text→class terms.
 
@@ -44,12 +46,13 @@ class VCRLLoss(nn.Module):
 
     def __init__(self, margin: float = 0.5, reg_lambda: float = 0.01, negatives: str = "semi_hard",
                  gather: str = "local", memory: NegativeMemory | None = None,
-                 num_classes: int | None = None, embed_dim: int | None = None, label_weight: float = 1.0):
+                 num_classes: int | None = None, embed_dim: int | None = None, label_weight: float = 1.0,
+                 chunk_size: int | None = None):
         super().__init__()
         if negatives not in NEGATIVE_SELECTION:
             raise ValueError(f"negatives must be one of {sorted(NEGATIVE_SELECTION)}, got {negatives!r}")
         self.margin, self.reg_lambda, self.negatives, self.gather, self.memory = margin, reg_lambda, negatives, gather, memory
-        self.label_weight = label_weight
+        self.label_weight, self.chunk_size = label_weight, check_chunk_size(chunk_size)
         self.class_embeddings = None
         if num_classes:
             if not embed_dim:
@@ -71,7 +74,7 @@ class VCRLLoss(nn.Module):
 
     def forward(self, image_emb, text_emb, labels, groups) -> torch.Tensor:
         pool = build_pool(image_emb, text_emb, labels, groups, self.gather, self.memory)
-        per_anchor = bidirectional_triplet(pool, self.margin, self.negatives, normalized=False)
+        per_anchor = bidirectional_triplet(pool, self.margin, self.negatives, normalized=False, chunk_size=self.chunk_size)
         # λ(‖U‖² + ‖V‖²)/N is the anchors' mean of λ(|u_a|² + |v_a|²): reduced like the rest.
         per_anchor = per_anchor + self.reg_lambda * (pool.image_anchors.pow(2).sum(1) + pool.text_anchors.pow(2).sum(1))
         if self.class_embeddings is not None and self.label_weight:

@@ -130,8 +130,12 @@ class WorkerRun:
         self.worker_nodes = count_worker_nodes()  # a collective
         if start.step:
             self.log(f"vcl-dist: {start.describe()}")
-        self.log(f"vcl-dist: {self.world} workers on {self.worker_nodes} nodes: global pool {self.local_batch * self.world} rows "
-                 f"per step, lr {self.lr:.3g}, {self.steps_per_epoch} steps per epoch")
+        loss, train = self.cfg.loss, self.cfg.train
+        pool = f"{self.local_batch * self.world} rows" + (f" + up to {loss.memory_size} from memory" if loss.memory_size else "")
+        how = ", ".join(([f"scores in tiles of {loss.chunk_size} rows"] if loss.chunk_size else [])
+                        + ([f"towers in micro-batches of {train.micro_batch_size}"] if train.micro_batch_size else []))
+        self.log(f"vcl-dist: {self.world} workers on {self.worker_nodes} nodes: global pool {pool} per step"
+                 f"{f' ({how})' if how else ''}, lr {self.lr:.3g}, {self.steps_per_epoch} steps per epoch")
 
     def log(self, line: str) -> None:
         if self.rank == 0:
@@ -147,7 +151,7 @@ class WorkerRun:
     def train_step(self, batch: dict, epoch: int) -> float:
         try:
             loss = train_step(self.model, self.criterion, self.optimizer, self.scheduler, batch, self.device, self.use_amp,
-                              self.cfg.train.grad_clip_norm)
+                              self.cfg.train.grad_clip_norm, self.cfg.train.micro_batch_size)
         except FloatingPointError as err:
             raise NonFiniteLossError(
                 f"step {self.step + 1} (epoch {epoch + 1}): {' '.join(str(err).split())}; the optimizer step was not taken. "

@@ -9,6 +9,7 @@ adds the validation metrics (``val_`` + :func:`vcl_dist.evaluate.retrieval_metri
 
 from __future__ import annotations
 
+import resource
 import time
 
 import torch
@@ -22,7 +23,7 @@ from .data_quality import BadRowCounter, worst_shards
 EPOCH_METRICS = (
     "epoch", "step", "train_loss", "lr", "samples_per_s", "samples_per_s_per_worker", "data_wait_fraction",
     "data_wait_first_batch_s", "bad_rows", "epoch_time_s", "world_size", "worker_nodes", "global_batch", "base_lr",
-    "resumed_from_step",
+    "resumed_from_step", "peak_memory_gib",
 )
 
 
@@ -77,14 +78,31 @@ class EpochProgress:
         _, bad_rows = self.bad_rows.check(device, final=True)
         bad_shards = worst_shards(self.bad_rows.global_by_shard()) if bad_rows else []
         world = distributed_world()[1]
+        [peak_memory] = max_over_workers([peak_memory_bytes(device) / 2**30], device)
         metrics = {
             "epoch": self.epoch + 1, "train_loss": mean_loss,
             "samples_per_s": self.trained * self.global_batch / elapsed,
             "samples_per_s_per_worker": self.trained * self.global_batch / world / elapsed,
             "data_wait_fraction": wait_fraction, "data_wait_first_batch_s": first_wait, "bad_rows": bad_rows,
-            "epoch_time_s": elapsed, **fields,
+            "epoch_time_s": elapsed, "peak_memory_gib": peak_memory, **fields,
         }
         return {name: metrics[name] for name in EPOCH_METRICS}, bad_shards
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This worker's peak so far: GPU memory allocated by torch on a GPU, else the process's
+    peak resident memory (embeddings, activations, score tiles, the negative memory, Ray's
+    share of the process)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def max_over_workers(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if distributed_world()[1] > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
 
 
 def mean_over_workers(values: list[float], device: torch.device) -> list[float]:

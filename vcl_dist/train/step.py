@@ -3,7 +3,8 @@
 A step: batch to the device (non-blocking from pinned memory on GPU) → both towers under bf16
 autocast on GPU → the loss in float32 over the global pool → backward (through the gather;
 DDP averages the model's gradients, the loss's own parameters are averaged here) → clip →
-optimizer and learning-rate step.
+optimizer and learning-rate step. With ``train.micro_batch_size``, the towers' forward and
+backward run in micro-batches around the loss (:mod:`.grad_cache`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch.nn.utils import clip_grad_norm_, get_total_norm
 from ..data.shard_format import TENSOR_COLUMNS
 from ..losses.gather import average_gradients
 from ..precision import autocast
+from .grad_cache import cached_gradient_backward
 
 
 def collate_rows(batch: dict[str, np.ndarray], pin_memory: bool = False) -> dict:
@@ -39,8 +41,11 @@ class NonFiniteStepError(FloatingPointError):
 
 
 def train_step(model, criterion, optimizer, scheduler, batch: dict[str, torch.Tensor], device: torch.device,
-               use_amp: bool, grad_clip_norm: float | None) -> float:
+               use_amp: bool, grad_clip_norm: float | None, micro_batch_size: int | None = None) -> float:
     """One optimisation step on a collated batch; returns this worker's loss value.
+
+    ``micro_batch_size``: compute the batch's gradient in micro-batches of that many rows, with
+    cached embedding gradients (:mod:`.grad_cache`); every worker must have as many micro-batches.
 
     Raises:
         FloatingPointError: the gathered embeddings are not finite (from the loss), or
@@ -49,12 +54,15 @@ def train_step(model, criterion, optimizer, scheduler, batch: dict[str, torch.Te
             taken after DDP's all-reduce, so every worker reaches the same verdict.
     """
     batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
-    with autocast(device, use_amp):
-        image_emb, text_emb = model(batch["image"], batch["input_ids"], batch["attention_mask"])
-    # The loss runs in float32: distances and softmaxes over the pool lose too much in bf16.
-    loss = criterion(image_emb.float(), text_emb.float(), batch["label"], batch["group"])
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if micro_batch_size and micro_batch_size < batch["image"].shape[0]:
+        loss = cached_gradient_backward(model, criterion, batch, device, use_amp, micro_batch_size)
+    else:
+        with autocast(device, use_amp):
+            image_emb, text_emb = model(batch["image"], batch["input_ids"], batch["attention_mask"])
+        # The loss runs in float32: distances and softmaxes over the pool lose too much in bf16.
+        loss = criterion(image_emb.float(), text_emb.float(), batch["label"], batch["group"])
+        loss.backward()
     average_gradients(criterion.parameters())
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if grad_clip_norm:
