@@ -5,8 +5,10 @@
 What it exercises, with the project's own code: a nccl process group (world size 1) under
 the loss's gather and gradient averaging; pinned-memory collation and non-blocking copies;
 bf16 autocast of both towers with the loss in float32; a few epochs of the default model on
-the built-in shapes data (the loss must fall); bf16 evaluation; then forward + backward time
-of every loss beside the matmul floor on the GPU (B = 2048 and 8192, d = 256).
+the built-in shapes data (the loss must fall); bf16 evaluation; tiled losses against the dense
+ones on the device, and a step with tiled loss + cached-gradient micro-batches under autocast;
+then forward + backward time of every loss beside the matmul floor on the GPU (B = 2048 and
+8192, d = 256).
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ from loss_candidates import loss_candidates
 from vcl_dist.config import load_config
 from vcl_dist.data.preprocess import Preprocessor
 from vcl_dist.data.shapes import ensure_shapes_dataset
+from vcl_dist.data.shard_format import drop_bad_rows
 from vcl_dist.data.tokenizer import train_wordpiece
 from vcl_dist.evaluate import embed_batches, retrieval_metrics, zero_shot_accuracy
-from vcl_dist.losses import build_loss
+from vcl_dist.losses import InfoNCELoss, TripletLoss, VCRLLoss, build_loss
 from vcl_dist.models import build_dual_encoder
 from vcl_dist.precision import autocast
 from vcl_dist.train.schedule import build_optimizer, build_scheduler
-from vcl_dist.train.step import collate_rows, drop_bad_rows, train_step
+from vcl_dist.train.step import collate_rows, train_step
 
 
 def preprocessed_batches(split_dir: Path, preprocessor: Preprocessor, batch_size: int, pin: bool):
@@ -61,6 +64,26 @@ def median_ms(fn, repeats=20) -> float:
         synchronize()
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
+
+
+def check_tiled_losses(device: torch.device, say) -> None:
+    """Tiled = dense on this device, float32: the largest differences of values and gradients."""
+    g = torch.Generator(device=device).manual_seed(1)
+    image = torch.randn(600, 64, device=device, generator=g, requires_grad=True)
+    text = torch.randn(600, 64, device=device, generator=g, requires_grad=True)
+    labels = torch.randint(-1, 20, (600,), device=device, generator=g)
+    groups = torch.arange(600, device=device) // 2
+    losses = {f"triplet {mode}": lambda chunk, mode=mode: TripletLoss(0.2, mode, chunk_size=chunk)
+              for mode in ("hardest", "semi_hard", "all")}
+    losses["vcrl all"] = lambda chunk: VCRLLoss(1.0, 0.01, "all", chunk_size=chunk)
+    losses["infonce"] = lambda chunk: InfoNCELoss(chunk_size=chunk)
+    for name, make in losses.items():
+        results = []
+        for chunk in (None, 128):
+            loss = make(chunk).to(device)(image, text, labels, groups)
+            results.append((loss.detach(), *torch.autograd.grad(loss, (image, text))))
+        worst = max(float((a - b).abs().max()) for a, b in zip(*results))
+        say(f"tiled (chunk 128) vs dense on {device.type}, {name}: largest difference {worst:.2e}")
 
 
 def main() -> None:
@@ -123,6 +146,12 @@ def main() -> None:
             f"t2i class R@1 {metrics['t2i_class_r1']:.3f}, zero-shot {zero_shot:.3f}")
     if on_gpu:
         say(f"peak GPU memory in training: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    check_tiled_losses(device, say)
+    micro_cfg = cfg.loss.model_copy(update={"chunk_size": 40})
+    tiled_criterion = build_loss(micro_cfg, len(class_names), cfg.model.embed_dim).to(device)
+    tiled_loss = train_step(model, tiled_criterion, optimizer, scheduler, train_batches[0], device, on_gpu,
+                            cfg.train.grad_clip_norm, micro_batch_size=32)
+    say(f"a step with loss.chunk_size=40 and train.micro_batch_size=32 under autocast: loss {tiled_loss:.4f}")
 
     say("\n| B | loss | ms | x floor |\n|---:|---|---:|---:|")
     for batch in args.sizes:

@@ -75,9 +75,12 @@ def test_two_workers_train_checkpoint_inside_epochs_and_resume_there(local_ray, 
     capsys.readouterr()
     assert load_job("train").main([*tiny_shapes_overrides, f"run.storage_path={tmp_path}", "run.name=ray-train-test",
                                    "loss.margin=0.5"]) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vcl-dist")]  # not Ray's progress bars
-    assert err == [f"vcl-dist: config error: run.name=ray-train-test: a run of that name exists in {tmp_path}; "
-                   "continue it with --resume or choose another run.name"], err
+    # Ray's progress bars and worker logs (of the run above) share stderr, and may precede the
+    # message on its line.
+    errors = [line for line in capsys.readouterr().err.splitlines() if "vcl-dist: config error" in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        f"vcl-dist: config error: run.name=ray-train-test: a run of that name exists in {tmp_path}; "
+        "continue it with --resume or choose another run.name"), errors
     assert json.loads((run / "result.json").read_text()) == result
 
     # jobs/train.py --resume: the run with the newest checkpoint, its own config, two more epochs' worth.
