@@ -185,6 +185,7 @@ def _kill_a_training_worker_after_the_first_checkpoint(run: Path, killed: list) 
         time.sleep(0.2)
 
 
+@pytest.mark.e2e  # a slow end-to-end fault check (a real SIGKILL, a worker-group restart): kept out of the 15-minute suite
 def test_a_killed_worker_restarts_from_the_latest_checkpoint(local_ray, tiny_shapes_overrides, repo_root, tmp_path):
     cfg = load_config(
         repo_root / "jobs/configs/default.yaml",
