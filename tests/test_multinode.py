@@ -2,6 +2,7 @@
 different rows and train on one gathered pool; an elastic run loses a node and finishes."""
 
 import json
+import math
 import threading
 import time
 from pathlib import Path
@@ -43,7 +44,9 @@ def test_workers_on_two_nodes_read_disjoint_rows_and_train_one_pool(cluster, tin
     outcome = run_training(cfg)
     assert [m["worker_nodes"] for m in outcome.history] == [2, 2] and outcome.history[-1]["world_size"] == 2
     assert outcome.history[-1]["global_batch"] == 64  # both workers' rows in every step's pool
-    assert outcome.history[-1]["train_loss"] < outcome.history[0]["train_loss"]
+    # Learning is checked in test_train_ray over 4 epochs; over these 2 the tiny model's loss moves
+    # by about its noise (0.19659 after 0.19642 in one CI run), so only its health is checked here.
+    assert all(math.isfinite(m["train_loss"]) and m["train_loss"] > 0 for m in outcome.history)
 
     # The same data pipeline, read by one worker on each node: different rows, all of them.
     source = resolve_source(cfg.data)
