@@ -37,6 +37,7 @@ from .distances import (
     squared_distances,
     squared_distances_normalized,
 )
+from .fused import _distance_backward
 from .negatives import INF
 from .pool import NeverNegatives
 
@@ -104,17 +105,6 @@ def mine_negatives_tiled(anchors, items, d_ap, never: NeverNegatives, negatives:
     return choices
 
 
-def _tile_distance_backward(grad, anchors, tile_items, normalized: bool):
-    """Gradients of ``anchors`` and one tile of items from the gradient of their squared
-    distances ``[A, chunk]``."""
-    grad_anchors = (grad @ tile_items).mul_(-2.0)
-    grad_items = (grad.T @ anchors).mul_(-2.0)
-    if not normalized:
-        grad_anchors.addcmul_(anchors, grad.sum(1, keepdim=True), value=2.0)
-        grad_items.addcmul_(tile_items, grad.sum(0).unsqueeze(1), value=2.0)
-    return grad_anchors, grad_items
-
-
 def _paired_backward(grad_ap, anchors, partners, normalized: bool):
     """Gradients of ``anchors`` and ``partners`` from the gradient of their row-by-row squared
     distances (``2 − 2·a·p`` when normalised, ``|a − p|²`` otherwise)."""
@@ -174,7 +164,7 @@ class _TiledMeanHinge(torch.autograd.Function):
                     term = active_set.mul_(_anchor_axis(coefficients[layout], dim, start, stop))
                     grad_distances = term if grad_distances is None else grad_distances.add_(term)
             if eager:
-                tile_anchors, tile_rows = _tile_distance_backward(grad_distances, anchors_, items_[start:stop], normalized)
+                tile_anchors, tile_rows = _distance_backward(grad_distances, anchors_, items_[start:stop], normalized)
                 grad_anchors += tile_anchors
                 grad_items[start:stop] += tile_rows
         counts = [valid for _ in pool_dims]
@@ -208,7 +198,7 @@ class _TiledMeanHinge(torch.autograd.Function):
                 active_set = (_anchor_axis(d_ap, dim, start, stop) + ctx.margin - distances > 0).logical_and_(valid_tile)
                 term = active_set.to(anchors.dtype).mul_(-_anchor_axis(coefficients[layout], dim, start, stop))
                 grad_distances = term if grad_distances is None else grad_distances.add_(term)
-            tile_anchors, tile_rows = _tile_distance_backward(grad_distances, anchors, tile, ctx.normalized)
+            tile_anchors, tile_rows = _distance_backward(grad_distances, anchors, tile, ctx.normalized)
             grad_anchors += tile_anchors
             grad_items[start:stop] += tile_rows
         _finish_gradients(grad_anchors, grad_items, coefficients, active, anchors, items, positive, ctx.normalized)
