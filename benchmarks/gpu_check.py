@@ -6,7 +6,8 @@ What it exercises, with the project's own code: a nccl process group (world size
 the loss's gather and gradient averaging; pinned-memory collation and non-blocking copies;
 bf16 autocast of both towers with the loss in float32; a few epochs of the default model on
 the built-in shapes data (the loss must fall); bf16 evaluation; tiled losses against the dense
-ones on the device, and a step with tiled loss + cached-gradient micro-batches under autocast;
+ones on the device, a step with tiled loss + cached-gradient micro-batches under autocast, and two
+more with a sharded negative memory besides;
 then forward + backward time of every loss beside the matmul floor on the GPU (B = 2048 and
 8192, d = 256).
 """
@@ -152,6 +153,16 @@ def main() -> None:
     tiled_loss = train_step(model, tiled_criterion, optimizer, scheduler, train_batches[0], device, on_gpu,
                             cfg.train.grad_clip_norm, micro_batch_size=32)
     say(f"a step with loss.chunk_size=40 and train.micro_batch_size=32 under autocast: loss {tiled_loss:.4f}")
+    # All three together: tiles, micro-batches and a sharded memory (world 1 here: the shard is
+    # the whole memory, the collectives run on the device's backend), two steps so the second
+    # one draws on the memory.
+    shard_cfg = micro_cfg.model_copy(update={"memory_size": 4 * cfg.train.batch_size, "memory_shard": True})
+    shard_criterion = build_loss(shard_cfg, len(class_names), cfg.model.embed_dim).to(device)
+    shard_losses = [train_step(model, shard_criterion, optimizer, scheduler, batch, device, on_gpu, cfg.train.grad_clip_norm,
+                               micro_batch_size=32) for batch in train_batches[:2]]
+    say(f"two steps with chunk 40, micro-batches of 32 and a sharded memory under autocast: losses "
+        f"{shard_losses[0]:.4f}, {shard_losses[1]:.4f}; memory rows {shard_criterion.memory.filled} on "
+        f"{shard_criterion.memory.image.device.type}")
 
     say("\n| B | loss | ms | x floor |\n|---:|---|---:|---:|")
     for batch in args.sizes:

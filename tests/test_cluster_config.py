@@ -82,5 +82,7 @@ def test_runtime_env_and_gpu_config(repo_root):
     assert RAY_DATA_ENV.items() <= env["env_vars"].items()  # the settings a local Ray gets
     cfg = load_config(repo_root / "jobs/configs/gpu.yaml")
     assert cfg.train.use_gpu is True and cfg.train.amp is True and cfg.data.train_path.startswith("s3://")
+    # Spot-ready: restarts allowed, and checkpoints inside epochs by the clock (a preemption loses minutes, not an epoch).
+    assert cfg.train.max_failures > 0 and 0 < cfg.train.checkpoint_every_minutes <= 10
     text = (repo_root / "jobs/configs/gpu.yaml").read_text().lower()
     assert "secret" not in text and "access_key" not in text

@@ -116,7 +116,12 @@ def test_train_from_s3_shards_into_s3_storage(s3_endpoint, local_ray, shapes, ti
     model = build_dual_encoder(cfg.model, len(tokenizer), cfg.data.max_text_length)
     assert load_checkpoint(local, model=model)["epoch"] == 0
 
-    # jobs/train.py --resume finds the run and its newest checkpoint in the bucket and goes on.
+    # What a worker killed while uploading a checkpoint leaves in the bucket: a newer folder,
+    # half written, that Ray Train never registered. --resume must not take it (its name sorts last).
+    with fs.open_output_stream("vcl/runs/from-s3/checkpoint_9999-12-31_23-59-59.999999/model.pt") as stream:
+        stream.write((local / "model.pt").read_bytes()[:4096])
+
+    # jobs/train.py --resume finds the run and its newest registered checkpoint in the bucket and goes on.
     assert load_job("train").main(["--resume", "run.storage_path=s3://vcl/runs", f"s3.endpoint_url={s3_endpoint}", "train.epochs=2"]) == 0
     with fs.open_input_stream("vcl/runs/from-s3/result.json") as stream:
         resumed = json.loads(stream.read())

@@ -1,12 +1,14 @@
 """The central equivalence: the gathered loss on W gloo workers is the single-process loss.
 
 Each worker holds its slice of one global batch; the towers are wrapped in DDP. For every loss
-× gather variant × negative mode, with and without negative memory, the mean of the workers'
-loss values must equal the loss of one process on the whole batch, and every DDP-averaged
+× gather variant × negative mode, without negative memory, with a replicated one and with a
+sharded one (``loss.memory_shard``; also restored from checkpoints of world sizes 1, 2 and 3),
+the mean of the workers' loss values must equal the loss of one process on the whole batch, and every DDP-averaged
 parameter gradient (and every gradient of the loss's own parameters, averaged by hand) must
 equal the single-process gradient, in float64 to 1e-6. World sizes 2 (equal halves) and 3
 (unequal local batches, as at the end of an epoch). The workers run every case twice: dense, and
-tiled (``chunk_size`` 4, which divides no pool here); the reference is always the dense loss.
+tiled (``chunk_size`` 4, which divides no pool here); the reference is always the dense loss
+with a replicated memory.
 """
 
 import os
@@ -25,9 +27,10 @@ from vcl_dist.losses.negatives import NEGATIVE_SELECTION
 NUM_CLASSES = 3
 
 
-def make_loss(name, negatives, gather, with_memory, chunk_size=None):
+def make_loss(name, negatives, gather, memory_kind, chunk_size=None):
+    """``memory_kind``: None, "replicated" or "sharded" (loss.memory_shard)."""
     torch.manual_seed(11)  # the same loss parameters on every worker and in the reference
-    memory = NegativeMemory(size=9) if with_memory else None
+    memory = NegativeMemory(size=9, shard=memory_kind == "sharded") if memory_kind else None
     if name == "triplet":
         loss = TripletLoss(margin=1.0, negatives=negatives, gather=gather, memory=memory, chunk_size=chunk_size)
     elif name == "vcrl":
@@ -39,13 +42,15 @@ def make_loss(name, negatives, gather, with_memory, chunk_size=None):
 
 
 CASES = [
-    (name, negatives, gather, with_memory, chunk_size)
+    (name, negatives, gather, memory_kind, chunk_size)
     for name, modes in (("triplet", sorted(NEGATIVE_SELECTION)), ("vcrl", sorted(NEGATIVE_SELECTION)), ("infonce", ["-"]))
     for negatives in modes
     for gather in ("local", "full")
-    for with_memory in (False, True)
+    for memory_kind in (None, "replicated", "sharded")
     for chunk_size in (None, 4)
 ]
+# The cases whose sharded memory is also restored from a checkpoint of another world size.
+RESHARDED = [case for case in CASES if case[3] == "sharded" and case[4] is None]
 
 
 class TinyDualEncoder(nn.Module):
@@ -81,6 +86,14 @@ def make_model():
     return TinyDualEncoder().double()
 
 
+def reshard(state, world):
+    """A replicated memory's state as the ``world`` shard states a sharded memory at that world
+    size saves: worker r holds ring rows r, r + world, … (the format of vcl_dist.losses.memory)."""
+    return [{**state, "rank": rank, "world": world,
+             **{name: state[name][rank::world] for name in ("image", "text", "labels", "groups")}}
+            for rank in range(world)]
+
+
 def run_steps(model, criterion, batches, part=slice(None)):
     """Loss and gradients of each step; no optimizer step, so both steps see the same model."""
     out = []
@@ -113,6 +126,24 @@ def _worker(rank, world, sizes, out_dir):
             dist.all_reduce(mean_loss)
             steps[i] = (mean_loss / world, grads)
         results[case] = steps
+    for case in RESHARDED:
+        # Fill a sharded memory with the first batch, save every worker's shard, assemble them
+        # into a replicated memory, re-cut that for other world sizes, restore each here, and
+        # take the second step from the restored memory.
+        criterion = make_loss(*case)
+        run_steps(DistributedDataParallel(make_model()), criterion, batches[:1], part)
+        shards = [None] * world
+        dist.all_gather_object(shards, criterion.memory.state_dict())
+        assembled = NegativeMemory(size=9)
+        assembled.load_state_dicts(shards)
+        results[(*case, "assembled")] = assembled.state_dict()
+        for saved_world in (1, 2, 3):
+            restored = make_loss(*case)
+            restored.memory.load_state_dicts(reshard(assembled.state_dict(), saved_world))
+            step = run_steps(DistributedDataParallel(make_model()), restored, batches[1:], part)[0]
+            mean_loss = step[0].clone()
+            dist.all_reduce(mean_loss)
+            results[(*case, f"restored from world {saved_world}")] = (mean_loss / world, step[1])
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -123,14 +154,35 @@ def test_gathered_losses_and_ddp_gradients_equal_single_process(sizes, tmp_path)
     per_rank = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(len(sizes))]
     batches = make_batches(sum(sizes))
     for case in CASES:
-        want = run_steps(make_model(), make_loss(*case[:4]), batches)  # dense, in one process
+        # The reference: dense, in one process, with a replicated memory.
+        name, negatives, gather, memory_kind, _ = case
+        reference_memory = None if memory_kind is None else "replicated"
+        reference = make_loss(name, negatives, gather, reference_memory)
+        want = run_steps(make_model(), reference, batches)
         for step, (want_loss, want_grads) in enumerate(want):
             assert want_loss.item() > 0, case
             for rank, results in enumerate(per_rank):
-                got_loss, got_grads = results[case][step]
-                where = f"{case} step {step} rank {rank}"
-                torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-10, msg=where)
-                assert got_grads.keys() == want_grads.keys()
-                for name, grad in want_grads.items():
-                    assert grad.abs().sum() > 0, f"{where} {name}"
-                    torch.testing.assert_close(got_grads[name], grad, rtol=1e-6, atol=1e-10, msg=f"{where} {name}")
+                check_step(results[case][step], want_loss, want_grads, f"{case} step {step} rank {rank}")
+        if case not in RESHARDED:
+            continue
+        # The memory after the first step, assembled from the workers' shards, is the replicated one.
+        first = make_loss(name, negatives, gather, "replicated")
+        run_steps(make_model(), first, batches[:1])
+        for rank, results in enumerate(per_rank):
+            assembled = results[(*case, "assembled")]
+            for key, value in first.memory.state_dict().items():
+                # Embeddings to rounding: the towers ran on other batch splits than the reference's.
+                torch.testing.assert_close(torch.as_tensor(assembled[key]), torch.as_tensor(value), rtol=1e-12, atol=1e-14,
+                                           msg=f"{case} rank {rank} memory {key}")
+            for saved_world in (1, 2, 3):
+                check_step(results[(*case, f"restored from world {saved_world}")], *want[1],
+                           f"{case} restored from world {saved_world}, rank {rank}")
+
+
+def check_step(got, want_loss, want_grads, where):
+    got_loss, got_grads = got
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-10, msg=where)
+    assert got_grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        assert grad.abs().sum() > 0, f"{where} {name}"
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-6, atol=1e-10, msg=f"{where} {name}")

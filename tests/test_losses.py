@@ -131,6 +131,71 @@ def test_memory_is_a_fifo_with_warmup_and_state():
         NegativeMemory(size=6).load_state_dict(memory.state_dict())
 
 
+
+def sharded_memories(size, world, monkeypatch):
+    """``world`` sharded memories as workers 0..world-1 place them (one process, no collectives:
+    enqueue and restore need none)."""
+    import vcl_dist.losses.memory as memory_module
+
+    shards = []
+    for rank in range(world):
+        monkeypatch.setattr(memory_module, "distributed_world", lambda rank=rank: (rank, world))
+        shard = NegativeMemory(size=size, shard=True)
+        shard._place()
+        shards.append(shard)
+    return shards, memory_module
+
+
+def test_a_sharded_memory_holds_each_ring_row_once_across_workers_and_restores_at_any_world_size(monkeypatch, tmp_path):
+    from vcl_dist.models.artifacts import MEMORY_SHARD_GLOB, save_memory_shard
+
+    size, world = 11, 3
+    replicated = NegativeMemory(size=size)
+    shards, memory_module = sharded_memories(size, world, monkeypatch)
+    generator = torch.Generator().manual_seed(5)
+    for step, count in enumerate((4, 6, 5, 13)):  # wraps the ring twice; the last batch is larger than the memory
+        batch = (torch.randn(count, 3, generator=generator), torch.randn(count, 3, generator=generator),
+                 torch.randint(-1, 4, (count,), generator=generator), torch.arange(count) + 100 * step)
+        replicated.enqueue(*batch)
+        for shard in shards:
+            shard.enqueue(*batch)
+    assert [s.capacity() for s in shards] == [4, 4, 3] and [s.local_filled() for s in shards] == [4, 4, 3]
+    # Worker r holds ring rows r, r + 3, …: together, the replicated memory row for row.
+    full = replicated.negatives()
+    for rank, shard in enumerate(shards):
+        for mine, whole in zip(shard.negatives(), full):
+            assert torch.equal(mine, whole[rank::world])
+        assert torch.equal(shard.global_rows(), torch.arange(rank, size, world))
+        assert (shard.next_row, shard.filled, shard.steps) == (replicated.next_row, replicated.filled, replicated.steps)
+
+    # The checkpoint files of the 3 workers restore a replicated memory, and 2 or 4 sharded ones.
+    for shard in shards:
+        save_memory_shard(tmp_path, shard)
+    files = sorted(tmp_path.glob(MEMORY_SHARD_GLOB))
+    assert [f.name for f in files] == [f"memory_shard_0000{r}_of_00003.pt" for r in range(3)]
+    saved = [torch.load(f, weights_only=True) for f in files]
+    monkeypatch.setattr(memory_module, "distributed_world", lambda: (0, 1))
+    assembled = NegativeMemory(size=size)
+    assembled.load_state_dicts(iter(saved))
+    assert all(torch.equal(a, b) for a, b in zip(assembled.negatives(), full))
+    for new_world in (2, 4):
+        restored, _ = sharded_memories(size, new_world, monkeypatch)
+        for rank, shard in enumerate(restored):
+            monkeypatch.setattr(memory_module, "distributed_world", lambda rank=rank: (rank, new_world))
+            shard.load_state_dicts(iter(saved))
+            for mine, whole in zip(shard.negatives(), full):
+                assert torch.equal(mine, whole[rank::new_world])
+            assert shard.filled == size and shard.next_row == replicated.next_row
+
+    # A lost shard file or shards of two different saves are errors, not a silently thinner memory.
+    with pytest.raises(ValueError, match=r"shards \[1\] of 3 are missing"):
+        NegativeMemory(size=size).load_state_dicts([saved[0], saved[2]])
+    with pytest.raises(ValueError, match="shards disagree"):
+        NegativeMemory(size=size).load_state_dicts([saved[0], {**saved[1], "steps": 2}, saved[2]])
+    with pytest.raises(ValueError, match="holds 11 rows"):
+        NegativeMemory(size=12, shard=True).load_state_dicts(saved)
+
+
 ALL_LOSSES = [lambda: TripletLoss(0.2, m) for m in MODES] + [lambda: VCRLLoss(0.5, 0.01, m) for m in MODES] + [InfoNCELoss]
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 
 from vcl_dist.config import load_config
 from vcl_dist.data.datasets import build_split, resolve_source
@@ -72,7 +73,9 @@ def test_an_elastic_run_loses_a_node_and_finishes_with_fewer_workers(cluster, ti
     ray_cluster, nodes = cluster
     cfg = load_config(repo_root / "jobs/configs/default.yaml",
                       [*tiny_shapes_overrides, f"run.storage_path={tmp_path}", "run.name=elastic", "train.epochs=3",
-                       "train.min_workers=1", "train.cpus_per_worker=2", "train.max_failures=3"])
+                       "train.min_workers=1", "train.cpus_per_worker=2", "train.max_failures=3",
+                       # A sharded memory: the restart at world size 1 restores it from 2 workers' shards.
+                       "loss.memory_size=80", "loss.memory_shard=true", "run.checkpoints_to_keep=5"])
     # Two CPUs a worker: one worker per 3-CPU node, with a CPU left for the data tasks. Ray
     # Train's elastic policy counts the workers that fit by CPUs per node (placement strategies
     # aside), so after the loss of a node it restarts with the one worker that fits.
@@ -101,3 +104,11 @@ def test_an_elastic_run_loses_a_node_and_finishes_with_fewer_workers(cluster, ti
     assert all(m["global_batch"] == 32 and m["base_lr"] == pytest.approx(cfg.train.lr / 2) for m in shrunk)
     assert all(m["global_batch"] == 64 and m["base_lr"] == pytest.approx(cfg.train.lr) for m in history if m["world_size"] == 2)
     assert shrunk[0]["resumed_from_step"] > 0  # from the checkpoint, not from the start
+    # The last checkpoint's memory is one worker's shard holding the whole ring; the first one's
+    # was cut in two, one file per worker.
+    checkpoints = sorted(p for p in (tmp_path / "elastic").glob("checkpoint_*") if p.is_dir())
+    assert sorted(p.name for p in checkpoints[0].glob("memory_shard_*")) == [f"memory_shard_0000{r}_of_00002.pt" for r in range(2)]
+    [last] = checkpoints[-1].glob("memory_shard_*")
+    shard = torch.load(last, weights_only=True)
+    assert last.name == "memory_shard_00000_of_00001.pt" and shard["filled"] == 80 and shard["image"].shape[0] == 80
+    assert bool((shard["image"].norm(dim=1) > 0).all())

@@ -1,5 +1,7 @@
 """A real 2-worker Ray Train run on a local Ray: it trains, reports, checkpoints, and learns."""
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -13,6 +15,7 @@ import torch
 from job_modules import load_job
 
 from vcl_dist.config import load_config
+from vcl_dist.losses import build_loss
 from vcl_dist.models import build_dual_encoder
 from vcl_dist.models.artifacts import TOKENIZER_DIR, load_checkpoint
 from vcl_dist.train.metrics import reported_metric_names
@@ -98,11 +101,10 @@ def test_two_workers_train_checkpoint_inside_epochs_and_resume_there(local_ray, 
 
 
 def assert_errors_that_would_happen_again_end_the_run(storage: Path, checkpoint: Path) -> None:
-    """With restarts allowed, a step that overflows and a broken checkpoint still end the run at
-    once, in one line: a restart would fail the same way. (Too many bad rows: the same, in
-    test_data_sources; a config that builds no model stops before Ray, in test_config.)"""
-    import contextlib
-    import io
+    """With restarts allowed, a step that overflows still ends the run at once, in one line: a
+    restart would fail the same way. (Too many bad rows: the same, in test_data_sources; a config
+    that builds no model stops before Ray, in test_config.) A checkpoint cut short is skipped for
+    the one before it."""
 
     def resume(*overrides: str) -> list[str]:
         err = io.StringIO()
@@ -119,34 +121,59 @@ def assert_errors_that_would_happen_again_end_the_run(storage: Path, checkpoint:
     assert failures[0].startswith("vcl-dist: training failed: NonFiniteLossError: step 33 (epoch 5): loss inf")
     assert f"the optimizer step was not taken. Last good checkpoint: {checkpoint}" in failures[0]
 
-    # The same checkpoint with its weights file cut short (a full disk, a killed copy).
+    # The same checkpoint with its weights file cut short (a full disk, a killed copy): skipped,
+    # with a warning that names it, for the checkpoint Ray Train registered before it.
     weights = checkpoint / "model.pt"
     weights.write_bytes(weights.read_bytes()[:1000])
-    failures = resume()
-    assert len(failures) == 1 and "CheckpointLoadError: cannot resume from the checkpoint" in failures[0]
-    assert checkpoint.name in failures[0]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert load_job("train").main(["--resume", f"run.storage_path={storage}", "train.epochs=4"]) == 0
+    assert f"vcl-dist: warning: skipped the checkpoint {checkpoint}: unreadable model.pt" in err.getvalue()
+    result = json.loads((checkpoint.parent / "result.json").read_text())
+    # It went on from the previous checkpoint (step 30, inside epoch 4: checkpoints every 3 steps).
+    assert result["final_metrics"]["resumed_from_step"] == 30 and result["final_metrics"]["step"] == 32
 
 
-def test_vcrl_with_label_tower_and_memory_trains_and_checkpoints_its_state(local_ray, tiny_shapes_overrides, repo_root, tmp_path):
+def test_vcrl_with_label_tower_and_sharded_memory_trains_and_checkpoints_its_state(local_ray, tiny_shapes_overrides, repo_root,
+                                                                                  tmp_path):
     cfg = load_config(
         repo_root / "jobs/configs/default.yaml",
         [*tiny_shapes_overrides, f"run.storage_path={tmp_path}", "run.name=vcrl", "train.epochs=3", "train.max_steps=16",
          "loss.name=vcrl", "loss.margin=0.5", "loss.reg_lambda=0.05", "loss.label_tower=true",
-         "loss.memory_size=96", "loss.memory_warmup_steps=2"],
+         "loss.memory_size=96", "loss.memory_warmup_steps=2", "loss.memory_shard=true",
+         # A checkpoint after every step: 0.0001 minutes pass between any two.
+         "train.checkpoint_every_minutes=0.0001"],
     )
     outcome = run_training(cfg)
+    snapshot = json.loads((Path(outcome.run_path) / "checkpoint_manager_snapshot.json").read_text())
+    assert snapshot["current_report_index"] == 16  # 14 inside the epochs, by the clock, and 2 at their ends
     # train.max_steps reached on an epoch's last step: that epoch still reports and checkpoints.
     assert [m["step"] for m in outcome.history] == [8, 16]
     assert outcome.history[-1]["train_loss"] < outcome.history[0]["train_loss"]
     checkpoint = Path(outcome.checkpoint_path)
     loss_state = torch.load(checkpoint / "loss.pt", weights_only=True)
     assert loss_state["class_embeddings"].shape == (30, cfg.model.embed_dim)  # one per shapes class
-    memory = torch.load(checkpoint / "training_state.pt", weights_only=True)["memory"]
-    # 16 global steps of 64 rows went through a memory of 96 rows.
-    assert memory["filled"] == 96 and memory["steps"] == 16
-    assert memory["image"].shape == (96, cfg.model.embed_dim)
+    # Each worker saved its half of the memory into the one checkpoint folder.
+    assert torch.load(checkpoint / "training_state.pt", weights_only=True)["memory"] is None
+    shards = [torch.load(checkpoint / f"memory_shard_0000{rank}_of_00002.pt", weights_only=True) for rank in range(2)]
+    # 16 global steps of 64 rows went through a memory of 96 rows: 48 on each worker.
+    assert all(shard["filled"] == 96 and shard["steps"] == 16 and shard["rank"] == rank for rank, shard in enumerate(shards))
+    assert all(shard["image"].shape == (48, cfg.model.embed_dim) for shard in shards)
+    # Loaded through the checkpoint reader into a replicated memory: the whole ring, every row
+    # a trained (non-zero) embedding.
+    from transformers import AutoTokenizer
+
+    vocabulary = len(AutoTokenizer.from_pretrained(checkpoint / TOKENIZER_DIR))
+    criterion = build_loss(cfg.loss.model_copy(update={"memory_shard": False}), num_classes=30, embed_dim=cfg.model.embed_dim)
+    load_checkpoint(checkpoint, model=build_dual_encoder(cfg.model, vocabulary, cfg.data.max_text_length), criterion=criterion)
+    image, text, labels, _ = criterion.memory.negatives()
+    assert image.shape == (96, cfg.model.embed_dim) and bool((image.norm(dim=1) > 0).all() and (text.norm(dim=1) > 0).all())
+    assert torch.equal(image[0::2], shards[0]["image"]) and torch.equal(labels[1::2], shards[1]["labels"])
 
 
+# The InfoNCE/full-gather equivalence is proven in test_distributed_loss; this real run joins the e2e checks to keep
+# the suite under its 15-minute budget (15 min 22 s measured with it, after the sharded-memory and checkpoint tests).
+@pytest.mark.e2e
 def test_infonce_with_full_gather_trains(local_ray, tiny_shapes_overrides, repo_root, tmp_path):
     cfg = load_config(
         repo_root / "jobs/configs/default.yaml",

@@ -113,6 +113,8 @@ class LossConfig(Section):
     max_logit_scale: float = Field(100.0, gt=1, description="infonce: clamp of 1/temperature")
     memory_size: int = Field(0, ge=0, description="rows of the negative memory; 0 = off")
     memory_warmup_steps: int = Field(0, ge=0, description="steps before the memory is used")
+    memory_shard: bool = Field(False, description="each worker holds 1/W of the memory rows; the losses reduce over "
+                               "each shard and combine with small collectives (same results as replicated)")
     chunk_size: int | None = Field(None, ge=1, description="tile the pool in chunks of this many rows: memory "
                                    "[anchors × chunk] instead of [anchors × pool]; null = dense")
 
@@ -136,6 +138,8 @@ class TrainConfig(Section):
     log_every_steps: int = Field(20, ge=1)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the latest checkpoint; -1 = unlimited")
     checkpoint_every_steps: int | None = Field(None, ge=1, description="also checkpoint inside epochs; default: epoch ends only")
+    checkpoint_every_minutes: float | None = Field(None, gt=0, description="also checkpoint inside epochs once this much "
+                                                   "wall time has passed since the last checkpoint (spot instances)")
     max_steps: int | None = Field(None, ge=1, description="stop (with a checkpoint) after this many steps in all")
     micro_batch_size: int | None = Field(None, ge=1, description="run the towers in micro-batches of this many rows "
                                          "with cached embedding gradients (GradCache): activations of one micro-batch at "

@@ -4,8 +4,9 @@ Start with :mod:`.definitions`: each loss as defined, in a few lines of dense ma
 score-matrix code — the specification the fast classes here are tested against. Those compose
 like pytorch-metric-learning's parts: :mod:`.pool` (gather + memory + masks), :mod:`.distances`,
 :mod:`.negatives` (negative selection), :mod:`.fused` (dense terms with hand-written backward),
-:mod:`.tiled` (the same terms a tile of the pool at a time, for pools of any size), and the
-losses on top.
+:mod:`.tiled` (the same terms a tile of the pool at a time, for pools of any size),
+:mod:`.memory` and :mod:`.sharded_memory` (past batches as negatives, replicated or sharded over
+workers), and the losses on top.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .vcrl import VCRLLoss
 
 def build_loss(cfg: LossConfig, num_classes: int | None = None, embed_dim: int | None = None):
     """The loss module of a config; ``num_classes`` and ``embed_dim`` feed VCRL's label tower."""
-    memory = NegativeMemory(cfg.memory_size, cfg.memory_warmup_steps) if cfg.memory_size else None
+    memory = NegativeMemory(cfg.memory_size, cfg.memory_warmup_steps, shard=cfg.memory_shard) if cfg.memory_size else None
     if cfg.name == "triplet":
         return TripletLoss(cfg.margin, cfg.negatives, normalize=True, gather=cfg.gather, memory=memory, chunk_size=cfg.chunk_size)
     if cfg.name == "vcrl":

@@ -17,6 +17,7 @@ from torch import nn
 from .fused import infonce_terms
 from .memory import NegativeMemory
 from .pool import build_pool, direction_inputs, enqueue_batch
+from .sharded_memory import MemoryShard, infonce_with_memory, memory_log_sum_exp
 from .tiled import check_chunk_size, infonce_terms_tiled
 
 
@@ -50,17 +51,22 @@ class InfoNCELoss(nn.Module):
         if self.chunk_size:
             terms = [infonce_terms_tiled(anchors, items, scale, pool.positive, pool.never_negatives, self.chunk_size, pool_dims)
                      for anchors, items, pool_dims in direction_inputs(pool)]
-            loss = pool.reduce(torch.cat(terms).mean(dim=0))
-            enqueue_batch(pool, self.memory)
-            return loss
-        # The own pair stays in the softmax although it is no negative.
-        excluded = pool.invalid.clone()
-        excluded[torch.arange(len(pool.positive), device=excluded.device), pool.positive] = False
-        terms = [
-            infonce_terms(anchors, items, scale, excluded, pool.positive, pool_dims)
-            for anchors, items, pool_dims in direction_inputs(pool)
-        ]
-        per_anchor = torch.cat(terms).mean(dim=0)
-        loss = pool.reduce(per_anchor)
+        else:
+            # The own pair stays in the softmax although it is no negative.
+            excluded = pool.invalid.clone()
+            excluded[torch.arange(len(pool.positive), device=excluded.device), pool.positive] = False
+            terms = [infonce_terms(anchors, items, scale, excluded, pool.positive, pool_dims)
+                     for anchors, items, pool_dims in direction_inputs(pool)]
+        per_direction = torch.cat(terms)
+        if pool.sharded_memory is not None:
+            shard = MemoryShard(pool, pool.sharded_memory, self.chunk_size, normalized=True)
+            remembered = memory_log_sum_exp(shard, scale.detach()).index_select(1, pool.positive)
+            directions = [(pool.image_anchors, pool.text_pool), (pool.text_anchors, pool.image_pool)]
+            per_direction = torch.stack([
+                infonce_with_memory(per_direction[k], scale * (anchors * items.index_select(0, pool.positive)).sum(1),
+                                    remembered[k], anchors, scale)
+                for k, (anchors, items) in enumerate(directions)
+            ])
+        loss = pool.reduce(per_direction.mean(dim=0))
         enqueue_batch(pool, self.memory)
         return loss

@@ -19,35 +19,81 @@ anchors, no ``[A, P, P]`` tensors.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 INF = float("inf")
 
 
-@torch.no_grad()
-def mine_negatives(filled: torch.Tensor, d_ap: torch.Tensor, negatives: str, pool_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(index [A], has_negative [A])``: the pool row chosen for each anchor.
+@dataclass
+class Candidates:
+    """What a miner keeps per anchor ``[A]``, to choose from or to merge with candidates from
+    more pool rows (tiles, a sharded memory): the hardest valid negative (``hardest_value``
+    ``+inf`` when there is none) and, for ``semi_hard``, the closest one beyond the positive
+    as the minimum of ``1 / (d_ap − d)`` (negative exactly when one was found; see
+    :func:`mine_candidates`). Indices are pool rows. For ``semi_hard`` the hardest value need
+    only be right where nothing beyond was found: it is used only there."""
 
-    ``filled``: squared distances with ``+inf`` wherever an item may not be a negative.
-    """
+    hardest_value: torch.Tensor
+    hardest_index: torch.Tensor
+    beyond_value: torch.Tensor | None = None
+    beyond_index: torch.Tensor | None = None
+
+    def choose(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(index [A], has_negative [A])``: semi-hard where found, else the hardest."""
+        if self.beyond_value is None:
+            return self.hardest_index, self.hardest_value < INF
+        found = self.beyond_value < 0
+        return torch.where(found, self.beyond_index, self.hardest_index), found | (self.hardest_value < INF)
+
+    def merge(self, later: Candidates) -> Candidates:
+        """The better of two candidate sets over disjoint pool rows; ``later`` holds rows after
+        this one's in pool order and wins only when strictly better (ties go to the first row,
+        as a dense minimum's do)."""
+        pairs = [(self.hardest_value, self.hardest_index, later.hardest_value, later.hardest_index)]
+        if self.beyond_value is not None:
+            pairs.append((self.beyond_value, self.beyond_index, later.beyond_value, later.beyond_index))
+        merged = []
+        for value, index, later_value, later_index in pairs:
+            better = later_value < value
+            merged += [torch.where(better, later_value, value), torch.where(better, later_index, index)]
+        return Candidates(*merged)
+
+    def select(self, anchors: torch.Tensor) -> Candidates:
+        """The candidates of the anchors at positions ``anchors``."""
+        return Candidates(*(None if t is None else t.index_select(0, anchors) for t in
+                            (self.hardest_value, self.hardest_index, self.beyond_value, self.beyond_index)))
+
+
+@torch.no_grad()
+def mine_candidates(filled: torch.Tensor, d_ap: torch.Tensor, negatives: str, pool_dim: int = 1) -> Candidates:
+    """The :class:`Candidates` of each anchor over a distance matrix ``filled``, which holds
+    ``+inf`` wherever an item may not be a negative."""
     if negatives == "hardest":
-        values, index = filled.min(dim=pool_dim)
-        return index, values < INF
+        return Candidates(*filled.min(dim=pool_dim))
     if negatives != "semi_hard":
         raise ValueError(f"{negatives!r} is not a mining mode")
     # The closest item strictly farther than the positive, without a masked copy: over x >
     # d_ap, 1 / (d_ap − x) is negative and smallest for the smallest x; x ≤ d_ap gives a
     # positive value or +inf (x = d_ap), never-negatives (x = inf) give −0.0.
     reciprocal = (d_ap.unsqueeze(pool_dim) - filled).reciprocal_()
-    values, index = reciprocal.min(dim=pool_dim)
-    has_negative = values < 0
-    fallback = (~has_negative).nonzero().squeeze(1)
+    beyond_value, beyond_index = reciprocal.min(dim=pool_dim)
+    hardest_value, hardest_index = torch.full_like(beyond_value, INF), torch.zeros_like(beyond_index)
+    fallback = (beyond_value >= 0).nonzero().squeeze(1)
     if fallback.numel():
         # Anchors with no farther negative take their hardest one (usually few of them).
-        hardest_values, hardest_index = filled.index_select(1 - pool_dim, fallback).min(dim=pool_dim)
-        index[fallback] = hardest_index
-        has_negative[fallback] = hardest_values < INF
-    return index, has_negative
+        fallback_values, fallback_index = filled.index_select(1 - pool_dim, fallback).min(dim=pool_dim)
+        hardest_value[fallback], hardest_index[fallback] = fallback_values, fallback_index
+    return Candidates(hardest_value, hardest_index, beyond_value, beyond_index)
+
+
+def mine_negatives(filled: torch.Tensor, d_ap: torch.Tensor, negatives: str, pool_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index [A], has_negative [A])``: the pool row chosen for each anchor.
+
+    ``filled``: squared distances with ``+inf`` wherever an item may not be a negative.
+    """
+    return mine_candidates(filled, d_ap, negatives, pool_dim).choose()
 
 
 def hinge(d_ap: torch.Tensor, d_an: torch.Tensor, has_negative: torch.Tensor, margin: float) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The anchors and the negative pool that every loss works on, over all workers.
 
 ``build_pool`` gathers the global batch with gradient (:mod:`.gather`), appends the negative
-memory, and says for every anchor which pool row is its positive and which rows may serve as
-negatives. The losses then only compute per-anchor terms and ``reduce`` them.
+memory (a replicated one; a sharded one stays apart, see :mod:`.sharded_memory`), and says
+for every anchor which pool row is its positive and which rows may serve as negatives. The
+losses then only compute per-anchor terms and ``reduce`` them.
 
 Gather variants:
 
@@ -43,6 +44,9 @@ class Pool:
     # scores are then the transpose of the image->text ones, for the batch part.
     anchors_are_batch: bool
     global_batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # for the memory
+    # A sharded memory in use: its rows are not in the pool; the losses add its share through
+    # collectives (:mod:`.sharded_memory`). Pool rows from ``batch_rows`` on would be its rows.
+    sharded_memory: NegativeMemory | None = None
 
     @cached_property
     def invalid(self) -> torch.Tensor:
@@ -158,7 +162,7 @@ def build_pool(image_emb, text_emb, labels, groups, gather: str = "local", memor
         weight = world / total
 
     pool_images, pool_texts, pool_labels, pool_groups = all_images, all_texts, all_labels, all_groups
-    remembered = memory.negatives() if memory is not None else None
+    remembered = memory.negatives() if memory is not None and not memory.sharded else None
     if remembered is not None:
         mem_images, mem_texts, mem_labels, mem_groups = remembered
         pool_images = torch.cat([pool_images, mem_images.to(pool_images)])
@@ -173,6 +177,7 @@ def build_pool(image_emb, text_emb, labels, groups, gather: str = "local", memor
         positive=positive, weight=weight, batch_rows=total,
         anchors_are_batch=anchors[0].shape[0] == total,
         global_batch=(all_images, all_texts, all_labels, all_groups),
+        sharded_memory=memory if memory is not None and memory.sharded and memory.in_use() else None,
     )
 
 

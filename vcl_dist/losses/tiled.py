@@ -38,7 +38,7 @@ from .distances import (
     squared_distances_normalized,
 )
 from .fused import _distance_backward
-from .negatives import INF
+from .negatives import INF, Candidates
 from .pool import NeverNegatives
 
 
@@ -68,11 +68,11 @@ def _anchor_axis(values: torch.Tensor, dim: int, start: int, stop: int) -> torch
 
 
 @torch.no_grad()
-def mine_negatives_tiled(anchors, items, d_ap, never: NeverNegatives, negatives: str, chunk: int, normalized: bool,
-                         pool_dims=(1,)) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """For each layout of ``pool_dims``, ``(index [A], has_negative [A])``: what
-    :func:`~vcl_dist.losses.negatives.mine_negatives` picks over the distances of ``anchors`` to
-    ``items``, one tile at a time. Ties go to the first row, as a dense minimum's do."""
+def mine_candidates_tiled(anchors, items, d_ap, never: NeverNegatives, negatives: str, chunk: int, normalized: bool,
+                          pool_dims=(1,)) -> list[Candidates]:
+    """For each layout of ``pool_dims``, the :class:`~vcl_dist.losses.negatives.Candidates` of
+    the distances of ``anchors`` to ``items``, one tile at a time; the hardest value is kept for
+    every anchor. Ties go to the first row, as a dense minimum's do."""
     if negatives not in ("hardest", "semi_hard"):
         raise ValueError(f"{negatives!r} is not a mining mode")
     distance = _distance_fn(normalized)
@@ -95,14 +95,17 @@ def mine_negatives_tiled(anchors, items, d_ap, never: NeverNegatives, negatives:
                     continue
                 better = value < best[layout][0]
                 best[layout] = (torch.where(better, value, best[layout][0]), torch.where(better, index + start, best[layout][1]))
-    choices = []
-    for (hardest_value, hardest_index), (beyond_value, beyond_index) in zip(hardest, beyond):
-        if negatives == "hardest":
-            choices.append((hardest_index, hardest_value < INF))
-        else:
-            found = beyond_value < 0
-            choices.append((torch.where(found, beyond_index, hardest_index), found | (hardest_value < INF)))
-    return choices
+    if negatives == "hardest":
+        return [Candidates(*best) for best in hardest]
+    return [Candidates(*best_hardest, *best_beyond) for best_hardest, best_beyond in zip(hardest, beyond)]
+
+
+def mine_negatives_tiled(anchors, items, d_ap, never: NeverNegatives, negatives: str, chunk: int, normalized: bool,
+                         pool_dims=(1,)) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each layout of ``pool_dims``, ``(index [A], has_negative [A])``: what
+    :func:`~vcl_dist.losses.negatives.mine_negatives` picks, one tile at a time."""
+    return [found.choose() for found in mine_candidates_tiled(anchors, items, d_ap, never, negatives, chunk, normalized,
+                                                               pool_dims)]
 
 
 def _paired_backward(grad_ap, anchors, partners, normalized: bool):

@@ -29,9 +29,10 @@ from .distances import (
 )
 from .fused import mean_hinge_all_negatives
 from .memory import NegativeMemory
-from .negatives import INF, MINED_MODES, NEGATIVE_SELECTION, hinge, mine_negatives
+from .negatives import INF, MINED_MODES, NEGATIVE_SELECTION, hinge, mine_candidates
 from .pool import Pool, build_pool, direction_inputs, enqueue_batch, positive_entries, score_matrices
-from .tiled import check_chunk_size, mean_hinge_all_negatives_tiled, mine_negatives_tiled
+from .sharded_memory import MemoryShard, mean_hinge_with_memory, memory_candidates, memory_hinge_statistics, merge_mined
+from .tiled import check_chunk_size, mean_hinge_all_negatives_tiled, mine_candidates_tiled
 
 
 def triplet_terms(distances: torch.Tensor, positive: torch.Tensor, valid: torch.Tensor, margin: float, negatives: str) -> torch.Tensor:
@@ -48,10 +49,15 @@ def bidirectional_triplet(pool: Pool, margin: float, negatives: str, normalized:
     ``O(A·D)`` instead of two ``[A, P]``-sized matmuls. The result and its gradient are those
     of the dense definition (the gradient of a min is the gradient at the argmin).
     ``chunk_size``: visit the pool in tiles of that many rows and never hold the whole
-    distance matrix (:mod:`.tiled`); None: the dense path.
+    distance matrix (:mod:`.tiled`); None: the dense path. A sharded memory adds its share
+    through :mod:`.sharded_memory`.
     """
     distance_fn = squared_distances_normalized if normalized else squared_distances
     paired_fn = paired_squared_distances_normalized if normalized else paired_squared_distances
+    shard = MemoryShard(pool, pool.sharded_memory, chunk_size, normalized) if pool.sharded_memory is not None else None
+    # d(anchor, positive) is the same pair in both directions: one differentiable [A] vector.
+    d_ap = paired_fn(pool.image_anchors, pool.text_pool.index_select(0, pool.positive))
+    directions = [(pool.image_anchors, pool.text_pool), (pool.text_anchors, pool.image_pool)]
     if negatives not in MINED_MODES:
         if chunk_size:
             terms = [mean_hinge_all_negatives_tiled(anchors, items, pool.positive, pool.never_negatives, margin, normalized,
@@ -59,25 +65,37 @@ def bidirectional_triplet(pool: Pool, margin: float, negatives: str, normalized:
         else:
             terms = [mean_hinge_all_negatives(anchors, items, pool.invalid, pool.positive, pool_dims, margin, normalized)
                      for anchors, items, pool_dims in direction_inputs(pool)]
-        return torch.cat(terms).mean(dim=0)
-    # d(anchor, positive) is the same pair in both directions: one differentiable [A] vector.
-    d_ap = paired_fn(pool.image_anchors, pool.text_pool.index_select(0, pool.positive))
-    choices = []
+        per_direction = torch.cat(terms)
+        if shard is not None:
+            stats = memory_hinge_statistics(shard, margin).index_select(1, pool.positive)
+            batch_valid = (pool.batch_rows - pool.never_negatives.counts()).to(per_direction.dtype)
+            per_direction = torch.stack([
+                mean_hinge_with_memory(per_direction[k], batch_valid, stats[k], anchors, d_ap, normalized)
+                for k, (anchors, _) in enumerate(directions)
+            ])
+        return per_direction.mean(dim=0)
+    candidates = []
     if chunk_size:
         for anchors, items, pool_dims in direction_inputs(pool):
-            choices += mine_negatives_tiled(anchors.detach(), items.detach(), d_ap.detach(), pool.never_negatives, negatives,
-                                            chunk_size, normalized, pool_dims)
+            candidates += mine_candidates_tiled(anchors.detach(), items.detach(), d_ap.detach(), pool.never_negatives,
+                                                negatives, chunk_size, normalized, pool_dims)
     else:
         with torch.no_grad():
             for filled, pool_dims in score_matrices(pool, distance_fn):
                 d_ap_rows = [positive_entries(filled, pool.positive, dim) for dim in pool_dims]
                 filled.masked_fill_(pool.invalid, INF)
-                choices += [mine_negatives(filled, d, negatives, dim) for d, dim in zip(d_ap_rows, pool_dims)]
-    terms = []
-    for (anchors, items), (index, has_negative) in zip(
-        [(pool.image_anchors, pool.text_pool), (pool.text_anchors, pool.image_pool)], choices
-    ):
-        terms.append(hinge(d_ap, paired_fn(anchors, items.index_select(0, index)), has_negative, margin))
+                candidates += [mine_candidates(filled, d, negatives, dim) for d, dim in zip(d_ap_rows, pool_dims)]
+    if shard is None:
+        chosen = []
+        for (anchors, items), found in zip(directions, candidates):
+            index, has_negative = found.choose()
+            chosen.append((items.index_select(0, index), has_negative))
+    else:
+        remembered, remembered_rows = memory_candidates(shard, negatives)
+        chosen = [merge_mined(found, remembered[k], remembered_rows[k], pool.positive, items, pool.batch_rows)
+                  for k, ((_, items), found) in enumerate(zip(directions, candidates))]
+    terms = [hinge(d_ap, paired_fn(anchors, negative_rows), has_negative, margin)
+             for (anchors, _), (negative_rows, has_negative) in zip(directions, chosen)]
     return 0.5 * (terms[0] + terms[1])
 
 

@@ -8,14 +8,20 @@ A **checkpoint** (one folder, loadable with ``torch.load(weights_only=True)``): 
 (the dual encoder's state dict), ``loss.pt`` (the loss's parameters, such as a temperature or
 class embeddings), ``training_state.pt`` (optimizer, scheduler, negative memory, epoch, step,
 the data position and every worker's RNG state), ``history.json`` (metrics of every finished
-epoch), ``config.yaml`` (the resolved config), ``tokenizer/`` and ``classes.txt``.
+epoch), ``config.yaml`` (the resolved config), ``tokenizer/`` and ``classes.txt``. A sharded
+negative memory is saved by every worker beside them, one file each:
+``memory_shard_<rank>_of_<world>.pt`` (Ray Train merges the workers' files into one folder and
+registers the checkpoint once every worker has reported).
 
 An **export** (``<run>/model/``): ``model.safetensors`` (the dual encoder's weights) with the
 same ``config.yaml``, ``tokenizer/``, ``history.json`` and ``classes.txt``; assembled beside its
-destination and renamed into place.
+destination and renamed into place (in S3, where nothing renames: uploaded with the weights last,
+:func:`upload_export`).
 
 A model is named by an export folder, a checkpoint folder, or a run folder (its export, else
-its newest checkpoint): :func:`find_model_folder`.
+its newest checkpoint): :func:`find_model_folder`. A run's checkpoints are those Ray Train
+registered as complete (:func:`registered_checkpoints`), newest first, less any with a missing
+or cut-short file, each skipped with a warning (:func:`usable_checkpoints`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,7 +41,7 @@ import torch
 
 from ..config import Config, S3Config, dump_config
 from ..data.shard_format import format_class_names, parse_class_names
-from ..storage import display_uri, filesystem_for, newest_folder
+from ..storage import display_uri, filesystem_for
 from .dual_encoder import DualEncoder, build_dual_encoder
 
 MODEL_FILE = "model.pt"
@@ -44,6 +51,7 @@ HISTORY_FILE = "history.json"
 CONFIG_FILE = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
 CLASSES_FILE = "classes.txt"
+MEMORY_SHARD_GLOB = "memory_shard_*_of_*.pt"
 
 
 def save_checkpoint(folder: str | Path, *, model, criterion, optimizer, scheduler, epoch: int, step: int,
@@ -59,7 +67,8 @@ def save_checkpoint(folder: str | Path, *, model, criterion, optimizer, schedule
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
          "epoch_step": epoch_step, "epoch_progress": epoch_progress, "rng": rng,
-         "memory": memory.state_dict() if memory is not None else None},
+         # A sharded memory is in the workers' memory_shard files (save_memory_shard).
+         "memory": memory.state_dict() if memory is not None and not memory.sharded else None},
         folder / STATE_FILE,
     )
     (folder / HISTORY_FILE).write_text(json.dumps(history, indent=1))
@@ -67,6 +76,11 @@ def save_checkpoint(folder: str | Path, *, model, criterion, optimizer, schedule
     tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
     if class_names:
         (folder / CLASSES_FILE).write_text(format_class_names(class_names))
+
+
+def save_memory_shard(folder: str | Path, memory) -> None:
+    """This worker's rows of a sharded negative memory, beside the checkpoint's other files."""
+    torch.save(memory.state_dict(), Path(folder) / f"memory_shard_{memory.rank:05d}_of_{memory.world:05d}.pt")
 
 
 def load_checkpoint(folder: str | Path, *, model, criterion=None, optimizer=None, scheduler=None) -> dict:
@@ -78,8 +92,12 @@ def load_checkpoint(folder: str | Path, *, model, criterion=None, optimizer=None
     if criterion is not None:
         criterion.load_state_dict(torch.load(folder / LOSS_FILE, map_location="cpu", weights_only=True))
         memory = getattr(criterion, "memory", None)
+        shard_files = sorted(folder.glob(MEMORY_SHARD_GLOB))
         if memory is not None and state.get("memory") is not None:
             memory.load_state_dict(state["memory"])
+        elif memory is not None and shard_files:
+            # One file at a time: a worker never holds more than its own rows and one saved shard.
+            memory.load_state_dicts(torch.load(path, map_location="cpu", weights_only=True) for path in shard_files)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
@@ -173,9 +191,98 @@ def export_model(source: str | Path, out_dir: str | Path, *, history: list[dict]
     return out_dir
 
 
-def newest_checkpoint(filesystem: pafs.FileSystem, run_path: str) -> str | None:
-    """The run's newest checkpoint folder that holds weights, or None."""
-    return newest_folder(filesystem, run_path, CHECKPOINT_PREFIX, containing=MODEL_FILE)
+def upload_export(local_dir: str | Path, filesystem: pafs.FileSystem, target: str) -> None:
+    """Copy an export folder to ``target`` in an object store, where nothing can be renamed:
+    the old export is removed first and the weights go last, so ``target`` is an export (has
+    :data:`WEIGHTS_FILE`) only once every other file is in place — readers meanwhile find no
+    export and take the newest checkpoint (:func:`find_model_folder`). An object's upload is
+    all-or-nothing in S3, so the weights file itself never appears half-written."""
+    local_dir = Path(local_dir)
+    filesystem.delete_dir_contents(target, missing_dir_ok=True)
+    files = sorted((path for path in local_dir.rglob("*") if path.is_file()), key=lambda path: path.name == WEIGHTS_FILE)
+    for path in files:
+        destination = f"{target}/{path.relative_to(local_dir).as_posix()}"
+        filesystem.create_dir(destination.rsplit("/", 1)[0], recursive=True)
+        pafs.copy_files(str(path), destination, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)
+
+
+# Ray Train's checkpoint manager state, in the run folder: the checkpoints it registered as
+# complete (every worker reported, every file persisted), in report order.
+CHECKPOINT_MANAGER_SNAPSHOT = "checkpoint_manager_snapshot.json"
+CHECKPOINT_FILES = (MODEL_FILE, LOSS_FILE, STATE_FILE, HISTORY_FILE, CONFIG_FILE)
+
+
+def registered_checkpoints(filesystem: pafs.FileSystem, run_path: str) -> list[str] | None:
+    """The run's checkpoint folders that Ray Train registered as complete, newest first (from
+    its checkpoint manager's snapshot); None when the run has no snapshot (a run of another
+    trainer, or folders copied by hand). A folder that a crash left half-written was never
+    registered, whatever its name."""
+    path = f"{run_path}/{CHECKPOINT_MANAGER_SNAPSHOT}"
+    try:
+        if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+            return None
+        with filesystem.open_input_stream(path) as stream:
+            snapshot = json.loads(stream.read().decode())
+        results = snapshot["checkpoint_results"]
+        indices = snapshot.get("checkpoint_report_indices") or list(range(len(results)))
+        names = [name for _, name in sorted(zip(indices, (r["checkpoint_dir_name"] for r in results)), reverse=True)]
+    except (KeyError, TypeError, ValueError) as err:
+        raise OSError(f"unreadable {display_uri(path, filesystem)}: {type(err).__name__}: {err}") from None
+    latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    if latest in names:  # the latest first, whatever a score order did to the list
+        names.remove(latest)
+        names.insert(0, latest)
+    return [f"{run_path}/{name}" for name in names]
+
+
+def checkpoint_problem(filesystem: pafs.FileSystem, folder: str) -> str | None:
+    """Why the checkpoint ``folder`` cannot be resumed from (a file missing, a torch file cut
+    short, a shard of the memory missing), or None. Cheap: it reads the torch files' zip
+    directories (at their ends, which a cut-short copy lacks), not their contents."""
+    import zipfile
+
+    entries = {info.base_name: info for info in filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))}
+    missing = [name for name in CHECKPOINT_FILES if name not in entries]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    shards = [name for name in entries if name.startswith("memory_shard_") and name.endswith(".pt")]
+    if shards:
+        world = int(shards[0].rsplit("_of_", 1)[1].split(".")[0])
+        expected = {f"memory_shard_{rank:05d}_of_{world:05d}.pt" for rank in range(world)}
+        if set(shards) != expected:
+            return f"memory shards {sorted(expected ^ set(shards))} missing or extra"
+    for name in (MODEL_FILE, LOSS_FILE, STATE_FILE, *shards):
+        try:
+            with filesystem.open_input_file(f"{folder}/{name}") as file, zipfile.ZipFile(file):
+                pass
+        except (zipfile.BadZipFile, OSError, ValueError) as err:
+            return f"unreadable {name} ({type(err).__name__}: {' '.join(str(err).split())[:100]})"
+    return None
+
+
+def usable_checkpoints(filesystem: pafs.FileSystem, run_path: str, warn=None) -> list[str]:
+    """The run's checkpoints to resume or load from, newest first: those Ray Train registered
+    (by name when the run has no manager snapshot), less any with a :func:`checkpoint_problem`,
+    each of which is passed to ``warn(line)``."""
+    registered = registered_checkpoints(filesystem, run_path)
+    if registered is None:
+        entries = filesystem.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
+        registered = sorted((e.path for e in entries if e.type == pafs.FileType.Directory
+                             and e.base_name.startswith(CHECKPOINT_PREFIX)), reverse=True)
+    usable = []
+    for folder in registered:
+        problem = checkpoint_problem(filesystem, folder)
+        if problem is None:
+            usable.append(folder)
+        elif warn is not None:
+            warn(f"vcl-dist: warning: skipped the checkpoint {display_uri(folder, filesystem)}: {problem}")
+    return usable
+
+
+def newest_checkpoint(filesystem: pafs.FileSystem, run_path: str, warn=None) -> str | None:
+    """The run's newest usable checkpoint folder (:func:`usable_checkpoints`), or None."""
+    usable = usable_checkpoints(filesystem, run_path, warn)
+    return usable[0] if usable else None
 
 
 def find_model_folder(filesystem: pafs.FileSystem, path: str, shown: str) -> str:
@@ -195,7 +302,7 @@ def find_model_folder(filesystem: pafs.FileSystem, path: str, shown: str) -> str
             return path
         if has(f"{EXPORT_DIR}/{WEIGHTS_FILE}"):
             return f"{path}/{EXPORT_DIR}"
-        checkpoint = newest_checkpoint(filesystem, path)
+        checkpoint = newest_checkpoint(filesystem, path, warn=lambda line: print(line, file=sys.stderr, flush=True))
     except ModelNotFoundError:
         raise
     except OSError as err:

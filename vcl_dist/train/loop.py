@@ -29,12 +29,12 @@ from ..data.shard_format import drop_bad_rows
 from ..losses import build_loss
 from ..losses.gather import distributed_world
 from ..models import build_dual_encoder
-from ..models.artifacts import save_checkpoint
+from ..models.artifacts import save_checkpoint, save_memory_shard
 from .data_quality import BadDataError, worst_shards
 from .evaluation import ValCache, evaluate_on_val
 from .fatal import ModelBuildError, NonFiniteLossError, end_run_on_fatal_error
 from .metrics import EpochProgress
-from .resume import ResumePoint, gather_worker_states
+from .resume import ResumePoint, checkpoints_to_resume_from, gather_worker_states
 from .schedule import build_optimizer, build_scheduler
 from .step import collate_rows, pinned_collate_rows, train_step
 
@@ -42,7 +42,7 @@ from .step import collate_rows, pinned_collate_rows, train_step
 @end_run_on_fatal_error
 def train_loop_per_worker(loop_config: dict) -> dict | None:
     run = WorkerRun(loop_config)  # build
-    start = ResumePoint.restore(ray.train.get_checkpoint(), model=run.raw_model, criterion=run.criterion,
+    start = ResumePoint.restore(checkpoints_to_resume_from(), model=run.raw_model, criterion=run.criterion,
                                 optimizer=run.optimizer, scheduler=run.scheduler, lr=run.lr, device=run.device)
     run.step, run.history = start.step, start.history
     run.announce(start)
@@ -121,6 +121,7 @@ class WorkerRun:
         self.scheduler = build_scheduler(self.optimizer, cfg.train.warmup_steps, self.steps_per_epoch * cfg.train.epochs,
                                          cfg.train.min_lr_ratio)
         self.step, self.history = 0, []
+        self.last_checkpoint_time = time.monotonic()  # the group's start counts as one (checkpoint_every_minutes)
         self.config_yaml = dump_config(cfg)
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_cache = ValCache()
@@ -131,7 +132,11 @@ class WorkerRun:
         if start.step:
             self.log(f"vcl-dist: {start.describe()}")
         loss, train = self.cfg.loss, self.cfg.train
-        pool = f"{self.local_batch * self.world} rows" + (f" + up to {loss.memory_size} from memory" if loss.memory_size else "")
+        memory = ""
+        if loss.memory_size:
+            memory = f" + up to {loss.memory_size} from memory" + (f" (sharded: {-(-loss.memory_size // self.world)} per worker)"
+                                                                  if loss.memory_shard else "")
+        pool = f"{self.local_batch * self.world} rows{memory}"
         how = ", ".join(([f"scores in tiles of {loss.chunk_size} rows"] if loss.chunk_size else [])
                         + ([f"towers in micro-batches of {train.micro_batch_size}"] if train.micro_batch_size else []))
         self.log(f"vcl-dist: {self.world} workers on {self.worker_nodes} nodes: global pool {pool} per step"
@@ -161,8 +166,19 @@ class WorkerRun:
         return loss
 
     def checkpoint_due(self) -> bool:
-        every = self.cfg.train.checkpoint_every_steps
-        return bool(every) and self.step % every == 0
+        """Whether to checkpoint after this step: every ``checkpoint_every_steps`` steps, or once
+        ``checkpoint_every_minutes`` have passed since the last checkpoint by rank 0's clock (one
+        tiny collective, so that every worker reports at the same step)."""
+        every, minutes = self.cfg.train.checkpoint_every_steps, self.cfg.train.checkpoint_every_minutes
+        due = bool(every) and self.step % every == 0
+        if minutes:
+            late = self.rank == 0 and time.monotonic() - self.last_checkpoint_time >= 60 * minutes
+            if self.world > 1:
+                flag = torch.tensor([1 if late else 0], device=self.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                late = bool(flag.item())
+            due = due or late
+        return due
 
     def reached_max_steps(self) -> bool:
         return self.cfg.train.max_steps is not None and self.step >= self.cfg.train.max_steps
@@ -187,18 +203,26 @@ class WorkerRun:
 
     def report(self, metrics: dict, epoch: int, running_sums: dict | None) -> None:
         """Every worker reports (a barrier); rank 0 attaches a checkpoint with every worker's RNG
-        state and, inside an epoch (``running_sums``), every worker's running sums."""
+        state and, inside an epoch (``running_sums``), every worker's running sums. With a
+        sharded memory every worker attaches its shard file too (Ray Train merges the files into
+        one checkpoint folder)."""
         workers = gather_worker_states(self.device, running_sums)
-        if self.rank != 0:
+        self.last_checkpoint_time = time.monotonic()
+        memory = getattr(self.criterion, "memory", None)
+        sharded_memory = memory if memory is not None and memory.sharded else None
+        if self.rank != 0 and sharded_memory is None:
             ray.train.report(metrics, checkpoint=None)
             return
         with tempfile.TemporaryDirectory() as folder:
-            save_checkpoint(folder, model=self.raw_model, criterion=self.criterion, optimizer=self.optimizer,
-                            scheduler=self.scheduler, epoch=epoch, step=self.step, history=self.history,
-                            config_yaml=self.config_yaml, tokenizer=self.tokenizer, class_names=self.class_names,
-                            epoch_step=running_sums["steps"] if running_sums else 0,
-                            epoch_progress=[w["progress"] for w in workers] if running_sums else None,
-                            rng=[w["rng"] for w in workers])
+            if sharded_memory is not None:
+                save_memory_shard(folder, sharded_memory)
+            if self.rank == 0:
+                save_checkpoint(folder, model=self.raw_model, criterion=self.criterion, optimizer=self.optimizer,
+                                scheduler=self.scheduler, epoch=epoch, step=self.step, history=self.history,
+                                config_yaml=self.config_yaml, tokenizer=self.tokenizer, class_names=self.class_names,
+                                epoch_step=running_sums["steps"] if running_sums else 0,
+                                epoch_progress=[w["progress"] for w in workers] if running_sums else None,
+                                rng=[w["rng"] for w in workers])
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
     def result(self, stopped: bool) -> dict | None:

@@ -6,6 +6,10 @@ worker passes over the batches it had trained on before the checkpoint and carri
 running loss sums; at another world size (an elastic restart) the position is rescaled to as
 many rows at the new size's steps, with the saved ranks' mean loss, and the learning rate is
 rebased on the new world size.
+
+Which checkpoint: Ray Train's latest, else the ones it registered before it, newest first
+(:func:`checkpoints_to_resume_from`); one that some worker cannot read is skipped with a warning
+by every worker alike (:meth:`ResumePoint.restore`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..losses.gather import distributed_world
-from ..models.artifacts import load_checkpoint
+from ..models.artifacts import checkpoint_problem, load_checkpoint, registered_checkpoints
 from .fatal import CheckpointLoadError
 
 
@@ -30,22 +34,41 @@ class ResumePoint:
     history: list[dict] = field(default_factory=list)
 
     @classmethod
-    def restore(cls, checkpoint: ray.train.Checkpoint | None, *, model, criterion, optimizer, scheduler, lr: float,
+    def restore(cls, checkpoints: list[ray.train.Checkpoint], *, model, criterion, optimizer, scheduler, lr: float,
                 device: torch.device) -> ResumePoint:
-        """Load ``checkpoint`` (None: start from scratch) into the given objects; where to go on.
+        """Load the first of ``checkpoints`` (newest first; none: start from scratch) that every
+        worker can read into the given objects; where to go on. A checkpoint that some worker
+        cannot read is skipped with a warning, on every worker alike.
 
         Raises:
-            CheckpointLoadError: the checkpoint cannot be read (not retried: it would fail again).
+            CheckpointLoadError: no checkpoint can be read (not retried: it would fail again).
         """
-        if checkpoint is None:
-            return cls()
-        try:
-            with checkpoint.as_directory() as folder:
-                state = load_checkpoint(folder, model=model, criterion=criterion, optimizer=optimizer, scheduler=scheduler)
-        except Exception as err:  # torch, pickle, zip, JSON and shape errors alike: it fails the same way next time
-            raise CheckpointLoadError(f"cannot resume from the checkpoint {checkpoint.path}: {type(err).__name__}: "
-                                      f"{' '.join(str(err).split())[:300]}") from None
         rank, world = distributed_world()
+        if world > 1:  # rank 0's list for all: every worker must try the same checkpoints, in step
+            listed = [[c.path for c in checkpoints]]
+            dist.broadcast_object_list(listed, src=0)
+            filesystem = checkpoints[0].filesystem if checkpoints else None
+            checkpoints = [ray.train.Checkpoint(path, filesystem=filesystem) for path in listed[0]]
+        if not checkpoints:
+            return cls()
+        problems = []
+        for checkpoint in checkpoints:
+            try:
+                problem = checkpoint_problem(checkpoint.filesystem, checkpoint.path)
+                if problem is None:
+                    with checkpoint.as_directory() as folder:
+                        state = load_checkpoint(folder, model=model, criterion=criterion, optimizer=optimizer,
+                                                scheduler=scheduler)
+            except Exception as err:  # torch, pickle, zip, JSON and shape errors alike: it fails the same way next time
+                problem = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+            if all_workers_agree(problem is None, device):
+                break
+            problems.append(f"{checkpoint.path}: {problem or 'unreadable on another worker'}")
+            if rank == 0:
+                print(f"vcl-dist: warning: skipped the checkpoint {problems[-1]}", flush=True)
+        else:
+            raise CheckpointLoadError(f"cannot resume from the checkpoint {problems[0]}"
+                                      + (f" (nor from {len(problems) - 1} earlier ones)" if len(problems) > 1 else ""))
         saved_world = len(state["rng"] or []) or world
         point = cls(epoch=state["epoch"] + 1, step=state["step"], history=state["history"])
         if state["epoch_step"]:  # saved inside an epoch: finish that epoch
@@ -70,6 +93,31 @@ class ResumePoint:
     def describe(self) -> str:
         where = f"step {self.skip_steps} of epoch {self.epoch + 1}" if self.skip_steps else f"the end of epoch {self.epoch}"
         return f"resumed from the checkpoint at {where} (global step {self.step})"
+
+
+def checkpoints_to_resume_from() -> list[ray.train.Checkpoint]:
+    """Ray Train's latest checkpoint, then the earlier ones it registered, newest first: the
+    fallbacks when the latest cannot be read."""
+    latest = ray.train.get_checkpoint()
+    if latest is None:
+        return []
+    run_path = latest.path.rstrip("/").rsplit("/", 1)[0]
+    try:
+        registered = registered_checkpoints(latest.filesystem, run_path) or []
+    except OSError:
+        registered = []
+    return [latest] + [ray.train.Checkpoint(path, filesystem=latest.filesystem) for path in registered
+                       if path.rstrip("/") != latest.path.rstrip("/")]
+
+
+def all_workers_agree(ok: bool, device: torch.device) -> bool:
+    """Whether ``ok`` holds on every worker (a collective)."""
+    _, world = distributed_world()
+    if world == 1:
+        return ok
+    flag = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def rescale_learning_rate(optimizer, scheduler, lr: float) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -88,9 +89,11 @@ def label_space_size(cfg: Config, class_names: list[str] | None) -> int | None:
 
 
 def resume_config(cfg: Config, overrides: Sequence[str] = ()) -> Config:
-    """The config to continue a run with: the run's own (from its newest checkpoint) with
-    ``overrides`` on top, under the same ``run.name`` and ``run.storage_path``, so that Ray Train
-    hands the training function that checkpoint (``ray.train.get_checkpoint``).
+    """The config to continue a run with: the run's own, from its newest usable checkpoint (one
+    that Ray Train registered, with every file readable: see
+    :func:`~vcl_dist.models.artifacts.usable_checkpoints`), with ``overrides`` on top, under the
+    same ``run.name`` and ``run.storage_path``, so that Ray Train hands the training function
+    its latest checkpoint (which :mod:`.resume` falls back from when it cannot be read).
 
     The run is ``run.name`` if set, else the run under ``run.storage_path`` with the newest checkpoint.
 
@@ -103,14 +106,18 @@ def resume_config(cfg: Config, overrides: Sequence[str] = ()) -> Config:
     from ..models.artifacts import CONFIG_FILE, newest_checkpoint
 
     storage, root = filesystem_for(cfg.run.storage_path, cfg.s3)
+
+    def warn(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
     if cfg.run.name:
-        name, checkpoint = cfg.run.name, newest_checkpoint(storage, f"{root}/{cfg.run.name}")
+        name, checkpoint = cfg.run.name, newest_checkpoint(storage, f"{root}/{cfg.run.name}", warn)
         if checkpoint is None:
             raise FileNotFoundError(f"run {name} under {cfg.run.storage_path} has no checkpoint to resume from")
     else:
         runs = storage.get_file_info(pafs.FileSelector(root, allow_not_found=True))
         found = [(c.rsplit("/", 1)[-1], r.base_name, c) for r in runs if r.type == pafs.FileType.Directory
-                 and (c := newest_checkpoint(storage, r.path))]
+                 and (c := newest_checkpoint(storage, r.path, warn))]
         if not found:
             raise FileNotFoundError(f"no run with a checkpoint to resume under {cfg.run.storage_path}")
         _, name, checkpoint = max(found)  # the run whose last checkpoint is the newest
@@ -251,7 +258,7 @@ def export_run_model(checkpoint, storage, run_path: str, history: list[dict] | N
     ``class_names``: None takes the checkpoint's own."""
     import pyarrow.fs as pafs
 
-    from ..models.artifacts import EXPORT_DIR, export_model
+    from ..models.artifacts import EXPORT_DIR, export_model, upload_export
 
     target = f"{run_path}/{EXPORT_DIR}"
     with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as staging:
@@ -259,6 +266,5 @@ def export_run_model(checkpoint, storage, run_path: str, history: list[dict] | N
             export_model(folder, target, history=history, class_names=class_names)
         else:
             export_model(folder, f"{staging}/{EXPORT_DIR}", history=history, class_names=class_names)
-            pafs.copy_files(f"{staging}/{EXPORT_DIR}", target, source_filesystem=pafs.LocalFileSystem(),
-                            destination_filesystem=storage)
+            upload_export(f"{staging}/{EXPORT_DIR}", storage, target)
     return target

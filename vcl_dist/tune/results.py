@@ -118,8 +118,11 @@ def write_outputs(cfg: Config, grid, storage, experiment: str) -> TuneOutcome:
 def best_trial_model(storage, checkpoint: str | None) -> str | None:
     """The best trial's exported model: the ``model/`` of the training run that holds its last
     checkpoint, when that run finished, else exported there from the checkpoint (a trial that
-    ASHA stopped never exported one); None without a checkpoint."""
-    from ..models.artifacts import EXPORT_DIR, WEIGHTS_FILE
+    ASHA stopped never exported one) — or, when that checkpoint cannot be read, from the run's
+    newest one that can (with a warning); None without a checkpoint."""
+    import sys
+
+    from ..models.artifacts import EXPORT_DIR, WEIGHTS_FILE, checkpoint_problem, newest_checkpoint
     from ..storage import exists
 
     if not checkpoint or not exists(storage, checkpoint):
@@ -128,6 +131,12 @@ def best_trial_model(storage, checkpoint: str | None) -> str | None:
     model = f"{run_path}/{EXPORT_DIR}"
     if exists(storage, f"{model}/{WEIGHTS_FILE}"):
         return model
+    problem = checkpoint_problem(storage, checkpoint)
+    if problem is not None:
+        print(f"vcl-dist: warning: skipped the checkpoint {display_uri(checkpoint, storage)}: {problem}", file=sys.stderr)
+        checkpoint = newest_checkpoint(storage, run_path, warn=lambda line: print(line, file=sys.stderr))
+        if checkpoint is None:
+            return None
     import ray.train
 
     from ..train.runner import export_run_model

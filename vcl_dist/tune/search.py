@@ -40,9 +40,10 @@ def check_tune_config(cfg: Config) -> None:
                 override_values(cfg, {key: value})
             except ConfigError as err:
                 raise ConfigError(f"tune.space[{key}]: {err}") from None
-    if cfg.train.checkpoint_every_steps or cfg.train.max_steps:
+    if cfg.train.checkpoint_every_steps or cfg.train.checkpoint_every_minutes or cfg.train.max_steps:
         # Tune counts every report as an iteration (ASHA's clock); trials report once per epoch.
-        raise ConfigError("train.checkpoint_every_steps and train.max_steps are not for tune trials: leave them unset")
+        raise ConfigError("train.checkpoint_every_steps, train.checkpoint_every_minutes and train.max_steps are not for "
+                          "tune trials: leave them unset")
     if cfg.tune.metric not in reported_metric_names(cfg):
         raise ConfigError(f"tune.metric: {cfg.tune.metric!r} is not reported; one of {', '.join(sorted(reported_metric_names(cfg)))}")
 
