@@ -1,5 +1,6 @@
 """Several Ray nodes on one machine (ray.cluster_utils.Cluster): workers on different nodes read
-different rows and train on one gathered pool; an elastic run loses a node and finishes."""
+different rows and train on one gathered pool; an elastic run loses a node, goes on with fewer
+workers, and grows back when a node joins."""
 
 import json
 import math
@@ -69,46 +70,70 @@ def test_workers_on_two_nodes_read_disjoint_rows_and_train_one_pool(cluster, tin
     assert sorted(seen[0]["keys"] + seen[1]["keys"]) == sorted(all_keys)
 
 
-def test_an_elastic_run_loses_a_node_and_finishes_with_fewer_workers(cluster, tiny_shapes_overrides, repo_root, tmp_path):
+def test_an_elastic_run_shrinks_when_a_node_goes_and_grows_back_when_one_comes(cluster, tiny_shapes_overrides, repo_root,
+                                                                                 tmp_path):
     ray_cluster, nodes = cluster
     cfg = load_config(repo_root / "jobs/configs/default.yaml",
-                      [*tiny_shapes_overrides, f"run.storage_path={tmp_path}", "run.name=elastic", "train.epochs=3",
+                      [*tiny_shapes_overrides, f"run.storage_path={tmp_path}", "run.name=elastic", "train.epochs=6",
                        "train.min_workers=1", "train.cpus_per_worker=2", "train.max_failures=3",
-                       # A sharded memory: the restart at world size 1 restores it from 2 workers' shards.
-                       "loss.memory_size=80", "loss.memory_shard=true", "run.checkpoints_to_keep=5"])
+                       "train.elastic_resize_interval_s=2",
+                       # A sharded memory: each restart restores it from the other world size's shards.
+                       "loss.memory_size=80", "loss.memory_shard=true", "run.checkpoints_to_keep=10"])
     # Two CPUs a worker: one worker per 3-CPU node, with a CPU left for the data tasks. Ray
     # Train's elastic policy counts the workers that fit by CPUs per node (placement strategies
-    # aside), so after the loss of a node it restarts with the one worker that fits.
-    removed = []
+    # aside), so after the loss of a node it restarts with the one worker that fits, and when a
+    # node joins it grows back to two (checking every train.elastic_resize_interval_s).
+    events = []
+    snapshot = tmp_path / "elastic" / "checkpoint_manager_snapshot.json"
 
-    def remove_a_node_after_the_first_checkpoint():
-        snapshot = tmp_path / "elastic" / "checkpoint_manager_snapshot.json"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if snapshot.exists() and "checkpoint_" in snapshot.read_text():
-                ray_cluster.remove_node(nodes[1])
-                removed.append(nodes[1])
-                return
-            time.sleep(0.2)
+    def checkpoint_world_sizes() -> list[int]:
+        try:
+            return [r["metrics"]["world_size"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
+        except (OSError, ValueError, KeyError):  # not written yet, or being written
+            return []
 
-    remover = threading.Thread(target=remove_a_node_after_the_first_checkpoint)
-    remover.start()
-    outcome = run_training(cfg)
-    remover.join()
-    assert removed
+    # The run trains in a thread (Ray Train supports that), the nodes change in this one: a
+    # Ray node can only be started from the main thread (it installs signal handlers).
+    finished: dict = {}
+
+    def train() -> None:
+        try:
+            finished["outcome"] = run_training(cfg)
+        except BaseException as err:  # re-raised below, in the test's thread
+            finished["error"] = err
+
+    trainer = threading.Thread(target=train)
+    trainer.start()
+    deadline = time.monotonic() + 400
+    while trainer.is_alive() and time.monotonic() < deadline and not checkpoint_world_sizes():
+        time.sleep(0.2)
+    ray_cluster.remove_node(nodes[1])
+    events.append("removed")
+    while trainer.is_alive() and time.monotonic() < deadline and 1 not in checkpoint_world_sizes():
+        time.sleep(0.2)
+    if trainer.is_alive():
+        ray_cluster.add_node(num_cpus=3)
+        events.append("added")
+    trainer.join(timeout=600)
+    if "error" in finished:
+        raise finished["error"]
+    outcome = finished["outcome"]
+    assert events == ["removed", "added"]
     history = outcome.history
-    assert [m["epoch"] for m in history] == [1, 2, 3]
-    assert history[0]["world_size"] == 2 and history[-1]["world_size"] == 1  # it went on with one worker
-    shrunk = [m for m in history if m["world_size"] == 1]
-    # The pool and the learning rate followed the world size.
-    assert all(m["global_batch"] == 32 and m["base_lr"] == pytest.approx(cfg.train.lr / 2) for m in shrunk)
-    assert all(m["global_batch"] == 64 and m["base_lr"] == pytest.approx(cfg.train.lr) for m in history if m["world_size"] == 2)
-    assert shrunk[0]["resumed_from_step"] > 0  # from the checkpoint, not from the start
-    # The last checkpoint's memory is one worker's shard holding the whole ring; the first one's
-    # was cut in two, one file per worker.
+    assert [m["epoch"] for m in history] == [1, 2, 3, 4, 5, 6]
+    sizes = [m["world_size"] for m in history]
+    assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2, sizes  # shrank, then grew back
+    # The pool and the learning rate followed the world size, each restart from a checkpoint.
+    for m in history:
+        assert m["global_batch"] == 32 * m["world_size"] and m["base_lr"] == pytest.approx(cfg.train.lr * m["world_size"] / 2)
+    assert all(m["resumed_from_step"] > 0 for m in history[sizes.index(1):])
+    # The schedule counts samples: whatever the world size did, it ends at its floor.
+    assert history[-1]["lr"] == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio, rel=1e-6)
+    # The memory's shards follow the world size: two files, then one holding the whole ring, then two again.
     checkpoints = sorted(p for p in (tmp_path / "elastic").glob("checkpoint_*") if p.is_dir())
-    assert sorted(p.name for p in checkpoints[0].glob("memory_shard_*")) == [f"memory_shard_0000{r}_of_00002.pt" for r in range(2)]
-    [last] = checkpoints[-1].glob("memory_shard_*")
-    shard = torch.load(last, weights_only=True)
-    assert last.name == "memory_shard_00000_of_00001.pt" and shard["filled"] == 80 and shard["image"].shape[0] == 80
-    assert bool((shard["image"].norm(dim=1) > 0).all())
+    shard_files = [sorted(p.name for p in c.glob("memory_shard_*")) for c in checkpoints]
+    two = [f"memory_shard_0000{r}_of_00002.pt" for r in range(2)]
+    assert shard_files[0] == two and ["memory_shard_00000_of_00001.pt"] in shard_files and shard_files[-1] == two
+    whole = torch.load(checkpoints[shard_files.index(["memory_shard_00000_of_00001.pt"])] / "memory_shard_00000_of_00001.pt",
+                       weights_only=True)
+    assert whole["filled"] == 80 and whole["image"].shape[0] == 80 and bool((whole["image"].norm(dim=1) > 0).all())

@@ -56,3 +56,37 @@ def test_nan_embeddings_stop_the_step_before_backward():
         train_step(model, criterion, optimizer, scheduler, batch, torch.device("cpu"), False, 1.0)
     assert all(torch.equal(before[n], p) or torch.isnan(p).any() for n, p in model.named_parameters())
     assert not optimizer.state
+
+
+def test_the_schedule_counts_samples_so_an_elastic_run_ends_at_its_floor():
+    from vcl_dist.train.schedule import warmup_cosine
+
+    def make():
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return optimizer, build_scheduler(optimizer, 4, 20, 0.1, reference_batch=64)
+
+    # At the planned global batch it is the schedule by steps.
+    optimizer, scheduler = make()
+    for step in range(25):
+        assert scheduler.get_last_lr()[0] == pytest.approx(warmup_cosine(step, 4, 20, 0.1), abs=1e-12)
+        optimizer.step()
+        scheduler.step()
+
+    # 8 steps at 64 rows, then the world halves: 32-row steps, twice as many for the rest. The
+    # schedule's progress survives a checkpoint (LambdaLR saves the callable's attributes).
+    optimizer, scheduler = make()
+    for _ in range(8):
+        optimizer.step()
+        scheduler.step()
+    saved = scheduler.state_dict()
+    optimizer, scheduler = make()
+    scheduler.load_state_dict(saved)
+    scheduler.lr_lambdas[0].samples_per_step = 32
+    lrs = []
+    for _ in range(24):  # (20 − 8) planned steps' worth of samples
+        optimizer.step()
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    assert lrs[-1] == pytest.approx(0.1)  # at its floor, when the planned samples are done
+    assert lrs[1] == pytest.approx(warmup_cosine(9, 4, 20, 0.1))  # two half steps: one planned step
+    assert lrs[-2] > 0.1

@@ -122,6 +122,8 @@ class LossConfig(Section):
 class TrainConfig(Section):
     num_workers: int = Field(2, ge=1, description="training workers (the most, when elastic)")
     min_workers: int | None = Field(None, ge=1, description="elastic: go on with as few as this; default: not elastic")
+    elastic_resize_interval_s: float = Field(60.0, gt=0, description="elastic: how often a running group checks whether "
+                                             "the cluster now fits more workers (it grows back toward num_workers)")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how workers are placed on nodes (Ray placement group strategy)")
     cpus_per_worker: float = Field(1, gt=0)
@@ -130,7 +132,7 @@ class TrainConfig(Section):
     batch_size: int = Field(128, ge=2, description="global batch at num_workers workers: the negative pool of every step")
     lr: float = Field(2e-3, gt=0, le=1, description="at num_workers workers; scaled with the world size when elastic")
     weight_decay: float = Field(0.05, ge=0)
-    warmup_steps: int = Field(50, ge=0)
+    warmup_steps: int = Field(50, ge=0, description="steps of the planned global batch (the schedule counts samples)")
     min_lr_ratio: float = Field(0.02, ge=0, le=1)
     grad_clip_norm: float | None = Field(1.0, gt=0)
     amp: bool | Literal["auto"] = Field("auto", description="bf16 autocast; auto = on GPU only")

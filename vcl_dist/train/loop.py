@@ -45,6 +45,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     start = ResumePoint.restore(checkpoints_to_resume_from(), model=run.raw_model, criterion=run.criterion,
                                 optimizer=run.optimizer, scheduler=run.scheduler, lr=run.lr, device=run.device)
     run.step, run.history = start.step, start.history
+    run.scheduler.lr_lambdas[0].samples_per_step = run.local_batch * run.world  # a restored schedule knew the saved world's
     run.announce(start)
     cfg, upcoming = run.cfg, None
     for epoch in range(start.epoch, cfg.train.epochs):
@@ -118,8 +119,11 @@ class WorkerRun:
         self.raw_model = self.model.module if hasattr(self.model, "module") else self.model
         self.criterion.to(self.device)
         self.optimizer = build_optimizer([self.raw_model, self.criterion], self.lr, cfg.train.weight_decay)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train.warmup_steps, self.steps_per_epoch * cfg.train.epochs,
-                                         cfg.train.min_lr_ratio)
+        # The schedule runs over the planned samples (steps of the planned global batch), whatever
+        # the world size does on the way (elastic): see schedule.WarmupCosineBySamples.
+        planned_steps_per_epoch = loop_config["train_rows"] // cfg.train.num_workers // self.local_batch
+        self.scheduler = build_scheduler(self.optimizer, cfg.train.warmup_steps, planned_steps_per_epoch * cfg.train.epochs,
+                                         cfg.train.min_lr_ratio, reference_batch=self.local_batch * cfg.train.num_workers)
         self.step, self.history = 0, []
         self.last_checkpoint_time = time.monotonic()  # the group's start counts as one (checkpoint_every_minutes)
         self.config_yaml = dump_config(cfg)

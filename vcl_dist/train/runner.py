@@ -181,10 +181,12 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
         },
         # Ray Train picks nccl when the workers have GPUs and gloo otherwise.
         # Elastic with train.min_workers: Ray Train starts with as many workers as fit (up to
-        # num_workers) and restarts the group at another size when nodes come or go.
+        # num_workers) and restarts the group at another size when nodes go, or, checking every
+        # train.elastic_resize_interval_s, when nodes come.
         scaling_config=ray.train.ScalingConfig(
             num_workers=(cfg.train.min_workers, workers) if cfg.train.min_workers else workers,
             use_gpu=use_gpu, resources_per_worker=resources, placement_strategy=cfg.train.placement_strategy,
+            elastic_resize_monitor_interval_s=cfg.train.elastic_resize_interval_s,
         ),
         run_config=ray.train.RunConfig(
             name=name,

@@ -7,18 +7,45 @@ import math
 import torch
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Multiplier of the base learning rate at ``step`` (0-based)."""
+def warmup_cosine(step: float, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based; a fraction between steps)."""
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float):
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, min_ratio)
-    )
+class WarmupCosineBySamples:
+    """:func:`warmup_cosine` of the training progress counted in samples, in units of the
+    planned global batch (``reference_batch``): an elastic run whose world size — hence global
+    batch — changes still warms up over the same samples and ends at its floor when the planned
+    samples are done, instead of stretching or cutting the schedule by steps.
+
+    A ``LambdaLR`` lambda: each scheduler step advances the progress by ``samples_per_step``
+    (the current global batch; set it anew when the world size changes). LambdaLR saves a
+    callable object's attributes in its state dict, so the progress survives checkpoints. With
+    ``samples_per_step == reference_batch`` it is the schedule by steps.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float, reference_batch: int = 1):
+        self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
+        self.reference_batch = self.samples_per_step = reference_batch
+        self.samples = 0
+        self.step = 0
+
+    def __call__(self, step: int) -> float:
+        if step > self.step:  # a scheduler step (LambdaLR also calls back for the current one)
+            self.samples += (step - self.step) * self.samples_per_step
+            self.step = step
+        return warmup_cosine(self.samples / self.reference_batch, self.warmup_steps, self.total_steps, self.min_ratio)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float,
+                    reference_batch: int = 1):
+    """Linear warmup then cosine decay over ``total_steps`` steps of ``reference_batch`` samples
+    (see :class:`WarmupCosineBySamples`)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosineBySamples(warmup_steps, total_steps, min_ratio,
+                                                                              reference_batch))
 
 
 def build_optimizer(modules: list[torch.nn.Module], lr: float, weight_decay: float) -> torch.optim.AdamW:
