@@ -83,6 +83,12 @@ def test_the_newest_registered_readable_checkpoint_is_used(checkpoint_maker, tmp
     assert [w.rsplit(".000000: ", 1)[-1] for w in warnings] == [
         "missing training_state.pt", "unreadable model.pt (BadZipFile: File is not a zip file)"]
 
+    # A snapshot cut short: a warning, and the folders by name.
+    (run / CHECKPOINT_MANAGER_SNAPSHOT).write_text('{"checkpoint_results": [{"checkpoint_dir')
+    warnings.clear()
+    assert newest_checkpoint(fs, str(run), warnings.append) == str(first)
+    assert warnings[0].startswith("vcl-dist: warning: unreadable ") and warnings[0].endswith("taking the checkpoints by name")
+
 
 def test_a_sharded_memory_checkpoint_is_whole_only_with_every_shard(checkpoint_maker, tmp_path, monkeypatch):
     import vcl_dist.losses.memory as memory_module
@@ -97,6 +103,10 @@ def test_a_sharded_memory_checkpoint_is_whole_only_with_every_shard(checkpoint_m
     assert checkpoint_problem(fs, str(folder)) is None
     (folder / "memory_shard_00001_of_00003.pt").unlink()
     assert checkpoint_problem(fs, str(folder)) == "memory shards ['memory_shard_00001_of_00003.pt'] missing or extra"
+    for shard in folder.glob("memory_shard_*"):
+        shard.rename(folder / "memory_shard_00000_of_three.pt")
+        break
+    assert checkpoint_problem(fs, str(folder)).startswith("an unrecognised memory shard file memory_shard_")
 
 
 def test_an_export_uploaded_to_an_object_store_is_an_export_only_once_whole(checkpoint_maker, tmp_path):

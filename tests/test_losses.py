@@ -153,12 +153,17 @@ def test_a_sharded_memory_holds_each_ring_row_once_across_workers_and_restores_a
     replicated = NegativeMemory(size=size)
     shards, memory_module = sharded_memories(size, world, monkeypatch)
     generator = torch.Generator().manual_seed(5)
-    for step, count in enumerate((4, 6, 5, 13)):  # wraps the ring twice; the last batch is larger than the memory
+    pushed = []
+    # Wraps the ring twice; the fourth batch is larger than the memory, and the last one then
+    # overwrites the oldest of its rows.
+    for step, count in enumerate((4, 6, 5, 13, 3)):
         batch = (torch.randn(count, 3, generator=generator), torch.randn(count, 3, generator=generator),
                  torch.randint(-1, 4, (count,), generator=generator), torch.arange(count) + 100 * step)
+        pushed += batch[3].tolist()
         replicated.enqueue(*batch)
         for shard in shards:
             shard.enqueue(*batch)
+    assert sorted(replicated.negatives()[3].tolist()) == sorted(pushed[-size:])  # a FIFO: the newest rows stay
     assert [s.capacity() for s in shards] == [4, 4, 3] and [s.local_filled() for s in shards] == [4, 4, 3]
     # Worker r holds ring rows r, r + 3, …: together, the replicated memory row for row.
     full = replicated.negatives()

@@ -90,3 +90,12 @@ def test_the_schedule_counts_samples_so_an_elastic_run_ends_at_its_floor():
     assert lrs[-1] == pytest.approx(0.1)  # at its floor, when the planned samples are done
     assert lrs[1] == pytest.approx(warmup_cosine(9, 4, 20, 0.1))  # two half steps: one planned step
     assert lrs[-2] > 0.1
+
+    # Resumed under a longer plan (--resume train.epochs=N): the progress is the checkpoint's,
+    # the shape of the schedule the new config's.
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    longer = build_scheduler(optimizer, 4, 40, 0.1, reference_batch=64)
+    longer.load_state_dict(saved)
+    optimizer.step()
+    longer.step()
+    assert longer.get_last_lr()[0] == pytest.approx(warmup_cosine(9, 4, 40, 0.1))

@@ -87,10 +87,10 @@ class NegativeMemory:
             # A memory restored from a checkpoint arrives on the CPU: follow the embeddings.
             self.image, self.text = self.image.to(image), self.text.to(image)
             self.labels, self.groups = self.labels.to(labels.device), self.groups.to(labels.device)
-        count = image.shape[0]
         image, text = image.detach(), text.detach()
-        if count >= self.size:  # a batch larger than the memory keeps its newest rows
+        if image.shape[0] >= self.size:  # a batch larger than the memory keeps its newest rows
             image, text, labels, groups = image[-self.size:], text[-self.size:], labels[-self.size:], groups[-self.size:]
+        count = image.shape[0]  # before this worker keeps its own: the ring advances by all of them
         ring_rows = (torch.arange(image.shape[0], device=image.device) + self.next_row) % self.size
         if self.world > 1:
             mine = (ring_rows % self.world == self.rank).nonzero().squeeze(1)

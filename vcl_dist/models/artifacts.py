@@ -247,7 +247,13 @@ def checkpoint_problem(filesystem: pafs.FileSystem, folder: str) -> str | None:
         return f"missing {', '.join(missing)}"
     shards = [name for name in entries if name.startswith("memory_shard_") and name.endswith(".pt")]
     if shards:
-        world = int(shards[0].rsplit("_of_", 1)[1].split(".")[0])
+        worlds = set()
+        for name in sorted(shards):
+            try:
+                worlds.add(int(name.removesuffix(".pt").rsplit("_of_", 1)[1]))
+            except (IndexError, ValueError):
+                return f"an unrecognised memory shard file {name}"
+        world = max(worlds)
         expected = {f"memory_shard_{rank:05d}_of_{world:05d}.pt" for rank in range(world)}
         if set(shards) != expected:
             return f"memory shards {sorted(expected ^ set(shards))} missing or extra"
@@ -264,7 +270,12 @@ def usable_checkpoints(filesystem: pafs.FileSystem, run_path: str, warn=None) ->
     """The run's checkpoints to resume or load from, newest first: those Ray Train registered
     (by name when the run has no manager snapshot), less any with a :func:`checkpoint_problem`,
     each of which is passed to ``warn(line)``."""
-    registered = registered_checkpoints(filesystem, run_path)
+    try:
+        registered = registered_checkpoints(filesystem, run_path)
+    except OSError as err:  # a snapshot cut short or not Ray's: the folders, by name, are what is left
+        if warn is not None:
+            warn(f"vcl-dist: warning: {' '.join(str(err).split())[:300]}; taking the checkpoints by name")
+        registered = None
     if registered is None:
         entries = filesystem.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
         registered = sorted((e.path for e in entries if e.type == pafs.FileType.Directory

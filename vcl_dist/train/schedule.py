@@ -23,8 +23,9 @@ class WarmupCosineBySamples:
 
     A ``LambdaLR`` lambda: each scheduler step advances the progress by ``samples_per_step``
     (the current global batch; set it anew when the world size changes). LambdaLR saves a
-    callable object's attributes in its state dict, so the progress survives checkpoints. With
-    ``samples_per_step == reference_batch`` it is the schedule by steps.
+    callable object's attributes in its state dict, so the progress survives checkpoints
+    (:class:`ScheduleBySamples` restores only the progress). With ``samples_per_step ==
+    reference_batch`` it is the schedule by steps.
     """
 
     def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float, reference_batch: int = 1):
@@ -40,12 +41,24 @@ class WarmupCosineBySamples:
         return warmup_cosine(self.samples / self.reference_batch, self.warmup_steps, self.total_steps, self.min_ratio)
 
 
+class ScheduleBySamples(torch.optim.lr_scheduler.LambdaLR):
+    """A ``LambdaLR`` over a :class:`WarmupCosineBySamples` that restores only the progress from a
+    checkpoint: the shape of the schedule (warmup, length, floor, planned batch) is the current
+    config's, so ``--resume train.epochs=N`` stretches the schedule to the new length."""
+
+    PROGRESS = ("samples", "step")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        progress = [{key: value for key, value in (saved or {}).items() if key in self.PROGRESS}
+                    for saved in state_dict["lr_lambdas"]]
+        super().load_state_dict({**state_dict, "lr_lambdas": progress})
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float,
                     reference_batch: int = 1):
     """Linear warmup then cosine decay over ``total_steps`` steps of ``reference_batch`` samples
     (see :class:`WarmupCosineBySamples`)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosineBySamples(warmup_steps, total_steps, min_ratio,
-                                                                              reference_batch))
+    return ScheduleBySamples(optimizer, WarmupCosineBySamples(warmup_steps, total_steps, min_ratio, reference_batch))
 
 
 def build_optimizer(modules: list[torch.nn.Module], lr: float, weight_decay: float) -> torch.optim.AdamW:
