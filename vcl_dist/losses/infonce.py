@@ -61,11 +61,10 @@ class InfoNCELoss(nn.Module):
         if pool.sharded_memory is not None:
             shard = MemoryShard(pool, pool.sharded_memory, self.chunk_size, normalized=True)
             remembered = memory_log_sum_exp(shard, scale.detach()).index_select(1, pool.positive)
-            directions = [(pool.image_anchors, pool.text_pool), (pool.text_anchors, pool.image_pool)]
             per_direction = torch.stack([
                 infonce_with_memory(per_direction[k], scale * (anchors * items.index_select(0, pool.positive)).sum(1),
                                     remembered[k], anchors, scale)
-                for k, (anchors, items) in enumerate(directions)
+                for k, (anchors, items) in enumerate(pool.directions)
             ])
         loss = pool.reduce(per_direction.mean(dim=0))
         enqueue_batch(pool, self.memory)

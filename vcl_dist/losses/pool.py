@@ -54,6 +54,11 @@ class Pool:
         paths only: the tiled ones (:mod:`.tiled`) build it a tile at a time."""
         return self.never_negatives.tile(0, self.image_pool.shape[0])
 
+    @property
+    def directions(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(anchors, items)`` of the image→text direction, then of the text→image one."""
+        return [(self.image_anchors, self.text_pool), (self.text_anchors, self.image_pool)]
+
     def reduce(self, per_anchor: torch.Tensor) -> torch.Tensor:
         """The worker's share of the global mean over anchors (see the module docstring)."""
         return per_anchor.sum() * self.weight

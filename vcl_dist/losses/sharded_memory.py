@@ -29,12 +29,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .distances import paired_squared_distances, paired_squared_distances_normalized
 from .gather import distributed_world
 from .memory import NegativeMemory
 from .negatives import INF, Candidates
 from .pool import NeverNegatives, Pool
-from .tiled import _distance_fn, mine_candidates_tiled, tile_bounds
+from .tiled import _distance_fn, _paired_fn, mine_candidates_tiled, tile_bounds
 
 
 class MemoryShard:
@@ -54,8 +53,7 @@ class MemoryShard:
         self.size, self.batch_rows = memory.size, pool.batch_rows
         # The pool row of each of this worker's slots: memory rows follow the batch, in ring order.
         self.pool_rows = memory.global_rows(self.rows, batch_images.device) + pool.batch_rows
-        paired = paired_squared_distances_normalized if normalized else paired_squared_distances
-        self.d_ap = paired(batch_images, batch_texts)  # of every global anchor, without gradient
+        self.d_ap = _paired_fn(normalized)(batch_images, batch_texts)  # of every global anchor, without gradient
 
     def tiles(self):
         return tile_bounds(self.rows, self.chunk)

@@ -57,7 +57,6 @@ def bidirectional_triplet(pool: Pool, margin: float, negatives: str, normalized:
     shard = MemoryShard(pool, pool.sharded_memory, chunk_size, normalized) if pool.sharded_memory is not None else None
     # d(anchor, positive) is the same pair in both directions: one differentiable [A] vector.
     d_ap = paired_fn(pool.image_anchors, pool.text_pool.index_select(0, pool.positive))
-    directions = [(pool.image_anchors, pool.text_pool), (pool.text_anchors, pool.image_pool)]
     if negatives not in MINED_MODES:
         if chunk_size:
             terms = [mean_hinge_all_negatives_tiled(anchors, items, pool.positive, pool.never_negatives, margin, normalized,
@@ -71,7 +70,7 @@ def bidirectional_triplet(pool: Pool, margin: float, negatives: str, normalized:
             batch_valid = (pool.batch_rows - pool.never_negatives.counts()).to(per_direction.dtype)
             per_direction = torch.stack([
                 mean_hinge_with_memory(per_direction[k], batch_valid, stats[k], anchors, d_ap, normalized)
-                for k, (anchors, _) in enumerate(directions)
+                for k, (anchors, _) in enumerate(pool.directions)
             ])
         return per_direction.mean(dim=0)
     candidates = []
@@ -87,15 +86,15 @@ def bidirectional_triplet(pool: Pool, margin: float, negatives: str, normalized:
                 candidates += [mine_candidates(filled, d, negatives, dim) for d, dim in zip(d_ap_rows, pool_dims)]
     if shard is None:
         chosen = []
-        for (anchors, items), found in zip(directions, candidates):
+        for (anchors, items), found in zip(pool.directions, candidates):
             index, has_negative = found.choose()
             chosen.append((items.index_select(0, index), has_negative))
     else:
         remembered, remembered_rows = memory_candidates(shard, negatives)
         chosen = [merge_mined(found, remembered[k], remembered_rows[k], pool.positive, items, pool.batch_rows)
-                  for k, ((_, items), found) in enumerate(zip(directions, candidates))]
+                  for k, ((_, items), found) in enumerate(zip(pool.directions, candidates))]
     terms = [hinge(d_ap, paired_fn(anchors, negative_rows), has_negative, margin)
-             for (anchors, _), (negative_rows, has_negative) in zip(directions, chosen)]
+             for (anchors, _), (negative_rows, has_negative) in zip(pool.directions, chosen)]
     return 0.5 * (terms[0] + terms[1])
 
 

@@ -290,6 +290,11 @@ def usable_checkpoints(filesystem: pafs.FileSystem, run_path: str, warn=None) ->
     return usable
 
 
+def warn_on_stderr(line: str) -> None:
+    """The ``warn`` of the command-line readers: a skipped checkpoint is one line on stderr."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def newest_checkpoint(filesystem: pafs.FileSystem, run_path: str, warn=None) -> str | None:
     """The run's newest usable checkpoint folder (:func:`usable_checkpoints`), or None."""
     usable = usable_checkpoints(filesystem, run_path, warn)
@@ -313,7 +318,7 @@ def find_model_folder(filesystem: pafs.FileSystem, path: str, shown: str) -> str
             return path
         if has(f"{EXPORT_DIR}/{WEIGHTS_FILE}"):
             return f"{path}/{EXPORT_DIR}"
-        checkpoint = newest_checkpoint(filesystem, path, warn=lambda line: print(line, file=sys.stderr, flush=True))
+        checkpoint = newest_checkpoint(filesystem, path, warn_on_stderr)
     except ModelNotFoundError:
         raise
     except OSError as err:

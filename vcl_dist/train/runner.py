@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -103,21 +102,18 @@ def resume_config(cfg: Config, overrides: Sequence[str] = ()) -> Config:
     import pyarrow.fs as pafs
 
     from ..config import load_config, load_saved_config
-    from ..models.artifacts import CONFIG_FILE, newest_checkpoint
+    from ..models.artifacts import CONFIG_FILE, newest_checkpoint, warn_on_stderr
 
     storage, root = filesystem_for(cfg.run.storage_path, cfg.s3)
 
-    def warn(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
     if cfg.run.name:
-        name, checkpoint = cfg.run.name, newest_checkpoint(storage, f"{root}/{cfg.run.name}", warn)
+        name, checkpoint = cfg.run.name, newest_checkpoint(storage, f"{root}/{cfg.run.name}", warn_on_stderr)
         if checkpoint is None:
             raise FileNotFoundError(f"run {name} under {cfg.run.storage_path} has no checkpoint to resume from")
     else:
         runs = storage.get_file_info(pafs.FileSelector(root, allow_not_found=True))
         found = [(c.rsplit("/", 1)[-1], r.base_name, c) for r in runs if r.type == pafs.FileType.Directory
-                 and (c := newest_checkpoint(storage, r.path, warn))]
+                 and (c := newest_checkpoint(storage, r.path, warn_on_stderr))]
         if not found:
             raise FileNotFoundError(f"no run with a checkpoint to resume under {cfg.run.storage_path}")
         _, name, checkpoint = max(found)  # the run whose last checkpoint is the newest

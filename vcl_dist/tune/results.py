@@ -120,9 +120,7 @@ def best_trial_model(storage, checkpoint: str | None) -> str | None:
     checkpoint, when that run finished, else exported there from the checkpoint (a trial that
     ASHA stopped never exported one) — or, when that checkpoint cannot be read, from the run's
     newest one that can (with a warning); None without a checkpoint."""
-    import sys
-
-    from ..models.artifacts import EXPORT_DIR, WEIGHTS_FILE, checkpoint_problem, newest_checkpoint
+    from ..models.artifacts import EXPORT_DIR, WEIGHTS_FILE, checkpoint_problem, newest_checkpoint, warn_on_stderr
     from ..storage import exists
 
     if not checkpoint or not exists(storage, checkpoint):
@@ -133,8 +131,8 @@ def best_trial_model(storage, checkpoint: str | None) -> str | None:
         return model
     problem = checkpoint_problem(storage, checkpoint)
     if problem is not None:
-        print(f"vcl-dist: warning: skipped the checkpoint {display_uri(checkpoint, storage)}: {problem}", file=sys.stderr)
-        checkpoint = newest_checkpoint(storage, run_path, warn=lambda line: print(line, file=sys.stderr))
+        warn_on_stderr(f"vcl-dist: warning: skipped the checkpoint {display_uri(checkpoint, storage)}: {problem}")
+        checkpoint = newest_checkpoint(storage, run_path, warn_on_stderr)
         if checkpoint is None:
             return None
     import ray.train
