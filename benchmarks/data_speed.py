@@ -80,7 +80,8 @@ def main() -> None:
     from torch.utils.data import DataLoader
 
     from vcl_dist.config import DataConfig
-    from vcl_dist.data.datasets import DatasetSource, build_split
+    from vcl_dist.data.datasets import DatasetSource, build_train_split
+    from vcl_dist.data.epoch_plan import fresh_ranges
     from vcl_dist.ray_cluster import use_ray_data_settings
 
     folder = jpeg_shards(Path(args.cache), args.images, args.size)
@@ -97,10 +98,13 @@ def main() -> None:
 
     cfg = DataConfig(image_size=args.size, preprocess_batch_size=args.batch_size)
     source = DatasetSource("parquet", str(folder), str(folder), None, pafs.LocalFileSystem())
-    dataset = build_split(source, str(folder), cfg, tokenizer, train=True)
+    split = build_train_split(source, str(folder), cfg, tokenizer, seed=0)
+    epochs = iter(range(10**6))
     paths = {
         "torch DataLoader": lambda: iter(loader),
-        "Ray Data (vcl-dist read + preprocess tasks)": lambda: dataset.iter_batches(batch_size=args.batch_size, batch_format="numpy"),
+        # What one training worker reads: its planned reads as Ray Data tasks, in stream order.
+        "Ray Data (vcl-dist planned reads, one worker's stream)":
+            lambda: split.batches(next(epochs), fresh_ranges(split.rows, 1)[0], args.batch_size, 2),
     }
     # Epochs alternate between the two paths, so that a busy spell of this shared machine
     # slows both alike.

@@ -58,6 +58,16 @@ def test_preprocessor_outputs_model_ready_columns(shapes):
     assert out["group"][0] == out["group"][1] == stable_id(rows["image_id"][0])
     assert out["group"][0] != out["group"][2]
 
+    # Augmentation is a function of (seed, row key): a row is cropped alike in any batch, by any
+    # task or worker, and anew under another seed (training passes (train.seed, epoch)).
+    alone = Preprocessor(tokenizer, image_size=24, max_text_length=16, augment=True, seed=0)(
+        {name: values[5:6] for name, values in batch.items()})
+    assert np.array_equal(alone["image"][0], out["image"][5])
+    epochs = [Preprocessor(tokenizer, 24, 16, augment=True, seed=(0, epoch))(batch)["image"] for epoch in (0, 1, 0)]
+    assert np.array_equal(epochs[0], epochs[2]) and not np.array_equal(epochs[0], epochs[1])
+    plain = Preprocessor(tokenizer, 24, 16, augment=False)(batch)["image"]
+    assert not np.array_equal(plain, epochs[0])
+
 
 def test_rows_without_image_id_are_their_own_group(shapes):
     rows = read_split(shapes, "train")
@@ -137,9 +147,7 @@ def test_fetch_first_ahead_yields_everything_in_order_and_raises_in_the_consumer
         next(batches)
 
 
-def test_parquet_read_units_pack_whole_row_groups_and_reorder_every_execution(tmp_path):
-    import types
-
+def test_parquet_read_units_pack_whole_row_groups_read_in_file_order(tmp_path):
     import pyarrow as pa
     import pyarrow.fs as pafs
 
@@ -154,14 +162,6 @@ def test_parquet_read_units_pack_whole_row_groups_and_reorder_every_execution(tm
     assert [u.row_groups for u in units] == [(0, 1), (2, 3), (4,)] * 3  # two groups fit under 45 kB, three do not
     assert sum(u.rows for u in units) == 300 and [u.path for u in units[:3]] == [files[0]] * 3
 
-    def order(source, execution):
-        """The units in the order of the read tasks an execution (an epoch) gets."""
-        tasks = source.get_read_tasks(1, data_context=types.SimpleNamespace(_execution_idx=execution))
-        return [(task.read_fn.args[1].path, task.read_fn.args[1].row_groups) for task in tasks]
+    tasks = PreprocessedParquet(pafs.LocalFileSystem(), units, 16, dict).get_read_tasks(1)
+    assert [(t.read_fn.args[1].path, t.read_fn.args[1].row_groups) for t in tasks] == [(u.path, u.row_groups) for u in units]
 
-    shuffled = PreprocessedParquet(pafs.LocalFileSystem(), units, 16, dict, shuffle_seed=7)
-    epochs = [order(shuffled, e) for e in range(3)]
-    assert all(sorted(e) == sorted((u.path, u.row_groups) for u in units) for e in epochs)  # every unit, once
-    assert epochs[0] != epochs[1] != epochs[2] and epochs[1] == order(shuffled, 1)  # new each epoch, reproducible
-    in_order = PreprocessedParquet(pafs.LocalFileSystem(), units, 16, dict, shuffle_seed=None)
-    assert order(in_order, 0) == order(in_order, 5) == [(u.path, u.row_groups) for u in units]

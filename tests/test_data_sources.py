@@ -21,12 +21,12 @@ from hostile_inputs import plant_hostile_rows
 from job_modules import load_job
 
 from vcl_dist.config import load_config
-from vcl_dist.data.datasets import build_split, resolve_source
+from vcl_dist.data.datasets import build_split, build_train_split, resolve_source
+from vcl_dist.data.epoch_plan import fresh_ranges, resume_ranges
 from vcl_dist.data.shapes import ensure_shapes_dataset
 from vcl_dist.data.tokenizer import train_wordpiece
 from vcl_dist.models.artifacts import load_checkpoint
 from vcl_dist.train.fatal import RunEndedByFatalError
-from vcl_dist.train.loop import fetch_first_ahead, local_shuffle_seed
 from vcl_dist.train.runner import run_training
 
 BIN = Path(sys.executable).parent
@@ -199,7 +199,7 @@ def test_shard_paths_may_be_folders_globs_or_files(tmp_path):
 
 
 def preprocessed_by_key(source, path, cfg, tokenizer):
-    rows = build_split(source, path, cfg.data, tokenizer, train=False, num_classes=30).take_all()
+    rows = build_split(source, path, cfg.data, tokenizer, num_classes=30).take_all()
     return {row["key"]: row for row in rows}
 
 
@@ -227,6 +227,7 @@ def test_webdataset_shards_give_the_same_rows_as_parquet(local_ray, shapes, tiny
             assert np.array_equal(row[column], other[column]), (key, column)
 
 
+@pytest.mark.e2e  # a third full training run in this file; WebDataset reading is in the suite (rows equal to Parquet's, seeded plans)
 def test_webdataset_source_trains(local_ray, shapes, tiny_shapes_overrides, repo_root, tmp_path):
     for split in ("train", "val"):
         write_webdataset(pq.read_table(sorted((shapes / split).glob("*.parquet"))).to_pydict(), tmp_path / split)
@@ -302,40 +303,38 @@ def test_bad_rows_are_skipped_counted_and_fatal_past_the_limit(local_ray, shapes
     assert "data.max_bad_fraction=0.01" in message and "most in shard" in message and "train-worst.parquet (13 rows)" in message
 
 
-def test_every_key_is_seen_once_per_epoch_across_two_workers(local_ray, shapes, tiny_shapes_overrides, tmp_path):
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    cfg = load_config(None, [*tiny_shapes_overrides, "data.source=parquet", f"data.train_path={shapes / 'train'}",
-                             f"data.val_path={shapes / 'val'}"])
-    source = resolve_source(cfg.data)
+def test_training_rows_are_seeded_and_resume_exactly_on_the_built_in_data_parquet_and_webdataset(
+        local_ray, shapes, tiny_shapes_overrides, tmp_path):
+    """What every worker reads is a function of (seed, epoch, its share of the stream): read
+    twice, the same rows in the same order with the same augmentation; a share continued after
+    a checkpoint gives exactly the rows that followed. The same key is augmented alike in every
+    format (its crop is drawn from (seed, epoch, key))."""
+    write_webdataset(pq.read_table(sorted((shapes / "train").glob("*.parquet"))).to_pydict(), tmp_path / "wds")
     tokenizer = train_wordpiece(["a red circle"] * 4, vocab_size=64)
-    dataset = build_split(source, source.train, cfg.data, tokenizer, train=True, seed=1)
+    all_keys = sorted(pq.read_table(sorted((shapes / "train").glob("*.parquet")), columns=["key"]).column(0).to_pylist())
+    formats = {
+        "shapes": [],
+        "parquet": ["data.source=parquet", f"data.train_path={shapes / 'train'}", f"data.val_path={shapes / 'val'}"],
+        "webdataset": ["data.source=webdataset", f"data.train_path={tmp_path / 'wds'}", f"data.val_path={shapes / 'val'}"],
+    }
 
-    def record_keys(config):
-        rank = ray.train.get_context().get_world_rank()
-        shard = ray.train.get_dataset_shard("train")
-        def epoch_batches(epoch):
-            # Iterated as the training loop does: its local shuffle buffer and seed, and the
-            # next epoch started (fetch_first_ahead) before this one's results are written.
-            return iter(shard.iter_batches(batch_size=50, local_shuffle_buffer_size=config["buffer"],
-                                           local_shuffle_seed=local_shuffle_seed(1, epoch, rank)))
+    def read(split, epoch, share) -> list[tuple[str, bytes]]:
+        return [(str(key), image.tobytes()) for batch in split.batches(epoch, share, 32, 1)
+                for key, image in zip(batch["key"], batch["image"])]
 
-        batches = epoch_batches(0)
-        for epoch in range(2):
-            keys = [k for batch in batches for k in batch["key"]]
-            if epoch == 0:
-                batches = fetch_first_ahead(epoch_batches(1))
-            Path(config["out"], f"epoch{epoch}-rank{rank}.json").write_text(json.dumps(list(map(str, keys))))
-
-    TorchTrainer(record_keys, train_loop_config={"out": str(tmp_path), "buffer": cfg.data.shuffle_buffer}, datasets={"train": dataset},
-                 scaling_config=ray.train.ScalingConfig(num_workers=2),
-                 run_config=ray.train.RunConfig(storage_path=str(tmp_path / "runs"), name="keys")).fit()
-    all_keys = set(pq.read_table(sorted((shapes / "train").glob("*.parquet")), columns=["key"]).column(0).to_pylist())
-    orders = []
-    for epoch in range(2):
-        seen = [json.loads((tmp_path / f"epoch{epoch}-rank{rank}.json").read_text()) for rank in range(2)]
-        assert not set(seen[0]) & set(seen[1])  # disjoint parts
-        assert sorted(seen[0] + seen[1]) == sorted(all_keys)  # each key exactly once
-        orders.append(seen[0] + seen[1])
-    assert orders[0] != orders[1]  # a new order every epoch
+    images_by_format = []
+    for name, overrides in formats.items():
+        cfg = load_config(None, [*tiny_shapes_overrides, *overrides, "data.shuffle_buffer=100"])
+        source = resolve_source(cfg.data)
+        split = build_train_split(source, source.train, cfg.data, tokenizer, seed=1)
+        shares = fresh_ranges(split.rows, 2)
+        epoch0 = [read(split, 0, share) for share in shares]
+        assert sorted(key for rows in epoch0 for key, _ in rows) == all_keys, name  # every row once
+        assert read(split, 0, shares[0]) == epoch0[0], name  # same rows, order and augmentation
+        epoch1 = read(split, 1, shares[0])
+        assert [k for k, _ in epoch1] != [k for k, _ in epoch0[0]], name  # a new order every epoch
+        assert dict(epoch1) != {k: v for k, v in epoch0[0] + epoch0[1] if k in dict(epoch1)}, name  # new crops
+        # Two batches of 32 trained on each worker, then a restart: worker 1 goes on with its 65th row.
+        assert read(split, 0, resume_ranges(shares, [64, 64], 2)[1]) == epoch0[1][64:], name
+        images_by_format.append(dict(epoch0[0] + epoch0[1]))
+    assert images_by_format[0] == images_by_format[1] == images_by_format[2]

@@ -14,9 +14,11 @@ import ray
 import torch
 
 from vcl_dist.config import load_config
-from vcl_dist.data.datasets import build_split, resolve_source
+from vcl_dist.data.datasets import build_train_split, resolve_source
+from vcl_dist.data.epoch_plan import fresh_ranges
 from vcl_dist.data.tokenizer import train_wordpiece
 from vcl_dist.train.runner import run_training
+from vcl_dist.train.trained_rows import trained_rows
 
 # Multi-node runs start three Ray nodes on this machine: end-to-end checks, run by .ci/run with -m e2e.
 pytestmark = pytest.mark.e2e
@@ -50,17 +52,19 @@ def test_workers_on_two_nodes_read_disjoint_rows_and_train_one_pool(cluster, tin
     # by about its noise (0.19659 after 0.19642 in one CI run), so only its health is checked here.
     assert all(math.isfinite(m["train_loss"]) and m["train_loss"] > 0 for m in outcome.history)
 
-    # The same data pipeline, read by one worker on each node: different rows, all of them.
+    # The same data plan, read by one worker on each node: different rows, all of them (the
+    # built-in data's blocks travel through Ray's object store to the other node).
     source = resolve_source(cfg.data)
-    dataset = build_split(source, source.train, cfg.data, train_wordpiece(["a red circle"] * 4, 64), train=True, seed=1)
+    split = build_train_split(source, source.train, cfg.data, train_wordpiece(["a red circle"] * 4, 64), seed=1)
 
     def record(config):
         context = ray.train.get_context()
-        keys = [str(k) for batch in ray.train.get_dataset_shard("train").iter_batches(batch_size=64) for k in batch["key"]]
+        share = fresh_ranges(config["split"].rows, context.get_world_size())[context.get_world_rank()]
+        keys = [str(k) for batch in config["split"].batches(0, share, 64, 1) for k in batch["key"]]
         Path(config["out"], f"rank{context.get_world_rank()}.json").write_text(
             json.dumps({"node": ray.get_runtime_context().get_node_id(), "keys": keys}))
 
-    TorchTrainer(record, train_loop_config={"out": str(tmp_path)}, datasets={"train": dataset},
+    TorchTrainer(record, train_loop_config={"out": str(tmp_path), "split": split},
                  scaling_config=ray.train.ScalingConfig(num_workers=2, placement_strategy="STRICT_SPREAD"),
                  run_config=ray.train.RunConfig(storage_path=str(tmp_path / "runs"), name="keys")).fit()
     seen = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
@@ -78,7 +82,10 @@ def test_an_elastic_run_shrinks_when_a_node_goes_and_grows_back_when_one_comes(c
                        "train.min_workers=1", "train.cpus_per_worker=2", "train.max_failures=3",
                        "train.elastic_resize_interval_s=2",
                        # A sharded memory: each restart restores it from the other world size's shards.
-                       "loss.memory_size=80", "loss.memory_shard=true", "run.checkpoints_to_keep=10"])
+                       "loss.memory_size=80", "loss.memory_shard=true", "run.checkpoints_to_keep=10",
+                       # Checkpoints inside epochs, so that a restart at another world size deals an
+                       # epoch's remaining rows anew; every trained row's key is logged.
+                       "train.checkpoint_every_steps=3", f"run.trained_rows_log={tmp_path / 'rows'}"])
     # Two CPUs a worker: one worker per 3-CPU node, with a CPU left for the data tasks. Ray
     # Train's elastic policy counts the workers that fit by CPUs per node (placement strategies
     # aside), so after the loss of a node it restarts with the one worker that fits, and when a
@@ -137,3 +144,11 @@ def test_an_elastic_run_shrinks_when_a_node_goes_and_grows_back_when_one_comes(c
     whole = torch.load(checkpoints[shard_files.index(["memory_shard_00000_of_00001.pt"])] / "memory_shard_00000_of_00001.pt",
                        weights_only=True)
     assert whole["filled"] == 80 and whole["image"].shape[0] == 80 and bool((whole["image"].norm(dim=1) > 0).all())
+    # Every row of every epoch trained on once, none twice, across both changes of world size;
+    # only rows that did not fill a last step on every worker (fewer than a global batch) are left out.
+    trained = trained_rows(tmp_path / "rows")
+    assert sorted(trained) == list(range(6))
+    for epoch, keys in trained.items():
+        assert len(keys) == len(set(keys)), f"epoch {epoch + 1}: a row trained on twice"
+        assert 512 - 64 < len(keys) <= 512, (epoch, len(keys))
+    assert sum(len(keys) == 512 for keys in trained.values()) >= 4  # the epochs without a mid-epoch change: all rows

@@ -57,7 +57,8 @@ class DataConfig(Section):
     max_text_length: int = Field(32, ge=4, le=512)
     preprocess_batch_size: int = Field(128, ge=1)
     preprocess_workers: int | None = Field(None, ge=1, description="most concurrent preprocessing tasks; default: as CPUs allow")
-    shuffle_buffer: int = Field(1024, ge=0, description="rows in each worker's local shuffle buffer")
+    shuffle_buffer: int = Field(1024, ge=0, description="rows shuffled together: each epoch's read units, in a new "
+                                "order, are taken into groups of at least this many rows, shuffled within a group")
     prefetch_batches: int = Field(2, ge=0, description="batches each worker's iterator prepares ahead")
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="stop when more rows than this are undecodable")
 
@@ -136,7 +137,7 @@ class TrainConfig(Section):
     min_lr_ratio: float = Field(0.02, ge=0, le=1)
     grad_clip_norm: float | None = Field(1.0, gt=0)
     amp: bool | Literal["auto"] = Field("auto", description="bf16 autocast; auto = on GPU only")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="weights, data order and augmentation")
     log_every_steps: int = Field(20, ge=1)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the latest checkpoint; -1 = unlimited")
     checkpoint_every_steps: int | None = Field(None, ge=1, description="also checkpoint inside epochs; default: epoch ends only")
@@ -179,6 +180,8 @@ class RunConfig(Section):
     name: str | None = Field(None, description="default: vcl-<timestamp>")
     storage_path: str = Field("runs", description="local folder or s3:// URI")
     checkpoints_to_keep: int = Field(2, ge=1)
+    trained_rows_log: str | None = Field(None, description="a local folder: every worker writes the keys of the rows "
+                                         "of every step it trains (an audit of what the model saw)")
 
 
 class Distribution(Section):

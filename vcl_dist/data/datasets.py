@@ -2,9 +2,10 @@
 
 Shards are Parquet files in the format of ARCHITECTURE.md, or WebDataset tars as img2dataset
 writes them, in a local folder, a glob or an ``s3://`` prefix. Reading, decoding and
-tokenising run as Ray Data tasks and actors on any CPU of the cluster, streamed: no split has
-to fit in memory. Training shards are read in a new seeded file order every epoch; each
-worker's local buffer shuffles rows.
+tokenising run as Ray Data tasks on any CPU of the cluster, streamed: no split has to fit in
+memory. The training split is planned here and read by each worker in its own seeded order
+(:func:`build_train_split`, :mod:`.epoch_plan`); the validation split is one dataset in file order
+(:func:`build_split`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..storage import GLOB_CHARACTERS, exists, filesystem_for, list_files, read_
 from .preprocess import Preprocessor
 from .shapes import ensure_shapes_dataset
 from .shard_format import parse_class_names
+from .train_stream import TrainSplit, plan_train_units, put_driver_tables
 from .webdataset import webdataset_captions, webdataset_row_count
 
 SHAPES_SHARD = "shapes"
@@ -104,39 +106,34 @@ def sample_captions(source: DatasetSource, path: str, limit: int = 200_000) -> l
     return captions[:limit]
 
 
-def read_split(source: DatasetSource, path: str, *, shuffle_seed: int | None):
-    """The raw rows of a split as a lazy Ray Dataset; ``shuffle_seed``: a new file order per epoch."""
+def read_split(source: DatasetSource, path: str):
+    """The raw rows of a split as a lazy Ray Dataset, in file order."""
     import ray.data
-    from ray.data.datasource.file_based_datasource import FileShuffleConfig
 
     use_ray_data_settings()
     if source.driver_local:
         import pyarrow.parquet as pq
 
         tables = [pq.read_table(file) for file in sorted(Path(path).glob("*.parquet"))]
-        # Small blocks: the blocks are the units of parallel preprocessing and of the first
-        # batch's latency each epoch.
-        blocks = [table.slice(start, BLOCK_ROWS) for table in tables for start in range(0, table.num_rows, BLOCK_ROWS)]
-        ds = ray.data.from_arrow(blocks)
-        return ds.randomize_block_order() if shuffle_seed is not None else ds
-    shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True) if shuffle_seed is not None else None
+        # Small blocks: the blocks are the units of parallel preprocessing.
+        return ray.data.from_arrow([table.slice(start, BLOCK_ROWS) for table in tables
+                                    for start in range(0, table.num_rows, BLOCK_ROWS)])
     files = list_files(source.filesystem, path, "tar" if source.format == "webdataset" else "parquet")
     if source.format == "webdataset":
         return ray.data.read_webdataset(files, filesystem=source.filesystem, decoder=None, include_paths=True,
-                                        shuffle=shuffle, file_extensions=["tar"])
-    return ray.data.read_parquet(files, filesystem=source.filesystem, include_paths=True, shuffle=shuffle)
+                                        file_extensions=["tar"])
+    return ray.data.read_parquet(files, filesystem=source.filesystem, include_paths=True)
 
 
-def build_split(source: DatasetSource, path: str, cfg: DataConfig, tokenizer, *, train: bool, seed: int = 0,
-                num_classes: int | None = None):
-    """A lazily executed, streaming Ray Dataset of model-ready rows (see :class:`Preprocessor`);
-    ``num_classes``: the size of the label space, outside which a label is a bad row."""
+def build_split(source: DatasetSource, path: str, cfg: DataConfig, tokenizer, *, num_classes: int | None = None):
+    """A lazily executed, streaming Ray Dataset of model-ready rows (see :class:`Preprocessor`),
+    unaugmented, in file order: for evaluation. ``num_classes``: the size of the label space,
+    outside which a label is a bad row."""
     # Stateless tasks rather than an actor pool: every epoch re-executes the pipeline, and a
     # new pool would start fresh actor processes each time (seconds of start-up per epoch),
     # where tasks reuse Ray's pooled worker processes.
     import ray.data
 
-    shuffle_seed = seed if train else None
     if source.format == "parquet" and not source.driver_local:
         # Reading and preprocessing in one task per read unit (see parquet_source).
         from .parquet_source import PreprocessedParquet, plan_read_units
@@ -144,19 +141,19 @@ def build_split(source: DatasetSource, path: str, cfg: DataConfig, tokenizer, *,
         use_ray_data_settings()
         units = plan_read_units(source.filesystem, _parquet(source, path).files, READ_UNIT_BYTES)
         make_preprocessor = functools.partial(Preprocessor, tokenizer, cfg.image_size, cfg.max_text_length,
-                                              augment=train and cfg.augment, seed=None, num_classes=num_classes)
+                                              augment=False, num_classes=num_classes)
         return ray.data.read_datasource(
-            PreprocessedParquet(source.filesystem, units, cfg.preprocess_batch_size, make_preprocessor, shuffle_seed),
+            PreprocessedParquet(source.filesystem, units, cfg.preprocess_batch_size, make_preprocessor),
             override_num_blocks=len(units), num_cpus=1,
             **({"concurrency": cfg.preprocess_workers} if cfg.preprocess_workers else {}),
         )
-    return read_split(source, path, shuffle_seed=shuffle_seed).map_batches(
+    return read_split(source, path).map_batches(
         preprocess_batch,
         fn_kwargs={
             "tokenizer": tokenizer,
             "image_size": cfg.image_size,
             "max_text_length": cfg.max_text_length,
-            "augment": train and cfg.augment,
+            "augment": False,
             "default_shard": SHAPES_SHARD if source.driver_local else "unknown",
             "num_classes": num_classes,
         },
@@ -167,8 +164,19 @@ def build_split(source: DatasetSource, path: str, cfg: DataConfig, tokenizer, *,
     )
 
 
+def build_train_split(source: DatasetSource, path: str, cfg: DataConfig, tokenizer, *, seed: int,
+                      num_classes: int | None = None) -> TrainSplit:
+    """The training split, planned (read units listed, blocks of the built-in data put in Ray's
+    object store: call with Ray connected) for the workers to read in their seeded order."""
+    units = plan_train_units(source, path, READ_UNIT_BYTES, BLOCK_ROWS)
+    if source.driver_local:
+        units = put_driver_tables(units)
+    return TrainSplit(source.filesystem, units, tokenizer, cfg.image_size, cfg.max_text_length, cfg.augment, seed,
+                      cfg.shuffle_buffer, cfg.preprocess_batch_size, num_classes, cfg.preprocess_workers)
+
+
 def preprocess_batch(batch, *, tokenizer, image_size: int, max_text_length: int, augment: bool, default_shard: str,
                      num_classes: int | None = None):
-    """One ``map_batches`` task: :class:`Preprocessor` with a fresh random stream per batch."""
-    return Preprocessor(tokenizer, image_size, max_text_length, augment, seed=None, default_shard=default_shard,
+    """One ``map_batches`` task: a :class:`Preprocessor` on one batch."""
+    return Preprocessor(tokenizer, image_size, max_text_length, augment, default_shard=default_shard,
                         num_classes=num_classes)(batch)

@@ -10,9 +10,9 @@ avoids (Ray 2.60, measured on 2 CPUs with 10,000 JPEGs at 224 px, see benchmarks
 - the two operators split the CPUs between them while the reads are queued.
 
 Here the footers are read once, when the dataset is built (16 at a time), into read units of
-whole row groups, ≤ ``unit_bytes`` of encoded data each; every execution orders the units
-anew from ``(shuffle_seed, execution index)``, and each unit's task reads its row groups and
-runs the :class:`~vcl_dist.data.preprocess.Preprocessor` on them, yielding model-ready blocks.
+whole row groups, ≤ ``unit_bytes`` of encoded data each (the training split's units too: see
+:mod:`.train_stream`), and each unit's task reads its row groups and runs the
+:class:`~vcl_dist.data.preprocess.Preprocessor` on them, yielding model-ready blocks in file order.
 """
 
 from __future__ import annotations
@@ -77,16 +77,14 @@ def read_and_preprocess(filesystem: pafs.FileSystem, unit: ReadUnit, batch_rows:
 class PreprocessedParquet(Datasource):
     """A Ray Data source of model-ready rows from Parquet shards (see the module docstring).
 
-    ``make_preprocessor``: a picklable factory of the per-task batch function (a fresh random
-    stream per task). ``shuffle_seed``: None keeps file order (evaluation); else the units are
-    ordered anew every execution, reproducibly.
+    ``make_preprocessor``: a picklable factory of the per-task batch function.
     """
 
     def __init__(self, filesystem: pafs.FileSystem, units: list[ReadUnit], batch_rows: int,
-                 make_preprocessor: Callable[[], Callable[[dict], dict]], shuffle_seed: int | None):
+                 make_preprocessor: Callable[[], Callable[[dict], dict]]):
         super().__init__()
         self.filesystem, self.units, self.batch_rows = filesystem, units, batch_rows
-        self.make_preprocessor, self.shuffle_seed = make_preprocessor, shuffle_seed
+        self.make_preprocessor = make_preprocessor
 
     def get_name(self) -> str:
         return "ReadPreprocessParquet"
@@ -95,17 +93,11 @@ class PreprocessedParquet(Datasource):
         return None  # decoded images are far larger than the files; Ray measures the blocks
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
-        units = list(self.units)
-        if self.shuffle_seed is not None:
-            # Ray calls this at the start of every execution (every epoch); its own file-based
-            # readers take their per-epoch seed from the same execution index.
-            execution = getattr(data_context, "_execution_idx", 0)
-            np.random.default_rng([self.shuffle_seed, execution]).shuffle(units)
         return [
             ReadTask(
                 functools.partial(read_and_preprocess, self.filesystem, unit, self.batch_rows, self.make_preprocessor),
                 BlockMetadata(num_rows=unit.rows, size_bytes=None, exec_stats=None, input_files=(unit.path,)),
                 per_task_row_limit=per_task_row_limit,
             )
-            for unit in units
+            for unit in self.units
         ]

@@ -13,6 +13,7 @@ when too many are bad, which a silently shrinking dataset would never do.
 from __future__ import annotations
 
 import hashlib
+from typing import Sequence
 
 import numpy as np
 
@@ -36,13 +37,17 @@ class Preprocessor:
     and ``shard`` str [B].
     """
 
-    def __init__(self, tokenizer, image_size: int, max_text_length: int, augment: bool, seed: int | None = 0,
+    def __init__(self, tokenizer, image_size: int, max_text_length: int, augment: bool, seed: int | Sequence[int] = 0,
                  default_shard: str = "unknown", num_classes: int | None = None):
         self.tokenizer = tokenizer
         self.num_classes = num_classes
         self.image_size = image_size
         self.max_text_length = max_text_length
-        self.rng = np.random.default_rng(seed) if augment else None
+        self.augment = augment
+        # Augmentation draws from a stream of its own per row, seeded by (seed, row key): the same
+        # row is augmented alike by whichever task, worker or restart reads it (training passes
+        # (train.seed, epoch), so each epoch differs).
+        self.seed = [int(s) for s in np.atleast_1d(seed)]
         self.default_shard = default_shard
 
     def __call__(self, batch) -> dict[str, np.ndarray]:
@@ -56,7 +61,8 @@ class Preprocessor:
         images = np.zeros((n, 3, self.image_size, self.image_size), dtype=np.uint8)
         for i, data in enumerate(batch["image"]):
             try:
-                images[i] = decode_image(data, self.image_size, self.rng)
+                rng = np.random.default_rng([*self.seed, stable_id(keys[i])]) if self.augment else None
+                images[i] = decode_image(data, self.image_size, rng)
             except UnusableImageError:
                 valid[i] = 0  # missing, truncated, too large, or not an image of an accepted format
         captions = [caption_text(c) for c in batch["caption"]]

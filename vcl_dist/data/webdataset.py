@@ -11,10 +11,11 @@ from __future__ import annotations
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pyarrow.fs as pafs
 
 from ..storage import list_files
-from .shard_format import IMAGE_EXTENSIONS, caption_text, json_object
+from .shard_format import caption_text, json_object
 
 
 def _tar_members(filesystem: pafs.FileSystem, tar_path: str):
@@ -33,20 +34,25 @@ def _members(filesystem: pafs.FileSystem, path: str):
 
 
 def webdataset_row_count(filesystem: pafs.FileSystem, path: str) -> int:
-    """Samples (keys with an image) in the tars under ``path``.
+    """Samples in the tars under ``path`` (see :func:`webdataset_tar_rows`)."""
+    return sum(rows for _, rows in webdataset_tar_rows(filesystem, path))
+
+
+def webdataset_tar_rows(filesystem: pafs.FileSystem, path: str) -> list[tuple[str, int]]:
+    """``(tar, samples)`` of every tar under ``path``, in name order.
 
     From img2dataset's ``{shard}_stats.json`` files (``successes``: the samples it wrote) when
     every tar has one, which reads no tar at all; else by reading the tars, 16 at a time.
     """
     tars = list_files(filesystem, path, "tar")
     counted = _counts_from_stats(filesystem, tars)
-    if counted is not None:
-        return counted
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        return sum(pool.map(lambda tar: _count_samples(filesystem, tar), tars))
+    if counted is None:
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            counted = list(pool.map(lambda tar: _count_samples(filesystem, tar), tars))
+    return list(zip(tars, counted))
 
 
-def _counts_from_stats(filesystem: pafs.FileSystem, tars: list[str]) -> int | None:
+def _counts_from_stats(filesystem: pafs.FileSystem, tars: list[str]) -> list[int] | None:
     stats = [tar.removesuffix(".tar") + "_stats.json" for tar in tars]
     if not stats or any(info.type != pafs.FileType.File for info in filesystem.get_file_info(stats)):
         return None
@@ -58,12 +64,49 @@ def _counts_from_stats(filesystem: pafs.FileSystem, tars: list[str]) -> int | No
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         counts = list(pool.map(successes, stats))
-    return None if None in counts else sum(counts)
+    return None if None in counts else counts
 
 
 def _count_samples(filesystem: pafs.FileSystem, tar_path: str) -> int:
-    """Keys with an image in one tar."""
-    return len({key for key, ext, _, _ in _tar_members(filesystem, tar_path) if ext in IMAGE_EXTENSIONS})
+    """Samples in one tar: runs of consecutive members with one key (WebDataset's grouping)."""
+    return sum(1 for _ in _samples(filesystem, tar_path))
+
+
+def _samples(filesystem: pafs.FileSystem, tar_path: str, wanted=None):
+    """``(index, key, {extension: bytes})`` of the samples of one tar, in order. With ``wanted``
+    (sample indices), only those are yielded, with their payloads, and the stream stops after
+    the last of them; without, every sample, with no payload read."""
+    wanted = None if wanted is None else {int(i) for i in wanted}
+    if wanted is not None and not wanted:
+        return
+    last = max(wanted) if wanted else None
+    index, key, payloads = -1, None, None
+    for member_key, ext, tar, member in _tar_members(filesystem, tar_path):
+        if member_key != key:
+            if payloads is not None:
+                yield index, key, payloads
+            index, key = index + 1, member_key
+            if last is not None and index > last:
+                return
+            payloads = {} if wanted is None or index in wanted else None
+        if payloads is not None and wanted is not None:
+            payloads.setdefault(ext, tar.extractfile(member).read())
+    if payloads is not None:
+        yield index, key, payloads
+
+
+def read_tar_rows(filesystem: pafs.FileSystem, tar_path: str, rows) -> dict[str, np.ndarray]:
+    """The samples at ``rows`` (indices, increasing) of one tar, as the columns that Ray Data's
+    ``read_webdataset`` gives (``__key__`` and one column of bytes per extension)."""
+    found = list(_samples(filesystem, tar_path, rows))
+    if len(found) != len(rows):
+        raise ValueError(f"{tar_path}: has {found[-1][0] + 1 if found else 0} samples or fewer, "
+                         f"{int(rows[-1]) + 1} were planned (was the tar changed during the run?)")
+    extensions = sorted({ext for _, _, payloads in found for ext in payloads})
+    columns = {"__key__": np.array([key for _, key, _ in found], dtype=object)}
+    for ext in extensions:
+        columns[ext] = np.array([payloads.get(ext) for _, _, payloads in found], dtype=object)
+    return columns
 
 
 def webdataset_captions(filesystem: pafs.FileSystem, path: str, limit: int) -> list[str]:

@@ -56,17 +56,19 @@ MEMORY_SHARD_GLOB = "memory_shard_*_of_*.pt"
 
 def save_checkpoint(folder: str | Path, *, model, criterion, optimizer, scheduler, epoch: int, step: int,
                     history: list[dict], config_yaml: str, tokenizer, class_names: list[str] | None = None,
-                    epoch_step: int = 0, epoch_progress: dict | None = None, rng: list[dict] | None = None) -> None:
+                    epoch_step: int = 0, epoch_progress: list[dict] | None = None, epoch_rows: dict | None = None,
+                    rng: list[dict] | None = None) -> None:
     """``epoch``: the epoch the checkpoint is in (0-based); ``epoch_step``: steps done in it, 0 when
-    the checkpoint closes it; ``epoch_progress``: the epoch's running sums, to finish it after a
-    restart; ``rng``: every worker's RNG state, in rank order."""
+    the checkpoint closes it; ``epoch_progress``: every worker's running sums of the epoch, and
+    ``epoch_rows``: which of its rows each worker trained on (see ``train.resume``), to finish
+    it after a restart; ``rng``: every worker's RNG state, in rank order."""
     folder = Path(folder)
     torch.save(model.state_dict(), folder / MODEL_FILE)
     torch.save(criterion.state_dict(), folder / LOSS_FILE)
     memory = getattr(criterion, "memory", None)
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
-         "epoch_step": epoch_step, "epoch_progress": epoch_progress, "rng": rng,
+         "epoch_step": epoch_step, "epoch_progress": epoch_progress, "epoch_rows": epoch_rows, "rng": rng,
          # A sharded memory is in the workers' memory_shard files (save_memory_shard).
          "memory": memory.state_dict() if memory is not None and not memory.sharded else None},
         folder / STATE_FILE,
@@ -85,7 +87,7 @@ def save_memory_shard(folder: str | Path, memory) -> None:
 
 def load_checkpoint(folder: str | Path, *, model, criterion=None, optimizer=None, scheduler=None) -> dict:
     """Restore what is given; returns ``epoch``, ``step``, ``epoch_step``, ``epoch_progress``,
-    ``rng`` and ``history`` of the saved run."""
+    ``epoch_rows``, ``rng`` and ``history`` of the saved run."""
     folder = Path(folder)
     model.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
@@ -104,7 +106,7 @@ def load_checkpoint(folder: str | Path, *, model, criterion=None, optimizer=None
         scheduler.load_state_dict(state["scheduler"])
     history = json.loads((folder / HISTORY_FILE).read_text())
     return {"epoch": state["epoch"], "step": state["step"], "history": history, "epoch_step": state.get("epoch_step", 0),
-            "epoch_progress": state.get("epoch_progress"), "rng": state.get("rng")}
+            "epoch_progress": state.get("epoch_progress"), "epoch_rows": state.get("epoch_rows"), "rng": state.get("rng")}
 
 
 WEIGHTS_FILE = "model.safetensors"

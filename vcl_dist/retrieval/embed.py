@@ -120,7 +120,7 @@ def embedding_dataset(source: DatasetSource, path: str, model, model_ref, *, use
     """
     import ray.data
 
-    rows = read_split(source, path, shuffle_seed=None).map_batches(
+    rows = read_split(source, path).map_batches(
         prepare_rows,
         fn_kwargs={
             "tokenizer": model.tokenizer,

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from ..config import Config, dump_config
 from ..cpu_memory import keep_freed_memory_for_reuse
+from ..data.epoch_plan import fresh_ranges, range_rows
 from ..data.shard_format import drop_bad_rows
 from ..losses import build_loss
 from ..losses.gather import distributed_world
@@ -34,49 +35,51 @@ from .data_quality import BadDataError, worst_shards
 from .evaluation import ValCache, evaluate_on_val
 from .fatal import ModelBuildError, NonFiniteLossError, end_run_on_fatal_error
 from .metrics import EpochProgress
-from .resume import ResumePoint, checkpoints_to_resume_from, gather_worker_states
+from .resume import ResumePoint, checkpoints_to_resume_from, epoch_rows_state, gather_worker_states
 from .schedule import build_optimizer, build_scheduler
 from .step import collate_rows, pinned_collate_rows, train_step
+from .trained_rows import TrainedRowsLog
 
 
 @end_run_on_fatal_error
 def train_loop_per_worker(loop_config: dict) -> dict | None:
     run = WorkerRun(loop_config)  # build
     start = ResumePoint.restore(checkpoints_to_resume_from(), model=run.raw_model, criterion=run.criterion,
-                                optimizer=run.optimizer, scheduler=run.scheduler, lr=run.lr, device=run.device)
+                                optimizer=run.optimizer, scheduler=run.scheduler, lr=run.lr, device=run.device,
+                                data=run.data, local_batch=run.local_batch)
     run.step, run.history = start.step, start.history
     run.scheduler.lr_lambdas[0].samples_per_step = run.local_batch * run.world  # a restored schedule knew the saved world's
     run.announce(start)
     cfg, upcoming = run.cfg, None
     for epoch in range(start.epoch, cfg.train.epochs):
         run.model.train()
-        to_skip, carried = start.position(epoch)  # Ray Data cannot seek: pass over what was trained on
+        ranges, carried = start.position(epoch, run.data, run.world)  # every rank's rows of the epoch still to train on
         progress = EpochProgress(epoch, carried, cfg.data.max_bad_fraction, run.local_batch * run.world)
-        batches, upcoming, stopped_inside_epoch = upcoming or run.epoch_batches(epoch), None, False
+        epoch_steps = progress.steps + min(range_rows(share) for share in ranges) // run.local_batch
+        batches, upcoming, stopped_inside_epoch = upcoming or run.epoch_batches(epoch, ranges), None, False
         for batch in lockstep(batches, run.device, progress.waits):
-            if to_skip:
-                to_skip -= 1
-                continue
+            run.record_trained_rows(batch, epoch)
             batch, rows, bad_shards = drop_bad_rows(batch)
             progress.bad_rows.add(rows, bad_shards)
             progress.add(run.train_step(batch, epoch))
             if progress.steps % cfg.train.log_every_steps == 0:
                 progress.bad_rows.check(run.device)  # a collective: every worker, same steps
-                run.log(progress.log_line(cfg.train.epochs, run.steps_per_epoch, run.scheduler.get_last_lr()[0]))
-            if progress.steps < run.steps_per_epoch and (run.checkpoint_due() or run.reached_max_steps()):
+                run.log(progress.log_line(cfg.train.epochs, epoch_steps, run.scheduler.get_last_lr()[0]))
+            if progress.steps < epoch_steps and (run.checkpoint_due() or run.reached_max_steps()):
                 # A checkpoint inside the epoch: what a restart needs to finish it.
                 run.report({"epoch": epoch, "step": run.step, "epoch_step": progress.steps,
-                            "train_loss": progress.loss_sum / progress.steps}, epoch, progress.running_sums())
+                            "train_loss": progress.loss_sum / progress.steps}, epoch, progress.running_sums(),
+                           epoch_rows_state(run.data, ranges, progress.trained * run.local_batch))
             if run.reached_max_steps():
-                stopped_inside_epoch = progress.steps < run.steps_per_epoch
+                stopped_inside_epoch = progress.steps < epoch_steps
                 break
         if not stopped_inside_epoch:
-            metrics, bad_shards = progress.finish(run.device, **run.epoch_fields(start))
+            metrics, bad_shards, step_losses = progress.finish(run.device, **run.epoch_fields(start))
             if epoch + 1 < cfg.train.epochs and not run.reached_max_steps():
-                # Ray Data starts each epoch's pipeline anew, and a worker's first batch waits for
-                # its shuffle buffer: started now, that overlaps evaluation and the checkpoint.
-                upcoming = fetch_first_ahead(run.epoch_batches(epoch + 1))
-            run.evaluate_into(metrics, bad_shards)
+                # Each epoch's reads start anew, and a worker's first batch waits for its first
+                # mixing group: started now, that overlaps evaluation and the checkpoint.
+                upcoming = fetch_first_ahead(run.epoch_batches(epoch + 1, fresh_ranges(run.data.rows, run.world)))
+            run.evaluate_into(metrics, bad_shards, step_losses)
             run.report(metrics, epoch, None)
         if run.reached_max_steps():
             run.log(f"vcl-dist: stopped at train.max_steps={cfg.train.max_steps}")
@@ -96,7 +99,8 @@ class WorkerRun:
         # Each worker keeps the batch it has at full size, so the global pool and (linear scaling
         # rule) the learning rate follow the world size when an elastic run shrinks or grows.
         self.local_batch = cfg.train.batch_size // cfg.train.num_workers
-        self.steps_per_epoch = loop_config["train_rows"] // self.world // self.local_batch
+        self.data = loop_config["train_split"]
+        self.steps_per_epoch = self.data.rows // self.world // self.local_batch  # from the start of an epoch
         self.lr = cfg.train.lr * self.world / cfg.train.num_workers
         self.device = ray.train.torch.get_device()
         on_gpu = self.device.type == "cuda"
@@ -121,18 +125,20 @@ class WorkerRun:
         self.optimizer = build_optimizer([self.raw_model, self.criterion], self.lr, cfg.train.weight_decay)
         # The schedule runs over the planned samples (steps of the planned global batch), whatever
         # the world size does on the way (elastic): see schedule.WarmupCosineBySamples.
-        planned_steps_per_epoch = loop_config["train_rows"] // cfg.train.num_workers // self.local_batch
+        planned_steps_per_epoch = self.data.rows // cfg.train.num_workers // self.local_batch
         self.scheduler = build_scheduler(self.optimizer, cfg.train.warmup_steps, planned_steps_per_epoch * cfg.train.epochs,
                                          cfg.train.min_lr_ratio, reference_batch=self.local_batch * cfg.train.num_workers)
         self.step, self.history = 0, []
         self.last_checkpoint_time = time.monotonic()  # the group's start counts as one (checkpoint_every_minutes)
         self.config_yaml = dump_config(cfg)
-        self.train_shard = ray.train.get_dataset_shard("train")
+        self.rows_log = TrainedRowsLog(cfg.run.trained_rows_log, self.rank) if cfg.run.trained_rows_log else None
         self.val_cache = ValCache()
         self.worker_nodes = 1
 
     def announce(self, start: ResumePoint) -> None:
-        self.worker_nodes = count_worker_nodes()  # a collective
+        self.worker_nodes, group_start = count_worker_nodes()  # a collective
+        if self.rows_log is not None:
+            self.rows_log.group = group_start
         if start.step:
             self.log(f"vcl-dist: {start.describe()}")
         loss, train = self.cfg.loss, self.cfg.train
@@ -150,12 +156,16 @@ class WorkerRun:
         if self.rank == 0:
             print(line, flush=True)
 
-    def epoch_batches(self, epoch: int) -> Iterator:
-        return iter(self.train_shard.iter_torch_batches(
-            batch_size=self.local_batch, drop_last=True, collate_fn=self.collate, prefetch_batches=self.cfg.data.prefetch_batches,
-            local_shuffle_buffer_size=self.cfg.data.shuffle_buffer or None,
-            local_shuffle_seed=local_shuffle_seed(self.cfg.train.seed, epoch, self.rank),
-        ))
+    def epoch_batches(self, epoch: int, ranges: list) -> Iterator:
+        """This worker's batches of ``epoch`` over its share of ``ranges`` (every rank's), collated."""
+        rows = self.data.batches(epoch, ranges[self.rank], self.local_batch, self.cfg.data.prefetch_batches)
+        if self.rows_log is None:
+            return (self.collate(batch) for batch in rows)
+        return ({**self.collate(batch), "keys": batch["key"]} for batch in rows)
+
+    def record_trained_rows(self, batch: dict, epoch: int) -> None:
+        if self.rows_log is not None:
+            self.rows_log.write(epoch, self.step + 1, self.world, batch.pop("keys"))
 
     def train_step(self, batch: dict, epoch: int) -> float:
         try:
@@ -194,7 +204,7 @@ class WorkerRun:
                 # The step this worker group started from: > 0 after a restart or --resume.
                 "resumed_from_step": start.step}
 
-    def evaluate_into(self, metrics: dict, bad_shards: list) -> None:
+    def evaluate_into(self, metrics: dict, bad_shards: list, step_losses: list[float]) -> None:
         """Rank 0: the val metrics into ``metrics``, and the epoch into the history."""
         if self.rank != 0:
             return
@@ -202,10 +212,11 @@ class WorkerRun:
                                        self.val_cache))
         # Kept in the history (checkpoints, metrics.jsonl, result.json), not in the metrics
         # reported to Ray: a list of shards is no metric to plot or to tune on.
-        self.history.append({**metrics, "bad_shards": bad_shards, "val_bad_shards": worst_shards(self.val_cache.by_shard)})
+        self.history.append({**metrics, "bad_shards": bad_shards, "val_bad_shards": worst_shards(self.val_cache.by_shard),
+                             "step_losses": step_losses})
         self.log("vcl-dist: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
 
-    def report(self, metrics: dict, epoch: int, running_sums: dict | None) -> None:
+    def report(self, metrics: dict, epoch: int, running_sums: dict | None, epoch_rows: dict | None = None) -> None:
         """Every worker reports (a barrier); rank 0 attaches a checkpoint with every worker's RNG
         state and, inside an epoch (``running_sums``), every worker's running sums. With a
         sharded memory every worker attaches its shard file too (Ray Train merges the files into
@@ -226,6 +237,7 @@ class WorkerRun:
                                 config_yaml=self.config_yaml, tokenizer=self.tokenizer, class_names=self.class_names,
                                 epoch_step=running_sums["steps"] if running_sums else 0,
                                 epoch_progress=[w["progress"] for w in workers] if running_sums else None,
+                                epoch_rows=epoch_rows,
                                 rng=[w["rng"] for w in workers])
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
@@ -295,24 +307,19 @@ def fetch_first_ahead(batches: Iterator) -> Iterator:
     return chained()
 
 
-def local_shuffle_seed(seed: int, epoch: int, rank: int) -> int:
-    """The seed of a worker's local shuffle buffer: reproducible, new every epoch, distinct
-    per worker (the file order is reseeded per epoch by the reader, see data.datasets)."""
-    return seed * 1_000_003 + epoch * 1009 + rank
-
-
 def latest_checkpoint_path() -> str | None:
     """Where the run's newest checkpoint is (Ray Train's view from this worker), for messages."""
     checkpoint = ray.train.get_checkpoint()
     return checkpoint.path if checkpoint is not None else None
 
 
-def count_worker_nodes() -> int:
-    """How many Ray nodes this worker group spans."""
-    node = ray.get_runtime_context().get_node_id()
+def count_worker_nodes() -> tuple[int, float]:
+    """How many Ray nodes this worker group spans, and when it started (rank 0's clock: one
+    time for every rank of the group)."""
+    here = (ray.get_runtime_context().get_node_id(), time.time())
     _, world = distributed_world()
     if world == 1:
-        return 1
-    nodes: list = [None] * world
-    dist.all_gather_object(nodes, node)
-    return len(set(nodes))
+        return 1, here[1]
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, here)
+    return len({node for node, _ in gathered}), gathered[0][1]

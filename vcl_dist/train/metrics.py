@@ -41,6 +41,7 @@ class EpochProgress:
     def __init__(self, epoch: int, carried: dict, max_bad_fraction: float, global_batch: int):
         self.epoch, self.global_batch = epoch, global_batch
         self.loss_sum, self.steps = carried["loss_sum"], carried["steps"]
+        self.losses: list[float] = list(carried.get("losses", []))  # this worker's loss at every step of the epoch
         self.trained = 0  # steps this worker group took (a resumed epoch's first ones were taken before)
         self.waits: list[float] = []
         self.bad_rows = BadRowCounter(max_bad_fraction)
@@ -48,21 +49,23 @@ class EpochProgress:
 
     def add(self, loss: float) -> None:
         self.loss_sum += loss
+        self.losses.append(loss)
         self.steps += 1
         self.trained += 1
 
     def running_sums(self) -> dict:
         """What a checkpoint inside the epoch keeps of this worker's progress."""
-        return {"loss_sum": self.loss_sum, "steps": self.steps}
+        return {"loss_sum": self.loss_sum, "steps": self.steps, "losses": list(self.losses)}
 
     def log_line(self, epochs: int, steps_per_epoch: int, lr: float) -> str:
         elapsed = time.perf_counter() - self.started
         return (f"epoch {self.epoch + 1}/{epochs} step {self.steps}/{steps_per_epoch} loss {self.loss_sum / self.steps:.4f} "
                 f"lr {lr:.2e} {self.trained * self.global_batch / elapsed:.0f} samples/s")
 
-    def finish(self, device: torch.device, **fields) -> tuple[dict, list[tuple[str, int]]]:
-        """The epoch's metrics (``fields`` adds the ones the loop knows: step, lr, world size, …)
-        and its worst shards; collectives: every worker calls it.
+    def finish(self, device: torch.device, **fields) -> tuple[dict, list[tuple[str, int]], list[float]]:
+        """The epoch's metrics (``fields`` adds the ones the loop knows: step, lr, world size, …),
+        its worst shards and the loss of every step (mean over workers); collectives: every
+        worker calls it.
 
         Raises:
             BadDataError: the epoch's bad rows are past ``data.max_bad_fraction``.
@@ -86,7 +89,8 @@ class EpochProgress:
             "data_wait_fraction": wait_fraction, "data_wait_first_batch_s": first_wait, "bad_rows": bad_rows,
             "epoch_time_s": elapsed, "peak_memory_gib": peak_memory, **fields,
         }
-        return {name: metrics[name] for name in EPOCH_METRICS}, bad_shards
+        step_losses = mean_over_workers(self.losses, device) if len(self.losses) == self.steps else []
+        return {name: metrics[name] for name in EPOCH_METRICS}, bad_shards, step_losses
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -1,11 +1,13 @@
 """Where a worker group starts, and what a checkpoint must hold for the next one to start there.
 
 A group starts at the beginning, at an epoch boundary, or inside an epoch (a checkpoint taken
-every ``train.checkpoint_every_steps``, or at ``train.max_steps``). Inside an epoch, every
-worker passes over the batches it had trained on before the checkpoint and carries on with its
-running loss sums; at another world size (an elastic restart) the position is rescaled to as
-many rows at the new size's steps, with the saved ranks' mean loss, and the learning rate is
-rebased on the new world size.
+every ``train.checkpoint_every_steps`` or ``checkpoint_every_minutes``, or at
+``train.max_steps``). Inside an epoch, the checkpoint holds every worker's share of the epoch's
+row stream and how many of its rows were trained on (:mod:`vcl_dist.data.epoch_plan`): at the
+same world size every worker continues its own share with the very next row, and carries on
+with its running loss sums; at another world size (an elastic restart) the rows nobody trained
+on yet are dealt anew, the saved ranks' mean loss is carried, and the learning rate is rebased
+on the new world size.
 
 Which checkpoint: Ray Train's latest, else the ones it registered before it, newest first
 (:func:`checkpoints_to_resume_from`); one that some worker cannot read is skipped with a warning
@@ -20,6 +22,8 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from ..data.epoch_plan import Ranges, fresh_ranges, resume_ranges
+from ..data.train_stream import TrainSplit
 from ..losses.gather import distributed_world
 from ..models.artifacts import checkpoint_problem, load_checkpoint, registered_checkpoints
 from .fatal import CheckpointLoadError
@@ -28,14 +32,15 @@ from .fatal import CheckpointLoadError
 @dataclass
 class ResumePoint:
     epoch: int = 0  # the first epoch this group runs (0-based)
-    skip_steps: int = 0  # batches of that epoch trained on before the checkpoint
+    epoch_step: int = 0  # steps of that epoch taken before the checkpoint
+    ranges: list | None = None  # every new rank's share of that epoch's rows still to train on
     carried: dict = field(default_factory=lambda: {"loss_sum": 0.0, "steps": 0})  # this rank's sums of that epoch
     step: int = 0  # global step
     history: list[dict] = field(default_factory=list)
 
     @classmethod
     def restore(cls, checkpoints: list[ray.train.Checkpoint], *, model, criterion, optimizer, scheduler, lr: float,
-                device: torch.device) -> ResumePoint:
+                device: torch.device, data: TrainSplit, local_batch: int) -> ResumePoint:
         """Load the first of ``checkpoints`` (newest first; none: start from scratch) that every
         worker can read into the given objects; where to go on. A checkpoint that some worker
         cannot read is skipped with a warning, on every worker alike.
@@ -72,27 +77,51 @@ class ResumePoint:
         saved_world = len(state["rng"] or []) or world
         point = cls(epoch=state["epoch"] + 1, step=state["step"], history=state["history"])
         if state["epoch_step"]:  # saved inside an epoch: finish that epoch
-            point.epoch, point.skip_steps, saved = state["epoch"], state["epoch_step"], state["epoch_progress"]
+            point.epoch, point.epoch_step, saved = state["epoch"], state["epoch_step"], state["epoch_progress"]
+            point.ranges = epoch_rows_to_resume(state.get("epoch_rows"), data, saved_world, world,
+                                                point.epoch_step * local_batch, rank)
             if saved_world == world:
                 point.carried = saved[rank]
             else:
-                point.skip_steps = point.skip_steps * saved_world // world
                 mean_loss = sum(p["loss_sum"] for p in saved) / max(1, sum(p["steps"] for p in saved))
-                point.carried = {"loss_sum": mean_loss * point.skip_steps, "steps": point.skip_steps}
+                losses = [sum(step) / len(step) for step in zip(*(p.get("losses", []) for p in saved))]
+                point.carried = {"loss_sum": mean_loss * point.epoch_step, "steps": point.epoch_step, "losses": losses}
         if saved_world != world:
             rescale_learning_rate(optimizer, scheduler, lr)
         restore_rng_state(state["rng"], rank, world, device)
         return point
 
-    def position(self, epoch: int) -> tuple[int, dict]:
-        """``(batches to pass over, running sums)`` at the start of ``epoch``."""
-        if epoch == self.epoch and self.skip_steps:
-            return self.skip_steps, dict(self.carried)
-        return 0, {"loss_sum": 0.0, "steps": 0}
+    def position(self, epoch: int, data: TrainSplit, world: int) -> tuple[list[Ranges], dict]:
+        """``(every rank's share of the rows of ``epoch`` to train on, this rank's running sums)``."""
+        if epoch == self.epoch and self.ranges is not None:
+            return self.ranges, dict(self.carried)
+        return fresh_ranges(data.rows, world), {"loss_sum": 0.0, "steps": 0}
 
     def describe(self) -> str:
-        where = f"step {self.skip_steps} of epoch {self.epoch + 1}" if self.skip_steps else f"the end of epoch {self.epoch}"
+        where = f"step {self.epoch_step} of epoch {self.epoch + 1}" if self.epoch_step else f"the end of epoch {self.epoch}"
         return f"resumed from the checkpoint at {where} (global step {self.step})"
+
+
+def epoch_rows_state(data: TrainSplit, ranges: list[Ranges], consumed: int) -> dict:
+    """What a checkpoint inside an epoch keeps of the epoch's rows: every rank's share and how
+    many rows of it each rank trained on (the same number on every rank: lock-step batches)."""
+    return {"fingerprint": data.fingerprint(), "ranges": [[list(r) for r in share] for share in ranges],
+            "consumed": [consumed] * len(ranges)}
+
+
+def epoch_rows_to_resume(saved: dict | None, data: TrainSplit, saved_world: int, world: int, trained_rows: int,
+                         rank: int) -> list[Ranges]:
+    """Every new rank's share of the rows of a checkpoint's epoch that are still to train on.
+
+    A checkpoint of another dataset (or of a vcl-dist before row plans) cannot say which rows
+    were trained on: the epoch then goes on from the same number of rows of its fresh plan,
+    with a warning (rows may repeat or be missed in that epoch)."""
+    if saved is not None and saved.get("fingerprint") == data.fingerprint():
+        return resume_ranges([[tuple(r) for r in share] for share in saved["ranges"]], saved["consumed"], world)
+    if rank == 0:
+        print("vcl-dist: warning: the checkpoint's epoch was planned over other training rows (the split changed, "
+              "or an older checkpoint): its remaining rows are approximated by count", flush=True)
+    return resume_ranges(fresh_ranges(data.rows, saved_world), [trained_rows] * saved_world, world)
 
 
 def checkpoints_to_resume_from() -> list[ray.train.Checkpoint]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import tempfile
 import time
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..config import Config, ConfigError, dump_config
-from ..data.datasets import DatasetSource, build_split, count_rows, read_class_names, resolve_source, sample_captions
+from ..data.datasets import DatasetSource, build_split, build_train_split, count_rows, read_class_names, resolve_source, sample_captions
 from ..data.tokenizer import load_pretrained_tokenizer, train_wordpiece
 from ..models import check_model_config
 from ..ray_cluster import JobNeeds, check_cluster_fits, connect_ray, cpus_for_training
@@ -67,14 +68,34 @@ class RunInputs:
     train_rows: int
 
 
-def prepare_inputs(cfg: Config) -> RunInputs:
-    """Resolve (or generate) the dataset, fit or load the tokenizer, count the training rows.
+def prepare_inputs(cfg: Config, tokenizer=None) -> RunInputs:
+    """Resolve (or generate) the dataset, fit or load the tokenizer (unless given: a resumed
+    run's own), count the training rows.
 
     Raises:
         FileNotFoundError: shards or a bucket cannot be found or reached.
     """
     source = resolve_source(cfg.data, cfg.s3)
-    return RunInputs(source, build_tokenizer(cfg, source), read_class_names(source), count_rows(source, source.train))
+    return RunInputs(source, tokenizer or build_tokenizer(cfg, source), read_class_names(source),
+                     count_rows(source, source.train))
+
+
+def checkpoint_tokenizer(cfg: Config):
+    """The tokenizer of the newest usable checkpoint of run ``cfg.run.name``: a resumed run's
+    token ids must be the ones its embeddings were trained with."""
+    import pyarrow.fs as pafs
+    from transformers import AutoTokenizer
+
+    from ..models.artifacts import TOKENIZER_DIR, newest_checkpoint, warn_on_stderr
+
+    storage, root = filesystem_for(cfg.run.storage_path, cfg.s3)
+    checkpoint = newest_checkpoint(storage, f"{root}/{cfg.run.name}", warn_on_stderr)
+    if checkpoint is None:
+        raise FileNotFoundError(f"run {cfg.run.name} under {cfg.run.storage_path} has no checkpoint to resume from")
+    with tempfile.TemporaryDirectory() as folder:
+        pafs.copy_files(f"{checkpoint}/{TOKENIZER_DIR}", folder, source_filesystem=storage,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return AutoTokenizer.from_pretrained(folder)
 
 
 def label_space_size(cfg: Config, class_names: list[str] | None) -> int | None:
@@ -143,6 +164,9 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
     from .loop import train_loop_per_worker
 
     check_model_config(cfg.model)  # before any Ray work: a config error is one line, exit 2
+    if cfg.run.trained_rows_log:  # the workers' working folders are not the driver's
+        cfg = cfg.model_copy(deep=True)
+        cfg.run.trained_rows_log = os.path.abspath(os.path.expanduser(cfg.run.trained_rows_log))
     storage, storage_path = filesystem_for(cfg.run.storage_path, cfg.s3)
     name = cfg.run.name or default_run_name()
     if not resume and exists(storage, f"{storage_path}/{name}"):
@@ -154,7 +178,7 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
     check_cluster_fits(JobNeeds(cfg.train.min_workers or workers, cfg.train.cpus_per_worker, 1 if use_gpu else 0))
     # One progress bar per dataset, not one per operator: readable in logs of submitted jobs.
     ray.data.DataContext.get_current().enable_operator_progress_bars = False
-    inputs = inputs or prepare_inputs(cfg)
+    inputs = inputs or prepare_inputs(cfg, checkpoint_tokenizer(cfg) if resume else None)
     source, tokenizer, class_names = inputs.source, inputs.tokenizer, inputs.class_names
 
     local_batch = cfg.train.batch_size // workers
@@ -162,10 +186,10 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
     if steps_per_epoch == 0:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is larger than the training split")
     classes = label_space_size(cfg, class_names)
-    datasets = {
-        "train": build_split(source, source.train, cfg.data, tokenizer, train=True, seed=cfg.train.seed, num_classes=classes),
-        "val": build_split(source, source.val, cfg.data, tokenizer, train=False, num_classes=classes),
-    }
+    # The training split goes to the workers as a plan that each reads its own part of (in the
+    # same seeded order in every run: data.epoch_plan); the val split is one Ray Dataset, whole.
+    train_split = build_train_split(source, source.train, cfg.data, tokenizer, seed=cfg.train.seed, num_classes=classes)
+    datasets = {"val": build_split(source, source.val, cfg.data, tokenizer, num_classes=classes)}
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -173,7 +197,7 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
             "config": cfg.model_dump(mode="json"),
             "tokenizer": tokenizer,
             "class_names": class_names,
-            "train_rows": inputs.train_rows,
+            "train_split": train_split,
         },
         # Ray Train picks nccl when the workers have GPUs and gloo otherwise.
         # Elastic with train.min_workers: Ray Train starts with as many workers as fit (up to
@@ -195,8 +219,8 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
             callbacks=list(callbacks),
         ),
         datasets=datasets,
-        # Only "train" is split; rank 0 evaluates on the whole val split.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        # Rank 0 evaluates on the whole val split.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     started = time.perf_counter()
     result = trainer.fit()

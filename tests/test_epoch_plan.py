@@ -1,0 +1,92 @@
+"""The epoch plan (which rows each worker reads, in which order) and the worker-side assembly
+of read blocks into stream-ordered batches: pure functions, checked on random unit sizes."""
+
+import numpy as np
+import pytest
+
+from vcl_dist.data.epoch_plan import EpochOrder, deal, drop_first, fresh_ranges, range_rows, resume_ranges
+from vcl_dist.data.train_stream import cut_batches, in_stream_order
+
+
+def stream_rows(order: EpochOrder, ranges, max_task_rows=7) -> list[tuple[int, int]]:
+    """(unit, row) of every position of ``ranges``, in stream order, as a worker reads them."""
+    plan = order.worker_epoch(ranges, max_task_rows)
+    by_position = {int(p): (r.unit, int(row)) for r in plan.reads for p, row in zip(r.positions, r.rows)}
+    assert plan.rows == range_rows(ranges) == len(by_position)
+    assert sum(n for _, n in plan.groups) == plan.rows
+    assert all(len(r.rows) <= max_task_rows and list(r.rows) == sorted(r.rows) for r in plan.reads)
+    return [by_position[p] for p in sorted(by_position)]
+
+
+@pytest.fixture
+def unit_rows():
+    return np.random.default_rng(3).integers(1, 60, size=23).tolist()
+
+
+def test_every_row_once_per_epoch_in_a_seeded_order_new_each_epoch(unit_rows):
+    everything = {(u, r) for u, n in enumerate(unit_rows) for r in range(n)}
+    orders = []
+    for epoch in range(2):
+        order = EpochOrder(unit_rows, seed=5, epoch=epoch, mix_rows=40)
+        assert order.total == sum(unit_rows)
+        rows = stream_rows(order, [(0, order.total)])
+        assert set(rows) == everything and len(rows) == len(everything)
+        assert rows == stream_rows(EpochOrder(unit_rows, seed=5, epoch=epoch, mix_rows=40), [(0, order.total)])
+        orders.append(rows)
+    assert orders[0] != orders[1]
+    assert stream_rows(EpochOrder(unit_rows, seed=6, epoch=0, mix_rows=40), [(0, sum(unit_rows))]) != orders[0]
+    # Rows of different units mix within a group: read unit after unit, the stream would change
+    # units 22 times.
+    assert sum(a[0] != b[0] for a, b in zip(orders[0], orders[0][1:])) > 100
+
+
+def test_shares_are_equal_disjoint_and_continue_exactly_after_a_checkpoint(unit_rows):
+    order = EpochOrder(unit_rows, seed=1, epoch=3, mix_rows=25)
+    total = order.total
+    shares = fresh_ranges(total, 3)
+    assert [range_rows(s) for s in shares] == [total // 3] * 3
+    full = [stream_rows(order, s) for s in shares]
+    assert sum(len(f) for f in full) == len({x for f in full for x in f}) == total - total % 3
+    # Same world size: each worker continues its own share with its very next row.
+    rest = resume_ranges(shares, [17, 17, 17], 3)
+    assert [stream_rows(order, r) for r in rest] == [f[17:] for f in full]
+
+
+def test_another_world_size_deals_what_nobody_trained_on(unit_rows):
+    order = EpochOrder(unit_rows, seed=1, epoch=0, mix_rows=25)
+    shares = fresh_ranges(order.total, 2)
+    trained = [x for s in shares for x in stream_rows(order, s)[:30]]
+    for world in (1, 3, 4):
+        rest = resume_ranges(shares, [30, 30], world)
+        assert len({range_rows(r) for r in rest}) == 1  # equal shares
+        later = [x for r in rest for x in stream_rows(order, r)]
+        assert not set(later) & set(trained) and len(set(later)) == len(later)
+        assert len(trained) + len(later) > range_rows(shares[0]) * 2 - world  # at most world - 1 rows left out
+        # Shrink then grow back: still no row twice.
+        grown = resume_ranges(rest, [10] * world, 2)
+        again = [x for r in grown for x in stream_rows(order, r)]
+        first_ten = [x for r in rest for x in stream_rows(order, r)[:10]]
+        assert not set(again) & (set(trained) | set(first_ten))
+
+
+def test_deal_and_drop_first_on_ranges():
+    assert deal([(0, 5), (10, 16)], 2) == [[(0, 5)], [(10, 15)]]
+    assert deal([(0, 5), (10, 17)], 3) == [[(0, 4)], [(4, 5), (10, 13)], [(13, 17)]]
+    assert drop_first([(0, 5), (10, 16)], 7) == [(12, 16)]
+    assert drop_first([(0, 5)], 0) == [(0, 5)]
+
+
+def test_blocks_in_plan_order_become_stream_ordered_batches():
+    rng = np.random.default_rng(0)
+    groups = [(30, 30), (55, 25), (60, 5)]
+    blocks = []
+    for (end, count), start in zip(groups, (0, 30, 55)):
+        positions = rng.permutation(np.arange(start, end))  # as the group's reads give them
+        for part in np.array_split(positions, 3):
+            blocks.append({"position": part, "key": np.array([f"k{p}" for p in part], dtype=object)})
+    batches = list(cut_batches(in_stream_order(iter(blocks), groups), 16))
+    assert [len(b["position"]) for b in batches] == [16, 16, 16]  # 60 rows: the last 12 do not fill a batch
+    assert np.concatenate([b["position"] for b in batches]).tolist() == list(range(48))
+    assert batches[1]["key"][0] == "k16"
+    with pytest.raises(RuntimeError, match="short"):
+        list(in_stream_order(iter(blocks[:-1]), groups))

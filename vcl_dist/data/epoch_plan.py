@@ -1,0 +1,165 @@
+"""Which training rows each worker reads, in which order, every epoch: a pure function of the
+seed, the epoch, the read units and where the epoch stands — never of timing or process state.
+
+Ray Data's ``streaming_split`` hands blocks to whichever worker asks first, so neither the order
+nor the split of rows can be reproduced, and a restart can only pass over as many rows again
+(Ray Data cannot seek: ray 37633, 48224). Here the driver plans the split's read units once
+(Parquet row groups, WebDataset tars, blocks of the built-in data), and every worker derives
+from them, alone and alike, the epoch's *stream*:
+
+- the units in a new order every epoch, from ``(seed, epoch)``;
+- consecutive units taken into *mixing groups* of at least ``mix_rows`` rows; the rows of a
+  group are shuffled together, from ``(seed, epoch, group)`` — a shuffle across units that does
+  not depend on which worker reads them;
+- position ``p`` of the stream is thus one row of one unit (:meth:`EpochOrder.rows_at`).
+
+The workers share the stream out as contiguous *ranges of positions* (:func:`deal`): with
+``T`` rows and ``W`` workers, worker ``r`` reads ``[r·⌊T/W⌋, (r+1)·⌊T/W⌋)``. A checkpoint keeps
+each worker's ranges and how many of their rows it trained on; a restart at the same world size
+continues every worker's ranges exactly where it stopped, and at another size (an elastic
+restart) deals the rows no worker trained on yet among the new workers (:func:`resume_ranges`):
+every row of the epoch is trained on once, none twice; only the last rows that do not fill a
+step on every worker are left out, as they are at any epoch's end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+Ranges = list[tuple[int, int]]  # [start, stop) of stream positions, increasing and disjoint
+# Salts that keep the epoch's unit order, the groups' row orders and augmentation apart.
+UNIT_ORDER, GROUP_ORDER = 0x756E6974, 0x67726F75
+
+
+@dataclass(frozen=True)
+class RowRead:
+    """Rows of one unit that one read task reads: ``rows`` (indices inside the unit, increasing)
+    and the stream ``positions`` they take."""
+
+    unit: int
+    rows: np.ndarray
+    positions: np.ndarray
+
+
+@dataclass(frozen=True)
+class WorkerEpoch:
+    """What one worker reads in one epoch: its ``reads`` in stream order, and for every mixing
+    group it touches, ``(last position + 1, rows it gets from the group)`` in the same order."""
+
+    reads: list[RowRead]
+    groups: list[tuple[int, int]]
+    rows: int
+
+
+class EpochOrder:
+    """The stream of one epoch over units of ``unit_rows`` rows (see the module docstring)."""
+
+    def __init__(self, unit_rows: Sequence[int], seed: int, epoch: int, mix_rows: int):
+        self.unit_rows = np.asarray(unit_rows, dtype=np.int64)
+        self.seed, self.epoch = seed, epoch
+        order = np.random.default_rng([seed, epoch, UNIT_ORDER]).permutation(len(self.unit_rows))
+        self.group_units: list[np.ndarray] = []
+        starts, members, rows = [0], [], 0
+        for unit in order:
+            members.append(unit)
+            rows += int(self.unit_rows[unit])
+            if rows >= max(1, mix_rows):
+                self.group_units.append(np.array(members, dtype=np.int64))
+                starts.append(starts[-1] + rows)
+                members, rows = [], 0
+        if members:
+            self.group_units.append(np.array(members, dtype=np.int64))
+            starts.append(starts[-1] + rows)
+        self.group_start = np.array(starts, dtype=np.int64)  # one more than groups: the end
+        self.total = int(self.group_start[-1])
+
+    def _group_permutation(self, group: int) -> np.ndarray:
+        size = int(self.group_start[group + 1] - self.group_start[group])
+        return np.random.default_rng([self.seed, self.epoch, GROUP_ORDER, group]).permutation(size)
+
+    def rows_at(self, group: int, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(units, rows inside them)`` at the given offsets of ``group``'s stretch of the stream."""
+        picked = self._group_permutation(group)[offsets]
+        units = self.group_units[group]
+        first_rows = np.concatenate([[0], np.cumsum(self.unit_rows[units])])
+        which = np.searchsorted(first_rows, picked, side="right") - 1
+        return units[which], picked - first_rows[which]
+
+    def worker_epoch(self, ranges: Ranges, max_task_rows: int) -> WorkerEpoch:
+        """The reads of one worker whose share is ``ranges``: for each mixing group in stream
+        order, one read per unit with rows in it (split into reads of at most
+        ``max_task_rows`` rows), each unit's rows in the unit's own order (cheap to read)."""
+        pieces: dict[int, list[np.ndarray]] = {}  # group -> positions, in stream order
+        for start, stop in ranges:
+            first = int(np.searchsorted(self.group_start, start, side="right")) - 1
+            for group in range(max(first, 0), len(self.group_units)):
+                lo, hi = int(self.group_start[group]), int(self.group_start[group + 1])
+                if lo >= stop:
+                    break
+                positions = np.arange(max(lo, start), min(hi, stop), dtype=np.int64)
+                if len(positions):
+                    pieces.setdefault(group, []).append(positions)
+        reads, groups = [], []
+        for group, parts in pieces.items():
+            positions = np.concatenate(parts)
+            units, rows = self.rows_at(group, positions - self.group_start[group])
+            for unit in self.group_units[group]:
+                mine = np.flatnonzero(units == unit)
+                if not len(mine):
+                    continue
+                mine = mine[np.argsort(rows[mine], kind="stable")]
+                for chunk in range(0, len(mine), max_task_rows):
+                    taken = mine[chunk:chunk + max_task_rows]
+                    reads.append(RowRead(int(unit), rows[taken], positions[taken]))
+            groups.append((int(positions[-1]) + 1, len(positions)))
+        return WorkerEpoch(reads, groups, sum(n for _, n in groups))
+
+
+def range_rows(ranges: Ranges) -> int:
+    return sum(stop - start for start, stop in ranges)
+
+
+def deal(ranges: Ranges, world: int) -> list[Ranges]:
+    """``ranges`` (increasing, disjoint) cut into ``world`` contiguous shares of equal size; the
+    ``total % world`` last positions go to nobody (they would not fill a step on every worker)."""
+    share = range_rows(ranges) // world
+    shares: list[Ranges] = [[] for _ in range(world)]
+    worker, room = 0, share
+    for start, stop in ranges:
+        while start < stop and worker < world:
+            take = min(stop - start, room)
+            if take:
+                shares[worker].append((start, start + take))
+            start, room = start + take, room - take
+            if room == 0:
+                worker, room = worker + 1, share
+    return shares
+
+
+def drop_first(ranges: Ranges, count: int) -> Ranges:
+    """``ranges`` without their first ``count`` positions (those already trained on)."""
+    rest = []
+    for start, stop in ranges:
+        skipped = min(count, stop - start)
+        count -= skipped
+        if start + skipped < stop:
+            rest.append((start + skipped, stop))
+    return rest
+
+
+def fresh_ranges(total: int, world: int) -> list[Ranges]:
+    """The shares of an epoch that starts from its beginning."""
+    return deal([(0, total)], world)
+
+
+def resume_ranges(saved: list[Ranges], consumed: Sequence[int], world: int) -> list[Ranges]:
+    """The shares that continue an epoch in which worker ``r`` of the saved group had trained on
+    the first ``consumed[r]`` rows of ``saved[r]``: the same workers continue their own ranges;
+    a group of another size deals what nobody trained on yet anew."""
+    rest = [drop_first([tuple(r) for r in ranges], int(done)) for ranges, done in zip(saved, consumed)]
+    if len(saved) == world:
+        return rest
+    return deal(sorted(r for ranges in rest for r in ranges), world)

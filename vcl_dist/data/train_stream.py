@@ -1,0 +1,250 @@
+"""The training split as each worker reads it: its own planned reads (:mod:`.epoch_plan`) run as
+a Ray Dataset on the cluster's CPUs, and the batches they make, in the epoch's stream order.
+
+Driver: :func:`plan_train_units` lists the split's read units once (Parquet footers, tar sample
+counts, or blocks of the built-in data put in Ray's object store), into a picklable
+:class:`TrainSplit` that goes to every worker.
+
+Worker, every epoch: :meth:`TrainSplit.batches` — one Ray Data read task per planned read (one
+unit's rows: read, then decoded, augmented and tokenised by the
+:class:`~.preprocess.Preprocessor`), with ``preserve_order`` so the blocks arrive in plan
+order whatever task finishes first; each mixing group's rows are put in stream order once the
+group is complete, and cut into batches of the worker's size (the last partial one dropped).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from .epoch_plan import EpochOrder, Ranges, RowRead, WorkerEpoch
+from .preprocess import Preprocessor
+from .shard_format import pylist_columns, to_shard_columns
+
+# Rows of one unit that one read task decodes at most: a WebDataset tar (thousands of samples)
+# becomes several tasks, each streaming the tar and decoding its own rows.
+MAX_TASK_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class TrainUnit:
+    """A read unit: ``rows`` rows that one read reads together. ``kind``: ``parquet`` (row
+    groups of a file), ``tar`` (a WebDataset tar) or ``table`` (a block of a file on the driver's
+    disk, put in Ray's object store as ``table``)."""
+
+    kind: str
+    path: str
+    rows: int
+    row_groups: tuple[int, ...] = ()
+    offset: int = 0  # kind "table": the block's first row in its file
+    table: Any = None
+
+
+def plan_train_units(source, path: str, unit_bytes: int, block_rows: int) -> list[TrainUnit]:
+    """The read units of a split, in a fixed order (files by name, then their row groups)."""
+    if source.driver_local:
+        units = []
+        for file in sorted(Path(path).glob("*.parquet")):
+            rows = pq.ParquetFile(file).metadata.num_rows
+            units += [TrainUnit("table", str(file), min(block_rows, rows - start), offset=start)
+                      for start in range(0, rows, block_rows)]
+        return units
+    if source.format == "webdataset":
+        from .webdataset import webdataset_tar_rows
+
+        return [TrainUnit("tar", tar, rows) for tar, rows in webdataset_tar_rows(source.filesystem, path) if rows]
+    from ..storage import list_files
+    from .parquet_source import plan_read_units
+
+    return [TrainUnit("parquet", u.path, u.rows, u.row_groups)
+            for u in plan_read_units(source.filesystem, list_files(source.filesystem, path, "parquet"), unit_bytes)]
+
+
+def put_driver_tables(units: list[TrainUnit]) -> list[TrainUnit]:
+    """Blocks of files on the driver's disk into Ray's object store, where every node can read
+    them (the refs live as long as the driver holds the returned units)."""
+    import ray
+
+    tables: dict[str, Any] = {}
+    staged = []
+    for unit in units:
+        if unit.kind != "table":
+            staged.append(unit)
+            continue
+        if unit.path not in tables:
+            tables[unit.path] = pq.read_table(unit.path)
+        staged.append(replace(unit, table=ray.put(tables[unit.path].slice(unit.offset, unit.rows))))
+    return staged
+
+
+def read_unit_rows(filesystem: pafs.FileSystem, unit: TrainUnit, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The raw shard columns (and ``path``) of ``rows`` of ``unit``."""
+    if unit.kind == "tar":
+        from .webdataset import read_tar_rows
+
+        columns = to_shard_columns(read_tar_rows(filesystem, unit.path, rows))
+    else:
+        if unit.kind == "table":
+            import ray
+
+            table = ray.get(unit.table)
+        else:
+            with filesystem.open_input_file(unit.path) as file:
+                table = pq.ParquetFile(file).read_row_groups(list(unit.row_groups))
+        if len(rows) and int(rows[-1]) >= table.num_rows:
+            raise ValueError(f"{unit.path}: {table.num_rows} rows where {unit.rows} were planned "
+                             "(was the file changed during the run?)")
+        columns = pylist_columns(table.take(rows))
+    columns["path"] = np.full(len(rows), unit.path, dtype=object)  # names the shard of a bad row
+    return columns
+
+
+def run_read(filesystem: pafs.FileSystem, unit: TrainUnit, read: RowRead, batch_rows: int, make_preprocessor) -> Iterator:
+    """One read task: the read's rows, preprocessed ``batch_rows`` at a time, with their stream positions."""
+    from ray.data.block import BlockAccessor
+
+    columns = read_unit_rows(filesystem, unit, read.rows)
+    preprocess = make_preprocessor()
+    for start in range(0, len(read.rows), batch_rows):
+        out = preprocess({name: values[start:start + batch_rows] for name, values in columns.items()})
+        out["position"] = read.positions[start:start + batch_rows]
+        yield BlockAccessor.batch_to_block(out)
+
+
+def planned_reads_source(filesystem: pafs.FileSystem, units: list[TrainUnit], reads: list[RowRead], batch_rows: int,
+                         make_preprocessor):
+    """A Ray Data source with one read task per planned read, in plan order."""
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    class PlannedReads(Datasource):
+        def get_name(self) -> str:
+            return "ReadPlannedTrainRows"
+
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None  # decoded images are far larger than the files; Ray measures the blocks
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
+            return [
+                ReadTask(functools.partial(run_read, filesystem, units[read.unit], read, batch_rows, make_preprocessor),
+                         BlockMetadata(num_rows=len(read.rows), size_bytes=None, exec_stats=None,
+                                       input_files=(units[read.unit].path,)),
+                         per_task_row_limit=per_task_row_limit)
+                for read in reads
+            ]
+
+    return PlannedReads()
+
+
+@dataclass
+class TrainSplit:
+    """Everything a worker needs to read its part of any epoch (picklable: built by the driver)."""
+
+    filesystem: pafs.FileSystem
+    units: list[TrainUnit]
+    tokenizer: Any
+    image_size: int
+    max_text_length: int
+    augment: bool
+    seed: int
+    mix_rows: int
+    batch_rows: int  # rows a read task preprocesses at a time
+    num_classes: int | None = None
+    preprocess_workers: int | None = None
+    orders: dict = field(default_factory=dict, repr=False)  # epoch -> EpochOrder, computed once per worker
+
+    @property
+    def rows(self) -> int:
+        return sum(unit.rows for unit in self.units)
+
+    def fingerprint(self) -> list:
+        """What a checkpoint's positions mean: they continue exactly only over the same units."""
+        return [self.rows, len(self.units), self.seed, self.mix_rows]
+
+    def order(self, epoch: int) -> EpochOrder:
+        if epoch not in self.orders:
+            self.orders = {epoch: EpochOrder([u.rows for u in self.units], self.seed, epoch, self.mix_rows)}
+        return self.orders[epoch]
+
+    def worker_epoch(self, epoch: int, ranges: Ranges) -> WorkerEpoch:
+        return self.order(epoch).worker_epoch(ranges, MAX_TASK_ROWS)
+
+    def batches(self, epoch: int, ranges: Ranges, batch_size: int, prefetch_blocks: int) -> Iterator[dict[str, np.ndarray]]:
+        """This worker's batches of ``epoch`` over its ``ranges`` of the stream, in stream order."""
+        import ray.data
+
+        plan = self.worker_epoch(epoch, ranges)
+        make_preprocessor = functools.partial(Preprocessor, self.tokenizer, self.image_size, self.max_text_length,
+                                              augment=self.augment, seed=(self.seed, epoch), num_classes=self.num_classes)
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True  # blocks in plan order, not in finishing order
+        context.enable_progress_bars = False  # one worker's pipeline of many: the driver reports progress
+        dataset = ray.data.read_datasource(
+            planned_reads_source(self.filesystem, self.units, plan.reads, self.batch_rows, make_preprocessor),
+            override_num_blocks=max(1, len(plan.reads)), num_cpus=1,
+            **({"concurrency": self.preprocess_workers} if self.preprocess_workers else {}),
+        )
+        blocks = iter(dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_blocks)
+                      if plan.reads else ())
+        return cut_batches(in_stream_order(blocks, plan.groups), batch_size)
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def _take(columns: dict[str, np.ndarray], index) -> dict[str, np.ndarray]:
+    return {name: values[index] for name, values in columns.items()}
+
+
+def in_stream_order(blocks: Iterator[dict[str, np.ndarray]], groups: list[tuple[int, int]]) -> Iterator[dict[str, np.ndarray]]:
+    """Blocks of preprocessed rows (in plan order, each with ``position``) -> the rows of each
+    mixing group, in stream order, once the group is complete.
+
+    Raises:
+        RuntimeError: the reads gave other rows than planned (a changed file, a lost task).
+    """
+    pending: list[dict[str, np.ndarray]] = []
+    have = 0
+    for end, count in groups:
+        while have < count:
+            block = next(blocks, None)
+            if block is None:
+                raise RuntimeError(f"the training data ended {count - have} rows short of a planned group")
+            pending.append(block)
+            have += len(block["position"])
+        rows = _concat(pending)
+        mine = rows["position"] < end
+        group = _take(rows, mine)
+        if len(group["position"]) != count:
+            raise RuntimeError(f"a planned group of {count} training rows came back with {len(group['position'])}")
+        yield _take(group, np.argsort(group["position"], kind="stable"))
+        rest = _take(rows, ~mine)
+        pending, have = ([rest], len(rest["position"])) if len(rest["position"]) else ([], 0)
+    if have or next(blocks, None) is not None:
+        raise RuntimeError("the training data gave more rows than planned")
+
+
+def cut_batches(groups: Iterator[dict[str, np.ndarray]], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Rows in stream order -> batches of ``batch_size``; a last partial batch is dropped."""
+    carry: list[dict[str, np.ndarray]] = []
+    have = 0
+    for rows in groups:
+        carry.append(rows)
+        have += len(rows["position"])
+        if have < batch_size:
+            continue
+        rows = _concat(carry)
+        full = have - have % batch_size
+        for start in range(0, full, batch_size):
+            yield _take(rows, slice(start, start + batch_size))
+        carry = [_take(rows, slice(full, None))] if full < have else []
+        have -= full
