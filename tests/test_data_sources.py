@@ -180,6 +180,23 @@ def test_webdataset_row_count_uses_img2dataset_stats_when_every_tar_has_them(tmp
     assert webdataset_row_count(fs, str(folder)) == 24
 
 
+def test_webdataset_samples_are_read_by_index_with_a_sample_without_image_counted(tmp_path):
+    from vcl_dist.data.webdataset import read_tar_rows, webdataset_tar_rows
+
+    rows = {"key": [f"s{i:03d}" for i in range(12)], "image": [f"png {i}".encode() for i in range(12)],
+            "caption": [f"caption {i}" for i in range(12)], "label": [1] * 12, "image_id": [f"s{i:03d}" for i in range(12)]}
+    rows["image"][4] = None  # a sample of caption, class and json only: a row (a bad one), not a gap
+    write_webdataset(rows, tmp_path / "wds", per_tar=6)
+    fs = pafs.LocalFileSystem()
+    tars = webdataset_tar_rows(fs, str(tmp_path / "wds"))
+    assert [n for _, n in tars] == [6, 6]
+    columns = read_tar_rows(fs, tars[0][0], [1, 4, 5])
+    assert list(columns["__key__"]) == ["s001", "s004", "s005"]
+    assert list(columns["png"]) == [b"png 1", None, b"png 5"] and list(columns["txt"]) == [b"caption 1", b"caption 4", b"caption 5"]
+    with pytest.raises(ValueError, match="shard-00001.tar: ends before its sample 8, which the training plan counted"):
+        read_tar_rows(fs, tars[1][0], [2, 7])
+
+
 def test_shard_paths_may_be_folders_globs_or_files(tmp_path):
     from vcl_dist.storage import list_files
 

@@ -18,7 +18,7 @@ from vcl_dist.config import load_config
 from vcl_dist.losses import build_loss
 from vcl_dist.models import build_dual_encoder
 from vcl_dist.models.artifacts import TOKENIZER_DIR, load_checkpoint
-from vcl_dist.train.metrics import reported_metric_names
+from vcl_dist.train.metrics import HISTORY_ONLY, reported_metric_names
 from vcl_dist.train.runner import run_training
 
 
@@ -50,7 +50,7 @@ def test_two_workers_train_checkpoint_inside_epochs_and_resume_there(local_ray, 
         assert key in history[-1], key
     assert history[-1]["val_num_images"] == 64 and history[-1]["val_num_captions"] == 128
     # What tune.metric is checked against is what an epoch reports: one list, no drift.
-    assert set(history[-1]) - {"bad_shards", "val_bad_shards", "step_losses"} == reported_metric_names(cfg)
+    assert set(history[-1]) - set(HISTORY_ONLY) == reported_metric_names(cfg)
 
     run = Path(outcome.run_path)
     result = json.loads((run / "result.json").read_text())
@@ -83,8 +83,11 @@ def test_two_workers_train_checkpoint_inside_epochs_and_resume_there(local_ray, 
         "continue it with --resume or choose another run.name"), errors
     assert json.loads((run / "result.json").read_text()) == result
 
-    # jobs/train.py --resume: the run with the newest checkpoint, its own config, two more epochs' worth.
-    assert load_job("train").main(["--resume", f"run.storage_path={tmp_path}", "train.epochs=4", "train.max_steps=null"]) == 0
+    # jobs/train.py --resume: the run with the newest checkpoint, its own config; a run that
+    # train.max_steps stopped goes on to train.epochs.
+    capsys.readouterr()
+    assert load_job("train").main(["--resume", f"run.storage_path={tmp_path}"]) == 0
+    assert "vcl-dist: run ray-train-test stopped at train.max_steps=20; resuming it to train.epochs=4" in capsys.readouterr().out
     resumed = json.loads((run / "result.json").read_text())
     assert resumed["run_name"] == "ray-train-test" and resumed["config"]["train"]["epochs"] == 4
     # Epoch 3 finished its remaining 4 steps: 32 in all, not 20 + 8 (a restarted epoch) + 8.

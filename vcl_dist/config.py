@@ -56,7 +56,8 @@ class DataConfig(Section):
     augment: bool = True
     max_text_length: int = Field(32, ge=4, le=512)
     preprocess_batch_size: int = Field(128, ge=1)
-    preprocess_workers: int | None = Field(None, ge=1, description="most concurrent preprocessing tasks; default: as CPUs allow")
+    preprocess_workers: int | None = Field(None, ge=1, description="most concurrent preprocessing tasks of each training "
+                                           "worker's reads (and of evaluation); default: as CPUs allow")
     shuffle_buffer: int = Field(1024, ge=0, description="rows shuffled together: each epoch's read units, in a new "
                                 "order, are taken into groups of at least this many rows, shuffled within a group")
     prefetch_batches: int = Field(2, ge=0, description="batches each worker's iterator prepares ahead")

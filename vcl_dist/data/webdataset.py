@@ -1,9 +1,11 @@
 """WebDataset tars as img2dataset writes them: ``{key}.jpg|jpeg|png|webp`` + ``{key}.txt``,
 optional ``{key}.cls`` (class id) or ``{key}.json`` (``label``/``cls``, ``image_id``).
 
-Ray Data's ``read_webdataset`` groups a tar's members by key into one row of raw bytes per
-extension; :func:`to_shard_columns` turns such rows into the columns of the Parquet shard
-format, so everything downstream sees one format.
+A sample is a run of consecutive members with one key (WebDataset's grouping), one row of raw
+bytes per extension: Ray Data's ``read_webdataset`` reads them so for evaluation, and
+:func:`read_tar_rows` reads the samples at given indices of one tar for the training plan
+(:mod:`.train_stream`); :func:`to_shard_columns` turns such rows into the columns of the
+Parquet shard format, so everything downstream sees one format.
 """
 
 from __future__ import annotations
@@ -100,8 +102,9 @@ def read_tar_rows(filesystem: pafs.FileSystem, tar_path: str, rows) -> dict[str,
     ``read_webdataset`` gives (``__key__`` and one column of bytes per extension)."""
     found = list(_samples(filesystem, tar_path, rows))
     if len(found) != len(rows):
-        raise ValueError(f"{tar_path}: has {found[-1][0] + 1 if found else 0} samples or fewer, "
-                         f"{int(rows[-1]) + 1} were planned (was the tar changed during the run?)")
+        missing = sorted({int(i) for i in rows} - {index for index, _, _ in found})[0]
+        raise ValueError(f"{tar_path}: ends before its sample {missing + 1}, which the training plan counted "
+                         "(was the tar changed during the run?)")
     extensions = sorted({ext for _, _, payloads in found for ext in payloads})
     columns = {"__key__": np.array([key for _, key, _ in found], dtype=object)}
     for ext in extensions:

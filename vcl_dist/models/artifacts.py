@@ -237,6 +237,18 @@ def registered_checkpoints(filesystem: pafs.FileSystem, run_path: str) -> list[s
     return [f"{run_path}/{name}" for name in names]
 
 
+def registered_metrics(filesystem: pafs.FileSystem, checkpoint: str) -> dict:
+    """The metrics Ray Train registered with the checkpoint folder ``checkpoint`` (empty when
+    its run has no readable snapshot, or the snapshot does not list it)."""
+    run_path, name = checkpoint.rstrip("/").rsplit("/", 1)
+    try:
+        with filesystem.open_input_stream(f"{run_path}/{CHECKPOINT_MANAGER_SNAPSHOT}") as stream:
+            results = json.loads(stream.read().decode())["checkpoint_results"]
+        return next((r.get("metrics") or {} for r in results if r.get("checkpoint_dir_name") == name), {})
+    except (OSError, KeyError, TypeError, ValueError):
+        return {}
+
+
 def checkpoint_problem(filesystem: pafs.FileSystem, folder: str) -> str | None:
     """Why the checkpoint ``folder`` cannot be resumed from (a file missing, a torch file cut
     short, a shard of the memory missing), or None. Cheap: it reads the torch files' zip

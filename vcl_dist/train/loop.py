@@ -67,7 +67,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
                 run.log(progress.log_line(cfg.train.epochs, epoch_steps, run.scheduler.get_last_lr()[0]))
             if progress.steps < epoch_steps and (run.checkpoint_due() or run.reached_max_steps()):
                 # A checkpoint inside the epoch: what a restart needs to finish it.
-                run.report({"epoch": epoch, "step": run.step, "epoch_step": progress.steps,
+                run.report({"epoch": epoch, "step": run.step, "epoch_step": progress.steps, "world_size": run.world,
                             "train_loss": progress.loss_sum / progress.steps}, epoch, progress.running_sums(),
                            epoch_rows_state(run.data, ranges, progress.trained * run.local_batch))
             if run.reached_max_steps():
@@ -211,7 +211,7 @@ class WorkerRun:
         metrics.update(evaluate_on_val(self.raw_model, self.cfg, self.tokenizer, self.class_names, self.device, self.use_amp,
                                        self.val_cache))
         # Kept in the history (checkpoints, metrics.jsonl, result.json), not in the metrics
-        # reported to Ray: a list of shards is no metric to plot or to tune on.
+        # reported to Ray: lists are no metric to plot or to tune on (metrics.HISTORY_ONLY).
         self.history.append({**metrics, "bad_shards": bad_shards, "val_bad_shards": worst_shards(self.val_cache.by_shard),
                              "step_losses": step_losses})
         self.log("vcl-dist: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))

@@ -25,6 +25,9 @@ EPOCH_METRICS = (
     "data_wait_first_batch_s", "bad_rows", "epoch_time_s", "world_size", "worker_nodes", "global_batch", "base_lr",
     "resumed_from_step", "peak_memory_gib",
 )
+# What an epoch's entry in the history (metrics.jsonl, result.json) keeps besides the reported
+# metrics: lists, no metric to plot or to tune on.
+HISTORY_ONLY = ("bad_shards", "val_bad_shards", "step_losses")
 
 
 def reported_metric_names(cfg: Config) -> set[str]:

@@ -123,7 +123,7 @@ def resume_config(cfg: Config, overrides: Sequence[str] = ()) -> Config:
     import pyarrow.fs as pafs
 
     from ..config import load_config, load_saved_config
-    from ..models.artifacts import CONFIG_FILE, newest_checkpoint, warn_on_stderr
+    from ..models.artifacts import CONFIG_FILE, newest_checkpoint, registered_metrics, warn_on_stderr
 
     storage, root = filesystem_for(cfg.run.storage_path, cfg.s3)
 
@@ -142,6 +142,14 @@ def resume_config(cfg: Config, overrides: Sequence[str] = ()) -> Config:
         saved = load_saved_config(stream.read().decode(), display_uri(f"{checkpoint}/{CONFIG_FILE}", storage))
     resumed = load_config(None, overrides, base=saved)
     resumed.run.name, resumed.run.storage_path, resumed.s3 = name, cfg.run.storage_path, cfg.s3
+    stop = resumed.train.max_steps
+    if stop is not None and not any(o.split("=", 1)[0].strip() == "train.max_steps" for o in overrides):
+        # A run that train.max_steps stopped goes on to train.epochs when resumed (set it again to stop again).
+        step = registered_metrics(storage, checkpoint).get("step")
+        if isinstance(step, int) and step >= stop:
+            resumed.train.max_steps = None
+            print(f"vcl-dist: run {name} stopped at train.max_steps={stop}; resuming it to train.epochs="
+                  f"{resumed.train.epochs}", flush=True)
     return resumed
 
 

@@ -16,7 +16,7 @@ import time
 
 from ..config import Config, ConfigError, Distribution, override_values
 from ..storage import display_uri, exists, filesystem_for, newest_folder, read_text
-from ..train.metrics import reported_metric_names
+from ..train.metrics import HISTORY_ONLY, reported_metric_names
 from .results import TRAIN_RUNS, TuneOutcome, write_outputs
 
 # Driver functions only wait on their TorchTrainer; the CPUs they would hold are better spent
@@ -124,7 +124,8 @@ def finished_run_reports(storage, run_path: str) -> list[dict]:
 
     from ..train.runner import METRICS_FILE, RESULT_FILE
 
-    reports = [json.loads(line) for line in read_text(storage, f"{run_path}/{METRICS_FILE}").splitlines() if line.strip()]
+    epochs = [json.loads(line) for line in read_text(storage, f"{run_path}/{METRICS_FILE}").splitlines() if line.strip()]
+    reports = [{k: v for k, v in epoch.items() if k not in HISTORY_ONLY} for epoch in epochs]
     checkpoint = json.loads(read_text(storage, f"{run_path}/{RESULT_FILE}")).get("checkpoint")
     if reports and checkpoint:
         reports[-1][CHECKPOINT_PATH_KEY] = checkpoint.removeprefix("s3://")  # as Ray Train reports it: a path in storage
