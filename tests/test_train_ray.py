@@ -233,6 +233,10 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint_and_trains_as_if_ne
     # Checkpoints every 3 steps (8 steps an epoch): the kill lands inside an epoch.
     overrides = [*tiny_shapes_overrides, f"run.storage_path={tmp_path}", "train.epochs=4", "train.checkpoint_every_steps=3"]
     straight = run_training(load_config(repo_root / "jobs/configs/default.yaml", [*overrides, "run.name=straight"]))
+    # Two uninterrupted runs of one config: the same loss at every step (rows, order, crops,
+    # tokenizer and random draws are functions of the config, not of the processes).
+    again = run_training(load_config(repo_root / "jobs/configs/default.yaml", [*overrides, "run.name=straight-again"]))
+    assert [m["step_losses"] for m in again.history] == [m["step_losses"] for m in straight.history]
     cfg = load_config(repo_root / "jobs/configs/default.yaml", [*overrides, "run.name=failure", "train.max_failures=2"])
     killed: list[int] = []
     killer = threading.Thread(target=_kill_a_training_worker_after_the_first_checkpoint, args=(tmp_path / "failure", killed))
