@@ -22,6 +22,8 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from ray.data import Datasource, ReadTask
+from ray.data.block import BlockAccessor, BlockMetadata
 
 from .epoch_plan import EpochOrder, Ranges, RowRead, WorkerEpoch
 from .preprocess import Preprocessor
@@ -107,8 +109,6 @@ def read_unit_rows(filesystem: pafs.FileSystem, unit: TrainUnit, rows: np.ndarra
 
 def run_read(filesystem: pafs.FileSystem, unit: TrainUnit, read: RowRead, batch_rows: int, make_preprocessor) -> Iterator:
     """One read task: the read's rows, preprocessed ``batch_rows`` at a time, with their stream positions."""
-    from ray.data.block import BlockAccessor
-
     columns = read_unit_rows(filesystem, unit, read.rows)
     preprocess = make_preprocessor()
     for start in range(0, len(read.rows), batch_rows):
@@ -117,29 +117,30 @@ def run_read(filesystem: pafs.FileSystem, unit: TrainUnit, read: RowRead, batch_
         yield BlockAccessor.batch_to_block(out)
 
 
-def planned_reads_source(filesystem: pafs.FileSystem, units: list[TrainUnit], reads: list[RowRead], batch_rows: int,
-                         make_preprocessor):
+class PlannedReads(Datasource):
     """A Ray Data source with one read task per planned read, in plan order."""
-    from ray.data import Datasource, ReadTask
-    from ray.data.block import BlockMetadata
 
-    class PlannedReads(Datasource):
-        def get_name(self) -> str:
-            return "ReadPlannedTrainRows"
+    def __init__(self, filesystem: pafs.FileSystem, units: list[TrainUnit], reads: list[RowRead], batch_rows: int,
+                 make_preprocessor):
+        super().__init__()
+        self.filesystem, self.units, self.reads = filesystem, units, reads
+        self.batch_rows, self.make_preprocessor = batch_rows, make_preprocessor
 
-        def estimate_inmemory_data_size(self) -> int | None:
-            return None  # decoded images are far larger than the files; Ray measures the blocks
+    def get_name(self) -> str:
+        return "ReadPlannedTrainRows"
 
-        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
-            return [
-                ReadTask(functools.partial(run_read, filesystem, units[read.unit], read, batch_rows, make_preprocessor),
-                         BlockMetadata(num_rows=len(read.rows), size_bytes=None, exec_stats=None,
-                                       input_files=(units[read.unit].path,)),
-                         per_task_row_limit=per_task_row_limit)
-                for read in reads
-            ]
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None  # decoded images are far larger than the files; Ray measures the blocks
 
-    return PlannedReads()
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
+        return [
+            ReadTask(functools.partial(run_read, self.filesystem, self.units[read.unit], read, self.batch_rows,
+                                       self.make_preprocessor),
+                     BlockMetadata(num_rows=len(read.rows), size_bytes=None, exec_stats=None,
+                                   input_files=(self.units[read.unit].path,)),
+                     per_task_row_limit=per_task_row_limit)
+            for read in self.reads
+        ]
 
 
 @dataclass
@@ -186,7 +187,7 @@ class TrainSplit:
         context.execution_options.preserve_order = True  # blocks in plan order, not in finishing order
         context.enable_progress_bars = False  # one worker's pipeline of many: the driver reports progress
         dataset = ray.data.read_datasource(
-            planned_reads_source(self.filesystem, self.units, plan.reads, self.batch_rows, make_preprocessor),
+            PlannedReads(self.filesystem, self.units, plan.reads, self.batch_rows, make_preprocessor),
             override_num_blocks=max(1, len(plan.reads)), num_cpus=1,
             **({"concurrency": self.preprocess_workers} if self.preprocess_workers else {}),
         )
