@@ -23,7 +23,7 @@ from ..storage import GLOB_CHARACTERS, exists, filesystem_for, list_files, read_
 from .preprocess import Preprocessor
 from .shapes import ensure_shapes_dataset
 from .shard_format import parse_class_names
-from .train_stream import TrainSplit, plan_train_units, put_driver_tables
+from .train_stream import TrainSplit, TrainUnit, plan_units, put_driver_tables
 from .webdataset import webdataset_captions, webdataset_row_count
 
 SHAPES_SHARD = "shapes"
@@ -164,11 +164,18 @@ def build_split(source: DatasetSource, path: str, cfg: DataConfig, tokenizer, *,
     )
 
 
-def build_train_split(source: DatasetSource, path: str, cfg: DataConfig, tokenizer, *, seed: int,
+def plan_train_units(source: DatasetSource, path: str) -> list[TrainUnit]:
+    """The read units of a training split (see :func:`.train_stream.plan_units`)."""
+    return plan_units(source, path, READ_UNIT_BYTES, BLOCK_ROWS)
+
+
+def build_train_split(source: DatasetSource, units: str | list[TrainUnit], cfg: DataConfig, tokenizer, *, seed: int,
                       num_classes: int | None = None) -> TrainSplit:
-    """The training split, planned (read units listed, blocks of the built-in data put in Ray's
-    object store: call with Ray connected) for the workers to read in their seeded order."""
-    units = plan_train_units(source, path, READ_UNIT_BYTES, BLOCK_ROWS)
+    """The training split for the workers to read in their seeded order: ``units`` from
+    :func:`plan_train_units`, or the split's path to plan them from. Blocks of the built-in data
+    are put in Ray's object store here: call with Ray connected."""
+    if isinstance(units, str):
+        units = plan_train_units(source, units)
     if source.driver_local:
         units = put_driver_tables(units)
     return TrainSplit(source.filesystem, units, tokenizer, cfg.image_size, cfg.max_text_length, cfg.augment, seed,

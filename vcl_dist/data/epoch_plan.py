@@ -30,7 +30,8 @@ from typing import Sequence
 import numpy as np
 
 Ranges = list[tuple[int, int]]  # [start, stop) of stream positions, increasing and disjoint
-# Salts that keep the epoch's unit order, the groups' row orders and augmentation apart.
+# Salts that keep the streams of the epoch's unit order and of the groups' row orders apart (augmentation
+# draws from (seed, epoch, row key): a stream of another length, apart from both).
 UNIT_ORDER, GROUP_ORDER = 0x756E6974, 0x67726F75
 
 

@@ -1,7 +1,7 @@
 """The training split as each worker reads it: its own planned reads (:mod:`.epoch_plan`) run as
 a Ray Dataset on the cluster's CPUs, and the batches they make, in the epoch's stream order.
 
-Driver: :func:`plan_train_units` lists the split's read units once (Parquet footers, tar sample
+Driver: :func:`plan_units` lists the split's read units once (Parquet footers, tar sample
 counts, or blocks of the built-in data put in Ray's object store), into a picklable
 :class:`TrainSplit` that goes to every worker.
 
@@ -48,7 +48,7 @@ class TrainUnit:
     table: Any = None
 
 
-def plan_train_units(source, path: str, unit_bytes: int, block_rows: int) -> list[TrainUnit]:
+def plan_units(source, path: str, unit_bytes: int, block_rows: int) -> list[TrainUnit]:
     """The read units of a split, in a fixed order (files by name, then their row groups)."""
     if source.driver_local:
         units = []

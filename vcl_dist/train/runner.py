@@ -12,8 +12,17 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..config import Config, ConfigError, dump_config
-from ..data.datasets import DatasetSource, build_split, build_train_split, count_rows, read_class_names, resolve_source, sample_captions
+from ..data.datasets import (
+    DatasetSource,
+    build_split,
+    build_train_split,
+    plan_train_units,
+    read_class_names,
+    resolve_source,
+    sample_captions,
+)
 from ..data.tokenizer import load_pretrained_tokenizer, train_wordpiece
+from ..data.train_stream import TrainUnit
 from ..models import check_model_config
 from ..ray_cluster import JobNeeds, check_cluster_fits, connect_ray, cpus_for_training
 from ..storage import display_uri, exists, filesystem_for, write_text_atomically
@@ -65,31 +74,37 @@ class RunInputs:
     source: DatasetSource
     tokenizer: object
     class_names: list[str] | None
-    train_rows: int
+    train_units: list[TrainUnit]  # the training split's read units (data.train_stream)
+
+    @property
+    def train_rows(self) -> int:
+        return sum(unit.rows for unit in self.train_units)
 
 
 def prepare_inputs(cfg: Config, tokenizer=None) -> RunInputs:
     """Resolve (or generate) the dataset, fit or load the tokenizer (unless given: a resumed
-    run's own), count the training rows.
+    run's own), plan the training split's read units (which counts its rows: Parquet footers,
+    tar sample counts; done once, also for all of Tune's trials).
 
     Raises:
         FileNotFoundError: shards or a bucket cannot be found or reached.
     """
     source = resolve_source(cfg.data, cfg.s3)
     return RunInputs(source, tokenizer or build_tokenizer(cfg, source), read_class_names(source),
-                     count_rows(source, source.train))
+                     plan_train_units(source, source.train))
 
 
 def checkpoint_tokenizer(cfg: Config):
     """The tokenizer of the newest usable checkpoint of run ``cfg.run.name``: a resumed run's
-    token ids must be the ones its embeddings were trained with."""
+    token ids must be the ones its embeddings were trained with. (Checkpoints skipped on the
+    way were named by :func:`resume_config`, which found the same one.)"""
     import pyarrow.fs as pafs
     from transformers import AutoTokenizer
 
-    from ..models.artifacts import TOKENIZER_DIR, newest_checkpoint, warn_on_stderr
+    from ..models.artifacts import TOKENIZER_DIR, newest_checkpoint
 
     storage, root = filesystem_for(cfg.run.storage_path, cfg.s3)
-    checkpoint = newest_checkpoint(storage, f"{root}/{cfg.run.name}", warn_on_stderr)
+    checkpoint = newest_checkpoint(storage, f"{root}/{cfg.run.name}")
     if checkpoint is None:
         raise FileNotFoundError(f"run {cfg.run.name} under {cfg.run.storage_path} has no checkpoint to resume from")
     with tempfile.TemporaryDirectory() as folder:
@@ -196,7 +211,8 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
     classes = label_space_size(cfg, class_names)
     # The training split goes to the workers as a plan that each reads its own part of (in the
     # same seeded order in every run: data.epoch_plan); the val split is one Ray Dataset, whole.
-    train_split = build_train_split(source, source.train, cfg.data, tokenizer, seed=cfg.train.seed, num_classes=classes)
+    train_split = build_train_split(source, inputs.train_units, cfg.data, tokenizer, seed=cfg.train.seed,
+                                    num_classes=classes)
     datasets = {"val": build_split(source, source.val, cfg.data, tokenizer, num_classes=classes)}
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
     trainer = TorchTrainer(
