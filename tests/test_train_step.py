@@ -99,3 +99,28 @@ def test_the_schedule_counts_samples_so_an_elastic_run_ends_at_its_floor():
     optimizer.step()
     longer.step()
     assert longer.get_last_lr()[0] == pytest.approx(warmup_cosine(9, 4, 40, 0.1))
+
+
+def test_an_epoch_end_settles_the_schedule_on_whole_planned_epochs():
+    from vcl_dist.train.schedule import warmup_cosine
+
+    # 2 epochs of 10 planned 64-row steps. Epoch 1 is re-dealt after 3 steps at half the world
+    # and its last partial global batch left out: 3 + 13 half steps = 9.5 planned steps' samples.
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=2.0)
+    scheduler = build_scheduler(optimizer, 2, 20, 0.1, reference_batch=64)
+    for steps, per_step in ((3, 64), (13, 32)):
+        scheduler.lr_lambdas[0].samples_per_step = per_step
+        for _ in range(steps):
+            optimizer.step()
+            scheduler.step()
+    assert scheduler.get_last_lr()[0] == pytest.approx(2.0 * warmup_cosine(9.5, 2, 20, 0.1))
+    scheduler.finish_epoch(1, 10)
+    assert optimizer.param_groups[0]["lr"] == scheduler.get_last_lr()[0] == pytest.approx(2.0 * warmup_cosine(10, 2, 20, 0.1))
+    scheduler.lr_lambdas[0].samples_per_step = 64  # epoch 2 at the planned world: its end is the floor
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr()[0] == pytest.approx(2.0 * 0.1)
+    before = scheduler.state_dict()
+    scheduler.finish_epoch(2, 10)  # an uninterrupted epoch: nothing moves
+    assert scheduler.state_dict() == before and scheduler.get_last_lr()[0] == pytest.approx(0.2)

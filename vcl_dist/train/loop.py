@@ -74,6 +74,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
                 stopped_inside_epoch = progress.steps < epoch_steps
                 break
         if not stopped_inside_epoch:
+            run.scheduler.finish_epoch(epoch + 1, run.planned_steps_per_epoch)
             metrics, bad_shards, step_losses = progress.finish(run.device, **run.epoch_fields(start))
             if epoch + 1 < cfg.train.epochs and not run.reached_max_steps():
                 # Each epoch's reads start anew, and a worker's first batch waits for its first
@@ -125,8 +126,8 @@ class WorkerRun:
         self.optimizer = build_optimizer([self.raw_model, self.criterion], self.lr, cfg.train.weight_decay)
         # The schedule runs over the planned samples (steps of the planned global batch), whatever
         # the world size does on the way (elastic): see schedule.WarmupCosineBySamples.
-        planned_steps_per_epoch = self.data.rows // cfg.train.num_workers // self.local_batch
-        self.scheduler = build_scheduler(self.optimizer, cfg.train.warmup_steps, planned_steps_per_epoch * cfg.train.epochs,
+        self.planned_steps_per_epoch = self.data.rows // cfg.train.num_workers // self.local_batch
+        self.scheduler = build_scheduler(self.optimizer, cfg.train.warmup_steps, self.planned_steps_per_epoch * cfg.train.epochs,
                                          cfg.train.min_lr_ratio, reference_batch=self.local_batch * cfg.train.num_workers)
         self.step, self.history = 0, []
         self.last_checkpoint_time = time.monotonic()  # the group's start counts as one (checkpoint_every_minutes)

@@ -48,6 +48,19 @@ class ScheduleBySamples(torch.optim.lr_scheduler.LambdaLR):
 
     PROGRESS = ("samples", "step")
 
+    def finish_epoch(self, epochs_done: int, planned_steps_per_epoch: int) -> None:
+        """Set the progress to ``epochs_done`` whole epochs of planned samples, and the learning
+        rate with it. An uninterrupted run is there already (a no-op); an elastic run is not: an
+        epoch re-dealt at another world size leaves out its last, partial global batch, and at
+        another world size an epoch's steps can hold more or fewer samples than planned. Counted
+        this way the schedule still ends at its floor with the last epoch, whatever happened."""
+        schedule = self.lr_lambdas[0]
+        schedule.samples = epochs_done * planned_steps_per_epoch * schedule.reference_batch
+        self._last_lr = []
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base_lr * schedule(self.last_epoch)  # the current step: no progress added
+            self._last_lr.append(group["lr"])
+
     def load_state_dict(self, state_dict: dict) -> None:
         progress = [{key: value for key, value in (saved or {}).items() if key in self.PROGRESS}
                     for saved in state_dict["lr_lambdas"]]
