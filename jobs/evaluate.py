@@ -46,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
     table = pa.concat_tables(list(job.dataset.iter_batches(batch_format="pyarrow", batch_size=None)))
     if table.num_rows == 0:
         raise ValueError(f"no usable rows in {job.split_path}")
-    metrics = evaluate_table(model, table, job.class_names, cfg.eval.recall_ks, cfg.eval.prompt_template)
+    metrics = evaluate_table(model, table, job.class_names, cfg.eval.recall_ks, cfg.eval.templates)
     metrics["bad_rows"] = float(job.input_rows - table.num_rows)
     page = write_report(args.out, model=model, table=table, metrics=metrics, history=model.history,
                         title=f"vcl-dist evaluation: {args.model} ({args.split})", ks=cfg.eval.recall_ks,

@@ -62,6 +62,12 @@ class DataConfig(Section):
                                 "order, are taken into groups of at least this many rows, shuffled within a group")
     prefetch_batches: int = Field(2, ge=0, description="batches each worker's iterator prepares ahead")
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="stop when more rows than this are undecodable")
+    resize: Literal["squash", "shorter_side"] = Field(
+        "squash", description="squash: the whole picture to image_size²; shorter_side: the shorter side to resize_side, "
+        "then the centre image_size² (CLIP's preprocessing; set from model.init)")
+    resize_side: int | None = Field(None, ge=16, le=2048, description="shorter_side: the side before the centre crop; "
+                                    "default: image_size")
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
 
     @model_validator(mode="after")
     def _paths_for_parquet(self) -> "DataConfig":
@@ -69,6 +75,8 @@ class DataConfig(Section):
             for key in ("train_path", "val_path"):
                 if not getattr(self, key):
                     raise ValueError(f"data.{key} is required when data.source is '{self.source}'")
+        if self.resize_side is not None and self.resize_side < self.image_size:
+            raise ValueError(f"data.resize_side ({self.resize_side}) must be at least data.image_size ({self.image_size})")
         return self
 
 
@@ -77,7 +85,19 @@ class ImageTowerConfig(Section):
     width: int = Field(32, ge=4, le=512, description="small_resnet: channels of the first stage")
     blocks: list[int] = Field(default_factory=lambda: [1, 1, 1, 1], min_length=1, max_length=6)
     small_input: bool = Field(True, description="torchvision ResNets: 3x3 stride-1 stem, no max-pool")
-    weights: str | None = Field(None, description="torchvision weights name, e.g. DEFAULT")
+    weights: str | None = Field(None, description="torchvision weights name (e.g. DEFAULT), or a local file or folder "
+                                "of weights (a torch state dict or safetensors; timm: also a hub folder)")
+    mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406], min_length=3, max_length=3,
+                              description="per-channel mean the pixels are normalised with (set from model.init)")
+    std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225], min_length=3, max_length=3)
+    lock: bool = Field(False, description="freeze the tower (LiT): eval mode, no gradients, not in the optimizer")
+    unlocked_groups: int = Field(0, ge=0, description="with lock: leave the last N layer groups trainable")
+
+    @model_validator(mode="after")
+    def _positive_std(self) -> "ImageTowerConfig":
+        if min(self.std) <= 0:
+            raise ValueError("model.image.std must be positive")
+        return self
 
 
 class TextTowerConfig(Section):
@@ -87,7 +107,10 @@ class TextTowerConfig(Section):
     num_heads: int = Field(4, ge=1)
     intermediate_size: int = Field(256, ge=8)
     vocab_size: int = Field(4000, ge=64, description="size of the tokenizer trained on captions")
-    pooling: Literal["mean", "cls"] = "mean"
+    pooling: Literal["auto", "mean", "cls"] = Field("auto", description="auto: as the pretrained model's "
+                                                    "sentence-transformers pooling config says, else mean")
+    lock: bool = Field(False, description="freeze the tower (LiT): eval mode, no gradients, not in the optimizer")
+    unlocked_groups: int = Field(0, ge=0, description="with lock: leave the last N layer groups trainable")
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> "TextTowerConfig":
@@ -97,6 +120,8 @@ class TextTowerConfig(Section):
 
 
 class ModelConfig(Section):
+    init: str | None = Field(None, description="a Hugging Face CLIPModel (hub name or local folder) to start both towers, "
+                             "the projections, tokenizer, image preprocessing and logit scale from")
     embed_dim: int = Field(128, ge=2, le=8192)
     image: ImageTowerConfig = ImageTowerConfig()
     text: TextTowerConfig = TextTowerConfig()
@@ -167,11 +192,29 @@ class EvalConfig(Section):
     batch_size: int = Field(256, ge=1)
     recall_ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
     prompt_template: str = Field("a photo of a {}", description="zero-shot prompt; {} is the class name")
+    prompt_templates: list[str] | Literal["imagenet"] | None = Field(
+        None, description="zero-shot prompt ensemble: each class's prompt embeddings averaged (CLIP's ensembling); "
+        "'imagenet' = CLIP's 80 ImageNet templates; default: prompt_template alone")
+
+    @property
+    def templates(self) -> list[str]:
+        """The zero-shot prompt templates in use."""
+        if self.prompt_templates == "imagenet":
+            from .prompt_templates import IMAGENET_TEMPLATES
+
+            return list(IMAGENET_TEMPLATES)
+        return list(self.prompt_templates) if self.prompt_templates else [self.prompt_template]
 
     @model_validator(mode="after")
     def _template_has_slot(self) -> "EvalConfig":
         if "{}" not in self.prompt_template:
             raise ValueError("eval.prompt_template must contain '{}' for the class name")
+        if isinstance(self.prompt_templates, list):
+            if not self.prompt_templates:
+                raise ValueError("eval.prompt_templates must not be empty (null: eval.prompt_template alone)")
+            slotless = next((t for t in self.prompt_templates if "{}" not in t), None)
+            if slotless is not None:
+                raise ValueError(f"eval.prompt_templates: {slotless!r} has no '{{}}' for the class name")
         if any(k < 1 for k in self.recall_ks):
             raise ValueError("eval.recall_ks must be positive")
         return self
@@ -336,8 +379,8 @@ def resolve_local_paths(cfg: Config, base_dir: str | Path | None = None) -> Conf
     Done once, on the driver, before anything reaches Ray: Ray Tune runs each trial in a
     working directory of its own, and a job's workers run elsewhere again, so a relative
     ``runs`` would land in a temporary session folder that vanishes with Ray. A relative
-    ``model.text.pretrained`` is resolved only when it names an existing local folder (else it
-    is a hub name).
+    ``model.text.pretrained``, ``model.init`` or ``model.image.weights`` is resolved only when
+    it names an existing local file or folder (else it is a hub or weights name).
     """
     base = Path(base_dir) if base_dir is not None else Path.cwd()
 
@@ -350,9 +393,11 @@ def resolve_local_paths(cfg: Config, base_dir: str | Path | None = None) -> Conf
         value = getattr(getattr(cfg, section), leaf)
         if value and "://" not in value:
             setattr(getattr(cfg, section), leaf, absolute(value))
-    pretrained = cfg.model.text.pretrained
-    if pretrained and "://" not in pretrained and Path(absolute(pretrained)).is_dir():
-        cfg.model.text.pretrained = absolute(pretrained)
+    # Pretrained names are local paths only when they name something that exists (else a hub name).
+    for section, leaf in ((cfg.model.text, "pretrained"), (cfg.model, "init"), (cfg.model.image, "weights")):
+        value = getattr(section, leaf)
+        if value and "://" not in value and Path(absolute(value)).exists():
+            setattr(section, leaf, absolute(value))
     return cfg
 
 

@@ -129,30 +129,51 @@ def retrieval_metrics(embeddings: dict[str, torch.Tensor], ks: Sequence[int] = (
 
 
 @torch.no_grad()
-def zero_shot_accuracy(model: nn.Module, tokenizer, class_names: Sequence[str], template: str,
+def class_prompt_embeddings(model: nn.Module, tokenizer, class_names: Sequence[str], templates: str | Sequence[str],
+                            device: torch.device, max_length: int, normalized: bool = True) -> torch.Tensor:
+    """``[K, D]``: each class's prompts, one per template, embedded and averaged — CLIP's prompt
+    ensembling: unit vectors averaged (and the mean made a unit vector again) when the model
+    ranks by cosine, raw embeddings averaged when it ranks by distance.
+
+    Raises:
+        NonFiniteEmbeddingsError: a prompt embedding is NaN or infinite.
+    """
+    templates = [templates] if isinstance(templates, str) else list(templates)
+    was_training = model.training
+    model.eval()
+    total = None
+    for template in templates:
+        prompts = [template.format(name) for name in class_names]
+        tokens = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+        emb = model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).double().cpu()
+        check_finite("prompt embeddings", emb)
+        emb = nn.functional.normalize(emb, dim=-1) if normalized else emb
+        total = emb if total is None else total + emb
+    model.train(was_training)
+    mean = total / len(templates)
+    return nn.functional.normalize(mean, dim=-1) if normalized else mean
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model: nn.Module, tokenizer, class_names: Sequence[str], templates: str | Sequence[str],
                        embeddings: dict[str, torch.Tensor], device: torch.device, max_length: int,
                        normalized: bool = True) -> float:
-    """Classify every distinct labelled image by its nearest class prompt; the accuracy.
+    """Classify every distinct labelled image by its nearest class (its prompts' ensemble,
+    :func:`class_prompt_embeddings`, over one template or several); the accuracy.
 
-    An image counts as right only when its own class's prompt scores strictly higher than
-    every other prompt: a tie is a miss (a collapsed model scores 0, not 1/K or 1).
+    An image counts as right only when its own class scores strictly higher than every other
+    class: a tie is a miss (a collapsed model scores 0, not 1/K or 1).
 
     Raises:
         NonFiniteEmbeddingsError: an image or prompt embedding, or a score, is NaN or infinite.
     """
-    prompts = [template.format(name) for name in class_names]
-    tokens = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    was_training = model.training
-    model.eval()
-    prompt_emb = model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float().cpu()
-    model.train(was_training)
     rows = distinct_images(embeddings["group"])
     labels = embeddings["label"][rows]
     keep = (labels >= 0) & (labels < len(class_names))
     if not keep.any():
         return float("nan")
-    check_finite("prompt embeddings", prompt_emb)
+    prompt_emb = class_prompt_embeddings(model, tokenizer, class_names, templates, device, max_length, normalized)
     check_finite("image embeddings", embeddings["image"])
-    scores = similarity(embeddings["image"][rows][keep].double(), prompt_emb.double(), normalized)  # [I, K]
+    scores = similarity(embeddings["image"][rows][keep].double(), prompt_emb, normalized)  # [I, K]
     own_class = nn.functional.one_hot(labels[keep], len(class_names)).bool()
     return (rank_of_first_hit(scores, own_class) == 0).double().mean().item()

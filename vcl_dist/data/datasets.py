@@ -20,6 +20,7 @@ import pyarrow.fs as pafs
 from ..config import DataConfig, S3Config
 from ..ray_cluster import use_ray_data_settings
 from ..storage import GLOB_CHARACTERS, exists, filesystem_for, list_files, read_text
+from .images import ImageGeometry
 from .preprocess import Preprocessor
 from .shapes import ensure_shapes_dataset
 from .shard_format import parse_class_names
@@ -140,7 +141,7 @@ def build_split(source: DatasetSource, path: str, cfg: DataConfig, tokenizer, *,
 
         use_ray_data_settings()
         units = plan_read_units(source.filesystem, _parquet(source, path).files, READ_UNIT_BYTES)
-        make_preprocessor = functools.partial(Preprocessor, tokenizer, cfg.image_size, cfg.max_text_length,
+        make_preprocessor = functools.partial(Preprocessor, tokenizer, ImageGeometry.of(cfg), cfg.max_text_length,
                                               augment=False, num_classes=num_classes)
         return ray.data.read_datasource(
             PreprocessedParquet(source.filesystem, units, cfg.preprocess_batch_size, make_preprocessor),
@@ -151,7 +152,7 @@ def build_split(source: DatasetSource, path: str, cfg: DataConfig, tokenizer, *,
         preprocess_batch,
         fn_kwargs={
             "tokenizer": tokenizer,
-            "image_size": cfg.image_size,
+            "image_size": ImageGeometry.of(cfg),
             "max_text_length": cfg.max_text_length,
             "augment": False,
             "default_shard": SHAPES_SHARD if source.driver_local else "unknown",
@@ -178,11 +179,11 @@ def build_train_split(source: DatasetSource, units: str | list[TrainUnit], cfg: 
         units = plan_train_units(source, units)
     if source.driver_local:
         units = put_driver_tables(units)
-    return TrainSplit(source.filesystem, units, tokenizer, cfg.image_size, cfg.max_text_length, cfg.augment, seed,
+    return TrainSplit(source.filesystem, units, tokenizer, ImageGeometry.of(cfg), cfg.max_text_length, cfg.augment, seed,
                       cfg.shuffle_buffer, cfg.preprocess_batch_size, num_classes, cfg.preprocess_workers)
 
 
-def preprocess_batch(batch, *, tokenizer, image_size: int, max_text_length: int, augment: bool, default_shard: str,
+def preprocess_batch(batch, *, tokenizer, image_size: int | ImageGeometry, max_text_length: int, augment: bool, default_shard: str,
                      num_classes: int | None = None):
     """One ``map_batches`` task: a :class:`Preprocessor` on one batch."""
     return Preprocessor(tokenizer, image_size, max_text_length, augment, default_shard=default_shard,

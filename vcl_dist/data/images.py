@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -97,13 +98,52 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def decode_image(data, size: int, rng: np.random.Generator | None = None) -> np.ndarray:
-    """Encoded bytes -> ``uint8 [3, size, size]``; with ``rng``, a light random crop-and-resize.
+@dataclass(frozen=True)
+class ImageGeometry:
+    """How a picture becomes the tower's square input: ``squash`` resizes the whole picture to
+    ``size``²; ``shorter_side`` resizes its shorter side to ``resize_side`` (the longer in
+    proportion, rounded down) and keeps the centre ``size``² (CLIP's preprocessing, as Hugging
+    Face's PIL image processor and OpenAI's own do it)."""
+
+    size: int
+    resize: str = "squash"
+    resize_side: int | None = None
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def of(cls, data_cfg) -> "ImageGeometry":
+        """The geometry a ``DataConfig`` (or a model's saved one) describes."""
+        return cls(data_cfg.image_size, data_cfg.resize, data_cfg.resize_side, data_cfg.interpolation)
+
+    def apply(self, image: Image.Image) -> Image.Image:
+        resample = Image.BICUBIC if self.interpolation == "bicubic" else Image.BILINEAR
+        if self.resize == "squash":
+            return image.resize((self.size, self.size), resample)
+        side = self.resize_side or self.size
+        w, h = image.size
+        short, long = min(w, h), max(w, h)
+        new_long = int(side * long / short)
+        new_w, new_h = (side, new_long) if w <= h else (new_long, side)
+        image = image.resize((new_w, new_h), resample)
+        left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
+        return image.crop((left, top, left + self.size, top + self.size))
+
+    @property
+    def decode_side(self) -> int:
+        """The smallest side the decoder may scale a large JPEG down to."""
+        return max(self.size, self.resize_side or 0)
+
+
+def decode_image(data, geometry: int | ImageGeometry, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Encoded bytes -> ``uint8 [3, S, S]`` as ``geometry`` (or a side: squashed to it) says;
+    with ``rng``, a light random crop first.
 
     Raises:
         UnusableImageError: see :func:`open_image`.
     """
-    image = open_image(data, min_side=size)
+    if isinstance(geometry, int):
+        geometry = ImageGeometry(geometry)
+    image = open_image(data, min_side=geometry.decode_side)
     if rng is not None:
         # Keep at least 85% of each side: captions name positions, so no flips and no crops
         # that could move an object into another third of the frame.
@@ -112,5 +152,5 @@ def decode_image(data, size: int, rng: np.random.Generator | None = None) -> np.
         cw, ch = max(1, int(w * scale)), max(1, int(h * scale))
         x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
         image = image.crop((x0, y0, x0 + cw, y0 + ch))
-    image = image.resize((size, size), Image.BILINEAR)
+    image = geometry.apply(image)
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .images import UnusableImageError, decode_image
+from .images import ImageGeometry, UnusableImageError, decode_image
 from .shard_format import caption_text, parse_label, pylist_columns, to_shard_columns
 
 
@@ -37,11 +37,12 @@ class Preprocessor:
     and ``shard`` str [B].
     """
 
-    def __init__(self, tokenizer, image_size: int, max_text_length: int, augment: bool, seed: int | Sequence[int] = 0,
-                 default_shard: str = "unknown", num_classes: int | None = None):
+    def __init__(self, tokenizer, image_size: int | ImageGeometry, max_text_length: int, augment: bool,
+                 seed: int | Sequence[int] = 0, default_shard: str = "unknown", num_classes: int | None = None):
         self.tokenizer = tokenizer
         self.num_classes = num_classes
-        self.image_size = image_size
+        # ``image_size``: the geometry of the tower's input (a side alone: the whole picture squashed to it).
+        self.geometry = image_size if isinstance(image_size, ImageGeometry) else ImageGeometry(image_size)
         self.max_text_length = max_text_length
         self.augment = augment
         # Augmentation draws from a stream of its own per row, seeded by (seed, row key): the same
@@ -58,11 +59,12 @@ class Preprocessor:
         keys = [str(k) for k in batch["key"]]
         n = len(keys)
         valid = np.ones(n, dtype=np.uint8)
-        images = np.zeros((n, 3, self.image_size, self.image_size), dtype=np.uint8)
+        side = self.geometry.size
+        images = np.zeros((n, 3, side, side), dtype=np.uint8)
         for i, data in enumerate(batch["image"]):
             try:
                 rng = np.random.default_rng([*self.seed, stable_id(keys[i])]) if self.augment else None
-                images[i] = decode_image(data, self.image_size, rng)
+                images[i] = decode_image(data, self.geometry, rng)
             except UnusableImageError:
                 valid[i] = 0  # missing, truncated, too large, or not an image of an accepted format
         captions = [caption_text(c) for c in batch["caption"]]

@@ -26,6 +26,7 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockAccessor, BlockMetadata
 
 from .epoch_plan import EpochOrder, Ranges, RowRead, WorkerEpoch
+from .images import ImageGeometry
 from .preprocess import Preprocessor
 from .shard_format import pylist_columns, to_shard_columns
 
@@ -150,7 +151,7 @@ class TrainSplit:
     filesystem: pafs.FileSystem
     units: list[TrainUnit]
     tokenizer: Any
-    image_size: int
+    image_size: int | ImageGeometry
     max_text_length: int
     augment: bool
     seed: int

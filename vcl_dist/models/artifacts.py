@@ -43,6 +43,7 @@ from ..config import Config, S3Config, dump_config
 from ..data.shard_format import format_class_names, parse_class_names
 from ..storage import display_uri, filesystem_for
 from .dual_encoder import DualEncoder, build_dual_encoder
+from .hub_export import trained_logit_scale, write_hub_files
 
 MODEL_FILE = "model.pt"
 LOSS_FILE = "loss.pt"
@@ -51,6 +52,7 @@ HISTORY_FILE = "history.json"
 CONFIG_FILE = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
 CLASSES_FILE = "classes.txt"
+TOWERS_FILE = "towers.json"
 MEMORY_SHARD_GLOB = "memory_shard_*_of_*.pt"
 
 
@@ -75,9 +77,22 @@ def save_checkpoint(folder: str | Path, *, model, criterion, optimizer, schedule
     )
     (folder / HISTORY_FILE).write_text(json.dumps(history, indent=1))
     (folder / CONFIG_FILE).write_text(config_yaml)
+    save_tower_configs(folder, model)
     tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
     if class_names:
         (folder / CLASSES_FILE).write_text(format_class_names(class_names))
+
+
+def save_tower_configs(folder: Path, model) -> None:
+    """The pretrained towers' own configs (:attr:`DualEncoder.tower_configs`): a model folder
+    builds its structure from them, without the pretrained files it started from."""
+    if model.tower_configs:
+        (folder / TOWERS_FILE).write_text(json.dumps(model.tower_configs, indent=1, default=str))
+
+
+def read_tower_configs(folder: Path) -> dict:
+    path = folder / TOWERS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def save_memory_shard(folder: str | Path, memory) -> None:
@@ -145,7 +160,7 @@ def read_model_folder(folder: Path) -> ModelFolder:
     cfg = load_saved_config((folder / CONFIG_FILE).read_text(), f"the model's {CONFIG_FILE}")
     tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))
     model = build_dual_encoder(cfg.model, len(tokenizer), cfg.data.max_text_length, tokenizer.pad_token_id or 0,
-                               cfg.similarity)
+                               cfg.similarity, saved_towers=read_tower_configs(folder))
     if (folder / WEIGHTS_FILE).exists():
         from safetensors import safe_open
         from safetensors.torch import load_model as load_safetensors
@@ -177,6 +192,7 @@ def export_model(source: str | Path, out_dir: str | Path, *, history: list[dict]
         # save_model (not save_file) copes with tied or shared tensors.
         save_model(loaded.model, str(staging / WEIGHTS_FILE), metadata={"format": "pt", "similarity": loaded.model.similarity})
         (staging / CONFIG_FILE).write_text(dump_config(loaded.config))
+        save_tower_configs(staging, loaded.model)
         loaded.tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
         history = history if history is not None else loaded.history
         if history:
@@ -184,6 +200,7 @@ def export_model(source: str | Path, out_dir: str | Path, *, history: list[dict]
         class_names = class_names if class_names is not None else loaded.class_names
         if class_names:
             (staging / CLASSES_FILE).write_text(format_class_names(class_names))
+        write_hub_files(staging, loaded, history, trained_logit_scale(source))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)

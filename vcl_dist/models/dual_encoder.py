@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
 from ..config import ModelConfig
 from .image_tower import build_image_tower
+from .locking import is_fully_locked, keep_locked_modules_in_eval, lock_tower
 from .text_tower import build_text_tower
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)
@@ -17,35 +20,51 @@ class DualEncoder(nn.Module):
     """``forward(images, input_ids, attention_mask) -> (U [B, D], V [B, D])``, not normalised.
 
     Images arrive as ``uint8 [B, 3, H, W]`` straight from the data pipeline and are scaled and
-    normalised here, on the model's device. The projections are bias-free linear maps
-    (``U = Wᵢᵀ X``, ``V = Wₜᵀ Y`` in the VCRL notation); losses decide whether to normalise, and
-    ``similarity`` records the choice for retrieval.
+    normalised here, on the model's device (with the towers' own mean and std). The
+    projections are bias-free linear maps (``U = Wᵢᵀ X``, ``V = Wₜᵀ Y`` in the VCRL notation);
+    losses decide whether to normalise, and ``similarity`` records the choice for retrieval.
+
+    A locked tower (:mod:`.locking`) stays in eval mode through ``train()``, and a wholly locked
+    one runs without autograd: nothing of it is kept for a backward pass.
+    ``tower_configs``: the pretrained towers' own configs (a ``CLIPConfig``, a text encoder's),
+    saved with the model so that it can be built again without the pretrained files.
     """
 
-    def __init__(self, image_tower: nn.Module, text_tower: nn.Module, embed_dim: int, similarity: str = "cosine"):
+    def __init__(self, image_tower: nn.Module, text_tower: nn.Module, embed_dim: int, similarity: str = "cosine",
+                 image_mean: Sequence[float] = IMAGE_MEAN, image_std: Sequence[float] = IMAGE_STD):
         super().__init__()
         # How embeddings of this model are compared ("cosine" or "squared_distance"): fixed by
         # the loss it is trained with, part of the model for everything that ranks with it.
         self.similarity = similarity
+        self.tower_configs: dict = {}
         self.image_tower = image_tower
         self.text_tower = text_tower
         self.image_projection = nn.Linear(image_tower.out_features, embed_dim, bias=False)
         self.text_projection = nn.Linear(text_tower.out_features, embed_dim, bias=False)
-        self.register_buffer("image_mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_mean", torch.tensor(list(image_mean)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(list(image_std)).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> "DualEncoder":
+        super().train(mode)
+        keep_locked_modules_in_eval(self)
+        return self
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype == torch.uint8:
             images = images.float().div_(255.0)
         images = (images - self.image_mean) / self.image_std
-        return self.image_projection(self.image_tower(images))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not is_fully_locked(self.image_tower)):
+            features = self.image_tower(images)
+        return self.image_projection(features)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # Drop the padding columns every caption of the batch has: a shorter sequence is
         # cheaper and, with the attention mask, gives the same result.
         length = int(attention_mask.sum(1).max().item()) if attention_mask.numel() else 1
         input_ids, attention_mask = input_ids[:, : max(length, 1)], attention_mask[:, : max(length, 1)]
-        return self.text_projection(self.text_tower(input_ids, attention_mask))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not is_fully_locked(self.text_tower)):
+            features = self.text_tower(input_ids, attention_mask)
+        return self.text_projection(features)
 
     def forward(self, images, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_image(images), self.encode_text(input_ids, attention_mask)
@@ -62,7 +81,7 @@ def check_model_config(cfg: ModelConfig) -> None:
     """
     from ..config import ConfigError
 
-    if cfg.image.weights or cfg.text.pretrained:
+    if cfg.image.weights or cfg.text.pretrained or cfg.init:
         return
     try:
         with torch.device("meta"):
@@ -72,11 +91,30 @@ def check_model_config(cfg: ModelConfig) -> None:
 
 
 def build_dual_encoder(cfg: ModelConfig, vocab_size: int, max_text_length: int, pad_token_id: int = 0,
-                       similarity: str = "cosine") -> DualEncoder:
-    """``similarity``: :attr:`vcl_dist.config.Config.similarity` of the run."""
-    return DualEncoder(
-        build_image_tower(cfg.image),
-        build_text_tower(cfg.text, vocab_size, max_text_length, pad_token_id),
-        cfg.embed_dim,
-        similarity,
-    )
+                       similarity: str = "cosine", saved_towers: dict | None = None) -> DualEncoder:
+    """The dual encoder ``cfg`` describes, pretrained parts loaded, locks applied.
+
+    ``similarity``: :attr:`vcl_dist.config.Config.similarity` of the run. ``saved_towers``: the
+    ``tower_configs`` saved with a model: build its structure from them and read no pretrained
+    weights (the model's own weights are loaded next).
+    """
+    if cfg.init or (saved_towers and "clip" in saved_towers):
+        from .clip_towers import clip_parts
+
+        parts = clip_parts(None if saved_towers else cfg.init, config=(saved_towers or {}).get("clip"))
+        model = DualEncoder(parts.image_tower, parts.text_tower, parts.visual_projection.out_features, similarity,
+                            cfg.image.mean, cfg.image.std)
+        model.image_projection, model.text_projection = parts.visual_projection, parts.text_projection
+        model.tower_configs = {"clip": parts.config}
+        model.register_buffer("logit_scale", torch.tensor(parts.logit_scale))  # CLIP's, for an export back to CLIP
+    else:
+        text_config = (saved_towers or {}).get("text")
+        text_tower = build_text_tower(cfg.text, vocab_size, max_text_length, pad_token_id, saved_config=text_config)
+        model = DualEncoder(build_image_tower(cfg.image, load_weights=saved_towers is None), text_tower, cfg.embed_dim,
+                            similarity, cfg.image.mean, cfg.image.std)
+        if cfg.text.pretrained:
+            model.tower_configs = {"text": text_tower.encoder.config.to_dict()}
+    for tower, settings in ((model.image_tower, cfg.image), (model.text_tower, cfg.text)):
+        if settings.lock:
+            lock_tower(tower, settings.unlocked_groups)
+    return model.train()

@@ -1,4 +1,5 @@
-"""Image towers: a small ResNet for small images, or any ``torchvision.models`` architecture.
+"""Image towers: a small ResNet for small images, any ``torchvision.models`` architecture, or a
+timm model (``timm:<name>``); pretrained weights by torchvision name or from a local file.
 
 Every tower returns pooled features ``[B, F]`` and exposes ``out_features = F``; the dual
 encoder adds the projection into the shared space.
@@ -6,12 +7,17 @@ encoder adds the projection into the shared space.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from ..config import ImageTowerConfig
+
+# Weights files a model folder may hold, in the order they are looked for.
+WEIGHTS_FILE_NAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
 
 
 class SmallResNet(nn.Module):
@@ -62,17 +68,96 @@ def _strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
     raise ValueError(f"cannot find the classifier head of {type(model).__name__}")
 
 
-def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:
+def read_weights_file(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from a local weights file (safetensors, or a torch file read with
+    ``weights_only``), or from the one weights file of a folder; a checkpoint's ``state_dict`` /
+    ``model`` entry is unwrapped.
+
+    Raises:
+        ValueError: no such file, no weights file in the folder, or an unreadable file (one line).
+    """
+    found = Path(path)
+    if found.is_dir():
+        candidates = [found / name for name in WEIGHTS_FILE_NAMES if (found / name).is_file()]
+        candidates = candidates or sorted(p for p in found.iterdir() if p.suffix in (".safetensors", ".pth", ".pt", ".bin"))
+        if not candidates:
+            raise ValueError(f"model.image.weights: no weights file in {path}")
+        found = candidates[0]
+    if not found.is_file():
+        raise ValueError(f"model.image.weights: no such file: {path}")
+    try:
+        if found.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(found))
+        else:
+            state = torch.load(found, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is one line for the user
+        raise ValueError(f"model.image.weights: cannot read {found}: {' '.join(str(err).split())[:200]}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"model.image.weights: {found} holds no state dict of tensors")
+    return state
+
+
+def is_local_weights(weights: str | None) -> bool:
+    return bool(weights) and ("/" in weights or Path(weights).exists())
+
+
+def load_backbone_weights(model: nn.Module, path: str) -> None:
+    """Load a local weights file into a backbone, its classifier head allowed to be missing or
+    other (it is dropped next); any other missing or unexpected key is an error."""
+    head = ("fc.", "classifier.", "head.", "heads.")
+    state = {k: v for k, v in read_weights_file(path).items() if not k.startswith(head)}
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a shape that differs
+        raise ValueError(f"model.image.weights: {path} does not fit {type(model).__name__} "
+                         f"({' '.join(str(err).split())[:200]})") from None
+    problems = [k for k in [*result.missing_keys, *result.unexpected_keys] if not k.startswith(head)]
+    if problems:
+        raise ValueError(f"model.image.weights: {path} does not fit {type(model).__name__} "
+                         f"({len(problems)} keys differ, e.g. {problems[0]})")
+
+
+def build_image_tower(cfg: ImageTowerConfig, load_weights: bool = True) -> nn.Module:
+    """The tower ``model.image`` names. ``load_weights=False``: its structure only (a saved
+    model's weights come next), so that no weights are read or downloaded again."""
     if cfg.arch == "small_resnet":
         return SmallResNet(cfg.width, cfg.blocks)
+    local = is_local_weights(cfg.weights)
+    if cfg.arch.startswith("timm:"):
+        return build_timm_tower(cfg.arch.removeprefix("timm:"), cfg.weights if load_weights else None)
     try:
-        model = torchvision.models.get_model(cfg.arch, weights=cfg.weights)
+        named = cfg.weights if load_weights and not local else None
+        model = torchvision.models.get_model(cfg.arch, weights=named)
     except ValueError as err:
         raise ValueError(f"model.image.arch: {err}") from None
+    if load_weights and local:
+        load_backbone_weights(model, cfg.weights)
     if cfg.small_input and isinstance(model, torchvision.models.ResNet):
         # CIFAR-style stem: small images keep their resolution through the first stage.
         model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
     model, features = _strip_classifier(model)
     model.out_features = features
+    return model
+
+
+def build_timm_tower(name: str, weights: str | None) -> nn.Module:
+    """A timm backbone without its classifier (``num_classes=0``: pooled features); ``weights``:
+    a local file or folder (nothing is downloaded)."""
+    try:
+        import timm
+    except ImportError:
+        raise ValueError("model.image.arch: timm models need timm (pip install 'vcl-dist[timm]')") from None
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+    except RuntimeError as err:  # timm's "Unknown model"
+        raise ValueError(f"model.image.arch: {' '.join(str(err).split())[:200]}") from None
+    if weights:
+        load_backbone_weights(model, weights)
+    model.out_features = model.num_features
     return model

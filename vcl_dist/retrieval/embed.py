@@ -51,9 +51,10 @@ def thumbnail_jpeg(data, size: int) -> bytes:
     return out.getvalue()
 
 
-def prepare_rows(table: pa.Table, *, tokenizer, image_size: int, max_text_length: int, thumbnail_size: int, default_shard: str,
+def prepare_rows(table: pa.Table, *, tokenizer, image_size, max_text_length: int, thumbnail_size: int, default_shard: str,
                  num_classes: int | None = None):
-    """One CPU task: raw shard rows (an Arrow batch) -> model-ready rows (:class:`Preprocessor`)
+    """One CPU task: raw shard rows (an Arrow batch) -> model-ready rows (:class:`Preprocessor`; ``image_size``:
+    a side or an ``ImageGeometry``)
     plus the caption text and a thumbnail, which the Parquet output keeps."""
     batch = pylist_columns(table)
     if "__key__" in batch:
@@ -124,7 +125,7 @@ def embedding_dataset(source: DatasetSource, path: str, model, model_ref, *, use
         prepare_rows,
         fn_kwargs={
             "tokenizer": model.tokenizer,
-            "image_size": model.image_size,
+            "image_size": model.image_geometry,
             "max_text_length": model.config.data.max_text_length,
             "thumbnail_size": thumbnail_size,
             "default_shard": SHAPES_SHARD if source.driver_local else "unknown",

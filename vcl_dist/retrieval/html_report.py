@@ -36,8 +36,9 @@ def table_embeddings(table: pa.Table) -> dict[str, torch.Tensor]:
 
 
 def evaluate_table(model: RetrievalModel, table: pa.Table, class_names: Sequence[str] | None,
-                   ks: Sequence[int] = (1, 5, 10), prompt_template: str = "a photo of a {}") -> dict[str, float]:
-    """Recall@K both ways (instance and class level), rsum, mean and median ranks, zero-shot accuracy."""
+                   ks: Sequence[int] = (1, 5, 10), prompt_template: str | Sequence[str] = "a photo of a {}") -> dict[str, float]:
+    """Recall@K both ways (instance and class level), rsum, mean and median ranks, zero-shot
+    accuracy (``prompt_template``: one template, or several to ensemble)."""
     embeddings = table_embeddings(table)
     metrics = retrieval_metrics(embeddings, ks, model.normalized)
     if class_names:

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from ..config import Config, S3Config
-from ..data.images import UnusableImageError, decode_image, to_rgb
+from ..data.images import ImageGeometry, UnusableImageError, decode_image, to_rgb
 from ..evaluate import similarity
 from ..models import DualEncoder
 from ..models.artifacts import ModelFolder, ModelNotFoundError, folder_of_files, local_model_folder, read_model_folder
@@ -55,6 +55,11 @@ class RetrievalModel:
     @property
     def image_size(self) -> int:
         return self.config.data.image_size
+
+    @property
+    def image_geometry(self) -> ImageGeometry:
+        """How pictures are prepared for this model: as in its training's evaluation."""
+        return ImageGeometry.of(self.config.data)
 
     def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         return self.tokenizer(list(captions), padding="max_length", truncation=True,
@@ -101,7 +106,7 @@ class RetrievalModel:
         else:
             data, name = bytes(image), "image bytes"
         try:
-            return decode_image(data, self.image_size, rng=None)
+            return decode_image(data, self.image_geometry, rng=None)
         except UnusableImageError as err:
             raise ValueError(f"{name} is not an image this model can read: {err}") from None
 

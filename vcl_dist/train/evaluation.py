@@ -46,7 +46,7 @@ def evaluate_on_val(model, cfg: Config, tokenizer, class_names, device, use_amp:
     metrics["val_bad_rows"] = val.bad_rows
     if class_names:
         metrics["val_zero_shot_acc"] = zero_shot_accuracy(
-            model, tokenizer, class_names, cfg.eval.prompt_template, embeddings, device, cfg.data.max_text_length,
+            model, tokenizer, class_names, cfg.eval.templates, embeddings, device, cfg.data.max_text_length,
             normalized,
         )
     return metrics

@@ -120,6 +120,8 @@ class WorkerRun:
                                         embed_dim=cfg.model.embed_dim)
         except (ValueError, KeyError, TypeError, OSError) as err:
             raise ModelBuildError(f"the config builds no model: {' '.join(str(err).split())[:300]}") from None
+        if hasattr(model, "logit_scale") and hasattr(self.criterion, "logit_scale"):
+            self.criterion.logit_scale.data.copy_(model.logit_scale)  # InfoNCE starts at CLIP's temperature
         self.model = ray.train.torch.prepare_model(model)
         self.raw_model = self.model.module if hasattr(self.model, "module") else self.model
         self.criterion.to(self.device)

@@ -24,6 +24,7 @@ from ..data.datasets import (
 from ..data.tokenizer import load_pretrained_tokenizer, train_wordpiece
 from ..data.train_stream import TrainUnit
 from ..models import check_model_config
+from ..models.pretrained import adopt_pretrained_settings
 from ..ray_cluster import JobNeeds, check_cluster_fits, connect_ray, cpus_for_training
 from ..storage import display_uri, exists, filesystem_for, write_text_atomically
 from .data_quality import worst_shards
@@ -61,9 +62,11 @@ def _use_gpu(cfg: Config) -> bool:
 
 
 def build_tokenizer(cfg: Config, source: DatasetSource | None):
-    """The pretrained model's tokenizer, or a WordPiece fitted to the training captions."""
-    if cfg.model.text.pretrained:
-        return load_pretrained_tokenizer(cfg.model.text.pretrained)
+    """The pretrained model's tokenizer (``model.init``'s, else the text tower's), or a WordPiece
+    fitted to the training captions."""
+    pretrained = cfg.model.init or cfg.model.text.pretrained
+    if pretrained:
+        return load_pretrained_tokenizer(pretrained)
     return train_wordpiece(sample_captions(source, source.train), cfg.model.text.vocab_size)
 
 
@@ -186,6 +189,7 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
 
     from .loop import train_loop_per_worker
 
+    cfg = adopt_pretrained_settings(cfg)  # a pretrained model's preprocessing and sizes (printed)
     check_model_config(cfg.model)  # before any Ray work: a config error is one line, exit 2
     if cfg.run.trained_rows_log:  # the workers' working folders are not the driver's
         cfg = cfg.model_copy(deep=True)
