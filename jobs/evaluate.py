@@ -16,7 +16,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="export folder, checkpoint folder or run folder (local or s3://)")
     parser.add_argument("--out", default="report", help="folder for report.html, metrics.json and the PNGs (default: %(default)s)")
-    parser.add_argument("--split", choices=["val", "train"], default="val")
+    parser.add_argument("--split", choices=["val", "train", "test"], default="val",
+                        help="test: the test split beside val/ (a Karpathy import's)")
+    parser.add_argument("--protocol", choices=["whole", "1k"], default="whole",
+                        help="1k: metrics averaged over the 1K-image folds of the split's folds.json (COCO 1K test); "
+                             "whole: over the whole split (COCO 5K test)")
     parser.add_argument("--examples", type=int, default=4, help="example queries shown per direction")
     parser.add_argument("--top-k", type=int, default=8, help="results shown per example query")
     parser.add_argument("--gpu", choices=["auto", "true", "false"], default="auto")
@@ -35,7 +39,7 @@ def _run(args: argparse.Namespace) -> int:
     import pyarrow as pa
 
     from vcl_dist.console_tables import print_metrics
-    from vcl_dist.retrieval.html_report import evaluate_table, write_report
+    from vcl_dist.retrieval.html_report import evaluate_folds, evaluate_table, write_report
     from vcl_dist.retrieval.pipeline import load_model_and_config, plan_embedding
 
     if args.examples < 0 or args.top_k < 1:
@@ -46,7 +50,18 @@ def _run(args: argparse.Namespace) -> int:
     table = pa.concat_tables(list(job.dataset.iter_batches(batch_format="pyarrow", batch_size=None)))
     if table.num_rows == 0:
         raise ValueError(f"no usable rows in {job.split_path}")
-    metrics = evaluate_table(model, table, job.class_names, cfg.eval.recall_ks, cfg.eval.templates)
+    if args.protocol == "1k":
+        from vcl_dist.data.karpathy import FOLDS_FILE, read_folds
+        from vcl_dist.storage import read_text
+
+        try:
+            folds = read_folds(read_text(job.source.filesystem, f"{job.split_path}/{FOLDS_FILE}"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--protocol 1k: no {FOLDS_FILE} in {job.split_path} (a Karpathy import writes it "
+                                    "for the test split)") from None
+        metrics = evaluate_folds(model, table, folds, job.class_names, cfg.eval.recall_ks, cfg.eval.templates)
+    else:
+        metrics = evaluate_table(model, table, job.class_names, cfg.eval.recall_ks, cfg.eval.templates)
     metrics["bad_rows"] = float(job.input_rows - table.num_rows)
     page = write_report(args.out, model=model, table=table, metrics=metrics, history=model.history,
                         title=f"vcl-dist evaluation: {args.model} ({args.split})", ks=cfg.eval.recall_ks,

@@ -2,16 +2,20 @@
 
     python jobs/prepare_data.py --images DIR --captions captions.csv --out OUT [--val-fraction 0.1]
     python jobs/prepare_data.py --webdataset DIR_OR_S3_PREFIX --out OUT [--rows-per-shard 10000]
+    python jobs/prepare_data.py --karpathy dataset_coco.json --images COCO_DIR --out OUT
 
 The table (CSV or JSONL) has columns image (a path relative to --images), caption, and
 optionally label (class id or class name) and image_id. Rows with a missing or undecodable
-image, an empty caption or an unknown label are left out and reported. Exit code 1 on a
-missing input, 2 on bad arguments.
+image, an empty caption or an unknown label are left out and reported. A Karpathy split file
+(COCO, Flickr30K) keeps its own splits: train (with restval), val and test, and the test
+split's 1K folds in OUT/test/folds.json (jobs/evaluate.py --split test --protocol 1k). Exit
+code 1 on a missing input, 2 on bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -20,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--captions", help="CSV or JSONL: image, caption[, label, image_id]")
     source.add_argument("--webdataset", help="folder, glob or s3:// prefix of WebDataset tars")
+    source.add_argument("--karpathy", help="a Karpathy split file (dataset_coco.json, dataset_flickr30k.json); "
+                        "its image paths are relative to --images")
     parser.add_argument("--images", help="folder the table's image paths are relative to")
     parser.add_argument("--out", required=True, help="output folder or s3:// prefix (gets train/ and val/)")
     parser.add_argument("--rows-per-shard", type=int, default=10_000)
@@ -36,21 +42,30 @@ def main(argv: list[str] | None = None) -> int:
     from vcl_dist.ray_cluster import connect_ray
 
     try:
-        check_inputs(args.captions, args.images, args.webdataset)
+        if args.karpathy is not None:
+            from vcl_dist.data.karpathy import read_karpathy
+
+            read_karpathy(args.karpathy)  # a malformed file stops here, before Ray starts
+            if args.images is None or not os.path.isdir(args.images):
+                raise FileNotFoundError(f"--images: no folder at {args.images}")
+        else:
+            check_inputs(args.captions, args.images, args.webdataset)
     except (FileNotFoundError, ValueError) as err:
         print(f"vcl-dist: error: {err}", file=sys.stderr)
         return 1
     print(f"vcl-dist: {connect_ray(2)}", flush=True)
     try:
         report = import_dataset(out=args.out, captions=args.captions, images=args.images, webdataset=args.webdataset,
-                                rows_per_shard=args.rows_per_shard, val_fraction=args.val_fraction,
+                                karpathy=args.karpathy, rows_per_shard=args.rows_per_shard, val_fraction=args.val_fraction,
                                 s3=S3Config(endpoint_url=args.s3_endpoint_url))
     except (FileNotFoundError, ValueError) as err:
         print(f"vcl-dist: error: {err}", file=sys.stderr)
         return 1
     finally:
         ray.shutdown()
-    print(f"wrote {report.rows_written.get('train', 0)} train and {report.rows_written.get('val', 0)} val rows to {args.out}")
+    written = report.rows_written
+    test = f" and {written['test']} test" if "test" in written else ""
+    print(f"wrote {written.get('train', 0)} train, {written.get('val', 0)} val{test} rows to {args.out}")
     if report.classes:
         print(f"{len(report.classes)} classes -> {args.out}/val/classes.txt")
     total_bad = sum(report.bad_rows.values())

@@ -136,3 +136,43 @@ def test_importer_reads_nothing_outside_the_image_folder_and_counts_hostile_rows
     assert len(table["key"]) == 20 + len(GOOD_ODD_IMAGES)
     assert secret.read_bytes() not in table["image"]
     assert {caption for caption in table["caption"] if caption.startswith("odd")} == {f"odd {n}" for n in GOOD_ODD_IMAGES}
+
+
+def test_importer_reads_a_karpathy_coco_file_with_its_own_splits(tmp_path, repo_root):
+    import json
+
+    images = tmp_path / "coco"
+    entries = []
+    for i, split in enumerate(["train", "train", "restval", "val", "test", "test", "test"]):
+        folder = "train2014" if split == "train" else "val2014"
+        (images / folder).mkdir(parents=True, exist_ok=True)
+        name = f"COCO_{folder}_{i:012d}.jpg"
+        if i == 5:
+            (images / folder / name).write_bytes(b"\xff\xd8 no jpeg")  # corrupt: its 5 captions are left out
+        else:
+            buffer = io.BytesIO()
+            Image.new("RGB", (20, 14), (30 * i, 10, 0)).save(buffer, format="JPEG")
+            (images / folder / name).write_bytes(buffer.getvalue())
+        sentences = [{"tokens": [], "raw": f"picture {i} caption {c}", "imgid": i, "sentid": 5 * i + c} for c in range(5)]
+        if i == 1:
+            sentences[0]["raw"] = None  # not text: a bad row, counted
+        entries.append({"filepath": folder, "filename": name, "imgid": i, "split": split, "sentences": sentences,
+                        "sentids": [5 * i + c for c in range(5)], "cocoid": 1000 + i})
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps({"images": entries, "dataset": "coco"}))
+    out = tmp_path / "shards"
+    proc = subprocess.run([sys.executable, str(repo_root / "jobs/prepare_data.py"), "--karpathy", str(path), "--images",
+                           str(images), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wrote 14 train, 5 val and 10 test rows" in proc.stdout, proc.stdout
+    assert "left out 6 rows: 5 undecodable image, 1 empty caption" in proc.stdout, proc.stdout
+    splits = {s: pq.read_table(sorted((out / s).glob("*.parquet"))).to_pydict() for s in ("train", "val", "test")}
+    assert sorted(set(splits["train"]["image_id"])) == ["1000", "1001", "1002"]  # restval trained on
+    assert set(splits["val"]["image_id"]) == {"1003"} and set(splits["test"]["image_id"]) == {"1004", "1006"}
+    assert sorted(splits["test"]["caption"])[:2] == ["picture 4 caption 0", "picture 4 caption 1"]
+    assert not (out / "test" / "folds.json").exists()  # three test images fill no 1K fold
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": [{"filename": "a.jpg", "split": "dev", "sentences": []}]}')
+    proc = subprocess.run([sys.executable, str(repo_root / "jobs/prepare_data.py"), "--karpathy", str(bad), "--images",
+                           str(images), "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("vcl-dist: error: bad.json: images[0]")

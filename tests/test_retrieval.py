@@ -238,3 +238,29 @@ def test_bad_inputs_end_in_one_line(trained_run, corpus, tmp_path, capsys):
     assert search.main(["--model", outcome.run_path, "--corpus", str(other), "--text", "a red circle"]) == 1
     err = capsys.readouterr().err
     assert "holds 3-d embeddings" in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_averages_the_test_splits_1k_folds(trained_run, tmp_path, capsys):
+    cfg, outcome = trained_run
+    source = resolve_source(cfg.data)
+    val = pq.read_table(source.val)
+    data = tmp_path / "data"
+    for split in ("val", "test"):
+        (data / split).mkdir(parents=True)
+        pq.write_table(val, data / split / f"{split}-00000.parquet")
+    image_ids = sorted(set(val.column("image_id").to_pylist()))
+    half = len(image_ids) // 2
+    (data / "test" / "folds.json").write_text(json.dumps({"protocol": "test-1k", "folds": [image_ids[:half], image_ids[half:]]}))
+    overrides = ["data.source=parquet", f"data.train_path={data / 'val'}", f"data.val_path={data / 'val'}",
+                 f"data.classes_path={Path(source.classes_path)}"]
+    evaluate = load_job("evaluate")
+    assert evaluate.main(["--model", outcome.run_path, "--out", str(tmp_path / "folds"), "--split", "test", "--protocol", "1k",
+                          *overrides]) == 0
+    folded = json.loads((tmp_path / "folds" / "metrics.json").read_text())
+    whole = outcome.history[-1]
+    assert folded["folds"] == 2 and folded["num_images"] == len(image_ids) / 2 and whole["val_num_images"] == len(image_ids)
+    # Half the distractors per query: recall can only be as good or better, fold by fold.
+    assert folded["t2i_r1"] >= whole["val_t2i_r1"] - 1e-9 and folded["i2t_r1"] >= whole["val_i2t_r1"] - 1e-9
+    capsys.readouterr()
+    assert evaluate.main(["--model", outcome.run_path, "--out", str(tmp_path / "x"), "--protocol", "1k", *overrides]) == 1
+    assert "--protocol 1k: no folds.json in" in capsys.readouterr().err

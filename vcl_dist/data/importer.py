@@ -109,6 +109,7 @@ class RowValidator:
         n = len(sources)
         labels = [self._label(v) for v in batch.get("label", [None] * n)]
         image_ids = batch.get("image_id")
+        given_splits = batch.get("split")  # a Karpathy file's, else drawn from the image id
         out = {name: [] for name in ("key", "image", "caption", "label", "image_id", "split")}
         bad = []
         for i in range(n):
@@ -116,6 +117,8 @@ class RowValidator:
             reason = reason or caption_problem(batch["caption"][i])
             if reason is None and labels[i] is None:
                 reason = "bad label"
+            if reason is None and given_splits is not None and given_splits[i] not in ("train", "val", "test"):
+                reason = "bad split"
             if reason:
                 bad.append((sources[i], reason))
                 continue
@@ -127,7 +130,7 @@ class RowValidator:
             out["caption"].append(caption)
             out["label"].append(labels[i] if labels[i] >= 0 else None)
             out["image_id"].append(image_id)
-            out["split"].append(split_of(image_id, self.val_fraction))
+            out["split"].append(given_splits[i] if given_splits is not None else split_of(image_id, self.val_fraction))
         if bad:
             import ray
 
@@ -165,8 +168,13 @@ def check_inputs(captions: str | None, images: str | None, webdataset: str | Non
 
 
 def import_dataset(*, out: str, captions: str | None = None, images: str | None = None, webdataset: str | None = None,
-                   rows_per_shard: int = 10_000, val_fraction: float = 0.1, s3=None) -> ImportReport:
-    """Write ``out/train``, ``out/val`` (Parquet shards) and ``out/val/classes.txt`` (class names)."""
+                   karpathy: str | None = None, rows_per_shard: int = 10_000, val_fraction: float = 0.1,
+                   s3=None) -> ImportReport:
+    """Write ``out/train``, ``out/val`` (Parquet shards) and ``out/val/classes.txt`` (class names);
+    from a Karpathy split file (``karpathy``, images under ``images``), its own train (with
+    restval), val and test splits, and ``out/test/folds.json`` (the 1K test folds)."""
+    if karpathy is not None:
+        return import_karpathy(out=out, karpathy=karpathy, images=images, rows_per_shard=rows_per_shard, s3=s3)
     import ray
     import ray.data
 
@@ -204,11 +212,12 @@ def import_dataset(*, out: str, captions: str | None = None, images: str | None 
     validated.write_parquet(staging, filesystem=out_fs, partition_cols=["split"], min_rows_per_file=rows_per_shard,
                             max_rows_per_file=rows_per_shard)
     report = ImportReport(classes=classes)
-    for split in ("train", "val"):
+    for split in ("train", "val", "test"):
         source = f"{staging}/split={split}"
         target = f"{out_path}/{split}"
         if out_fs.get_file_info(source).type == pafs.FileType.NotFound:
-            report.rows_written[split] = 0
+            if split != "test":  # only Karpathy files have a test split
+                report.rows_written[split] = 0
             continue
         out_fs.create_dir(target, recursive=True)
         rows = 0
@@ -224,4 +233,26 @@ def import_dataset(*, out: str, captions: str | None = None, images: str | None 
     reasons, examples = ray.get(log.summary.remote())
     report.bad_rows.update(reasons)
     report.examples = examples
+    return report
+
+
+def import_karpathy(*, out: str, karpathy: str, images: str | None, rows_per_shard: int, s3=None) -> ImportReport:
+    """:func:`import_dataset` of a Karpathy split file (see :mod:`.karpathy`)."""
+    import json
+    import tempfile
+
+    from .karpathy import FOLDS_FILE, read_karpathy, write_rows_jsonl
+
+    if images is None or not os.path.isdir(images):
+        raise FileNotFoundError(f"--images: no folder at {images}")
+    dataset = read_karpathy(karpathy)
+    with tempfile.TemporaryDirectory() as folder:
+        table = os.path.join(folder, f"{dataset.name}.jsonl")
+        write_rows_jsonl(dataset.rows, table)
+        report = import_dataset(out=out, captions=table, images=images, rows_per_shard=rows_per_shard, s3=s3)
+    folds = dataset.test_folds()
+    if report.rows_written.get("test") and folds:
+        out_fs, out_path = filesystem_for(out, s3)
+        write_text_atomically(out_fs, f"{out_path}/test/{FOLDS_FILE}",
+                              json.dumps({"protocol": f"{dataset.name}-1k", "folds": folds}))
     return report

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -46,6 +47,28 @@ def evaluate_table(model: RetrievalModel, table: pa.Table, class_names: Sequence
             model.model, model.tokenizer, class_names, prompt_template, embeddings, model.device,
             model.config.data.max_text_length, model.normalized,
         )
+    return metrics
+
+
+def evaluate_folds(model: RetrievalModel, table: pa.Table, folds: Sequence[Sequence[str]], class_names: Sequence[str] | None,
+                   ks: Sequence[int] = (1, 5, 10), prompt_template: str | Sequence[str] = "a photo of a {}") -> dict[str, float]:
+    """:func:`evaluate_table` on each fold of images (their ``image_id`` lists: COCO's 1K test
+    protocol), every metric averaged over the folds; ``folds``: how many.
+
+    Raises:
+        ValueError: a fold none of whose images is in the table (one line).
+    """
+    from ..data.preprocess import stable_id
+
+    groups = table["image_group"].to_numpy(zero_copy_only=False)
+    per_fold = []
+    for number, fold in enumerate(folds):
+        mask = np.isin(groups, np.array([stable_id(str(i)) for i in fold], dtype=np.int64))
+        if not mask.any():
+            raise ValueError(f"fold {number + 1} of {len(folds)}: none of its {len(fold)} images is in the split")
+        per_fold.append(evaluate_table(model, table.filter(pa.array(mask)), class_names, ks, prompt_template))
+    metrics = {key: float(np.mean([m[key] for m in per_fold])) for key in per_fold[0] if all(key in m for m in per_fold)}
+    metrics["folds"] = float(len(folds))
     return metrics
 
 

@@ -35,7 +35,23 @@ class EmbeddingJob:
     use_gpu: bool
 
 
-def plan_embedding(model_path: str, model: RetrievalModel, cfg: Config, split: Literal["train", "val"], *,
+def test_split_path(source: DatasetSource) -> str:
+    """The ``test`` split beside the val split (what the importer writes for a Karpathy file).
+
+    Raises:
+        FileNotFoundError: the data has no test split there (one line).
+    """
+    from ..storage import GLOB_CHARACTERS, exists
+
+    if source.driver_local or any(c in source.val for c in GLOB_CHARACTERS):
+        raise FileNotFoundError("--split test: the data has no test split (a Karpathy import writes one beside val/)")
+    path = source.val.rstrip("/").rsplit("/", 1)[0] + "/test"
+    if not exists(source.filesystem, path):
+        raise FileNotFoundError(f"--split test: no test split at {path} (a Karpathy import writes one beside val/)")
+    return path
+
+
+def plan_embedding(model_path: str, model: RetrievalModel, cfg: Config, split: Literal["train", "val", "test"], *,
                    use_gpu: bool | Literal["auto"] = "auto", actors: int | None = None, batch_size: int = 256,
                    thumbnail_size: int = 96) -> EmbeddingJob:
     """Connect to Ray and build the (lazy) embedding dataset of one split of ``cfg.data``."""
@@ -45,7 +61,7 @@ def plan_embedding(model_path: str, model: RetrievalModel, cfg: Config, split: L
 
     print(f"vcl-dist: {connect_ray(2)}", flush=True)
     source = resolve_source(cfg.data, cfg.s3)
-    path = source.val if split == "val" else source.train
+    path = {"val": source.val, "train": source.train}.get(split) or test_split_path(source)
     resources = ray.cluster_resources()
     gpu = resources.get("GPU", 0) >= 1 if use_gpu == "auto" else bool(use_gpu)
     if actors is None:
