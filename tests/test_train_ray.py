@@ -231,6 +231,29 @@ def test_a_clip_model_fine_tunes_with_its_image_tower_locked_and_exports_back_to
     assert config["data"]["resize"] == "shorter_side" and config["model"]["embed_dim"] == 16
 
 
+@pytest.mark.e2e
+def test_a_locked_image_towers_features_are_computed_once_and_train_as_the_tower_would(local_ray, tiny_shapes_overrides,
+                                                                                        repo_root, tmp_path, capsys):
+    features = tmp_path / "features"
+    overrides = [*tiny_shapes_overrides, f"run.storage_path={tmp_path}", "train.epochs=2", "model.image.lock=true",
+                 "data.augment=false", f"data.features_path={features}"]
+    cached = run_training(load_config(repo_root / "jobs/configs/default.yaml", [*overrides, "run.name=cached"]))
+    out = capsys.readouterr().out
+    assert "computed the locked image tower's features of 512 rows once" in out
+    folders = [p for p in features.iterdir() if p.is_dir()]
+    assert len(folders) == 1 and (folders[0] / "_complete.json").is_file()
+    every_step = run_training(load_config(repo_root / "jobs/configs/default.yaml",
+                                          [*overrides, "run.name=every-step", "train.cache_locked_features=false"]))
+    # The same steps: the tower's outputs read back, or the tower run on the same pixels every step.
+    for read, ran in zip(cached.history, every_step.history):
+        assert read["step_losses"] == pytest.approx(ran["step_losses"], abs=1e-5)
+    assert cached.history[-1]["val_rsum"] == pytest.approx(every_step.history[-1]["val_rsum"], abs=1e-6)
+    again = run_training(load_config(repo_root / "jobs/configs/default.yaml", [*overrides, "run.name=again",
+                                                                               "train.epochs=1"]))
+    assert "features of " in capsys.readouterr().out and len(again.history) == 1  # found, not computed again
+    assert [p for p in features.iterdir() if p.is_dir()] == folders
+
+
 def _processes_titled(word: str) -> list[int]:
     """Pids whose command line (Ray sets it to ``ray::<actor class>...``) contains ``word``."""
     pids = []

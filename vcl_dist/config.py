@@ -68,6 +68,9 @@ class DataConfig(Section):
     resize_side: int | None = Field(None, ge=16, le=2048, description="shorter_side: the side before the centre crop; "
                                     "default: image_size")
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    features_path: str | None = Field(None, description="where a locked image tower's outputs are stored once computed "
+                                      "(shared storage on a multi-node cluster); default: _features beside the training "
+                                      "shards (the built-in data: in cache_dir)")
 
     @model_validator(mode="after")
     def _paths_for_parquet(self) -> "DataConfig":
@@ -170,6 +173,8 @@ class TrainConfig(Section):
     checkpoint_every_minutes: float | None = Field(None, gt=0, description="also checkpoint inside epochs once this much "
                                                    "wall time has passed since the last checkpoint (spot instances)")
     max_steps: int | None = Field(None, ge=1, description="stop (with a checkpoint) after this many steps in all")
+    cache_locked_features: bool = Field(True, description="with model.image.lock (no unlocked groups) and data.augment "
+                                        "off: compute the image tower's outputs once (Ray Data) and train on them")
     micro_batch_size: int | None = Field(None, ge=1, description="run the towers in micro-batches of this many rows "
                                          "with cached embedding gradients (GradCache): activations of one micro-batch at "
                                          "a time, the same gradient; default: the whole local batch at once")
@@ -368,8 +373,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), b
 
 
 # Config keys that name local files or folders (or URIs, which stay as they are).
-LOCAL_PATH_KEYS = ("data.train_path", "data.val_path", "data.classes_path", "data.cache_dir", "run.storage_path",
-                   "tune.storage_path")
+LOCAL_PATH_KEYS = ("data.train_path", "data.val_path", "data.classes_path", "data.cache_dir", "data.features_path",
+                   "run.storage_path", "tune.storage_path")
 
 
 def resolve_local_paths(cfg: Config, base_dir: str | Path | None = None) -> Config:

@@ -38,8 +38,12 @@ class Preprocessor:
     """
 
     def __init__(self, tokenizer, image_size: int | ImageGeometry, max_text_length: int, augment: bool,
-                 seed: int | Sequence[int] = 0, default_shard: str = "unknown", num_classes: int | None = None):
+                 seed: int | Sequence[int] = 0, default_shard: str = "unknown", num_classes: int | None = None,
+                 decode_images: bool = True):
         self.tokenizer = tokenizer
+        # False: the pictures' features come from elsewhere (a locked tower's, computed once);
+        # the batch gets no ``image`` column here and its rows are judged by caption and label.
+        self.decode_images = decode_images
         self.num_classes = num_classes
         # ``image_size``: the geometry of the tower's input (a side alone: the whole picture squashed to it).
         self.geometry = image_size if isinstance(image_size, ImageGeometry) else ImageGeometry(image_size)
@@ -60,8 +64,8 @@ class Preprocessor:
         n = len(keys)
         valid = np.ones(n, dtype=np.uint8)
         side = self.geometry.size
-        images = np.zeros((n, 3, side, side), dtype=np.uint8)
-        for i, data in enumerate(batch["image"]):
+        images = np.zeros((n, 3, side, side) if self.decode_images else (n, 0), dtype=np.uint8)
+        for i, data in enumerate(batch["image"] if self.decode_images else ()):
             try:
                 rng = np.random.default_rng([*self.seed, stable_id(keys[i])]) if self.augment else None
                 images[i] = decode_image(data, self.geometry, rng)

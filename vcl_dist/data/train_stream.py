@@ -26,6 +26,7 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockAccessor, BlockMetadata
 
 from .epoch_plan import EpochOrder, Ranges, RowRead, WorkerEpoch
+from .feature_store import read_unit_features
 from .images import ImageGeometry
 from .preprocess import Preprocessor
 from .shard_format import pylist_columns, to_shard_columns
@@ -86,8 +87,9 @@ def put_driver_tables(units: list[TrainUnit]) -> list[TrainUnit]:
     return staged
 
 
-def read_unit_rows(filesystem: pafs.FileSystem, unit: TrainUnit, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """The raw shard columns (and ``path``) of ``rows`` of ``unit``."""
+def read_unit_rows(filesystem: pafs.FileSystem, unit: TrainUnit, rows: np.ndarray, images: bool = True) -> dict[str, np.ndarray]:
+    """The raw shard columns (and ``path``) of ``rows`` of ``unit``; ``images=False``: Parquet
+    shards are read without their image column (its features are read instead)."""
     if unit.kind == "tar":
         from .webdataset import read_tar_rows
 
@@ -99,7 +101,9 @@ def read_unit_rows(filesystem: pafs.FileSystem, unit: TrainUnit, rows: np.ndarra
             table = ray.get(unit.table)
         else:
             with filesystem.open_input_file(unit.path) as file:
-                table = pq.ParquetFile(file).read_row_groups(list(unit.row_groups))
+                shard = pq.ParquetFile(file)
+                names = None if images else [n for n in shard.schema_arrow.names if n != "image"]
+                table = shard.read_row_groups(list(unit.row_groups), columns=names)
         if len(rows) and int(rows[-1]) >= table.num_rows:
             raise ValueError(f"{unit.path}: {table.num_rows} rows where {unit.rows} were planned "
                              "(was the file changed during the run?)")
@@ -108,13 +112,24 @@ def read_unit_rows(filesystem: pafs.FileSystem, unit: TrainUnit, rows: np.ndarra
     return columns
 
 
-def run_read(filesystem: pafs.FileSystem, unit: TrainUnit, read: RowRead, batch_rows: int, make_preprocessor) -> Iterator:
-    """One read task: the read's rows, preprocessed ``batch_rows`` at a time, with their stream positions."""
-    columns = read_unit_rows(filesystem, unit, read.rows)
+def run_read(filesystem: pafs.FileSystem, unit: TrainUnit, read: RowRead, batch_rows: int, make_preprocessor,
+             features: str | None = None) -> Iterator:
+    """One read task: the read's rows, preprocessed ``batch_rows`` at a time, with their stream
+    positions. ``features``: the folder of the locked image tower's outputs (:mod:`.feature_store`),
+    which stand in the ``image`` column (``float32 [B, F]``) instead of decoded pictures."""
+    columns = read_unit_rows(filesystem, unit, read.rows, images=features is None)
+    computed = read_unit_features(filesystem, features, read.unit, read.rows) if features else None
+    if computed is not None and list(computed["key"]) != [str(k) for k in columns["key"]]:
+        raise ValueError(f"{features}: the features of unit {read.unit} are not of {unit.path}'s rows "
+                         "(were the shards changed after they were computed?)")
     preprocess = make_preprocessor()
     for start in range(0, len(read.rows), batch_rows):
-        out = preprocess({name: values[start:start + batch_rows] for name, values in columns.items()})
-        out["position"] = read.positions[start:start + batch_rows]
+        part = slice(start, start + batch_rows)
+        out = preprocess({name: values[part] for name, values in columns.items()})
+        if computed is not None:
+            out["image"] = computed["features"][part]
+            out["valid"] = out["valid"] & computed["valid"][part]
+        out["position"] = read.positions[part]
         yield BlockAccessor.batch_to_block(out)
 
 
@@ -122,10 +137,10 @@ class PlannedReads(Datasource):
     """A Ray Data source with one read task per planned read, in plan order."""
 
     def __init__(self, filesystem: pafs.FileSystem, units: list[TrainUnit], reads: list[RowRead], batch_rows: int,
-                 make_preprocessor):
+                 make_preprocessor, features: str | None = None):
         super().__init__()
         self.filesystem, self.units, self.reads = filesystem, units, reads
-        self.batch_rows, self.make_preprocessor = batch_rows, make_preprocessor
+        self.batch_rows, self.make_preprocessor, self.features = batch_rows, make_preprocessor, features
 
     def get_name(self) -> str:
         return "ReadPlannedTrainRows"
@@ -136,7 +151,7 @@ class PlannedReads(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
         return [
             ReadTask(functools.partial(run_read, self.filesystem, self.units[read.unit], read, self.batch_rows,
-                                       self.make_preprocessor),
+                                       self.make_preprocessor, self.features),
                      BlockMetadata(num_rows=len(read.rows), size_bytes=None, exec_stats=None,
                                    input_files=(self.units[read.unit].path,)),
                      per_task_row_limit=per_task_row_limit)
@@ -159,6 +174,7 @@ class TrainSplit:
     batch_rows: int  # rows a read task preprocesses at a time
     num_classes: int | None = None
     preprocess_workers: int | None = None
+    features: str | None = None  # the locked image tower's outputs (feature_store), read instead of pictures
     orders: dict = field(default_factory=dict, repr=False)  # epoch -> EpochOrder, computed once per worker
 
     @property
@@ -183,12 +199,13 @@ class TrainSplit:
 
         plan = self.worker_epoch(epoch, ranges)
         make_preprocessor = functools.partial(Preprocessor, self.tokenizer, self.image_size, self.max_text_length,
-                                              augment=self.augment, seed=(self.seed, epoch), num_classes=self.num_classes)
+                                              augment=self.augment, seed=(self.seed, epoch), num_classes=self.num_classes,
+                                              decode_images=self.features is None)
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # blocks in plan order, not in finishing order
         context.enable_progress_bars = False  # one worker's pipeline of many: the driver reports progress
         dataset = ray.data.read_datasource(
-            PlannedReads(self.filesystem, self.units, plan.reads, self.batch_rows, make_preprocessor),
+            PlannedReads(self.filesystem, self.units, plan.reads, self.batch_rows, make_preprocessor, self.features),
             override_num_blocks=max(1, len(plan.reads)), num_cpus=1,
             **({"concurrency": self.preprocess_workers} if self.preprocess_workers else {}),
         )

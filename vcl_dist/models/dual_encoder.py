@@ -50,12 +50,19 @@ class DualEncoder(nn.Module):
         return self
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Pictures ``[B, 3, H, W]`` (uint8, or floats in [0, 1]) -> ``[B, D]``; or the image
+        tower's own outputs ``[B, F]`` (a locked tower's, computed once) -> their projection."""
+        if images.dim() == 2 and images.is_floating_point():
+            return self.image_projection(images.to(self.image_projection.weight.dtype))
         if images.dtype == torch.uint8:
             images = images.float().div_(255.0)
         images = (images - self.image_mean) / self.image_std
+        return self.image_projection(self.image_features(images))
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised pictures -> the image tower's outputs ``[B, F]`` (without autograd when it is locked whole)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not is_fully_locked(self.image_tower)):
-            features = self.image_tower(images)
-        return self.image_projection(features)
+            return self.image_tower(images)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # Drop the padding columns every caption of the batch has: a shorter sequence is
