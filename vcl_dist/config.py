@@ -68,6 +68,8 @@ class DataConfig(Section):
     resize_side: int | None = Field(None, ge=16, le=2048, description="shorter_side: the side before the centre crop; "
                                     "default: image_size")
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    crop_offset: Literal["floor", "round"] = Field("floor", description="shorter_side: the centre crop's offset rounded "
+                                                   "down (Hugging Face's processors) or to nearest (torchvision's, OpenCLIP)")
     features_path: str | None = Field(None, description="where a locked image tower's outputs are stored once computed "
                                       "(shared storage on a multi-node cluster); default: _features beside the training "
                                       "shards (the built-in data: in cache_dir)")
@@ -123,8 +125,11 @@ class TextTowerConfig(Section):
 
 
 class ModelConfig(Section):
-    init: str | None = Field(None, description="a Hugging Face CLIPModel (hub name or local folder) to start both towers, "
-                             "the projections, tokenizer, image preprocessing and logit scale from")
+    init: str | None = Field(None, description="a Hugging Face CLIPModel (hub name or local folder), or open_clip:<name> "
+                             "(an OpenCLIP architecture, or open_clip:local-dir:<folder>), to start both towers, the "
+                             "projections, tokenizer, image preprocessing and logit scale from")
+    init_weights: str | None = Field(None, description="open_clip:<architecture>: its weights (a local file or an "
+                                     "OpenCLIP pretrained tag)")
     embed_dim: int = Field(128, ge=2, le=8192)
     image: ImageTowerConfig = ImageTowerConfig()
     text: TextTowerConfig = TextTowerConfig()
@@ -399,7 +404,8 @@ def resolve_local_paths(cfg: Config, base_dir: str | Path | None = None) -> Conf
         if value and "://" not in value:
             setattr(getattr(cfg, section), leaf, absolute(value))
     # Pretrained names are local paths only when they name something that exists (else a hub name).
-    for section, leaf in ((cfg.model.text, "pretrained"), (cfg.model, "init"), (cfg.model.image, "weights")):
+    for section, leaf in ((cfg.model.text, "pretrained"), (cfg.model, "init"), (cfg.model, "init_weights"),
+                          (cfg.model.image, "weights")):
         value = getattr(section, leaf)
         if value and "://" not in value and Path(absolute(value)).exists():
             setattr(section, leaf, absolute(value))

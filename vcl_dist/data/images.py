@@ -109,11 +109,12 @@ class ImageGeometry:
     resize: str = "squash"
     resize_side: int | None = None
     interpolation: str = "bilinear"
+    crop_offset: str = "floor"  # or "round": torchvision's CenterCrop (OpenCLIP), half a pixel apart on odd margins
 
     @classmethod
     def of(cls, data_cfg) -> "ImageGeometry":
         """The geometry a ``DataConfig`` (or a model's saved one) describes."""
-        return cls(data_cfg.image_size, data_cfg.resize, data_cfg.resize_side, data_cfg.interpolation)
+        return cls(data_cfg.image_size, data_cfg.resize, data_cfg.resize_side, data_cfg.interpolation, data_cfg.crop_offset)
 
     def apply(self, image: Image.Image) -> Image.Image:
         resample = Image.BICUBIC if self.interpolation == "bicubic" else Image.BILINEAR
@@ -125,7 +126,10 @@ class ImageGeometry:
         new_long = int(side * long / short)
         new_w, new_h = (side, new_long) if w <= h else (new_long, side)
         image = image.resize((new_w, new_h), resample)
-        left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
+        if self.crop_offset == "round":
+            left, top = int(round((new_w - self.size) / 2.0)), int(round((new_h - self.size) / 2.0))
+        else:
+            left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
         return image.crop((left, top, left + self.size, top + self.size))
 
     @property

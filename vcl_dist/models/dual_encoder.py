@@ -10,6 +10,7 @@ from torch import nn
 from ..config import ModelConfig
 from .image_tower import build_image_tower
 from .locking import is_fully_locked, keep_locked_modules_in_eval, lock_tower
+from .open_clip_towers import is_open_clip
 from .text_tower import build_text_tower
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)
@@ -105,7 +106,19 @@ def build_dual_encoder(cfg: ModelConfig, vocab_size: int, max_text_length: int, 
     ``tower_configs`` saved with a model: build its structure from them and read no pretrained
     weights (the model's own weights are loaded next).
     """
-    if cfg.init or (saved_towers and "clip" in saved_towers):
+    if (saved_towers and "open_clip" in saved_towers) or is_open_clip(cfg.init):
+        from .open_clip_towers import open_clip_config, open_clip_parts, saved_open_clip_parts
+
+        if saved_towers:
+            parts, config = saved_open_clip_parts(saved_towers["open_clip"]), saved_towers["open_clip"]
+        else:
+            parts, config = open_clip_parts(cfg.init, cfg.init_weights), open_clip_config(cfg.init)
+        model = DualEncoder(parts.image_tower, parts.text_tower, parts.visual_projection.out_features, similarity,
+                            cfg.image.mean, cfg.image.std)
+        model.image_projection, model.text_projection = parts.visual_projection, parts.text_projection
+        model.tower_configs = {"open_clip": config}
+        model.register_buffer("logit_scale", torch.tensor(parts.logit_scale))
+    elif cfg.init or (saved_towers and "clip" in saved_towers):
         from .clip_towers import clip_parts
 
         parts = clip_parts(None if saved_towers else cfg.init, config=(saved_towers or {}).get("clip"))

@@ -12,6 +12,7 @@ encoder's pooling (``auto``) is read from its sentence-transformers folder the s
 from __future__ import annotations
 
 from ..config import Config, ConfigError
+from .open_clip_towers import is_open_clip
 from .text_tower import sentence_transformers_pooling
 
 # PIL's resampling filters by number (what image processors save), as data.interpolation names them.
@@ -31,7 +32,7 @@ def adopt_pretrained_settings(cfg: Config, log=print) -> Config:
     if cfg.model.text.pretrained and cfg.model.text.pooling == "auto":
         cfg.model.text.pooling = sentence_transformers_pooling(cfg.model.text.pretrained) or "mean"
     if cfg.model.init:
-        changes = adopt_clip_settings(cfg)
+        changes = adopt_open_clip_settings(cfg) if is_open_clip(cfg.model.init) else adopt_clip_settings(cfg)
         if changes:
             log(f"vcl-dist: model.init {cfg.model.init} sets " + ", ".join(f"{key}={value}" for key, value in changes.items()))
     return cfg
@@ -68,6 +69,38 @@ def adopt_clip_settings(cfg: Config) -> dict:
         "model.image.mean": [float(v) for v in processor.image_mean], "model.image.std": [float(v) for v in processor.image_std],
         "model.embed_dim": int(config.projection_dim),
     }
+    changes = set_values(cfg, wanted)
+    check_text_length(cfg, config.text_config.max_position_embeddings)
+    return changes
+
+
+def adopt_open_clip_settings(cfg: Config) -> dict:
+    """Set ``cfg``'s preprocessing and embedding size from the OpenCLIP model ``model.init``."""
+    from .open_clip_towers import open_clip_parts
+
+    try:
+        parts = open_clip_parts(cfg.model.init, cfg.model.init_weights, load_weights=False)
+    except (ValueError, OSError) as err:
+        raise ConfigError(" ".join(str(err).split())[:300]) from None
+    preprocess = parts.preprocess
+    if preprocess.get("resize_mode", "shortest") != "shortest" or preprocess.get("interpolation", "bicubic") not in ("bicubic",
+                                                                                                                    "bilinear"):
+        raise ConfigError(f"model.init: {cfg.model.init} resizes {preprocess.get('resize_mode')} with "
+                          f"{preprocess.get('interpolation')}; vcl-dist does shortest-side resizes, bicubic or bilinear")
+    size = int(preprocess["size"])
+    wanted = {
+        "data.image_size": size, "data.resize": "shorter_side", "data.resize_side": size,
+        "data.interpolation": preprocess.get("interpolation", "bicubic"), "data.crop_offset": "round",
+        "model.image.mean": [float(v) for v in preprocess["mean"]], "model.image.std": [float(v) for v in preprocess["std"]],
+        "model.embed_dim": parts.visual_projection.out_features,
+    }
+    changes = set_values(cfg, wanted)
+    check_text_length(cfg, parts.text_tower.positional_embedding.shape[0])
+    return changes
+
+
+def set_values(cfg: Config, wanted: dict) -> dict:
+    """Set dotted keys of ``cfg``; the ones whose value changed."""
     changes = {}
     for key, value in wanted.items():
         section, leaf = key.rsplit(".", 1)
@@ -77,8 +110,10 @@ def adopt_clip_settings(cfg: Config) -> dict:
         if getattr(owner, leaf) != value:
             setattr(owner, leaf, value)
             changes[key] = value
-    positions = config.text_config.max_position_embeddings
+    return changes
+
+
+def check_text_length(cfg: Config, positions: int) -> None:
     if cfg.data.max_text_length > positions:
         raise ConfigError(f"data.max_text_length ({cfg.data.max_text_length}) is longer than model.init's text tower "
                           f"reads ({positions} tokens)")
-    return changes

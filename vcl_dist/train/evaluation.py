@@ -27,8 +27,9 @@ class ValCache:
     filled: bool = False
 
     def fill(self, batch_size: int) -> None:
-        for batch in ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=batch_size, collate_fn=collate_rows):
-            batch, _, bad_shards = drop_bad_rows(batch)
+        # numpy batches collated here (a function as iter_torch_batches' collate_fn is deprecated in Ray).
+        for rows in ray.train.get_dataset_shard("val").iter_batches(batch_size=batch_size, batch_format="numpy"):
+            batch, _, bad_shards = drop_bad_rows(collate_rows(rows))
             self.bad_rows += len(bad_shards)
             self.by_shard.update(bad_shards)
             if len(batch["image"]):

@@ -108,7 +108,8 @@ def locked_image_features(cfg: Config, source, units, tokenizer, use_gpu: bool, 
         UnitFeatures, batch_size=1, num_gpus=1 if use_gpu else 0, num_cpus=1,
         fn_constructor_kwargs={"model": model, "shards": source.filesystem, "features": filesystem, "folder": folder,
                                "units": units, "geometry": geometry, "batch_size": cfg.eval.batch_size, "use_amp": use_amp},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(actors, len(todo)))),
+        # A fixed pool: every actor loads the tower once, and the units are few and even.
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(actors, len(todo)))),
     ).take_all()
     rows = sum(int(r["rows"]) for r in done)
     mark_complete(filesystem, folder, len(units), model.image_tower.out_features)

@@ -24,6 +24,7 @@ from ..data.datasets import (
 from ..data.tokenizer import load_pretrained_tokenizer, train_wordpiece
 from ..data.train_stream import TrainUnit
 from ..models import check_model_config
+from ..models.open_clip_towers import is_open_clip, open_clip_tokenizer
 from ..models.pretrained import adopt_pretrained_settings
 from ..ray_cluster import JobNeeds, check_cluster_fits, connect_ray, cpus_for_training
 from ..storage import display_uri, exists, filesystem_for, write_text_atomically
@@ -65,6 +66,8 @@ def _use_gpu(cfg: Config) -> bool:
 def build_tokenizer(cfg: Config, source: DatasetSource | None):
     """The pretrained model's tokenizer (``model.init``'s, else the text tower's), or a WordPiece
     fitted to the training captions."""
+    if is_open_clip(cfg.model.init):
+        return open_clip_tokenizer(cfg.model.init)
     pretrained = cfg.model.init or cfg.model.text.pretrained
     if pretrained:
         return load_pretrained_tokenizer(pretrained)
