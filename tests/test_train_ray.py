@@ -232,14 +232,15 @@ def test_a_clip_model_fine_tunes_with_its_image_tower_locked_and_exports_back_to
 
 
 @pytest.mark.e2e
-def test_a_locked_image_towers_features_are_computed_once_and_train_as_the_tower_would(local_ray, tiny_shapes_overrides,
+def test_locked_towers_features_are_computed_once_and_train_as_the_towers_would(local_ray, tiny_shapes_overrides,
                                                                                         repo_root, tmp_path, capsys):
     features = tmp_path / "features"
+    # Both towers locked: only the projections train, on features read back for both.
     overrides = [*tiny_shapes_overrides, f"run.storage_path={tmp_path}", "train.epochs=2", "model.image.lock=true",
-                 "data.augment=false", f"data.features_path={features}"]
+                 "model.text.lock=true", "data.augment=false", f"data.features_path={features}"]
     cached = run_training(load_config(repo_root / "jobs/configs/default.yaml", [*overrides, "run.name=cached"]))
     out = capsys.readouterr().out
-    assert "computed the locked image tower's features of 512 rows once" in out
+    assert "computed the locked image tower's and text tower's features of 512 rows once" in out
     folders = [p for p in features.iterdir() if p.is_dir()]
     assert len(folders) == 1 and (folders[0] / "_complete.json").is_file()
     every_step = run_training(load_config(repo_root / "jobs/configs/default.yaml",

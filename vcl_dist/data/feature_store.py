@@ -1,14 +1,15 @@
-"""A locked image tower's outputs, computed once per training read unit and read back by row.
+"""Locked towers' outputs, computed once per training read unit and read back by row.
 
-When the image tower is locked whole and the pictures are not augmented, every epoch would run
-the same tower on the same pixels. Its outputs (the pooled features the trainable projection
-takes) are instead computed once (:mod:`vcl_dist.train.locked_features`) into one Parquet file
-per read unit of the training plan — ``unit-<index>.parquet`` with ``key``, ``valid`` (0: the
-picture could not be decoded) and ``features`` — under a folder named by a fingerprint of the
-tower's weights, the picture geometry and the units. Training then reads a unit's rows from its
-file instead of decoding pictures, in the same order as the plan reads the rows themselves.
-A file is written whole or not at all, and ``_complete.json`` is written last: an interrupted
-computation continues with the units it had not finished.
+When a tower is locked whole (and, for pictures, not augmented), every epoch would run it on
+the same inputs. Its outputs (the pooled features its trainable projection takes) are instead
+computed once (:mod:`vcl_dist.train.locked_features`) into one Parquet file per read unit of the
+training plan — ``unit-<index>.parquet`` with ``key`` and, per locked tower, ``image`` / ``text``
+(the features) and ``image_valid`` / ``text_valid`` (0: the picture could not be decoded, the
+caption is unusable) — under a folder named by a fingerprint of the towers' weights, the input
+preparation and the units. Training then reads a unit's rows from its file instead of running
+the tower, in the same order as the plan reads the rows themselves. A file is written whole or
+not at all, and ``_complete.json`` is written last: an interrupted computation continues with
+the units it had not finished.
 """
 
 from __future__ import annotations
@@ -28,36 +29,47 @@ def unit_file(folder: str, index: int) -> str:
     return f"{folder}/unit-{index:06d}.parquet"
 
 
-def features_fingerprint(tower_state: dict, geometry, units) -> str:
-    """What the features depend on: the tower's weights, how pictures are prepared, which rows."""
+def features_fingerprint(parts: list, units) -> str:
+    """What the features depend on: ``parts`` (the towers' state dicts, how inputs are prepared),
+    and which rows."""
     digest = hashlib.blake2b(digest_size=12)
-    for name in sorted(tower_state):
-        digest.update(name.encode())
-        digest.update(np.ascontiguousarray(tower_state[name].detach().cpu().float().numpy()).tobytes())
-    digest.update(repr(geometry).encode())
+    for part in parts:
+        if isinstance(part, dict):  # a state dict
+            for name in sorted(part):
+                digest.update(name.encode())
+                digest.update(np.ascontiguousarray(part[name].detach().cpu().float().numpy()).tobytes())
+        else:
+            digest.update(repr(part).encode())
     for unit in units:
         digest.update(f"{unit.kind}|{unit.path}|{list(unit.row_groups)}|{unit.offset}|{unit.rows}".encode())
     return digest.hexdigest()
 
 
-def write_unit_features(filesystem: pafs.FileSystem, folder: str, index: int, keys, valid: np.ndarray,
-                        features: np.ndarray) -> None:
-    """One unit's features, written to a temporary name and moved into place (local), or as one
-    object (S3: a put is all or nothing)."""
-    features = np.ascontiguousarray(features, dtype=np.float32)
-    table = pa.table({"key": pa.array([str(k) for k in keys]), "valid": pa.array(valid.astype(np.uint8)),
-                      "features": pa.FixedSizeListArray.from_arrays(pa.array(features.ravel()), features.shape[1])})
+def _fixed_size(values: np.ndarray) -> pa.Array:
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), values.shape[1])
+
+
+def write_unit_features(filesystem: pafs.FileSystem, folder: str, index: int, keys, towers: dict[str, tuple]) -> None:
+    """One unit's features, ``towers``: ``{"image" | "text": (valid [N], features [N, F])}``;
+    written to a temporary name and moved into place (local), or as one object (S3: a put is
+    all or nothing)."""
+    columns = {"key": pa.array([str(k) for k in keys])}
+    for tower, (valid, features) in towers.items():
+        columns[tower] = _fixed_size(features)
+        columns[f"{tower}_valid"] = pa.array(np.asarray(valid).astype(np.uint8))
     target = unit_file(folder, index)
     local = isinstance(filesystem, pafs.LocalFileSystem)
     staging = f"{target}.partial" if local else target
     with filesystem.open_output_stream(staging) as out:
-        pq.write_table(table, out)
+        pq.write_table(pa.table(columns), out)
     if local:
         filesystem.move(staging, target)
 
 
 def read_unit_features(filesystem: pafs.FileSystem, folder: str, index: int, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """``key``, ``valid`` and ``features`` ``float32 [len(rows), F]`` of ``rows`` of unit ``index``.
+    """``key`` and, per tower the file holds, ``image`` / ``text`` (``float32 [len(rows), F]``) and
+    ``image_valid`` / ``text_valid`` of ``rows`` of unit ``index``.
 
     Raises:
         ValueError: the file holds fewer rows than asked for (one line).
@@ -67,11 +79,13 @@ def read_unit_features(filesystem: pafs.FileSystem, folder: str, index: int, row
     if len(rows) and int(rows[-1]) >= table.num_rows:
         raise ValueError(f"{unit_file(folder, index)}: {table.num_rows} rows, row {int(rows[-1])} asked for")
     table = table.take(pa.array(rows))
-    column = table.column("features").combine_chunks()
-    width = column.type.list_size
-    return {"key": np.array(table.column("key").to_pylist(), dtype=object),
-            "valid": table.column("valid").to_numpy().astype(np.uint8),
-            "features": column.values.to_numpy(zero_copy_only=False).reshape(-1, width).astype(np.float32, copy=False)}
+    out = {"key": np.array(table.column("key").to_pylist(), dtype=object)}
+    for tower in ("image", "text"):
+        if tower in table.column_names:
+            column = table.column(tower).combine_chunks()
+            out[tower] = column.values.to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size).astype(np.float32)
+            out[f"{tower}_valid"] = table.column(f"{tower}_valid").to_numpy().astype(np.uint8)
+    return out
 
 
 def missing_units(filesystem: pafs.FileSystem, folder: str, count: int) -> list[int]:
@@ -83,6 +97,6 @@ def missing_units(filesystem: pafs.FileSystem, folder: str, count: int) -> list[
     return [i for i in range(count) if unit_file(folder, i).rsplit("/", 1)[1] not in present]
 
 
-def mark_complete(filesystem: pafs.FileSystem, folder: str, count: int, width: int) -> None:
+def mark_complete(filesystem: pafs.FileSystem, folder: str, count: int, towers: list[str]) -> None:
     with filesystem.open_output_stream(f"{folder}/{COMPLETE_FILE}") as out:
-        out.write(json.dumps({"units": count, "features": width}).encode())
+        out.write(json.dumps({"units": count, "towers": towers}).encode())

@@ -115,20 +115,22 @@ def read_unit_rows(filesystem: pafs.FileSystem, unit: TrainUnit, rows: np.ndarra
 def run_read(filesystem: pafs.FileSystem, unit: TrainUnit, read: RowRead, batch_rows: int, make_preprocessor,
              features: str | None = None) -> Iterator:
     """One read task: the read's rows, preprocessed ``batch_rows`` at a time, with their stream
-    positions. ``features``: the folder of the locked image tower's outputs (:mod:`.feature_store`),
-    which stand in the ``image`` column (``float32 [B, F]``) instead of decoded pictures."""
-    columns = read_unit_rows(filesystem, unit, read.rows, images=features is None)
-    computed = read_unit_features(filesystem, features, read.unit, read.rows) if features else None
-    if computed is not None and list(computed["key"]) != [str(k) for k in columns["key"]]:
+    positions. ``features``: the folder of locked towers' outputs (:mod:`.feature_store`), which
+    stand in the ``image`` column instead of decoded pictures, and in the ``input_ids`` column
+    instead of tokens (``float32 [B, F]``), for the towers it holds."""
+    computed = read_unit_features(filesystem, features, read.unit, read.rows) if features else {}
+    columns = read_unit_rows(filesystem, unit, read.rows, images="image" not in computed)
+    if computed and list(computed["key"]) != [str(k) for k in columns["key"]]:
         raise ValueError(f"{features}: the features of unit {read.unit} are not of {unit.path}'s rows "
                          "(were the shards changed after they were computed?)")
     preprocess = make_preprocessor()
     for start in range(0, len(read.rows), batch_rows):
         part = slice(start, start + batch_rows)
         out = preprocess({name: values[part] for name, values in columns.items()})
-        if computed is not None:
-            out["image"] = computed["features"][part]
-            out["valid"] = out["valid"] & computed["valid"][part]
+        for tower, column in (("image", "image"), ("text", "input_ids")):
+            if tower in computed:
+                out[column] = computed[tower][part]
+                out["valid"] = out["valid"] & computed[f"{tower}_valid"][part]
         out["position"] = read.positions[part]
         yield BlockAccessor.batch_to_block(out)
 
@@ -174,7 +176,8 @@ class TrainSplit:
     batch_rows: int  # rows a read task preprocesses at a time
     num_classes: int | None = None
     preprocess_workers: int | None = None
-    features: str | None = None  # the locked image tower's outputs (feature_store), read instead of pictures
+    features: str | None = None  # locked towers' outputs (feature_store), read instead of running them
+    feature_towers: tuple[str, ...] = ()  # which: "image", "text"
     orders: dict = field(default_factory=dict, repr=False)  # epoch -> EpochOrder, computed once per worker
 
     @property
@@ -200,7 +203,7 @@ class TrainSplit:
         plan = self.worker_epoch(epoch, ranges)
         make_preprocessor = functools.partial(Preprocessor, self.tokenizer, self.image_size, self.max_text_length,
                                               augment=self.augment, seed=(self.seed, epoch), num_classes=self.num_classes,
-                                              decode_images=self.features is None)
+                                              decode_images=not (self.features and "image" in self.feature_towers))
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # blocks in plan order, not in finishing order
         context.enable_progress_bars = False  # one worker's pipeline of many: the driver reports progress

@@ -66,13 +66,20 @@ class DualEncoder(nn.Module):
             return self.image_tower(images)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Tokens ``[B, L]`` -> ``[B, D]``; or the text tower's own outputs ``[B, H]`` (floats: a
+        locked tower's, computed once) -> their projection."""
+        if input_ids.is_floating_point():
+            return self.text_projection(input_ids.to(self.text_projection.weight.dtype))
+        return self.text_projection(self.text_features(input_ids, attention_mask))
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Tokens -> the text tower's outputs ``[B, H]`` (without autograd when it is locked whole)."""
         # Drop the padding columns every caption of the batch has: a shorter sequence is
         # cheaper and, with the attention mask, gives the same result.
         length = int(attention_mask.sum(1).max().item()) if attention_mask.numel() else 1
         input_ids, attention_mask = input_ids[:, : max(length, 1)], attention_mask[:, : max(length, 1)]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not is_fully_locked(self.text_tower)):
-            features = self.text_tower(input_ids, attention_mask)
-        return self.text_projection(features)
+            return self.text_tower(input_ids, attention_mask)
 
     def forward(self, images, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_image(images), self.encode_text(input_ids, attention_mask)

@@ -30,7 +30,7 @@ from ..ray_cluster import JobNeeds, check_cluster_fits, connect_ray, cpus_for_tr
 from ..storage import display_uri, exists, filesystem_for, write_text_atomically
 from .data_quality import worst_shards
 from .fatal import raise_if_fatal
-from .locked_features import locked_image_features, uses_locked_features
+from .locked_features import feature_towers, locked_features
 
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
@@ -221,10 +221,12 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
     # same seeded order in every run: data.epoch_plan); the val split is one Ray Dataset, whole.
     train_split = build_train_split(source, inputs.train_units, cfg.data, tokenizer, seed=cfg.train.seed,
                                     num_classes=classes)
-    if uses_locked_features(cfg):
+    towers = feature_towers(cfg)
+    if towers:
         # Over the split's own units (the built-in data's are in the object store by now).
-        train_split.features = locked_image_features(cfg, source, train_split.units, tokenizer, use_gpu)
-    elif cfg.model.image.lock and not cfg.model.image.unlocked_groups and cfg.data.augment:
+        train_split.features = locked_features(cfg, source, train_split.units, tokenizer, use_gpu)
+        train_split.feature_towers = towers
+    if cfg.model.image.lock and not cfg.model.image.unlocked_groups and cfg.data.augment:
         print("vcl-dist: the locked image tower runs every step because data.augment is on; with data.augment=false "
               "its outputs are computed once instead", flush=True)
     datasets = {"val": build_split(source, source.val, cfg.data, tokenizer, num_classes=classes)}
