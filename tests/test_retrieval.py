@@ -46,7 +46,8 @@ def test_export_then_load_gives_the_training_models_embeddings(tiny_shapes_overr
                     class_names=["red circle", "blue square"])
 
     exported = export_model(checkpoint, tmp_path / "export")
-    assert sorted(p.name for p in exported.iterdir()) == ["classes.txt", "config.yaml", "history.json", "model.safetensors", "tokenizer"]
+    assert sorted(p.name for p in exported.iterdir()) == ["README.md", "classes.txt", "config.json", "config.yaml", "history.json",
+                                                          "model.safetensors", "tokenizer"]
     loaded = load_model(exported)
     assert loaded.class_names == ["red circle", "blue square"] and loaded.history == [{"epoch": 1, "train_loss": 0.5}]
 
