@@ -296,6 +296,14 @@ def test_an_export_of_a_fine_tuned_clip_loads_in_transformers_with_equal_embeddi
     card = (out / "README.md").read_text()
     assert "library_name: vcl-dist" in card and "| val_rsum | 1.5000 |" in card and "loss:\n  name: infonce" in card
 
+    # What Ray ships to embedding actors: the model's own files, not the clip/ copy of its weights; enough to load it.
+    from vcl_dist.models.artifacts import folder_of_files, model_files
+
+    files = model_files(out)
+    assert "towers.json" in files and not any(name.startswith("clip/") for name in files)
+    with folder_of_files(files) as shipped:
+        assert read_model_folder(shipped).model.tower_configs.keys() == {"clip"}
+
     exported = CLIPModel.from_pretrained(out / "clip").eval()
     processor = CLIPProcessor.from_pretrained(out / "clip")
     assert float(exported.logit_scale.detach()) == pytest.approx(2.5)

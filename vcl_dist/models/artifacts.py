@@ -43,7 +43,7 @@ from ..config import Config, S3Config, dump_config
 from ..data.shard_format import format_class_names, parse_class_names
 from ..storage import display_uri, filesystem_for
 from .dual_encoder import DualEncoder, build_dual_encoder
-from .hub_export import trained_logit_scale, write_hub_files
+from .hub_export import CLIP_DIR, trained_logit_scale, write_hub_files
 
 MODEL_FILE = "model.pt"
 LOSS_FILE = "loss.pt"
@@ -378,9 +378,11 @@ def local_model_folder(path: str | Path, s3: S3Config | None = None) -> Iterator
 
 def model_files(path: str | Path, s3: S3Config | None = None) -> dict[str, bytes]:
     """Every file of the model at ``path`` by relative name: what Ray ships to inference actors
-    on other nodes, which cannot read the driver's disk."""
+    on other nodes, which cannot read the driver's disk. (Not an export's ``clip/`` folder: the
+    same weights again, for transformers.)"""
     with local_model_folder(path, s3) as folder:
-        return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+        return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*"))
+                if f.is_file() and f.relative_to(folder).parts[0] != CLIP_DIR}
 
 
 @contextmanager
