@@ -120,20 +120,12 @@ def build_dual_encoder(cfg: ModelConfig, vocab_size: int, max_text_length: int, 
             parts, config = saved_open_clip_parts(saved_towers["open_clip"]), saved_towers["open_clip"]
         else:
             parts, config = open_clip_parts(cfg.init, cfg.init_weights), open_clip_config(cfg.init)
-        model = DualEncoder(parts.image_tower, parts.text_tower, parts.visual_projection.out_features, similarity,
-                            cfg.image.mean, cfg.image.std)
-        model.image_projection, model.text_projection = parts.visual_projection, parts.text_projection
-        model.tower_configs = {"open_clip": config}
-        model.register_buffer("logit_scale", torch.tensor(parts.logit_scale))
+        model = clip_dual_encoder(parts, {"open_clip": config}, cfg, similarity)
     elif cfg.init or (saved_towers and "clip" in saved_towers):
         from .clip_towers import clip_parts
 
         parts = clip_parts(None if saved_towers else cfg.init, config=(saved_towers or {}).get("clip"))
-        model = DualEncoder(parts.image_tower, parts.text_tower, parts.visual_projection.out_features, similarity,
-                            cfg.image.mean, cfg.image.std)
-        model.image_projection, model.text_projection = parts.visual_projection, parts.text_projection
-        model.tower_configs = {"clip": parts.config}
-        model.register_buffer("logit_scale", torch.tensor(parts.logit_scale))  # CLIP's, for an export back to CLIP
+        model = clip_dual_encoder(parts, {"clip": parts.config}, cfg, similarity)
     else:
         text_config = (saved_towers or {}).get("text")
         text_tower = build_text_tower(cfg.text, vocab_size, max_text_length, pad_token_id, saved_config=text_config)
@@ -145,3 +137,15 @@ def build_dual_encoder(cfg: ModelConfig, vocab_size: int, max_text_length: int, 
         if settings.lock:
             lock_tower(tower, settings.unlocked_groups)
     return model.train()
+
+
+def clip_dual_encoder(parts, tower_configs: dict, cfg: ModelConfig, similarity: str) -> DualEncoder:
+    """A dual encoder of a CLIP model's parts (Hugging Face's or OpenCLIP's): its towers, its own
+    projections (not fresh ones) and its logit scale (a buffer: the InfoNCE loss starts from it,
+    an export back to CLIP keeps it)."""
+    model = DualEncoder(parts.image_tower, parts.text_tower, parts.visual_projection.out_features, similarity,
+                        cfg.image.mean, cfg.image.std)
+    model.image_projection, model.text_projection = parts.visual_projection, parts.text_projection
+    model.tower_configs = tower_configs
+    model.register_buffer("logit_scale", torch.tensor(parts.logit_scale))
+    return model
