@@ -261,6 +261,10 @@ def test_prompt_templates_config():
         load_config(None, ["eval.prompt_templates=['a {} drawn','a drawing']"])
     with pytest.raises(ConfigError, match="eval.prompt_templates must not be empty"):
         load_config(None, ["eval.prompt_templates=[]"])
+    # A second or a named slot would fail at the first evaluation, after an epoch of training: refused here.
+    for bad in ("eval.prompt_templates=['a {} and {}']", "eval.prompt_template='a {} of {name}'"):
+        with pytest.raises(ConfigError, match=r"must take exactly one '\{\}'"):
+            load_config(None, [bad])
 
 
 def test_an_export_of_a_fine_tuned_clip_loads_in_transformers_with_equal_embeddings(clip_folder, tmp_path):

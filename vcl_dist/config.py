@@ -219,12 +219,22 @@ class EvalConfig(Section):
     def _template_has_slot(self) -> "EvalConfig":
         if "{}" not in self.prompt_template:
             raise ValueError("eval.prompt_template must contain '{}' for the class name")
+        templates = [self.prompt_template]
         if isinstance(self.prompt_templates, list):
             if not self.prompt_templates:
                 raise ValueError("eval.prompt_templates must not be empty (null: eval.prompt_template alone)")
             slotless = next((t for t in self.prompt_templates if "{}" not in t), None)
             if slotless is not None:
                 raise ValueError(f"eval.prompt_templates: {slotless!r} has no '{{}}' for the class name")
+            templates += self.prompt_templates
+        for template in templates:
+            # Filled with str.format and one class name at every evaluation: a second slot or a
+            # named one would fail there, after an epoch of training, instead of here.
+            try:
+                template.format("class")
+            except (IndexError, KeyError, ValueError):
+                raise ValueError(f"eval: the prompt template {template!r} must take exactly one '{{}}' "
+                                 "(write a literal brace as '{{' or '}}')") from None
         if any(k < 1 for k in self.recall_ks):
             raise ValueError("eval.recall_ks must be positive")
         return self
