@@ -3,7 +3,9 @@
 Embeds a split (by default the model's own val split; ``data.*`` overrides point at other
 shards, local or ``s3://``) with Ray Data, prints recall@1/5/10 both ways (instance and class
 level), rsum, mean and median ranks and zero-shot accuracy, and writes an HTML report with the
-run's training curves, a recall@K chart and the top results of a few queries (PNG files too).
+run's training curves, where its step time went (a stacked bar per epoch), a recall@K chart and
+the top results of a few queries (PNG files too). A model trained with ``run.trackers: [mlflow]``
+gets the report added to its MLflow run (``evaluation/<split>``).
 """
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ def _run(args: argparse.Namespace) -> int:
                         examples=args.examples, top_k=args.top_k)
     print_metrics(metrics, title=f"{args.split} split, {table.num_rows} rows")
     print(f"report: {page}")
+    from vcl_dist.tracking.mlflow_log import log_report
+
+    run_id = log_report(cfg, args.out, f"evaluation/{args.split}")
+    if run_id:
+        print(f"report added to MLflow run {run_id} (artifacts: evaluation/{args.split})")
     return 0
 
 

@@ -11,7 +11,10 @@ RAY_ADDRESS=local always starts a new local Ray. A cluster too small for the run
 workers + 1 CPU for data) and without an autoscaler stops the job at once, in one line.
 
 A ``run.name`` that exists already is continued only with ``--resume`` (without it: exit 2).
-Prints the run folder and a summary; exit code 2 for a bad config, 1 for a failed run.
+Shows progress inside each epoch (a live bar in a terminal, a line every ``run.progress_every_s``
+seconds in a log) and logs to ``run.trackers`` (TensorBoard event files in ``<run>/tensorboard``
+by default). Prints the run folder and a summary; exit code 2 for a bad config, 1 for a failed
+run (the error in one line, then where the failed workers' logs are and the last metrics).
 """
 
 from __future__ import annotations
@@ -55,11 +58,11 @@ def _run(args: argparse.Namespace) -> int:
         print(f"vcl-dist: resuming run {cfg.run.name} in {cfg.run.storage_path}", flush=True)
     try:
         outcome = run_training(cfg, resume=args.resume)
-    except TrainingFailedError as err:
-        print(f"vcl-dist: training failed: {training_failure_message(err)}", file=sys.stderr)
-        return 1
-    except RunEndedByFatalError as err:  # bad data, a broken checkpoint, a NaN step: not retried
-        print(f"vcl-dist: training failed: {err}", file=sys.stderr)
+    except (TrainingFailedError, RunEndedByFatalError) as err:  # the latter: bad data, a NaN step (not retried)
+        reason = training_failure_message(err) if isinstance(err, TrainingFailedError) else str(err)
+        print(f"vcl-dist: training failed: {reason}", file=sys.stderr)
+        for line in getattr(err, "details", []):  # where the logs are, the last metrics reported
+            print(f"  {line}", file=sys.stderr)
         return 1
     print_summary(outcome)
     return 0

@@ -31,7 +31,7 @@ def tiny_shapes_overrides(tmp_path_factory) -> list[str]:
         "model.text.num_layers=1",
         "train.batch_size=64",
         "train.warmup_steps=2",
-        "train.log_every_steps=4",
+        "run.log_every_steps=4",
         "data.preprocess_batch_size=64",
     ]
 
@@ -57,7 +57,7 @@ def retrieval_train_overrides(tmp_path_factory) -> list[str]:
         "train.epochs=6",
         "train.lr=0.004",
         "train.warmup_steps=10",
-        "train.log_every_steps=50",
+        "run.log_every_steps=50",
         "data.preprocess_batch_size=64",
     ]
 

@@ -38,6 +38,8 @@ def test_two_workers_train_checkpoint_inside_epochs_and_resume_there(local_ray, 
     # equal step for step.
     overrides = [*tiny_shapes_overrides, f"run.storage_path={tmp_path}", "train.epochs=4", "train.checkpoint_every_steps=3"]
     straight = run_training(load_config(repo_root / "jobs/configs/default.yaml", [*overrides, "run.name=straight"]))
+    assert_tensorboard_matches_metrics(Path(straight.run_path), log_every_steps=4)
+    assert_step_time_breakdown(Path(straight.run_path))
     cfg = load_config(repo_root / "jobs/configs/default.yaml", [*overrides, "run.name=ray-train-test", "train.max_steps=20"])
     outcome = run_training(cfg)
 
@@ -88,7 +90,14 @@ def test_two_workers_train_checkpoint_inside_epochs_and_resume_there(local_ray, 
     # train.max_steps stopped goes on to train.epochs.
     capsys.readouterr()
     assert load_job("train").main(["--resume", f"run.storage_path={tmp_path}"]) == 0
-    assert "vcl-dist: run ray-train-test stopped at train.max_steps=20; resuming it to train.epochs=4" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "vcl-dist: run ray-train-test stopped at train.max_steps=20; resuming it to train.epochs=4" in out
+    # Progress inside the epochs, from the driver (stdout is no terminal here: plain lines, the
+    # first at once, then at most one per run.progress_every_s = 30 s), and a line at each end.
+    progress = [line for line in out.splitlines() if line.startswith("vcl-dist: epoch ") and " step " in line]
+    assert progress and progress[0].startswith("vcl-dist: epoch 3/4 step ") and len(progress) <= 3, progress
+    assert [line.split(" done in ")[0] for line in out.splitlines() if " done in " in line] == [
+        "vcl-dist: epoch 3/4", "vcl-dist: epoch 4/4"]
     resumed = json.loads((run / "result.json").read_text())
     assert resumed["run_name"] == "ray-train-test" and resumed["config"]["train"]["epochs"] == 4
     # Epoch 3 finished its remaining 4 steps: 32 in all, not 20 + 8 (a restarted epoch) + 8.
@@ -106,6 +115,46 @@ def test_two_workers_train_checkpoint_inside_epochs_and_resume_there(local_ray, 
     assert resumed["final_metrics"]["train_loss"] == pytest.approx(straight.final_metrics["train_loss"], abs=1e-6, rel=0)
     assert_same_weights(Path(resumed["model"]), Path(straight.model_path))
     assert_errors_that_would_happen_again_end_the_run(tmp_path, Path(resumed["checkpoint"]))
+
+
+def assert_tensorboard_matches_metrics(run: Path, log_every_steps: int) -> None:
+    """The default tracker: TensorBoard event files in the run folder, read with TensorBoard's own
+    reader, hold every epoch's scalars of metrics.jsonl at the epoch's last step, and the loss of
+    every run.log_every_steps-th step (the mean over workers that step_losses keeps)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for epoch in epochs:
+        for key, value in epoch.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                logged = [e.value for e in events.Scalars(key) if e.step == epoch["step"]]
+                assert logged == [pytest.approx(value, rel=1e-6, abs=1e-6)], (key, epoch["epoch"], logged, value)
+    expected, first = {}, 0
+    for epoch in epochs:
+        for index, loss in enumerate(epoch["step_losses"], start=1):
+            if index % log_every_steps == 0:
+                expected[first + index] = loss
+        first = epoch["step"]
+    logged = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert logged == pytest.approx(expected, rel=1e-6), (logged, expected)
+    assert {"train/lr", "train/samples_per_s", "train/data_wait_fraction", "train/margin_violation_fraction"} <= set(
+        events.Tags()["scalars"])
+
+
+def assert_step_time_breakdown(run: Path) -> None:
+    """Every epoch says where its step time went (phases that add up to the step), and
+    result.json keeps the last epoch's."""
+    from vcl_dist.step_phases import PHASES
+
+    result = json.loads((run / "result.json").read_text())
+    breakdown = result["throughput"]["step_time_breakdown"]
+    assert list(breakdown) == list(PHASES) and sum(breakdown.values()) == pytest.approx(1.0)
+    assert breakdown["forward"] > 0 and breakdown["backward"] > 0 and breakdown["gather"] > 0
+    final = result["final_metrics"]
+    assert 0 < final["step_time_s"] * (final["step"] / final["epoch"]) <= final["epoch_time_s"]
+    assert final["peak_rss_gib"] > 0.1 and final["peak_gpu_allocated_gib"] == 0
 
 
 def assert_same_weights(model: Path, other: Path) -> None:
@@ -128,14 +177,23 @@ def assert_errors_that_would_happen_again_end_the_run(storage: Path, checkpoint:
             code = load_job("train").main(["--resume", f"run.storage_path={storage}", "train.epochs=5", "train.max_failures=3",
                                            *overrides])
         assert code == 1
-        return [line for line in err.getvalue().splitlines() if line.startswith("vcl-dist: training failed:")]
+        lines = err.getvalue().splitlines()
+        return [line for n, line in enumerate(lines) if line.startswith("vcl-dist: training failed:") or
+                (line.startswith("  ") and lines[n - 1].startswith(("vcl-dist: training failed:", "  ")))]
 
     # Resumed as VCRL with λ = 1e38: λ·‖U‖² overflows float32 at the next step, which stops
     # before the optimizer moves and names the checkpoint that is still good.
     failures = resume("loss.name=vcrl", "loss.reg_lambda=1e38")
-    assert len(failures) == 1, failures
+    assert len(failures) == 4, failures
     assert failures[0].startswith("vcl-dist: training failed: NonFiniteLossError: step 33 (epoch 5): loss inf")
     assert f"the optimizer step was not taken. Last good checkpoint: {checkpoint}" in failures[0]
+    # Under the one-line error: where each worker's logs are (files that exist), and the last
+    # metrics the run reported (this worker group failed before reporting any: its checkpoint's).
+    for rank, line in enumerate(failures[1:3]):
+        assert line.startswith(f"  rank {rank} logs (node "), line
+        log_file = line.split("): ", 1)[1].split()[0]
+        assert Path(log_file).is_file() and log_file.endswith(".out"), line
+    assert failures[3].startswith(f"  last checkpoint's metrics ({checkpoint}): epoch=4 step=32 train_loss="), failures[3]
 
     # The same checkpoint with its weights file cut short (a full disk, a killed copy): skipped,
     # with a warning that names it, for the checkpoint Ray Train registered before it.
@@ -287,6 +345,8 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint_and_trains_as_if_ne
     # Checkpoints every 3 steps (8 steps an epoch): the kill lands inside an epoch.
     overrides = [*tiny_shapes_overrides, f"run.storage_path={tmp_path}", "train.epochs=4", "train.checkpoint_every_steps=3"]
     straight = run_training(load_config(repo_root / "jobs/configs/default.yaml", [*overrides, "run.name=straight"]))
+    assert_tensorboard_matches_metrics(Path(straight.run_path), log_every_steps=4)
+    assert_step_time_breakdown(Path(straight.run_path))
     # Two uninterrupted runs of one config: the same loss at every step (rows, order, crops,
     # tokenizer and random draws are functions of the config, not of the processes).
     again = run_training(load_config(repo_root / "jobs/configs/default.yaml", [*overrides, "run.name=straight-again"]))

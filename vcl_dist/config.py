@@ -172,7 +172,6 @@ class TrainConfig(Section):
     grad_clip_norm: float | None = Field(1.0, gt=0)
     amp: bool | Literal["auto"] = Field("auto", description="bf16 autocast; auto = on GPU only")
     seed: int = Field(0, ge=0, le=2**63 - 1, description="weights, data order and augmentation")
-    log_every_steps: int = Field(20, ge=1)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the latest checkpoint; -1 = unlimited")
     checkpoint_every_steps: int | None = Field(None, ge=1, description="also checkpoint inside epochs; default: epoch ends only")
     checkpoint_every_minutes: float | None = Field(None, gt=0, description="also checkpoint inside epochs once this much "
@@ -246,6 +245,36 @@ class RunConfig(Section):
     checkpoints_to_keep: int = Field(2, ge=1)
     trained_rows_log: str | None = Field(None, description="a local folder: every worker writes the keys of the rows "
                                          "of every step it trains (an audit of what the model saw)")
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="where the run's metrics go besides metrics.jsonl: TensorBoard "
+        "event files in <run>/tensorboard, MLflow (mlflow.*), Weights & Biases (wandb.*)")
+    log_every_steps: int = Field(20, ge=1, description="tracked step metrics (loss, lr, samples/s, data wait) every this "
+                                 "many steps (one small all-reduce each)")
+    progress_every_s: float = Field(30.0, gt=0, description="without a terminal (job logs): a progress line at most this often")
+
+    @model_validator(mode="after")
+    def _trackers_once(self) -> "RunConfig":
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ValueError(f"run.trackers: each tracker at most once (got {self.trackers})")
+        return self
+
+
+class MlflowConfig(Section):
+    """Where ``run.trackers: [mlflow]`` logs (needs ``pip install 'vcl-dist[mlflow]'``)."""
+
+    tracking_uri: str | None = Field(None, description="a server (http://host:5000) or a database URI; default: "
+                                     "sqlite:///<run.storage_path>/mlflow.db (a local storage path; ./mlflow.db otherwise)")
+    experiment: str = Field("vcl-dist", min_length=1, description="the MLflow experiment; a Tune search logs its trials "
+                            "under the search's own name")
+
+
+class WandbConfig(Section):
+    """Where ``run.trackers: [wandb]`` logs (needs ``pip install 'vcl-dist[wandb]'``)."""
+
+    project: str = Field("vcl-dist", min_length=1)
+    entity: str | None = None
+    mode: Literal["auto", "online", "offline"] = Field("auto", description="auto: online with WANDB_API_KEY set, "
+                                                       "else offline (a run folder to `wandb sync` later)")
 
 
 class Distribution(Section):
@@ -323,7 +352,21 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     run: RunConfig = RunConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    wandb: WandbConfig = WandbConfig()
     tune: TuneConfig = TuneConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        """``train.log_every_steps`` is ``run.log_every_steps`` now: configs saved before (and
+        overrides written for them) still load."""
+        if isinstance(data, dict) and isinstance(data.get("train"), dict) and "log_every_steps" in data["train"]:
+            train = dict(data["train"])
+            run = dict(data.get("run") or {})
+            run["log_every_steps"] = train.pop("log_every_steps")
+            data = {**data, "train": train, "run": run}
+        return data
 
     @property
     def similarity(self) -> Literal["cosine", "squared_distance"]:

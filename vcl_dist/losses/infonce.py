@@ -43,6 +43,10 @@ class InfoNCELoss(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.logit_scale.clamp(max=self.max_log_scale).exp()
 
+    def monitored(self) -> dict[str, torch.Tensor]:
+        """What a tracker plots of this loss besides its value: the learned inverse temperature."""
+        return {"logit_scale": self.scale().detach()}
+
     def forward(self, image_emb, text_emb, labels, groups) -> torch.Tensor:
         image_emb = nn.functional.normalize(image_emb, dim=-1)
         text_emb = nn.functional.normalize(text_emb, dim=-1)

@@ -22,6 +22,7 @@ from functools import cached_property
 
 import torch
 
+from ..step_phases import phase
 from .gather import distributed_world, gather_no_grad, gather_sizes, gather_with_grad
 from .memory import NegativeMemory
 
@@ -150,10 +151,11 @@ def build_pool(image_emb, text_emb, labels, groups, gather: str = "local", memor
     if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
         raise ValueError(f"image and text embeddings must both be [n, D], got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
     rank, world = distributed_world()
-    sizes = gather_sizes(image_emb.shape[0], image_emb.device)
+    with phase("gather"):
+        sizes = gather_sizes(image_emb.shape[0], image_emb.device)
+        all_images, all_texts = gather_with_grad(image_emb, sizes), gather_with_grad(text_emb, sizes)
+        all_labels, all_groups = gather_no_grad(labels, sizes), gather_no_grad(groups, sizes)
     offset, total = sum(sizes[:rank]), sum(sizes)
-    all_images, all_texts = gather_with_grad(image_emb, sizes), gather_with_grad(text_emb, sizes)
-    all_labels, all_groups = gather_no_grad(labels, sizes), gather_no_grad(groups, sizes)
     check_finite("image embeddings", all_images.detach())
     check_finite("text embeddings", all_texts.detach())
 

@@ -132,6 +132,18 @@ class TripletLoss(nn.Module):
             image_emb = nn.functional.normalize(image_emb, dim=-1)
             text_emb = nn.functional.normalize(text_emb, dim=-1)
         pool = build_pool(image_emb, text_emb, labels, groups, self.gather, self.memory)
-        loss = pool.reduce(bidirectional_triplet(pool, self.margin, self.negatives, self.normalize, self.chunk_size))
+        per_anchor = bidirectional_triplet(pool, self.margin, self.negatives, self.normalize, self.chunk_size)
+        self.violations = violation_fraction(per_anchor)
+        loss = pool.reduce(per_anchor)
         enqueue_batch(pool, self.memory)
         return loss
+
+    def monitored(self) -> dict[str, torch.Tensor]:
+        """What a tracker plots of this loss besides its value (tensors, read only when logged)."""
+        return {"margin_violation_fraction": self.violations} if hasattr(self, "violations") else {}
+
+
+def violation_fraction(per_anchor: torch.Tensor) -> torch.Tensor:
+    """The share of this worker's anchors whose margin some negative violates (a positive
+    triplet term), detached: how much of the batch still teaches the model anything."""
+    return (per_anchor.detach() > 0).float().mean()

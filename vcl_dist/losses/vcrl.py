@@ -25,7 +25,7 @@ from .memory import NegativeMemory
 from .negatives import NEGATIVE_SELECTION
 from .pool import build_pool, enqueue_batch
 from .tiled import check_chunk_size
-from .triplet import bidirectional_triplet, triplet_terms
+from .triplet import bidirectional_triplet, triplet_terms, violation_fraction
 
 
 class VCRLLoss(nn.Module):
@@ -75,6 +75,7 @@ class VCRLLoss(nn.Module):
     def forward(self, image_emb, text_emb, labels, groups) -> torch.Tensor:
         pool = build_pool(image_emb, text_emb, labels, groups, self.gather, self.memory)
         per_anchor = bidirectional_triplet(pool, self.margin, self.negatives, normalized=False, chunk_size=self.chunk_size)
+        self.violations = violation_fraction(per_anchor)
         # λ(‖U‖² + ‖V‖²)/N is the anchors' mean of λ(|u_a|² + |v_a|²): reduced like the rest.
         per_anchor = per_anchor + self.reg_lambda * (pool.image_anchors.pow(2).sum(1) + pool.text_anchors.pow(2).sum(1))
         if self.class_embeddings is not None and self.label_weight:
@@ -85,3 +86,7 @@ class VCRLLoss(nn.Module):
         loss = pool.reduce(per_anchor)
         enqueue_batch(pool, self.memory)
         return loss
+
+    def monitored(self) -> dict[str, torch.Tensor]:
+        """What a tracker plots of this loss besides its value (tensors, read only when logged)."""
+        return {"margin_violation_fraction": self.violations} if hasattr(self, "violations") else {}

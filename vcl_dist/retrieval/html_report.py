@@ -18,6 +18,7 @@ import pyarrow as pa
 import torch
 
 from ..evaluate import distinct_images, retrieval_metrics, zero_shot_accuracy
+from ..step_phases import PHASES
 from .contact_sheet import contact_sheet
 from .model import RetrievalModel
 from .search import fixed_size_lists_to_numpy
@@ -82,6 +83,8 @@ def write_report(out_dir: str | Path, *, model: RetrievalModel, table: pa.Table,
     figures = []
     if history:
         figures.append(("Training curves", _training_curves(history, out / PLOTS_DIR / "training_curves.png")))
+        if any(step_time_breakdown(m) for m in history):
+            figures.append(("Where the step time went", _step_time_chart(history, out / PLOTS_DIR / "step_time.png")))
     figures.append(("Recall@K", _recall_chart(metrics, ks, out / PLOTS_DIR / "recall_at_k.png")))
     # Converted once for both kinds of example query.
     rows = {**table_embeddings(table), "thumbnail": table["thumbnail"].to_pylist(), "caption": table["caption"].to_pylist()}
@@ -117,6 +120,34 @@ def _training_curves(history: list[dict], path: Path) -> Path:
     recall_ax.legend(fontsize=8)
     for ax in (loss_ax, recall_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def step_time_breakdown(epoch: dict) -> dict[str, float]:
+    """``{phase: fraction of the step time}`` of an epoch's metrics (empty for runs from before
+    the breakdown was measured)."""
+    return {name: epoch[f"step_{name}_fraction"] for name in PHASES if f"step_{name}_fraction" in epoch}
+
+
+def _step_time_chart(history: list[dict], path: Path) -> Path:
+    """A stacked bar per epoch: each phase's share of the step (labelled with the step's mean time)."""
+    plt = _plt()
+    epochs = [m for m in history if step_time_breakdown(m)]
+    phases = list(step_time_breakdown(epochs[0]))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(epochs) + 3), 3.6))
+    positions = list(range(len(epochs)))
+    bottom = [0.0] * len(epochs)
+    colors = plt.get_cmap("tab10")
+    for index, name in enumerate(phases):
+        shares = [step_time_breakdown(m).get(name, 0.0) for m in epochs]
+        ax.bar(positions, shares, bottom=bottom, label=name, color=colors(index % 10), width=0.7)
+        bottom = [b + v for b, v in zip(bottom, shares)]
+    ax.set_xticks(positions, [f"{m['epoch']}\n{m.get('step_time_s', 0) * 1000:.0f} ms" for m in epochs], fontsize=8)
+    ax.set(title="step time by phase (share of the mean step)", xlabel="epoch, mean step time", ylim=(0, 1.0))
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..precision import autocast
+from ..step_phases import phase
 
 
 def micro_batches(rows: int, size: int) -> list[slice]:
@@ -52,7 +53,7 @@ def cached_gradient_backward(model, criterion, batch: dict, device: torch.device
     parts = micro_batches(batch["image"].shape[0], micro_batch_size)
     states, images, texts = [], [], []
     statistics = _norm_statistics(model)
-    with torch.no_grad():
+    with torch.no_grad(), phase("forward"):
         for part in parts:
             states.append(_random_state(device))
             with autocast(device, use_amp):
@@ -64,14 +65,17 @@ def cached_gradient_backward(model, criterion, batch: dict, device: torch.device
     after_first_pass = _random_state(device)
     image_emb, text_emb = torch.cat(images).requires_grad_(), torch.cat(texts).requires_grad_()
     del images, texts
-    loss = criterion(image_emb, text_emb, batch["label"], batch["group"])
-    loss.backward()  # the embeddings' gradient: every worker's terms, through the gather
+    with phase("loss"):
+        loss = criterion(image_emb, text_emb, batch["label"], batch["group"])
+    with phase("backward"):
+        loss.backward()  # the embeddings' gradient: every worker's terms, through the gather
     for index, part in enumerate(parts):
         last = index == len(parts) - 1
         _set_random_state(states[index], device)
         with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-            with autocast(device, use_amp):
+            with phase("forward"), autocast(device, use_amp):  # again, with a graph this time
                 image_part, text_part = model(batch["image"][part], batch["input_ids"][part], batch["attention_mask"][part])
-            torch.autograd.backward([image_part.float(), text_part.float()], [image_emb.grad[part], text_emb.grad[part]])
+            with phase("backward"):
+                torch.autograd.backward([image_part.float(), text_part.float()], [image_emb.grad[part], text_emb.grad[part]])
     _set_random_state(after_first_pass, device)
     return loss.detach()

@@ -31,6 +31,8 @@ from ..losses import build_loss
 from ..losses.gather import distributed_world
 from ..models import build_dual_encoder
 from ..models.artifacts import save_checkpoint, save_memory_shard
+from ..step_phases import PhaseClock, phase
+from ..tracking.monitor import worker_location
 from .data_quality import BadDataError, worst_shards
 from .evaluation import ValCache, evaluate_on_val
 from .fatal import ModelBuildError, NonFiniteLossError, end_run_on_fatal_error
@@ -54,17 +56,20 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     for epoch in range(start.epoch, cfg.train.epochs):
         run.model.train()
         ranges, carried = start.position(epoch, run.data, run.world)  # every rank's rows of the epoch still to train on
-        progress = EpochProgress(epoch, carried, cfg.data.max_bad_fraction, run.local_batch * run.world)
+        progress = EpochProgress(epoch, carried, cfg.data.max_bad_fraction, run.local_batch * run.world, run.phase_clock())
         epoch_steps = progress.steps + min(range_rows(share) for share in ranges) // run.local_batch
+        run.epoch_started(progress, epoch_steps)
         batches, upcoming, stopped_inside_epoch = upcoming or run.epoch_batches(epoch, ranges), None, False
-        for batch in lockstep(batches, run.device, progress.waits):
+        for batch in lockstep(batches, run.device, progress.waits, progress.clock):
             run.record_trained_rows(batch, epoch)
             batch, rows, bad_shards = drop_bad_rows(batch)
             progress.bad_rows.add(rows, bad_shards)
             progress.add(run.train_step(batch, epoch))
-            if progress.steps % cfg.train.log_every_steps == 0:
+            if progress.steps % cfg.run.log_every_steps == 0:
                 progress.bad_rows.check(run.device)  # a collective: every worker, same steps
-                run.log(progress.log_line(cfg.train.epochs, epoch_steps, run.scheduler.get_last_lr()[0]))
+                run.track_step(progress)  # a collective too
+            progress.clock.end_step()
+            run.show_progress(progress, epoch_steps)
             if progress.steps < epoch_steps and (run.checkpoint_due() or run.reached_max_steps()):
                 # A checkpoint inside the epoch: what a restart needs to finish it.
                 run.report({"epoch": epoch, "step": run.step, "epoch_step": progress.steps, "world_size": run.world,
@@ -137,9 +142,15 @@ class WorkerRun:
         self.rows_log = TrainedRowsLog(cfg.run.trained_rows_log, self.rank) if cfg.run.trained_rows_log else None
         self.val_cache = ValCache()
         self.worker_nodes = 1
+        # Rank 0's numbers go to the driver (progress, trackers); every worker says where its logs are.
+        self.monitor = loop_config.get("monitor")
+        self.last_progress = float("-inf")
+        quiet_worker_output()
 
     def announce(self, start: ResumePoint) -> None:
         self.worker_nodes, group_start = count_worker_nodes()  # a collective
+        if self.monitor is not None:
+            self.monitor.register.remote(self.rank, worker_location())
         if self.rows_log is not None:
             self.rows_log.group = group_start
         if start.step:
@@ -158,6 +169,37 @@ class WorkerRun:
     def log(self, line: str) -> None:
         if self.rank == 0:
             print(line, flush=True)
+
+    def push(self, record: dict) -> None:
+        """Rank 0: a record for the driver (fire and forget: never waits on the driver)."""
+        if self.rank == 0 and self.monitor is not None:
+            self.monitor.push.remote(record)
+
+    def phase_clock(self) -> PhaseClock:
+        """This epoch's step-time clock: every step on a CPU; on a GPU, one step in
+        ``run.log_every_steps``, synchronised at every phase boundary (which costs the overlap)."""
+        if self.device.type != "cuda":
+            return PhaseClock()
+        torch.cuda.reset_peak_memory_stats(self.device)  # peak memory per epoch
+        return PhaseClock(sync=lambda: torch.cuda.synchronize(self.device), every=self.cfg.run.log_every_steps)
+
+    def epoch_started(self, progress: EpochProgress, epoch_steps: int) -> None:
+        self.push({"kind": "epoch_start", "epoch": progress.epoch, "epochs": self.cfg.train.epochs,
+                   "epoch_steps": epoch_steps, "done": progress.steps})
+
+    def show_progress(self, progress: EpochProgress, epoch_steps: int) -> None:
+        """Rank 0, at most twice a second: where the epoch is (the driver decides what to print)."""
+        if self.rank == 0 and self.monitor is not None:
+            now = time.monotonic()
+            if now - self.last_progress >= PROGRESS_INTERVAL_S or progress.steps == epoch_steps:
+                self.last_progress = now
+                self.push(progress.progress_record(epoch_steps))
+
+    def track_step(self, progress: EpochProgress) -> None:
+        """The step metrics every ``run.log_every_steps`` steps (a collective; rank 0 sends them)."""
+        monitored = self.criterion.monitored() if hasattr(self.criterion, "monitored") else {}
+        metrics = progress.step_metrics(self.device, self.scheduler.get_last_lr()[0], monitored)
+        self.push({"kind": "step", "step": self.step, "metrics": metrics})
 
     def epoch_batches(self, epoch: int, ranges: list) -> Iterator:
         """This worker's batches of ``epoch`` over its share of ``ranges`` (every rank's), collated."""
@@ -217,7 +259,8 @@ class WorkerRun:
         # reported to Ray: lists are no metric to plot or to tune on (metrics.HISTORY_ONLY).
         self.history.append({**metrics, "bad_shards": bad_shards, "val_bad_shards": worst_shards(self.val_cache.by_shard),
                              "step_losses": step_losses})
-        self.log("vcl-dist: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+        self.push({"kind": "epoch", "step": self.step,
+                   "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}})
 
     def report(self, metrics: dict, epoch: int, running_sums: dict | None, epoch_rows: dict | None = None) -> None:
         """Every worker reports (a barrier); rank 0 attaches a checkpoint with every worker's RNG
@@ -250,11 +293,14 @@ class WorkerRun:
         return {"history": self.history, "stopped_at_step": self.step} if stopped else {"history": self.history}
 
 
+# Rank 0 sends its progress to the driver at most this often.
+PROGRESS_INTERVAL_S = 0.5
+
 # A step needs at least this many usable rows on every worker (an anchor and a negative).
 MIN_ROWS_PER_STEP = 2
 
 
-def lockstep(batches: Iterator, device: torch.device, waits: list[float]) -> Iterator:
+def lockstep(batches: Iterator, device: torch.device, waits: list[float], clock: PhaseClock | None = None) -> Iterator:
     """Yield batches while *every* worker still has one.
 
     Collectives (the gather in the loss, DDP's all-reduce) hang if one worker takes a step
@@ -263,19 +309,25 @@ def lockstep(batches: Iterator, device: torch.device, waits: list[float]) -> Ite
     ``MIN_ROWS_PER_STEP`` usable rows, so a batch of bad rows stops all workers at once with
     :class:`BadDataError` (which is not retried) rather than one of them. The time spent
     waiting for the data iterator alone (not for the other workers) is appended to ``waits``.
+    ``clock``: each step begins on it where its batch is waited for (the consumer ends it).
     """
     _, world = distributed_world()
+    clock = clock or PhaseClock()
     while True:
-        started = time.perf_counter()
-        batch = next(batches, None)
-        waits.append(time.perf_counter() - started)
+        clock.begin_step()
+        with phase("data_wait"):
+            started = time.perf_counter()
+            batch = next(batches, None)
+            waits.append(time.perf_counter() - started)
         usable_rows = int(batch["valid"].sum()) if batch is not None else 0
         flags = [0 if batch is None else 1, 1 if usable_rows >= MIN_ROWS_PER_STEP else 0]
         if world > 1:
-            reduced = torch.tensor(flags, device=device)
-            dist.all_reduce(reduced, op=dist.ReduceOp.MIN)
-            flags = reduced.tolist()
+            with phase("sync"):
+                reduced = torch.tensor(flags, device=device)
+                dist.all_reduce(reduced, op=dist.ReduceOp.MIN)
+                flags = reduced.tolist()
         if flags[0] == 0:
+            clock.cancel_step()
             return
         if flags[1] == 0:
             raise BadDataError(f"a training batch had fewer than {MIN_ROWS_PER_STEP} usable rows on some worker "
@@ -308,6 +360,24 @@ def fetch_first_ahead(batches: Iterator) -> Iterator:
             yield from batches
 
     return chained()
+
+
+def quiet_worker_output() -> None:
+    """Keep a worker's output to what a user reads: no Ray Data progress bars (each worker's
+    would print its own lines into the job's log) or per-dataset execution notices, and no
+    dump of every report's metrics by Ray Train (the driver shows progress and metrics)."""
+    import logging
+
+    import ray.data
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:  # Ray Train V2 logs each report at INFO under its file's path (no public switch)
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
 
 
 def latest_checkpoint_path() -> str | None:

@@ -27,7 +27,12 @@ from ..models import check_model_config
 from ..models.open_clip_towers import is_open_clip, open_clip_tokenizer
 from ..models.pretrained import adopt_pretrained_settings
 from ..ray_cluster import JobNeeds, check_cluster_fits, connect_ray, cpus_for_training
+from ..step_phases import PHASES
 from ..storage import display_uri, exists, filesystem_for, write_text_atomically
+from ..tracking import RunIdentity, open_trackers
+from ..tracking.monitor import start_monitor
+from ..tracking.progress import ProgressView
+from ..tracking.watcher import RunWatcher
 from .data_quality import worst_shards
 from .fatal import raise_if_fatal
 from .locked_features import feature_towers, locked_features
@@ -176,17 +181,23 @@ def resume_config(cfg: Config, overrides: Sequence[str] = ()) -> Config:
 
 
 def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequence = (), *,
-                 resume: bool = False) -> TrainingOutcome:
+                 resume: bool = False, trial: TrialInfo | None = None) -> TrainingOutcome:
     """Train with Ray Train as ``cfg`` says, write the run folder, export the model.
 
     ``inputs``: from :func:`prepare_inputs` (computed here when not given); ``callbacks``: Ray
     Train callbacks, such as Tune's ``TuneReportCallback`` when this run is a trial; ``resume``:
     continue the run ``cfg.run.name`` (see :func:`resume_config`). Without it, a run of that name
-    must not exist yet — Ray Train would silently continue it, under another config.
+    must not exist yet — Ray Train would silently continue it, under another config. ``trial``:
+    this run is a Tune trial (its trackers group it under the search).
+
+    While it runs, rank 0's progress and metrics reach this process (:mod:`vcl_dist.tracking`):
+    progress on the console, metrics to ``run.trackers``. A failed run's error carries
+    ``details``: where the failed workers' logs are and the last metrics reported.
 
     Raises:
         ConfigError: ``run.name`` names an existing run and ``resume`` is False (one line).
     """
+    import ray
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -203,6 +214,9 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
     if not resume and exists(storage, f"{storage_path}/{name}"):
         raise ConfigError(f"run.name={name}: a run of that name exists in {display_uri(storage_path, storage)}; "
                           "continue it with --resume or choose another run.name")
+    if cfg.run.name != name:  # saved with the run: an evaluation finds the run's tracker entries by it
+        cfg = cfg.model_copy(deep=True)
+        cfg.run.name = name
     workers = cfg.train.num_workers
     print(f"vcl-dist: {connect_ray(cpus_for_training(workers, cfg.train.cpus_per_worker))}", flush=True)
     use_gpu = _use_gpu(cfg)
@@ -229,8 +243,15 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
     if cfg.model.image.lock and not cfg.model.image.unlocked_groups and cfg.data.augment:
         print("vcl-dist: the locked image tower runs every step because data.augment is on; with data.augment=false "
               "its outputs are computed once instead", flush=True)
+    # Every Ray Data run from here on executes on the workers: no progress bars from there.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = {"val": build_split(source, source.val, cfg.data, tokenizer, num_classes=classes)}
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
+    identity = RunIdentity(name, storage, storage_path, display_uri(f"{storage_path}/{name}", storage), resumed=resume,
+                           group=trial.experiment if trial else None, searched=trial.searched if trial else {})
+    trackers = open_trackers(cfg, identity)  # a tracker that cannot start stops the run here, in one line
+    monitor = start_monitor()
+    watcher = RunWatcher(monitor, trackers, ProgressView(cfg.run.progress_every_s))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -238,6 +259,7 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
             "tokenizer": tokenizer,
             "class_names": class_names,
             "train_split": train_split,
+            "monitor": monitor,
         },
         # Ray Train picks nccl when the workers have GPUs and gloo otherwise.
         # Elastic with train.min_workers: Ray Train starts with as many workers as fit (up to
@@ -263,9 +285,23 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     started = time.perf_counter()
-    result = trainer.fit()
+    watcher.start()
+    try:
+        result = trainer.fit()
+        raise_if_fatal(result.return_value)
+    except BaseException as err:
+        watcher.close()
+        failed_ranks = sorted(getattr(err, "worker_failures", None) or {}) or None
+        # Shown under the one-line error (jobs/train.py): the failed workers' logs, the last metrics.
+        err.details = watcher.failure_lines(failed_ranks) or []
+        if not any(line.startswith("last") for line in err.details):
+            err.details += last_checkpoint_metrics(storage, f"{storage_path}/{name}")
+        watcher.finish(failed=True)
+        ray.kill(monitor)
+        raise
     wall = time.perf_counter() - started
-    raise_if_fatal(result.return_value)
+    watcher.close()
+    ray.kill(monitor)
     history = (result.return_value or {}).get("history", [])
     final = dict(history[-1]) if history else dict(result.metrics or {})
     run_path = result.path
@@ -288,6 +324,10 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
             "bad_rows_worst_shards": worst_shard_rows(history, "bad_shards"),
             "val_bad_rows_worst_shards": worst_shard_rows(history[-1:], "val_bad_shards"),
             "wall_time_s": wall,
+            # Where the last epoch's step time went (fractions add up to 1; step_phases.PHASES).
+            "step_time_s": final.get("step_time_s"),
+            "step_time_breakdown": {name: final[f"step_{name}_fraction"] for name in PHASES
+                                    if f"step_{name}_fraction" in final},
         },
         "num_workers": workers,
         "use_gpu": use_gpu,
@@ -296,7 +336,48 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
     write_text_atomically(storage, f"{run_path}/{METRICS_FILE}", "".join(json.dumps(m) + "\n" for m in history))
     write_text_atomically(storage, f"{run_path}/config.yaml", dump_config(cfg))
     write_text_atomically(storage, f"{run_path}/{RESULT_FILE}", json.dumps(summary, indent=2))
+    log_run_artifacts(watcher, storage, run_path, model_path)
+    watcher.finish(failed=False)
     return TrainingOutcome(summary["run_path"], final, history, summary["checkpoint"], summary["model"])
+
+
+@dataclass
+class TrialInfo:
+    """A Tune trial's place in its search, for the trackers."""
+
+    experiment: str
+    searched: dict
+
+
+def last_checkpoint_metrics(storage, run_root: str) -> list[str]:
+    """A line with the metrics of the run's newest checkpoint (a worker group that failed before
+    it reported anything of its own: a resumed run that fails at once)."""
+    from ..models.artifacts import newest_checkpoint, registered_metrics
+    from ..tracking.monitor import short_metrics
+
+    try:
+        checkpoint = newest_checkpoint(storage, run_root)
+        metrics = registered_metrics(storage, checkpoint) if checkpoint else {}
+    except OSError:
+        return []
+    return [f"last checkpoint's metrics ({display_uri(checkpoint, storage)}): {short_metrics(metrics)}"] if metrics else []
+
+
+def log_run_artifacts(watcher: RunWatcher, storage, run_path: str, model_path: str | None) -> None:
+    """Hand the exported model and the run's files to the trackers that keep artifacts (MLflow)."""
+    import pyarrow.fs as pafs
+
+    if not any(t.name == "mlflow" for t in watcher.trackers):
+        return
+    with tempfile.TemporaryDirectory() as staging:
+        local = pafs.LocalFileSystem()
+        for file in (RESULT_FILE, METRICS_FILE, "config.yaml"):
+            pafs.copy_files(f"{run_path}/{file}", f"{staging}/run/{file}", source_filesystem=storage,
+                            destination_filesystem=local)
+        watcher.log_artifacts(f"{staging}/run", "run")
+        if model_path:
+            pafs.copy_files(model_path, f"{staging}/model", source_filesystem=storage, destination_filesystem=local)
+            watcher.log_artifacts(f"{staging}/model", "model")
 
 
 def default_run_name() -> str:

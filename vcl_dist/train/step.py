@@ -16,6 +16,7 @@ from torch.nn.utils import clip_grad_norm_, get_total_norm
 from ..data.shard_format import TENSOR_COLUMNS
 from ..losses.gather import average_gradients
 from ..precision import autocast
+from ..step_phases import phase
 from .grad_cache import cached_gradient_backward
 
 
@@ -53,25 +54,29 @@ def train_step(model, criterion, optimizer, scheduler, batch: dict[str, torch.Te
             before ``optimizer.step``, so the weights stay as they were. The gradient norm is
             taken after DDP's all-reduce, so every worker reaches the same verdict.
     """
-    batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
+    with phase("h2d"):
+        batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
     optimizer.zero_grad(set_to_none=True)
     if micro_batch_size and micro_batch_size < batch["image"].shape[0]:
         loss = cached_gradient_backward(model, criterion, batch, device, use_amp, micro_batch_size)
     else:
-        with autocast(device, use_amp):
+        with phase("forward"), autocast(device, use_amp):
             image_emb, text_emb = model(batch["image"], batch["input_ids"], batch["attention_mask"])
-        # The loss runs in float32: distances and softmaxes over the pool lose too much in bf16.
-        loss = criterion(image_emb.float(), text_emb.float(), batch["label"], batch["group"])
-        loss.backward()
-    average_gradients(criterion.parameters())
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if grad_clip_norm:
-        grad_norm = clip_grad_norm_(params, grad_clip_norm)
-    else:
-        grad_norm = get_total_norm([p.grad for p in params if p.grad is not None])
-    loss_value, norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()  # one host sync
-    if not (np.isfinite(loss_value) and np.isfinite(norm_value)):
-        raise NonFiniteStepError(f"loss {loss_value:.4g}, gradient norm {norm_value:.4g}")
-    optimizer.step()
-    scheduler.step()
+        with phase("loss"):
+            # The loss runs in float32: distances and softmaxes over the pool lose too much in bf16.
+            loss = criterion(image_emb.float(), text_emb.float(), batch["label"], batch["group"])
+        with phase("backward"):  # through the gather, and DDP's gradient all-reduce
+            loss.backward()
+    with phase("optimizer"):
+        average_gradients(criterion.parameters())
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if grad_clip_norm:
+            grad_norm = clip_grad_norm_(params, grad_clip_norm)
+        else:
+            grad_norm = get_total_norm([p.grad for p in params if p.grad is not None])
+        loss_value, norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()  # one host sync
+        if not (np.isfinite(loss_value) and np.isfinite(norm_value)):
+            raise NonFiniteStepError(f"loss {loss_value:.4g}, gradient norm {norm_value:.4g}")
+        optimizer.step()
+        scheduler.step()
     return loss_value

@@ -91,7 +91,7 @@ def run_trial(sampled: dict, *, base: dict, inputs, runs_uri: str) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ..train.runner import RESULT_FILE, run_training
+    from ..train.runner import RESULT_FILE, TrialInfo, run_training
 
     cfg = override_values(Config.model_validate(base), sampled)
     trial = tune.get_context().get_trial_id()
@@ -103,7 +103,9 @@ def run_trial(sampled: dict, *, base: dict, inputs, runs_uri: str) -> None:
         return
     cfg.run.name = trial if not attempts else f"{trial}-{len(attempts) + 1}"
     cfg.run.storage_path = runs_uri
-    run_training(cfg, inputs, callbacks=[TuneReportCallback()])
+    # Tracked as a run of its own (MLflow experiment / W&B group: the search's name).
+    experiment = runs_uri.rstrip("/").rsplit("/", 2)[-2]
+    run_training(cfg, inputs, callbacks=[TuneReportCallback()], trial=TrialInfo(experiment, sampled))
 
 
 def trial_attempts(storage, root: str, trial: str) -> list[str]:
