@@ -88,21 +88,98 @@ def test_readme_job_submit_trains_or_stops_in_one_line(token_head, repo_root, ti
     assert "Traceback" not in logs and "Traceback" not in output
 
 
-def test_submitted_job_trains_and_writes_result(token_head, repo_root, tiny_shapes_overrides, tmp_path):
-    """The fix the one-line error suggests: half a CPU per worker leaves one for the data tasks."""
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on loopback (sqlite store, proxied artifacts), stopped with
+    its worker processes at the end."""
+    import signal
+    import time
+    import urllib.request
+
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    server = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                               "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+                               "--artifacts-destination", str(folder / "artifacts")],
+                              stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def test_submitted_job_trains_tracks_and_shows_progress(token_head, mlflow_server, repo_root, tiny_shapes_overrides,
+                                                          tmp_path):
+    """The fix the one-line error suggests (half a CPU per worker leaves one for the data
+    tasks), tracked by all three trackers: a real MLflow server, W&B offline (no key, no
+    network), TensorBoard; each read back with its own reader equals metrics.jsonl. The job's
+    log (no terminal) shows progress inside the epoch as a few plain lines, no progress bar per
+    worker and no false warning."""
+    from mlflow.tracking import MlflowClient
+    from tracked_metrics import assert_tensorboard_matches_metrics, epoch_scalars, logged_step_losses, read_epochs
+    from wandb_records import history
+
     address, env, _, _ = token_head
     storage = tmp_path / "runs"
-    job = submit(address, env, repo_root, "python", "jobs/train.py", *tiny_shapes_overrides, "train.epochs=1",
-                 "train.cpus_per_worker=0.5", f"run.storage_path={storage}", "run.name=submitted", job_id="vcl-test-job")
+    job = submit(address, env, repo_root, "python", "jobs/train.py", *tiny_shapes_overrides, "train.epochs=2",
+                 "train.cpus_per_worker=0.5", f"run.storage_path={storage}", "run.name=submitted",
+                 "run.trackers=[tensorboard,mlflow,wandb]", f"mlflow.tracking_uri={mlflow_server}",
+                 "mlflow.experiment=job-submit", job_id="vcl-test-job")
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     assert "succeeded" in (job.stdout + job.stderr).lower()
 
     status = subprocess.run([str(BIN / "ray"), "job", "status", f"--address={address}", "vcl-test-job"],
                             env=env, capture_output=True, text=True, timeout=60)
     assert "succeeded" in (status.stdout + status.stderr).lower()
-    result = json.loads((storage / "submitted" / "result.json").read_text())
-    assert result["final_metrics"]["epoch"] == 1
+    run = storage / "submitted"
+    result = json.loads((run / "result.json").read_text())
+    assert result["final_metrics"]["epoch"] == 2
     assert result["num_workers"] == 2
+
+    logs = subprocess.run([str(BIN / "ray"), "job", "logs", f"--address={address}", "vcl-test-job"], env=env,
+                          capture_output=True, text=True, timeout=60).stdout
+    lines = logs.splitlines()
+    for epoch in (1, 2):  # progress inside each epoch: the first line at once, then one per 30 s at most
+        progress = [line for line in lines if line.startswith(f"vcl-dist: epoch {epoch}/2 step ")]
+        assert 1 <= len(progress) <= 2, logs[-4000:]
+        assert sum(line.startswith(f"vcl-dist: epoch {epoch}/2 done in ") for line in lines) == 1, logs[-4000:]
+    assert not [line for line in lines if "%|" in line or "Running Dataset" in line or "Reporting training result" in line]
+    assert "does not have any available CPUs" not in logs and "Traceback" not in logs
+
+    epochs = read_epochs(run)
+    assert_tensorboard_matches_metrics(run, log_every_steps=4)
+    expected_losses = logged_step_losses(epochs, 4)
+
+    client = MlflowClient(mlflow_server)
+    [tracked] = client.search_runs([client.get_experiment_by_name("job-submit").experiment_id])
+    assert tracked.info.status == "FINISHED" and tracked.info.run_name == "submitted"
+    assert tracked.data.params["train.cpus_per_worker"] == "0.5" and tracked.data.params["loss.name"] == "triplet"
+    assert tracked.data.tags["vcl_dist.run_path"] == str(run) and tracked.data.tags["vcl_dist.storage_path"] == str(storage)
+    run_id = tracked.info.run_id
+    losses = {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
+    assert losses == pytest.approx(expected_losses, rel=1e-9)
+    for epoch in epochs:
+        for key, value in epoch_scalars(epoch).items():
+            assert [m.value for m in client.get_metric_history(run_id, key) if m.step == epoch["step"]] == [
+                pytest.approx(value, rel=1e-9)], key
+    artifacts = {a.path for a in client.list_artifacts(run_id, "model")} | {a.path for a in client.list_artifacts(run_id, "run")}
+    assert {"model/model.safetensors", "model/config.yaml", "run/result.json", "run/metrics.jsonl"} <= artifacts
+
+    [log] = (run / "wandb").glob("offline-run-*/run-*.wandb")
+    rows = history(log)
+    assert {step: row["train/loss"] for step, row in rows if "train/loss" in row} == pytest.approx(expected_losses, rel=1e-9)
+    assert [row["val_rsum"] for _, row in rows if "val_rsum" in row] == pytest.approx([e["val_rsum"] for e in epochs])
 
 
 def test_a_job_joins_the_running_head_unless_told_to_start_a_local_ray(token_head, repo_root):

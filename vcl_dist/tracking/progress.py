@@ -1,8 +1,8 @@
 """Progress inside an epoch on the driver's console: steps done / total, loss, samples/s, ETA.
 
 In an interactive terminal, a live bar per epoch (rich); in a log (``ray job logs``, a file, a
-pipe), a plain line at most every ``every_s`` seconds — so a long epoch writes a bounded number
-of lines, and never one per worker: only rank 0's numbers reach the driver (:mod:`.monitor`).
+pipe), a plain line at the epoch's first step and then at most every ``every_s`` seconds — so an
+epoch of T seconds writes at most 1 + T / every_s lines, and never one per worker: only rank 0's numbers reach the driver (:mod:`.monitor`).
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ class ProgressView:
     def show(self, record: dict) -> None:
         if record["kind"] == "epoch_start":
             self.epochs, self.done = record["epochs"], record["done"]
+            self.last_line = float("-inf")  # every epoch shows its first step at once
             if self.interactive:
                 self._new_bar(record)
         elif record["kind"] == "epoch":

@@ -29,7 +29,7 @@ from ..models.pretrained import adopt_pretrained_settings
 from ..ray_cluster import JobNeeds, check_cluster_fits, connect_ray, cpus_for_training
 from ..step_phases import PHASES
 from ..storage import display_uri, exists, filesystem_for, write_text_atomically
-from ..tracking import RunIdentity, open_trackers
+from ..tracking import RunIdentity, open_trackers, warn
 from ..tracking.monitor import start_monitor
 from ..tracking.progress import ProgressView
 from ..tracking.watcher import RunWatcher
@@ -336,7 +336,10 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
     write_text_atomically(storage, f"{run_path}/{METRICS_FILE}", "".join(json.dumps(m) + "\n" for m in history))
     write_text_atomically(storage, f"{run_path}/config.yaml", dump_config(cfg))
     write_text_atomically(storage, f"{run_path}/{RESULT_FILE}", json.dumps(summary, indent=2))
-    log_run_artifacts(watcher, storage, run_path, model_path)
+    try:
+        log_run_artifacts(watcher, storage, run_path, model_path)
+    except OSError as err:  # the run folder has them either way: a trained run does not fail over a copy
+        warn(f"the model and run files were not added to the trackers: {err}")
     watcher.finish(failed=False)
     return TrainingOutcome(summary["run_path"], final, history, summary["checkpoint"], summary["model"])
 
@@ -371,6 +374,7 @@ def log_run_artifacts(watcher: RunWatcher, storage, run_path: str, model_path: s
         return
     with tempfile.TemporaryDirectory() as staging:
         local = pafs.LocalFileSystem()
+        os.makedirs(f"{staging}/run")
         for file in (RESULT_FILE, METRICS_FILE, "config.yaml"):
             pafs.copy_files(f"{run_path}/{file}", f"{staging}/run/{file}", source_filesystem=storage,
                             destination_filesystem=local)
