@@ -191,7 +191,9 @@ def test_evaluate_reproduces_the_runs_val_metrics_and_writes_a_report(trained_ru
     page = (out / "report.html").read_text()
     parser = _Sources()
     parser.feed(page)
-    assert len(parser.sources) >= 2 + 4 + 4  # two plots, four text and four image queries
+    assert len(parser.sources) >= 3 + 4 + 4  # three plots, four text and four image queries
+    # Where each epoch's step time went: a stacked bar per epoch.
+    assert "plots/step_time.png" in parser.sources and "Where the step time went" in page
     for source in parser.sources:
         assert (out / source).is_file() and (out / source).stat().st_size > 1000, source
 

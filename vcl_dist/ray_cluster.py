@@ -20,6 +20,7 @@ and says every minute what it is waiting for (:class:`ResourceWaitReporter`).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import threading
@@ -88,6 +89,7 @@ def connect_ray(cpus_needed: int) -> str:
     """
     import ray
 
+    drop_false_ray_data_warnings()
     if ray.is_initialized():
         return "already connected"
     address = os.environ.get("RAY_ADDRESS", "").strip()
@@ -105,6 +107,26 @@ def connect_ray(cpus_needed: int) -> str:
         os.environ.setdefault(name, value)
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed))
     return "started a local Ray"
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(fragment in record.getMessage() for fragment in self.fragments)
+
+
+def drop_false_ray_data_warnings() -> None:
+    """Ray Data warns that a dataset "will hang unless more CPUs are freed up" whenever no CPU
+    happens to be free at the moment it starts — as when a job's own model actors or training
+    workers hold the CPUs for a moment — and the job goes on to succeed. vcl-dist checks that a
+    cluster can run its jobs before it starts them (:func:`check_cluster_fits`), so the
+    driver's log does not carry that warning."""
+    dataset_logger = logging.getLogger("ray.data.dataset")
+    if not any(isinstance(f, _DropMessages) for f in dataset_logger.filters):
+        dataset_logger.addFilter(_DropMessages("does not have any available CPUs"))
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,23 @@ def test_split_path(source: DatasetSource) -> str:
     return path
 
 
+def check_embedding_fits(resources: dict, gpu: bool) -> None:
+    """An embedding needs a CPU for a model actor and one for the decoding tasks (and a GPU for a
+    GPU actor): stop at once, in one line, on a cluster that can never give it them.
+
+    Raises:
+        ClusterTooSmallError: short, and no autoscaler can add nodes.
+    """
+    from ..ray_cluster import ClusterTooSmallError, autoscaler_can_add_nodes
+
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    if (cpus >= 2 and (gpus >= 1 or not gpu)) or autoscaler_can_add_nodes():
+        return
+    raise ClusterTooSmallError(f"embedding needs 2 CPUs{' and a GPU' if gpu else ''} (one for a model actor, one for "
+                               f"decoding), and the Ray cluster has {cpus:g} CPUs{f' and {gpus:g} GPUs' if gpu else ''} "
+                               "with no autoscaler to add nodes")
+
+
 def plan_embedding(model_path: str, model: RetrievalModel, cfg: Config, split: Literal["train", "val", "test"], *,
                    use_gpu: bool | Literal["auto"] = "auto", actors: int | None = None, batch_size: int = 256,
                    thumbnail_size: int = 96) -> EmbeddingJob:
@@ -64,6 +81,7 @@ def plan_embedding(model_path: str, model: RetrievalModel, cfg: Config, split: L
     path = {"val": source.val, "train": source.train}.get(split) or test_split_path(source)
     resources = ray.cluster_resources()
     gpu = resources.get("GPU", 0) >= 1 if use_gpu == "auto" else bool(use_gpu)
+    check_embedding_fits(resources, gpu)
     if actors is None:
         # GPU: one actor per GPU. CPU: half the CPUs run the model, the rest decode.
         actors = int(resources.get("GPU", 1)) if gpu else max(1, int(resources.get("CPU", 2)) // 2)

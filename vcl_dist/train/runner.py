@@ -219,6 +219,9 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
         cfg.run.name = name
     workers = cfg.train.num_workers
     print(f"vcl-dist: {connect_ray(cpus_for_training(workers, cfg.train.cpus_per_worker))}", flush=True)
+    if trial is not None:
+        # A trial's driver is a Ray worker: Ray Data would draw its bars there as log lines.
+        ray.data.DataContext.get_current().enable_progress_bars = False
     use_gpu = _use_gpu(cfg)
     check_cluster_fits(JobNeeds(cfg.train.min_workers or workers, cfg.train.cpus_per_worker, 1 if use_gpu else 0))
     # One progress bar per dataset, not one per operator: readable in logs of submitted jobs.
