@@ -98,7 +98,7 @@ def test_progress_in_a_log_is_a_bounded_number_of_plain_lines():
         view.show(record)
     lines = out.getvalue().splitlines()
     # The first progress line at once, then none until every_s has passed: not a line per step.
-    assert lines == ["vcl-dist: epoch 1/2 step 1/500 (0%) loss 1.0000 100 samples/s ETA 00:00:49"]
+    assert lines == ["vcl-dist: epoch 1/2 step 1/500 (0%) loss 1.0000 100 samples/s ETA ?"]
 
     out = io.StringIO()
     view = ProgressView(every_s=1e-9, stream=out, interactive=False)

@@ -40,7 +40,7 @@ def epoch_line(record: dict, epochs: int) -> str:
 
 def _eta(record: dict) -> str:
     trained = record["epoch_step"] - record.get("done", 0)
-    if trained <= 0:
+    if trained <= 1:  # the first step carries the reads' start-up: no rate to go by yet
         return "?"
     left = (record["epoch_steps"] - record["epoch_step"]) * record["elapsed_s"] / trained
     return time.strftime("%H:%M:%S", time.gmtime(max(left, 0)))

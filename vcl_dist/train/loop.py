@@ -371,6 +371,7 @@ def quiet_worker_output() -> None:
     import ray.data
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled", said once
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:  # Ray Train V2 logs each report at INFO under its file's path (no public switch)
         from ray.train.v2._internal.execution import context as train_context
