@@ -44,7 +44,7 @@ def main() -> None:
             "data.shapes.num_val=128", f"data.shapes.image_size={args.size}", f"data.image_size={args.size}",
             f"model.image.arch={args.arch}", "model.image.lock=true", "data.augment=false", f"train.epochs={args.epochs}",
             "model.text.hidden_size=64", "model.text.intermediate_size=128", "model.text.num_layers=1",
-            "model.text.num_heads=2", "model.embed_dim=64", "train.batch_size=128", "train.log_every_steps=1000"]
+            "model.text.num_heads=2", "model.embed_dim=64", "train.batch_size=128", "run.log_every_steps=1000"]
     rows = []
     for name, cached in (("features computed once", True), ("tower every step", False)):
         cfg = load_config(REPO / "jobs/configs/default.yaml",
