@@ -1,8 +1,9 @@
 """Search an embedded corpus: ``python jobs/search.py --model RUN --corpus PATH (--text "…" | --image FILE)``.
 
 Embeds the query with the model, ranks the corpus that ``jobs/embed.py`` wrote (exact search
-by matrix product, streamed), prints the top-k keys, scores and captions, and writes a
-contact-sheet PNG of the top-k images. No Ray needed.
+by matrix product, streamed; with ``--index``, the corpus's FAISS index from ``jobs/index.py``,
+or one at a given folder), prints the top-k keys, scores and captions and which index answered,
+and writes a contact-sheet PNG of the top-k images. No Ray needed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--target", choices=["image", "text"], default="image",
                         help="rank the corpus's images (default) or its captions")
     parser.add_argument("-k", "--top-k", type=int, default=8)
+    parser.add_argument("--index", nargs="?", const="corpus", default=None,
+                        help="answer with an approximate index: the corpus's own (no value), or the index folder given")
     parser.add_argument("--sheet", default="search.png", help="contact-sheet PNG of the top images (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="s3.* settings, e.g. s3.endpoint_url=http://127.0.0.1:9000")
     return parser.parse_args(argv)
@@ -44,7 +47,13 @@ def _run(args: argparse.Namespace) -> int:
     model, cfg = load_model_and_config(args.model, args.overrides)
     corpus = Corpus(args.corpus, cfg.s3)
     query = model.encode_texts([args.text]) if args.text is not None else model.encode_images([args.image])
-    hits = corpus.search(query[0], model.similarity, target=args.target, k=args.top_k)
+    index = None
+    if args.index is not None:
+        from vcl_dist.retrieval.ann_index import LoadedIndex
+
+        index = LoadedIndex(corpus, args.target, folder=None if args.index == "corpus" else args.index)
+    hits = corpus.search(query[0], model.similarity, target=args.target, k=args.top_k, index=index)
+    print(f"answered by: {index.description if index is not None else f'an exact scan of {len(corpus)} rows'}")
     shown = args.text if args.text is not None else args.image
     print_hits(hits, model.class_names, title=f"top {len(hits)} {args.target}s for {shown!r} in {len(corpus)} rows")
     if args.target == "image" and args.sheet:

@@ -59,6 +59,10 @@ FORBIDDEN = {
     "config": {"train", "retrieval", "tune", "models", "losses", "data", "evaluate", "storage", "ray_cluster"},
     "storage": {"train", "retrieval", "tune", "models", "losses", "data", "evaluate"},
     "ray_cluster": {"train", "retrieval", "tune", "models", "losses", "data", "evaluate"},
+    # Watching a run knows the config and nothing of what runs; serving sits on the retrieval wing.
+    "tracking": {"train", "retrieval", "tune", "models", "losses", "data", "evaluate", "serving"},
+    "step_phases": {"train", "retrieval", "tune", "models", "losses", "data", "evaluate", "tracking", "config"},
+    "serving": {"train", "tune", "losses", "tracking"},
 }
 FILES = sorted(PACKAGE.rglob("*.py"))
 

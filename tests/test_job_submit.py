@@ -103,23 +103,26 @@ def mlflow_server(tmp_path_factory):
                                "--artifacts-destination", str(folder / "artifacts")],
                               stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
+
+    def ready() -> str:
         deadline = time.monotonic() + 120
         while True:
             try:
                 if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                    break
+                    return url
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
                 time.sleep(0.5)
-        yield url
+
+    try:
+        yield ready  # started now, waited for when needed: it boots while `ray start` runs
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
 
 
-def test_submitted_job_trains_tracks_and_shows_progress(token_head, mlflow_server, repo_root, tiny_shapes_overrides,
+def test_submitted_job_trains_tracks_and_shows_progress(mlflow_server, token_head, repo_root, tiny_shapes_overrides,
                                                           tmp_path):
     """The fix the one-line error suggests (half a CPU per worker leaves one for the data
     tasks), tracked by all three trackers: a real MLflow server, W&B offline (no key, no
@@ -132,6 +135,7 @@ def test_submitted_job_trains_tracks_and_shows_progress(token_head, mlflow_serve
 
     address, env, _, _ = token_head
     storage = tmp_path / "runs"
+    mlflow_server = mlflow_server()
     job = submit(address, env, repo_root, "python", "jobs/train.py", *tiny_shapes_overrides, "train.epochs=2",
                  "train.cpus_per_worker=0.5", f"run.storage_path={storage}", "run.name=submitted",
                  "run.trackers=[tensorboard,mlflow,wandb]", f"mlflow.tracking_uri={mlflow_server}",

@@ -267,3 +267,219 @@ def test_evaluate_averages_the_test_splits_1k_folds(trained_run, tmp_path, capsy
     capsys.readouterr()
     assert evaluate.main(["--model", outcome.run_path, "--out", str(tmp_path / "x"), "--protocol", "1k", *overrides]) == 1
     assert "--protocol 1k: no folds.json in" in capsys.readouterr().err
+
+
+def test_search_with_the_corpus_index_answers_as_the_exact_scan(trained_run, corpus, capsys):
+    from vcl_dist.retrieval.ann_index import LoadedIndex
+
+    _, outcome = trained_run
+    assert load_job("index").main(["--corpus", str(corpus), "--kind", "flat"]) == 0
+    assert "vcl-dist: built Flat (ip) over 120 image vectors" in capsys.readouterr().out
+    model = load_model(outcome.run_path)
+    library = Corpus(str(corpus))
+    index = LoadedIndex(library, "image")
+    for name in model.class_names[:10]:
+        query = model.encode_texts([f"a photo of a {name}"])[0]
+        exact, indexed = library.search(query, model.similarity, k=5), library.search(query, model.similarity, k=5, index=index)
+        assert [h.key for h in indexed] == [h.key for h in exact]
+        np.testing.assert_allclose([h.score for h in indexed], [h.score for h in exact], atol=1e-5)
+    search = load_job("search")
+    assert search.main(["--model", outcome.run_path, "--corpus", str(corpus), "--text", "a red circle", "--index",
+                        "--sheet", ""]) == 0
+    assert "answered by: Flat (ip) over 120 image vectors" in capsys.readouterr().out
+    assert search.main(["--model", outcome.run_path, "--corpus", str(corpus), "--text", "a red circle", "--sheet", ""]) == 0
+    assert "answered by: an exact scan of 240 rows" in capsys.readouterr().out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(trained_run, corpus):
+    """The search application on a real Ray Serve instance, bound to loopback."""
+    from ray import serve
+
+    from vcl_dist.serving.app import build_app
+
+    _, outcome = trained_run
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"model": outcome.run_path, "corpus": str(corpus), "index": None}), name="vcl-dist", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def _get(url: str, data: bytes | None = None) -> tuple[int, dict | str]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            body, status, kind = response.read(), response.status, response.headers.get("content-type", "")
+    except urllib.error.HTTPError as err:
+        body, status, kind = err.read(), err.code, err.headers.get("content-type", "")
+    return status, json.loads(body) if "json" in kind else body.decode()
+
+
+def test_the_http_api_answers_as_search_py_and_refuses_bad_requests_with_a_4xx(served, trained_run, corpus, tmp_path):
+    import io
+    import urllib.parse
+
+    from PIL import Image
+
+    _, outcome = trained_run
+    model = load_model(outcome.run_path)
+    library = Corpus(str(corpus))
+    status, health = _get(f"{served}/healthz")
+    assert status == 200 and health["rows"] == 240 and health["index"] == "exact scan of 240 rows"
+
+    name = model.class_names[3]
+    status, answer = _get(f"{served}/search?" + urllib.parse.urlencode({"text": f"a photo of a {name}", "k": 6}))
+    expected = library.search(model.encode_texts([f"a photo of a {name}"])[0], model.similarity, k=6)
+    assert status == 200 and [h["key"] for h in answer["hits"]] == [h.key for h in expected]
+    np.testing.assert_allclose([h["score"] for h in answer["hits"]], [h.score for h in expected], atol=1e-5)
+    assert all(h["thumbnail"].startswith("data:image/jpeg;base64,") and h["class"] in model.class_names for h in answer["hits"])
+
+    # An image query: the bytes of a validation picture, as search.py --image embeds them.
+    picture = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(picture, format="PNG")
+    status, answer = _get(f"{served}/search?k=4", data=picture.getvalue())
+    expected = library.search(model.encode_images([picture.getvalue()])[0], model.similarity, k=4)
+    assert status == 200 and [h["key"] for h in answer["hits"]] == [h.key for h in expected]
+
+    # More like this: a result's own image comes first.
+    first = answer["hits"][0]["key"]
+    status, similar = _get(f"{served}/similar?" + urllib.parse.urlencode({"key": first, "k": 3}))
+    assert status == 200 and similar["hits"][0]["key"].rsplit("-", 1)[0] == first.rsplit("-", 1)[0]
+
+    huge = io.BytesIO()
+    Image.new("1", (8000, 6000)).save(huge, format="PNG")  # 48 megapixels in a few kB
+    bad = {
+        "/search?text=x&k=0": 422, "/search?text=x&k=101": 422, "/search?k=5": 422, "/search?text=%20&k=5": 422,
+        "/search?" + urllib.parse.urlencode({"text": "x" * 1001}): 422, "/search?text=x&k=abc": 422,
+        "/similar?key=no-such-key": 404, "/nowhere": 404,
+    }
+    for path, code in bad.items():
+        status, body = _get(f"{served}{path}")
+        assert status == code and set(body) == {"error"} and "\n" not in body["error"], (path, status, body)
+    for data, code in ((b"", 422), (b"\xff\xd8 not really a jpeg", 415), (huge.getvalue(), 413)):
+        status, body = _get(f"{served}/search?k=3", data=data)
+        assert status == code and set(body) == {"error"} and "Traceback" not in body["error"], (len(data), status, body)
+    # A body declared larger than 10 MiB is refused before it is read (the client sends only the headers).
+    import http.client
+
+    host, port = served.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection.putrequest("POST", "/search?k=3")
+    connection.putheader("Content-Length", str(10 * 2**20 + 1))
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413 and json.loads(response.read()) == {"error": f"the body is larger than {10 * 2**20} bytes"}
+    connection.close()
+
+
+def test_the_search_page_shows_results_in_a_real_browser(served, trained_run, repo_root, tmp_path):
+    """Headless Chromium loads the page with a query: the grid holds k results, best score
+    first, each thumbnail decoded by the browser; a screenshot is kept as a test artifact."""
+    import shutil
+    import subprocess
+    import urllib.parse
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on this machine (.ci/run installs Debian's)")
+    _, outcome = trained_run
+    name = load_model(outcome.run_path).class_names[5]
+    url = f"{served}/?" + urllib.parse.urlencode({"q": f"a photo of a {name}"})
+    browser = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+               f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000", "--window-size=1200,1400"]
+    dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+
+    class Cards(html.parser.HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.cards, self.images = [], []
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if "hit" in (attrs.get("class") or "").split():
+                self.cards.append(float(attrs["data-score"]))
+            if tag == "img":
+                self.images.append(attrs)
+
+    parsed = Cards()
+    parsed.feed(dom)
+    assert len(parsed.cards) == 12, dom[-3000:]
+    assert parsed.cards == sorted(parsed.cards, reverse=True)
+    assert all(img.get("data-loaded") == "true" and img["src"].startswith("data:image/jpeg;base64,") for img in parsed.images)
+    assert "12 results" in dom
+
+    shot = tmp_path / "search-page.png"
+    subprocess.run([*browser, f"--screenshot={shot}", url], capture_output=True, timeout=180)
+    from PIL import Image
+
+    with Image.open(shot) as image:
+        shades = sum(count > 0 for count in image.convert("L").histogram())
+        assert image.size == (1200, 1400) and shades > 50, shades  # not a blank page
+    artifacts = repo_root / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shutil.copy(shot, artifacts / "search-page.png")
+
+
+def test_a_new_model_and_corpus_roll_in_without_dropping_requests(served, trained_run, corpus, tmp_path):
+    import shutil
+    import threading
+    import urllib.parse
+
+    from ray import serve
+
+    from vcl_dist.serving.app import build_app
+
+    _, outcome = trained_run
+    model_copy, corpus_copy = tmp_path / "model", tmp_path / "corpus"
+    shutil.copytree(outcome.model_path, model_copy)
+    shutil.copytree(corpus, corpus_copy)
+    assert load_job("index").main(["--corpus", str(corpus_copy), "--kind", "flat"]) == 0
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def client():
+        while not stop.is_set():
+            statuses.append(_get(f"{served}/search?" + urllib.parse.urlencode({"text": "a red circle", "k": 3}))[0])
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        serve.run(build_app({"model": str(model_copy), "corpus": str(corpus_copy), "index": "corpus"}), name="vcl-dist",
+                  route_prefix="/")
+        answered_before = len(statuses)
+        while len(statuses) < answered_before + 5:
+            stop.wait(0.1)
+    finally:
+        stop.set()
+        thread.join()
+    assert len(statuses) > 10 and set(statuses) == {200}, statuses
+    status, health = _get(f"{served}/healthz")
+    assert health["corpus"] == str(corpus_copy) and health["index"].startswith("Flat (ip) over 120 image vectors")
+
+    # An index is refused, in one line, for a corpus it no longer covers or another model's embeddings.
+    from vcl_dist.retrieval.ann_index import LoadedIndex
+
+    with pytest.raises(FileNotFoundError, match="no index at .*_index/text: build one with jobs/index.py"):
+        LoadedIndex(Corpus(str(corpus_copy)), "text")
+    info = json.loads((corpus_copy / "_corpus.json").read_text())
+    (corpus_copy / "_corpus.json").write_text(json.dumps({**info, "model": "runs/other/model"}))
+    with pytest.raises(ValueError, match="built for another version of the corpus"):
+        LoadedIndex(Corpus(str(corpus_copy)), "image")
+    (corpus_copy / "_corpus.json").write_text(json.dumps(info))
+    LoadedIndex(Corpus(str(corpus_copy)), "image")
+    first = sorted(corpus_copy.glob("*.parquet"))[0]
+    shutil.copy(first, corpus_copy / "more-rows.parquet")  # rows embedded since the index was built
+    with pytest.raises(ValueError, match="rebuild it with jobs/index.py"):
+        LoadedIndex(Corpus(str(corpus_copy)), "image")

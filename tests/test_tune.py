@@ -105,7 +105,8 @@ def test_search_stops_trials_early_survives_ctrl_c_and_resumes(ray_address, tiny
     work = tmp_path / "work"
     work.mkdir()
     command = [sys.executable, str(repo_root / "jobs/tune.py"), *tiny_shapes_overrides, "train.epochs=3",
-               "tune.num_samples=4", "tune.reduction_factor=2", "run.storage_path=runs", "tune.name=search"]
+               "tune.num_samples=4", "tune.reduction_factor=2", "run.storage_path=runs", "tune.name=search",
+               "run.trackers=[tensorboard,mlflow]"]
     env = os.environ | {"RAY_ADDRESS": ray_address}
     experiment = work / "runs" / "search"
     log = (tmp_path / "first.log").open("w")
@@ -119,7 +120,10 @@ def test_search_stops_trials_early_survives_ctrl_c_and_resumes(ray_address, tiny
         if first.poll() is None:
             first.kill()
     finished = {p.parent.name: p.stat().st_mtime_ns for p in experiment.glob("train_runs/*/result.json")}
-    assert "--resume" in (tmp_path / "first.log").read_text()
+    first_log = (tmp_path / "first.log").read_text()
+    assert "--resume" in first_log
+    # No progress bars redrawn as lines (Ray Data's, from the trials' workers and drivers).
+    assert not [line for line in first_log.splitlines() if "%|" in line or "Running Dataset" in line]
     _wait_for(_cpus_free, 60, "the interrupted search's CPUs to come back")
 
     resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=900, cwd=work)
@@ -146,6 +150,20 @@ def test_search_stops_trials_early_survives_ctrl_c_and_resumes(ray_address, tiny
         epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert epochs == list(range(1, int(row["epochs"]) + 1)), (row, epochs)
     assert rows[0]["final_val_rsum"] == max(rows, key=lambda r: float(r["final_val_rsum"]))["final_val_rsum"]
+
+    # Every trial is a tracked run of its own in the MLflow experiment named after the search,
+    # with the sampled values among its parameters (the default store: sqlite beside the runs).
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{experiment / 'train_runs' / 'mlflow' / 'mlflow.db'}")
+    tracked = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("search").experiment_id])}
+    for row in rows:
+        run = tracked[Path(row["checkpoint"]).parent.name]
+        assert float(run.data.params["loss.margin"]) == pytest.approx(float(row["loss.margin"]))
+        assert {"loss.margin", "loss.reg_lambda"} <= set(run.data.tags["vcl_dist.searched"].split(","))
+        assert run.data.tags["vcl_dist.tune_experiment"] == "search"
+        if row["stop_reason"] == "completed":  # a stopped trial's driver is killed: it may not have drained its last epoch
+            assert run.info.status == "FINISHED" and len(client.get_metric_history(run.info.run_id, "val_rsum")) == 3
 
     summary = json.loads((experiment / "tune_result.json").read_text())
     assert summary["best_trial"] == rows[0]["trial_id"] and summary["stopped_early"] == len(stopped)

@@ -65,11 +65,13 @@ class Corpus:
     def __len__(self) -> int:
         return self.dataset.count_rows()
 
-    def search(self, query: torch.Tensor, similarity, *, target: str = "image", k: int = 8) -> list[Hit]:
+    def search(self, query: torch.Tensor, similarity, *, target: str = "image", k: int = 8, index=None) -> list[Hit]:
         """The ``k`` rows whose ``target`` embedding scores highest against ``query [D]``.
 
         ``similarity(queries [Q, D], items [N, D]) -> [Q, N]``: the model's ranking (cosine or
-        minus squared distance, see :meth:`RetrievalModel.similarity`).
+        minus squared distance, see :meth:`RetrievalModel.similarity`). ``index``: a
+        :class:`~vcl_dist.retrieval.ann_index.LoadedIndex` of this corpus's ``target``
+        embeddings answers instead of the exact scan (a flat index gives the scan's hits).
 
         Raises:
             ValueError: the query's size differs from the corpus's embeddings (another model).
@@ -77,6 +79,10 @@ class Corpus:
         if query.shape[-1] != self.embed_dim:
             raise ValueError(f"the corpus {display_uri(self.path, self.filesystem)} holds {self.embed_dim}-d embeddings "
                              f"but the model makes {query.shape[-1]}-d ones: embed the corpus with this model")
+        if index is not None:
+            scores, rows = index.search(query.reshape(1, -1).float().numpy(), k)
+            found = rows[0] >= 0
+            return self._hits(torch.from_numpy(scores[0][found].astype(np.float64)), torch.from_numpy(rows[0][found]))
         query = query.reshape(1, -1).double()
         # Image search returns distinct images: a corpus has one row per caption, and rows of
         # one image share its embedding. Scores are reduced to one per image_group (in each
@@ -97,6 +103,9 @@ class Corpus:
             offset += len(vectors)
         if offset == 0:
             raise ValueError(f"the corpus {self.uri} is empty")
+        return self._hits(best_scores, best_rows)
+
+    def _hits(self, best_scores: torch.Tensor, best_rows: torch.Tensor) -> list[Hit]:
         columns = [c for c in ("key", "caption", "label", "thumbnail") if c in self.dataset.schema.names]
         rows = self.dataset.take(pa.array(best_rows.numpy()), columns=columns).to_pylist()
         return [

@@ -1,0 +1,70 @@
+"""Serve search over an embedded corpus: ``python jobs/serve.py --model RUN --corpus PATH [--index …] [--port 8000]``.
+
+Starts (or joins) Ray, then a Ray Serve application (``vcl_dist.serving.app``): a query encoder
+with dynamic batching, a searcher holding the corpus and its index (``jobs/index.py``; the exact
+scan without one), and an HTTP API with a web page. Binds to 127.0.0.1 unless ``--host`` says
+otherwise. Runs until Ctrl-C. The same application deploys from a config file with
+``serve run jobs/configs/serve.yaml`` or ``serve deploy``; running this again with another
+``--model``/``--corpus`` against the same cluster swaps them in (Serve's rolling update).
+
+    GET  /search?text=a+red+circle&k=12     POST /search?k=12  (an image as the body)
+    GET  /similar?key=<row key>&k=12        GET  /healthz      GET /  (the web page)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="export, checkpoint or run folder (local or s3://)")
+    parser.add_argument("--corpus", required=True, help="the folder or s3:// prefix jobs/embed.py wrote")
+    parser.add_argument("--index", default="corpus",
+                        help="'corpus': the corpus's own index if built (default); a folder; 'none': the exact scan")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--no-batching", action="store_true", help="embed each query alone (no dynamic batching)")
+    parser.add_argument("--name", default="vcl-dist", help="the Serve application's name (default: %(default)s)")
+    parser.add_argument("--detach", action="store_true", help="return once the app is up (it keeps running in Ray)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from vcl_dist.cli import run_job
+
+    return run_job(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    import time
+
+    from ray import serve
+
+    from vcl_dist.ray_cluster import connect_ray
+    from vcl_dist.serving.app import build_app
+
+    if not 0 < args.port < 65536:
+        raise ValueError("--port must be between 1 and 65535")
+    app = build_app({"model": args.model, "corpus": args.corpus, "index": None if args.index == "none" else args.index,
+                     "batching": not args.no_batching})
+    print(f"vcl-dist: {connect_ray(2)}", flush=True)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(app, name=args.name, route_prefix="/")
+    print(f"vcl-dist: serving {args.corpus} with {args.model} at http://{args.host}:{args.port}/ "
+          "(/search?text=…, /healthz; Ctrl-C stops)", flush=True)
+    if args.detach:
+        return 0
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(args.name)
+        print("vcl-dist: stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
