@@ -84,6 +84,7 @@ def s3_filesystem(endpoint: str) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(endpoint_override=endpoint.removeprefix("http://"), scheme="http")
 
 
+@pytest.mark.e2e  # a training run and two resumes against the S3 server; the suite keeps the bucket errors
 def test_train_from_s3_shards_into_s3_storage(s3_endpoint, local_ray, shapes, tiny_shapes_overrides, repo_root, tmp_path):
     import boto3
 
