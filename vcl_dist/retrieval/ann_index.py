@@ -341,9 +341,8 @@ class LoadedIndex:
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         ids = np.full((len(queries), k), -1, dtype=np.int64)
         for row, (query, found) in enumerate(zip(queries, candidates)):
-            found = found[found >= 0]
-            vectors = np.asarray(self.vectors[np.sort(found)], dtype=np.float32)  # sorted: sequential reads of the map
-            found = np.sort(found)
+            found = np.sort(found[found >= 0])  # sorted: sequential reads of the map
+            vectors = np.asarray(self.vectors[found], dtype=np.float32)
             exact = vectors @ query if self.info.params.metric == "ip" else -((vectors - query) ** 2).sum(axis=1)
             best = np.argsort(-exact, kind="stable")[:k]
             scores[row, :len(best)], ids[row, :len(best)] = exact[best], found[best]

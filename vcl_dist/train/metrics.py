@@ -113,8 +113,10 @@ class EpochProgress:
         _, bad_rows = self.bad_rows.check(device, final=True)
         bad_shards = worst_shards(self.bad_rows.global_by_shard()) if bad_rows else []
         world = distributed_world()[1]
-        [peak_memory, *peaks] = max_over_workers([peak_memory_bytes(device) / 2**30,
-                                                  *[b / 2**30 for b in peak_memory_by_kind(device)]], device)
+        rss, gpu_allocated, gpu_reserved = peak_memory_by_kind(device)
+        # peak_memory_gib: what bounds this worker — torch's GPU allocations on a GPU, else the process's RSS.
+        [peak_memory, *peaks] = max_over_workers(
+            [b / 2**30 for b in (gpu_allocated if device.type == "cuda" else rss, rss, gpu_allocated, gpu_reserved)], device)
         phase_total = sum(phase_seconds)
         metrics = {
             "epoch": self.epoch + 1, "train_loss": mean_loss,
@@ -131,21 +133,13 @@ class EpochProgress:
         return {name: metrics[name] for name in EPOCH_METRICS}, bad_shards, step_losses
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """This worker's peak so far: GPU memory allocated by torch on a GPU, else the process's
-    peak resident memory (embeddings, activations, score tiles, the negative memory, Ray's
-    share of the process)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
 PEAK_MEMORY_METRICS = ("peak_rss_gib", "peak_gpu_allocated_gib", "peak_gpu_reserved_gib")
 
 
 def peak_memory_by_kind(device: torch.device) -> tuple[int, int, int]:
-    """Bytes: the process's peak resident memory (CPU RSS), and on a GPU torch's peak allocated
-    and reserved memory of the epoch (reset at every epoch start; 0 without a GPU)."""
+    """Bytes: the process's peak resident memory (CPU RSS: embeddings, activations, score tiles,
+    the negative memory, Ray's share of the process), and on a GPU torch's peak allocated and
+    reserved memory of the epoch (reset at every epoch start; 0 without a GPU)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     if device.type != "cuda":
         return rss, 0, 0
