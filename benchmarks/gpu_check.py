@@ -1,15 +1,37 @@
-"""Check the GPU paths of the training step on a CUDA machine, without Ray, and time the losses.
+"""Check the GPU paths of the training step on a CUDA machine, without Ray, and measure it.
 
-    python benchmarks/gpu_check.py [--out FILE]
+    python benchmarks/gpu_check.py [--out FILE] [--compile] [--quick] [--device cpu]
 
 What it exercises, with the project's own code: a nccl process group (world size 1) under
-the loss's gather and gradient averaging; pinned-memory collation and non-blocking copies;
-bf16 autocast of both towers with the loss in float32; a few epochs of the default model on
-the built-in shapes data (the loss must fall); bf16 evaluation; tiled losses against the dense
-ones on the device, a step with tiled loss + cached-gradient micro-batches under autocast, and two
-more with a sharded negative memory besides;
-then forward + backward time of every loss beside the matmul floor on the GPU (B = 2048 and
-8192, d = 256).
+the loss's gather and gradient averaging (gathered = local loss and gradients on the device);
+pinned-memory collation and non-blocking copies; bf16 autocast of both towers with the loss in
+float32 (bf16 loss and gradients against a float32 step of the same model); the phase clock's
+device synchronisation; a few epochs of the default model on the built-in shapes data (the
+loss must fall); bf16 evaluation; tiled losses against the dense ones on the device, a step
+with tiled loss + cached-gradient micro-batches under autocast, and two more with a sharded
+negative memory besides; forward + backward time of every loss beside the matmul floor on the
+GPU (B = 2048 and 8192, d = 256); and the throughput of a CLIP ViT-B/32-sized training step
+at 256 and 1024 samples per GPU (``step_throughput.py``: samples/s, TFLOP/s and model FLOPs
+utilisation, the loss's share, and the data wait when the project's preprocessing feeds it
+through a DataLoader), against the anchors of issue 18: OpenCLIP ViT-B/32 ≈ 725–775 samples/s
+per A100; target ≥ 1,100 samples/s per H100/H200 with data wait ≤ 5%.
+
+What it needs on the GPU machine: torch, torchvision, transformers, tokenizers, safetensors,
+pyarrow, numpy, pillow, pyyaml (a PyTorch image has them) and this repository (``vcl_dist`` on
+``sys.path``: run it from the repository root, or ``pip install --no-deps -e .``), plus
+``pydantic`` (with ``pydantic-core``, ``annotated-types``, ``typing-inspection``) and
+``omegaconf`` (with ``antlr4-python3-runtime``) for the config. Not Ray. Carried as wheels for
+a machine without a registry (Python 3.12 there)::
+
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux2014_x86_64 -d .whl pydantic pydantic_core annotated_types \
+        typing_inspection omegaconf antlr4-python3-runtime
+    # there:
+    pip install --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:. \
+        python benchmarks/gpu_check.py --out gpu_check.txt
+
+``--quick``: small sizes everywhere and a small stand-in for the ViT-B/32-sized model (the CPU dry
+run the tests make; no timings of note).
 """
 
 from __future__ import annotations
@@ -25,6 +47,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from loss_candidates import loss_candidates
+from step_throughput import TABLE_HEADER, measure
 
 from vcl_dist.config import load_config
 from vcl_dist.data.preprocess import Preprocessor
@@ -35,6 +58,7 @@ from vcl_dist.evaluate import embed_batches, retrieval_metrics, zero_shot_accura
 from vcl_dist.losses import InfoNCELoss, TripletLoss, VCRLLoss, build_loss
 from vcl_dist.models import build_dual_encoder
 from vcl_dist.precision import autocast
+from vcl_dist.step_phases import PhaseClock
 from vcl_dist.train.schedule import build_optimizer, build_scheduler
 from vcl_dist.train.step import collate_rows, train_step
 
@@ -87,28 +111,49 @@ def check_tiled_losses(device: torch.device, say) -> None:
         say(f"tiled (chunk 128) vs dense on {device.type}, {name}: largest difference {worst:.2e}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--device", default="cuda", help="cpu: a dry run of this script (gloo, no timings of note)")
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192])
-    args = parser.parse_args()
-    lines: list[str] = []
+def check_gather_on_device(device: torch.device, say) -> None:
+    """The gathered loss (``gather: full``: all-gather with gradient over the process group,
+    here nccl with one rank) equals the local one, values and gradients, on the device."""
+    g = torch.Generator(device=device).manual_seed(2)
+    image = torch.randn(256, 64, device=device, generator=g, requires_grad=True)
+    text = torch.randn(256, 64, device=device, generator=g, requires_grad=True)
+    labels = torch.randint(0, 10, (256,), device=device, generator=g)
+    groups = torch.arange(256, device=device)
+    results = []
+    for gather in ("local", "full"):
+        loss = TripletLoss(0.2, "semi_hard", gather=gather).to(device)(image, text, labels, groups)
+        results.append((loss.detach(), *torch.autograd.grad(loss, (image, text))))
+    worst = max(float((a - b).abs().max()) for a, b in zip(*results))
+    say(f"{dist.get_backend()} gather (world {dist.get_world_size()}) vs local loss on {device.type}: "
+        f"largest difference of value and gradients {worst:.2e}")
 
-    def say(text: str) -> None:
-        print(text, flush=True)
-        lines.append(text)
 
-    device = torch.device(args.device)
+def check_bf16_against_fp32(model, criterion, batch: dict, device: torch.device, say) -> None:
+    """The same model and batch, towers in bf16 autocast vs float32: the loss's relative
+    difference and the cosine of the two gradients (what bf16 training changes per step)."""
+    results = []
+    on_device = {name: t.to(device) for name, t in batch.items() if isinstance(t, torch.Tensor)}
+    for amp in (False, True):
+        model.zero_grad(set_to_none=True)
+        with autocast(device, amp):
+            u, v = model(on_device["image"], on_device["input_ids"], on_device["attention_mask"])
+        loss = criterion(u.float(), v.float(), on_device["label"], on_device["group"])
+        loss.backward()
+        grads = torch.cat([p.grad.flatten().double() for p in model.parameters() if p.grad is not None])
+        results.append((loss.item(), grads))
+    model.zero_grad(set_to_none=True)
+    (fp32, g32), (bf16, g16) = results
+    cosine = float(torch.nn.functional.cosine_similarity(g32, g16, dim=0))
+    say(f"bf16 autocast vs float32, same model and batch: loss {bf16:.5f} vs {fp32:.5f} "
+        f"(relative difference {abs(bf16 - fp32) / abs(fp32):.2e}), gradient cosine {cosine:.5f}")
+
+
+def check_training_paths(args, device: torch.device, work: Path, say) -> None:
+    """The default model trained on the built-in data through the project's step, then the
+    bf16, tiled, micro-batch and sharded-memory paths, then every loss against the matmul floor."""
     on_gpu = device.type == "cuda"
-    if on_gpu:
-        say(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, bf16 supported: {torch.cuda.is_bf16_supported()}")
-    work = Path(tempfile.mkdtemp())
-    dist.init_process_group("nccl" if on_gpu else "gloo", init_method=f"file://{work}/rendezvous", rank=0, world_size=1)
-    say(f"process group backend: {dist.get_backend()}")
-
-    cfg = load_config(Path(__file__).parent.parent / "jobs/configs/default.yaml", ["data.shapes.num_train=4096", "data.shapes.num_val=300"])
+    shapes = ([f"data.shapes.num_train={512 if args.quick else 4096}", f"data.shapes.num_val={100 if args.quick else 300}"])
+    cfg = load_config(Path(__file__).parent.parent / "jobs/configs/default.yaml", shapes)
     s = cfg.data.shapes
     root = ensure_shapes_dataset(work / "cache", s.num_train, s.num_val, s.image_size, s.val_captions_per_image, s.seed)
     captions = pq.read_table(sorted((root / "train").glob("*.parquet")), columns=["caption"]).column(0).to_pylist()
@@ -131,6 +176,12 @@ def main() -> None:
         probe = train_batches[0]
         u, v = model(probe["image"].to(device), probe["input_ids"].to(device), probe["attention_mask"].to(device))
     say(f"tower output dtype under autocast: {u.dtype} / {v.dtype}")
+    clock = PhaseClock(sync=synchronize)
+    clock.begin_step()
+    train_step(model, criterion, optimizer, scheduler, train_batches[0], device, on_gpu, cfg.train.grad_clip_norm)
+    clock.end_step()
+    timed = ", ".join(f"{name} {1000 * s:.2f}" for name, s in clock.seconds.items() if s)
+    say(f"phase clock on {device.type} (synchronised): step {1000 * clock.step_seconds:.2f} ms = {timed} ms")
 
     for epoch in range(epochs):
         synchronize()
@@ -147,6 +198,9 @@ def main() -> None:
             f"t2i class R@1 {metrics['t2i_class_r1']:.3f}, zero-shot {zero_shot:.3f}")
     if on_gpu:
         say(f"peak GPU memory in training: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    # After training: at initialisation every pair sits near the margin, and which negative is
+    # semi-hard flips with the last bit of a distance, so the gradients would compare noise.
+    check_bf16_against_fp32(model, criterion, train_batches[0], device, say)
     check_tiled_losses(device, say)
     micro_cfg = cfg.loss.model_copy(update={"chunk_size": 40})
     tiled_criterion = build_loss(micro_cfg, len(class_names), cfg.model.embed_dim).to(device)
@@ -175,9 +229,68 @@ def main() -> None:
         timings = {name: median_ms(step) for name, step in loss_candidates(image, text, labels, groups).items()}
         for name, ms in timings.items():
             say(f"| {batch} | {name} | {ms:.2f} | {ms / timings['matmul floor']:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run of this script (gloo, no timings of note)")
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--throughput-batches", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per throughput row")
+    parser.add_argument("--loader-workers", type=int, default=12, help="DataLoader processes feeding the step")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd towers")
+    parser.add_argument("--profile", default=None, help="a torch.profiler table of the first throughput row, to this file")
+    parser.add_argument("--only-throughput", action="store_true", help="skip to the ViT-B/32-sized step's table")
+    parser.add_argument("--quick", action="store_true", help="small sizes everywhere: the CPU dry run")
+    args = parser.parse_args()
+    if args.quick:
+        args.epochs, args.sizes, args.throughput_batches, args.steps, args.loader_workers = 1, [256], [4], 2, 1
+    out = Path(args.out) if args.out else None
+    if out:
+        out.write_text("")
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        if out:  # line by line: a run stopped at its time limit keeps what it measured
+            with out.open("a") as file:
+                file.write(text + "\n")
+
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        say(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, bf16 supported: {torch.cuda.is_bf16_supported()}")
+        a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+        ms = median_ms(lambda: a @ b, repeats=10)
+        say(f"bf16 8192³ matrix product: {2 * 8192**3 / ms / 1e9:.0f} TFLOP/s (the MFU below is against the data sheet)")
+        del a, b
+    work = Path(tempfile.mkdtemp())
+    try:
+        dist.init_process_group("nccl" if on_gpu else "gloo", init_method=f"file://{work}/rendezvous", rank=0, world_size=1)
+    except Exception as err:  # say it and measure the rest on gloo rather than losing the run
+        say(f"FAILED: nccl process group: {type(err).__name__}: {' '.join(str(err).split())[:300]}")
+        dist.init_process_group("gloo", init_method=f"file://{work}/rendezvous-gloo", rank=0, world_size=1)
+
+    say(f"process group backend: {dist.get_backend()}")
+    check_gather_on_device(device, say)
+
+    if not args.only_throughput:
+        check_training_paths(args, device, work, say)
+
+    model = "a small stand-in model (--quick)" if args.quick else "CLIP ViT-B/32-sized training step"
+    say(f"\n{model} ({'bf16 autocast' if on_gpu else 'float32'}; "
+        f"{args.steps} timed steps back to back a row; fed: {args.loader_workers} DataLoader workers)")
+    say(TABLE_HEADER)
+    for batch in args.throughput_batches:
+        measure(batch, device, args.steps, args.loader_workers, say,
+                profile_to=args.profile if batch == args.throughput_batches[0] else None, stand_in=args.quick)
+        if on_gpu:
+            torch.cuda.empty_cache()
+    if args.compile:
+        for batch in args.throughput_batches:
+            measure(batch, device, args.steps, 0, say, compile_towers=True, stand_in=args.quick)
     dist.destroy_process_group()
-    if args.out:
-        Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import urllib.parse
 import urllib.request
 
 
-def load(url: str, clients: int, seconds: float) -> tuple[list[float], int]:
+def load(url: str, clients: int, seconds: float, path: str = "search") -> tuple[list[float], int]:
     latencies: list[float] = []
     failures = [0]
     stop = time.monotonic() + seconds
@@ -35,7 +35,8 @@ def load(url: str, clients: int, seconds: float) -> tuple[list[float], int]:
             text = f"a photo of a shape number {number}-{count}"
             started = time.perf_counter()
             try:
-                with urllib.request.urlopen(f"{url}/search?" + urllib.parse.urlencode({"text": text, "k": 10}), timeout=60) as r:
+                query = "?" + urllib.parse.urlencode({"text": text, "k": 10}) if path == "search" else ""
+                with urllib.request.urlopen(f"{url}/{path}{query}", timeout=60) as r:
                     r.read()
                     ok = r.status == 200
             except OSError:
@@ -53,6 +54,12 @@ def load(url: str, clients: int, seconds: float) -> tuple[list[float], int]:
     for thread in threads:
         thread.join()
     return latencies, failures[0]
+
+
+def row(setting: str, latencies: list[float], failures: int, seconds: float) -> tuple[str, ...]:
+    latencies = sorted(latencies)
+    return (setting, f"{len(latencies) / seconds:.1f}", f"{1000 * statistics.median(latencies):.0f} ms",
+            f"{1000 * latencies[max(0, int(0.99 * len(latencies)) - 1)]:.0f} ms", str(failures))
 
 
 def main() -> None:
@@ -79,17 +86,20 @@ def main() -> None:
         serve.run(build_app({"model": args.model, "corpus": args.corpus, "batching": batching}), name="bench", route_prefix="/")
         load(url, args.clients, 3)  # warm-up
         latencies, failures = load(url, args.clients, args.seconds)
-        latencies.sort()
-        rows.append((f"dynamic batching {'on (up to 32, 5 ms)' if batching else 'off'}", f"{len(latencies) / args.seconds:.1f}",
-                     f"{1000 * statistics.median(latencies):.0f} ms", f"{1000 * latencies[int(0.99 * len(latencies)) - 1]:.0f} ms",
-                     str(failures)))
+        rows.append(row(f"text queries, dynamic batching {'on (up to 32, 5 ms)' if batching else 'off'}", latencies,
+                        failures, args.seconds))
+        single, failures = load(url, 1, args.seconds / 2)
+        rows.append(row("  the same, one client at a time", single, failures, args.seconds / 2))
+    # The floor of the HTTP path itself: the proxy, the ingress and one call to the searcher, no model.
+    floor, failures = load(url, args.clients, args.seconds, path="healthz")
+    rows.append(row("GET /healthz (proxy + ingress + one replica call)", floor, failures, args.seconds))
     serve.shutdown()
     ray.shutdown()
     header = ("setting", "requests/s", "p50", "p99", "failed")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    print(f"\n{args.clients} concurrent clients for {args.seconds:g} s each, text queries, k=10, loopback")
-    for row in [header, *rows]:
-        print(" | ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+    print(f"\n{args.clients} concurrent clients for {args.seconds:g} s each (unless said), k=10, loopback")
+    for cells in [header, *rows]:
+        print(" | ".join(cell.ljust(width) for cell, width in zip(cells, widths)))
 
 
 if __name__ == "__main__":

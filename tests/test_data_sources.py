@@ -148,6 +148,40 @@ def test_unreachable_bucket_is_a_one_line_error(s3_endpoint, repo_root):
     assert "\n" not in str(err.value) and "no-such-bucket" in str(err.value)
 
 
+def test_an_index_is_built_beside_a_corpus_in_s3_and_answers_from_there(s3_endpoint, local_ray, tmp_path):
+    """``jobs/index.py`` on an ``s3://`` corpus: the index lands in the bucket beside it, loads
+    from there (a local copy for the process) and answers as the exact scan of that corpus."""
+    import boto3
+    import torch
+    from test_ann_index import clustered, write_corpus
+
+    from vcl_dist.config import S3Config
+    from vcl_dist.evaluate import similarity
+    from vcl_dist.retrieval.ann_index import LoadedIndex
+    from vcl_dist.retrieval.search import Corpus
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="vcl-corpus")
+    rng = np.random.default_rng(3)
+    images, texts = clustered(rng, 1500, 16, 12), clustered(rng, 1500, 16, 12)
+    local = write_corpus(tmp_path / "corpus", images, texts, normalized=True)
+    fs = s3_filesystem(s3_endpoint)
+    pafs.copy_files(str(local), "vcl-corpus/val", destination_filesystem=fs)
+
+    uri = "s3://vcl-corpus/val"
+    assert load_job("index").main(["--corpus", uri, "--kind", "flat", f"s3.endpoint_url={s3_endpoint}"]) == 0
+    stored = {info.base_name for info in fs.get_file_info(pafs.FileSelector("vcl-corpus/val/_index/image"))}
+    assert {"index.faiss", "index.json"} <= stored, stored
+
+    corpus = Corpus(uri, S3Config(endpoint_url=s3_endpoint))
+    index = LoadedIndex(corpus, "image")
+
+    def rank(queries, items):
+        return similarity(queries, items, True)
+
+    for query in torch.from_numpy(texts[:10]):
+        assert [h.key for h in corpus.search(query, rank, k=5, index=index)] == [h.key for h in corpus.search(query, rank, k=5)]
+
+
 def write_webdataset(rows: dict, folder: Path, per_tar: int = 200) -> None:
     folder.mkdir(parents=True)
     for start in range(0, len(rows["key"]), per_tar):

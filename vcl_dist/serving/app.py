@@ -25,6 +25,7 @@ the old ones stop, so no request is dropped.
 # replicas, where a class made inside a function and shipped by cloudpickle keeps only the
 # globals its code uses — a string "Request" would not resolve there and would become a
 # required query parameter.
+import asyncio
 import base64
 import io
 from typing import Literal
@@ -252,8 +253,9 @@ def make_ingress(limits: ServeLimits):
             self.encoder, self.searcher = encoder, searcher
 
         async def _answer(self, vector: np.ndarray, k: int, **about) -> dict:
-            hits = await self.searcher.search.remote(vector, k)
-            described = await self.encoder.describe.remote()
+            # The class names come from the model replica of the moment (a rolling update may have
+            # swapped it), asked alongside the search rather than after it.
+            hits, described = await asyncio.gather(self.searcher.search.remote(vector, k), self.encoder.describe.remote())
             names = described["class_names"]
             for hit in hits:
                 hit["class"] = names[hit["label"]] if 0 <= hit["label"] < len(names) else None
