@@ -1,6 +1,6 @@
 """Check the GPU paths of the training step on a CUDA machine, without Ray, and measure it.
 
-    python benchmarks/gpu_check.py [--out FILE] [--compile] [--quick] [--device cpu]
+    python benchmarks/gpu_check.py [--out FILE] [--compile] [--profile FILE] [--only-throughput] [--quick] [--device cpu]
 
 What it exercises, with the project's own code: a nccl process group (world size 1) under
 the loss's gather and gradient averaging (gathered = local loss and gradients on the device);
@@ -180,7 +180,7 @@ def check_training_paths(args, device: torch.device, work: Path, say) -> None:
     clock.begin_step()
     train_step(model, criterion, optimizer, scheduler, train_batches[0], device, on_gpu, cfg.train.grad_clip_norm)
     clock.end_step()
-    timed = ", ".join(f"{name} {1000 * s:.2f}" for name, s in clock.seconds.items() if s)
+    timed = ", ".join(f"{name} {1000 * seconds:.2f}" for name, seconds in clock.seconds.items() if seconds)
     say(f"phase clock on {device.type} (synchronised): step {1000 * clock.step_seconds:.2f} ms = {timed} ms")
 
     for epoch in range(epochs):

@@ -10,7 +10,7 @@ the training captions) — run in ``train.cpus_per_worker`` ``DataLoader`` proce
 vcl-dist gives each worker that many CPUs. Every epoch a fresh seeded shuffle, split across ranks
 by ``DistributedSampler``; what it leaves out: vcl-dist's evaluation, checkpoints, tracking and
 row-exact resume. Rank 0 prints ``first step done`` after its first step and one JSON line per
-epoch (rows trained, seconds of the training loop, samples/s).
+epoch (steps, seconds of the training loop, its mean loss, samples/s).
 """
 
 from __future__ import annotations
@@ -72,8 +72,15 @@ def main() -> None:
     cfg = load_config(ROOT / "jobs/configs/default.yaml", sys.argv[1:])
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     s = cfg.data.shapes
-    root = ensure_shapes_dataset(Path(cfg.data.cache_dir).expanduser(), s.num_train, s.num_val, s.image_size,
-                                 s.val_captions_per_image, s.seed)
+
+    def shapes_root() -> Path:
+        return ensure_shapes_dataset(Path(cfg.data.cache_dir).expanduser(), s.num_train, s.num_val, s.image_size,
+                                     s.val_captions_per_image, s.seed)
+
+    if rank == 0:  # generated once (a no-op when cached), then read by every rank
+        shapes_root()
+    dist.barrier()
+    root = shapes_root()
     files = sorted((root / "train").glob("*.parquet"))
     captions = pq.read_table(files, columns=["caption"]).column(0).to_pylist()
     tokenizer = train_wordpiece(captions, cfg.model.text.vocab_size)
@@ -99,16 +106,16 @@ def main() -> None:
                                 reference_batch=cfg.train.batch_size)
     for epoch in range(cfg.train.epochs):
         sampler.set_epoch(epoch)
-        started, trained = time.perf_counter(), 0
+        started, trained, loss_sum = time.perf_counter(), 0, 0.0
         for batch in loader:
             batch, _, _ = drop_bad_rows(batch)
-            train_step(model, criterion, optimizer, scheduler, batch, device, False, cfg.train.grad_clip_norm)
+            loss_sum += train_step(model, criterion, optimizer, scheduler, batch, device, False, cfg.train.grad_clip_norm)
             trained += 1
             if rank == 0 and epoch == 0 and trained == 1:
                 print("first step done", flush=True)
         elapsed = time.perf_counter() - started
         if rank == 0:
-            print(json.dumps({"epoch": epoch + 1, "steps": trained, "seconds": elapsed,
+            print(json.dumps({"epoch": epoch + 1, "steps": trained, "seconds": elapsed, "rank0_loss": loss_sum / trained,
                               "samples_per_s": trained * cfg.train.batch_size / elapsed}), flush=True)
     dist.destroy_process_group()
 

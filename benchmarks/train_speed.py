@@ -41,22 +41,37 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FIRST_STEP = {"vcl-dist": re.compile(r"epoch 1/\d+ step \d+/"), "plain": re.compile(r"^first step done")}
+# Where a vcl-dist run's start-up goes: the moments its output shows, in order.
+MILESTONES = {"Ray started": re.compile(r"vcl-dist: (started a local Ray|connected to)"),
+              "worker group started": re.compile(r"Started training worker group"),
+              "model built, data planned": re.compile(r"vcl-dist: \d+ workers on \d+ node"),
+              "first step done": FIRST_STEP["vcl-dist"]}
 
 
-def timed_run(command: list[str], marker: re.Pattern, env: dict, log: Path, limit_s: float = 1800) -> tuple[list[str], float, float]:
+def timed_run(command: list[str], marker: re.Pattern, env: dict, log: Path, limit_s: float = 1800,
+              milestones: dict[str, re.Pattern] | None = None) -> tuple[list[str], float, float]:
     """Run ``command``; its output lines, the seconds from start to the first line matching
-    ``marker`` and the whole run's seconds."""
+    ``marker`` and the whole run's seconds. ``milestones``: their first lines' seconds are
+    written into it (in place of the patterns; NaN when never seen)."""
     started = time.perf_counter()
     first = [float("nan")]
     lines: list[str] = []
+    seen: dict[str, float] = {}
     with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         timer = threading.Timer(limit_s, proc.kill)
         timer.start()
         for line in proc.stdout:
             lines.append(line.rstrip("\n"))
+            now = time.perf_counter() - started
             if first[0] != first[0] and marker.search(line):
-                first[0] = time.perf_counter() - started
+                first[0] = now
+            for name, pattern in (milestones or {}).items():
+                if name not in seen and pattern.search(line):
+                    seen[name] = now
         timer.cancel()
+    if milestones is not None:
+        for name in milestones:
+            milestones[name] = seen.get(name, float("nan"))
     log.write_text("\n".join(lines) + "\n")
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(command[:4])} … failed (exit {proc.returncode}); its output: {log}")
@@ -87,9 +102,14 @@ def compare_with_torchrun(work: Path, epochs: int, overrides: list[str]) -> list
     plain = [json.loads(line)["samples_per_s"] for line in plain_lines if line.startswith('{"epoch"')]
 
     run = work / "runs" / "speed"
+    milestones = dict(MILESTONES)
     _, vcl_start, vcl_wall = timed_run(
         [python, "jobs/train.py", f"run.storage_path={work / 'runs'}", "run.name=speed", f"train.epochs={epochs}", *overrides],
-        FIRST_STEP["vcl-dist"], run_env(), work / "vcl-dist.log")
+        FIRST_STEP["vcl-dist"], run_env(), work / "vcl-dist.log", milestones=milestones)
+    before, steps = 0.0, []
+    for name, at in milestones.items():
+        steps.append(f"{name} +{at - before:.1f} s")
+        before = at
     vcl = [m["samples_per_s"] for m in vcl_dist_epochs(run)]
     ratio = steady(vcl) / steady(plain)
     return [
@@ -101,6 +121,8 @@ def compare_with_torchrun(work: Path, epochs: int, overrides: list[str]) -> list
                                             ("vcl-dist (jobs/train.py)", vcl, vcl_start, vcl_wall))),
         f"vcl-dist / plain, steady samples/s: **{ratio:.3f}×**; start-up difference {vcl_start - plain_start:+.1f} s "
         f"(vcl-dist's whole run also evaluates and checkpoints after every epoch)",
+        f"vcl-dist's start-up, as its output shows it: {', '.join(steps)}; the first batch waited "
+        f"{vcl_dist_epochs(run)[0]['data_wait_first_batch_s']:.1f} s",
     ]
 
 
