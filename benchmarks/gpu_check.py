@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from loss_candidates import loss_candidates
-from step_throughput import TABLE_HEADER, measure
+from step_throughput import TABLE_HEADER, measure, median_seconds
 
 from vcl_dist.config import load_config
 from vcl_dist.data.preprocess import Preprocessor
@@ -80,15 +80,7 @@ def synchronize() -> None:
 
 
 def median_ms(fn, repeats=20) -> float:
-    fn()
-    synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return 1000 * median_seconds(fn, repeats, synchronize)
 
 
 def check_tiled_losses(device: torch.device, say) -> None:

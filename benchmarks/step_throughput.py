@@ -145,6 +145,7 @@ def seconds_per_call(fn, repeats: int, sync) -> float:
 
 
 def median_seconds(fn, repeats: int, sync) -> float:
+    """The median of ``repeats`` calls, each synchronised with the device (after one warm-up call)."""
     fn()
     sync()
     times = []

@@ -3,7 +3,7 @@ to scan per query.
 
 ``build_index`` picks the index as autofaiss does (:func:`choose_index`): exact (``Flat``) below
 100k vectors, ``HNSW`` when the vectors and the graph fit the memory budget, ``IVF-PQ`` beyond
-(vectors compressed to ``m`` bytes each). It trains on a sample (IVF-PQ) and then adds the
+(vectors compressed to ``dim / 2`` bytes each). It trains on a sample (IVF-PQ) and then adds the
 corpus in one streaming pass (Ray Data over the corpus files, batch by batch: memory holds the
 index and one batch). Cosine models' vectors are L2-normalised and searched by inner product;
 VCRL models' by squared L2 distance, scored as minus that distance (the model's own ranking).
