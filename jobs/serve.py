@@ -48,9 +48,10 @@ def _run(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise ValueError("--port must be between 1 and 65535")
+    # Ray first: build_app gives the encoder a GPU when the cluster it is connected to has one.
+    print(f"vcl-dist: {connect_ray(2)}", flush=True)
     app = build_app({"model": args.model, "corpus": args.corpus, "index": None if args.index == "none" else args.index,
                      "batching": not args.no_batching})
-    print(f"vcl-dist: {connect_ray(2)}", flush=True)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name=args.name, route_prefix="/")
     print(f"vcl-dist: serving {args.corpus} with {args.model} at http://{args.host}:{args.port}/ "
