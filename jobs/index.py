@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from vcl_dist.config import load_config
+    from vcl_dist.config import ConfigError, load_config
     from vcl_dist.ray_cluster import connect_ray
     from vcl_dist.retrieval.ann_index import build_index, index_folder
     from vcl_dist.retrieval.search import Corpus
@@ -39,7 +39,10 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.memory_gb <= 0:
         raise ValueError("--memory-gb must be positive")
-    s3 = load_config(None, [o for o in args.overrides if o.startswith("s3.")]).s3
+    others = [o for o in args.overrides if not o.strip().startswith("s3.")]
+    if others:
+        raise ConfigError(f"{others[0]!r}: jobs/index.py takes only s3.* settings")
+    s3 = load_config(None, args.overrides).s3
     corpus = Corpus(args.corpus, s3)
     print(f"vcl-dist: {connect_ray(2)}", flush=True)
     info = build_index(corpus, args.target, args.kind, args.memory_gb)

@@ -160,3 +160,25 @@ def test_the_serve_config_file_is_a_valid_serve_deploy_config_of_this_app(repo_r
     with pytest.raises(ValueError, match="serve args: limits.max_k: Input should be less than or equal to 10000"):
         build_app({**app.args, "limits": {"max_k": 10**6}})
     assert load_job("serve").main(["--model", "m", "--corpus", "c", "--port", "0"]) == 1
+
+
+def test_index_py_refuses_settings_it_does_not_use_in_one_line(capsys):
+    """Only ``s3.*`` settings apply to an index build: any other override is refused, not ignored."""
+    assert load_job("index").main(["--corpus", "nowhere", "train.epochs=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "vcl-dist: config error: 'train.epochs=3': jobs/index.py takes only s3.* settings"
+
+
+def test_a_non_finite_query_is_refused_in_one_line_by_an_index(tmp_path):
+    """A NaN query is named as the query's, not blamed on the corpus."""
+    import faiss
+
+    from vcl_dist.retrieval.ann_index import IndexInfo, IndexParams
+
+    index = LoadedIndex.__new__(LoadedIndex)
+    index.info = IndexInfo(IndexParams("flat", "ip", 4), "image", 3, "v", "m", normalized=True)
+    index.index, index.vectors, index.rows = faiss.IndexFlatIP(4), None, np.arange(3)
+    index.index.add(np.eye(3, 4, dtype=np.float32))
+    assert index.search(np.array([1.0, 0, 0, 0]), 1)[1].tolist() == [[0]]
+    with pytest.raises(ValueError, match=r"^the query holds NaN or infinite embeddings$"):
+        index.search(np.array([np.nan, 0, 0, 0]), 1)

@@ -155,13 +155,18 @@ def _new_index(params: IndexParams):
     return index
 
 
-def _prepare(vectors: np.ndarray, normalized: bool) -> np.ndarray:
+def _prepare(vectors: np.ndarray, normalized: bool, holder: str = "the corpus", hint: str = ": embed it again") -> np.ndarray:
+    """float32, contiguous, L2-normalised for cosine models.
+
+    Raises:
+        ValueError: a NaN or infinite value (one line, naming its ``holder``).
+    """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if normalized:
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         vectors = vectors / np.maximum(norms, 1e-12)
     if not np.isfinite(vectors).all():
-        raise ValueError("the corpus holds NaN or infinite embeddings: embed it again")
+        raise ValueError(f"{holder} holds NaN or infinite embeddings{hint}")
     return vectors
 
 
@@ -219,7 +224,7 @@ def build_index(corpus, target: str = "image", kind: str = "auto", memory_gb: fl
         size = batch.num_rows
         mask = keep[offset:offset + size]
         if mask.any():
-            vectors = _prepare(fixed_size_lists_to_numpy(batch.column(0)), normalized)[mask]
+            vectors = _prepare(fixed_size_lists_to_numpy(batch.column(0))[mask], normalized)  # only the rows kept
             index.add(vectors)
             if rerank is not None:
                 rerank[added:added + len(vectors)] = vectors
@@ -316,16 +321,22 @@ class LoadedIndex:
 
     @property
     def description(self) -> str:
+        """The index and its search-time knobs as set now (:meth:`tune`)."""
+        import faiss
+
         p = self.info.params
-        knob = {"hnsw": f", efSearch {self.index.hnsw.efSearch}" if p.kind == "hnsw" else "",
-                "ivfpq": f", nprobe {p.nprobe}, top {p.refine}×k re-ranked exactly", "flat": ""}[p.kind]
+        knob = ""
+        if p.kind == "hnsw":
+            knob = f", efSearch {self.index.hnsw.efSearch}"
+        elif p.kind == "ivfpq":
+            knob = f", nprobe {faiss.extract_index_ivf(self.index).nprobe}, top {p.refine}×k re-ranked exactly"
         return f"{p.factory()} ({p.metric}{knob}) over {self.info.vectors} {self.info.target} vectors"
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``[Q, D]`` queries -> ``(scores [Q, k], corpus rows [Q, k])``, best first; rows of
         missing results (fewer than k vectors) are -1. Scores are the model's: cosine, or minus
         the squared distance."""
-        queries = _prepare(np.atleast_2d(queries), self.info.normalized)
+        queries = _prepare(np.atleast_2d(queries), self.info.normalized, holder="the query", hint="")
         k = min(k, self.info.vectors)
         if self.vectors is None:
             distances, ids = self.index.search(queries, k)

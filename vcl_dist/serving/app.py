@@ -127,7 +127,7 @@ class QueryEncoder:
 class Searcher:
     def __init__(self, corpus: str, index: str | None, target: str, s3_endpoint_url: str | None = None):
         from ..config import S3Config
-        from ..retrieval.ann_index import INDEX_DIR, LoadedIndex
+        from ..retrieval.ann_index import LoadedIndex, index_folder
         from ..retrieval.search import Corpus
         from ..storage import exists
 
@@ -135,7 +135,7 @@ class Searcher:
         self.target = target
         self.index = None
         if index == "corpus":
-            if exists(self.corpus.filesystem, f"{self.corpus.path}/{INDEX_DIR}/{target}/index.json"):
+            if exists(self.corpus.filesystem, f"{index_folder(self.corpus, target)}/index.json"):
                 self.index = LoadedIndex(self.corpus, target)
         elif index:
             self.index = LoadedIndex(self.corpus, target, folder=index)
