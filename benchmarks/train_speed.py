@@ -48,13 +48,11 @@ MILESTONES = {"Ray started": re.compile(r"vcl-dist: (started a local Ray|connect
               "first step done": FIRST_STEP["vcl-dist"]}
 
 
-def timed_run(command: list[str], marker: re.Pattern, env: dict, log: Path, limit_s: float = 1800,
-              milestones: dict[str, re.Pattern] | None = None) -> tuple[list[str], float, float]:
-    """Run ``command``; its output lines, the seconds from start to the first line matching
-    ``marker`` and the whole run's seconds. ``milestones``: their first lines' seconds are
-    written into it (in place of the patterns; NaN when never seen)."""
+def timed_run(command: list[str], markers: dict[str, re.Pattern], env: dict, log: Path,
+              limit_s: float = 1800) -> tuple[list[str], dict[str, float], float]:
+    """Run ``command``; its output lines, the seconds from its start to the first line matching
+    each of ``markers`` (NaN for one never seen), and the whole run's seconds."""
     started = time.perf_counter()
-    first = [float("nan")]
     lines: list[str] = []
     seen: dict[str, float] = {}
     with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
@@ -62,20 +60,14 @@ def timed_run(command: list[str], marker: re.Pattern, env: dict, log: Path, limi
         timer.start()
         for line in proc.stdout:
             lines.append(line.rstrip("\n"))
-            now = time.perf_counter() - started
-            if first[0] != first[0] and marker.search(line):
-                first[0] = now
-            for name, pattern in (milestones or {}).items():
+            for name, pattern in markers.items():
                 if name not in seen and pattern.search(line):
-                    seen[name] = now
+                    seen[name] = time.perf_counter() - started
         timer.cancel()
-    if milestones is not None:
-        for name in milestones:
-            milestones[name] = seen.get(name, float("nan"))
     log.write_text("\n".join(lines) + "\n")
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(command[:4])} … failed (exit {proc.returncode}); its output: {log}")
-    return lines, first[0], time.perf_counter() - started
+    return lines, {name: seen.get(name, float("nan")) for name in markers}, time.perf_counter() - started
 
 
 def run_env(threads: int = 1) -> dict:
@@ -96,21 +88,23 @@ def steady(values: list[float]) -> float:
 
 def compare_with_torchrun(work: Path, epochs: int, overrides: list[str]) -> list[str]:
     python = sys.executable
-    plain_lines, plain_start, plain_wall = timed_run(
+    plain_lines, plain_seen, plain_wall = timed_run(
         [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "benchmarks/plain_ddp.py",
-         f"train.epochs={epochs}", *overrides], FIRST_STEP["plain"], run_env(), work / "plain.log")
+         f"train.epochs={epochs}", *overrides], {"first step": FIRST_STEP["plain"]}, run_env(), work / "plain.log")
+    plain_start = plain_seen["first step"]
     plain = [json.loads(line)["samples_per_s"] for line in plain_lines if line.startswith('{"epoch"')]
 
     run = work / "runs" / "speed"
-    milestones = dict(MILESTONES)
-    _, vcl_start, vcl_wall = timed_run(
+    _, milestones, vcl_wall = timed_run(
         [python, "jobs/train.py", f"run.storage_path={work / 'runs'}", "run.name=speed", f"train.epochs={epochs}", *overrides],
-        FIRST_STEP["vcl-dist"], run_env(), work / "vcl-dist.log", milestones=milestones)
+        MILESTONES, run_env(), work / "vcl-dist.log")
+    vcl_start = milestones["first step done"]
     before, steps = 0.0, []
     for name, at in milestones.items():
         steps.append(f"{name} +{at - before:.1f} s")
         before = at
-    vcl = [m["samples_per_s"] for m in vcl_dist_epochs(run)]
+    history = vcl_dist_epochs(run)
+    vcl = [m["samples_per_s"] for m in history]
     ratio = steady(vcl) / steady(plain)
     return [
         f"\nThe built-in default, 2 workers × 1 CPU, global batch 128, {epochs} epochs (steady state: median of epochs 2–{epochs})",
@@ -122,7 +116,7 @@ def compare_with_torchrun(work: Path, epochs: int, overrides: list[str]) -> list
         f"vcl-dist / plain, steady samples/s: **{ratio:.3f}×**; start-up difference {vcl_start - plain_start:+.1f} s "
         f"(vcl-dist's whole run also evaluates and checkpoints after every epoch)",
         f"vcl-dist's start-up, as its output shows it: {', '.join(steps)}; the first batch waited "
-        f"{vcl_dist_epochs(run)[0]['data_wait_first_batch_s']:.1f} s",
+        f"{history[0]['data_wait_first_batch_s']:.1f} s",
     ]
 
 
@@ -166,13 +160,13 @@ def weak_scaling(work: Path, epochs: int, overrides: list[str]) -> list[str]:
         name = f"weak-{workers}"
         timed_run([sys.executable, "jobs/train.py", f"run.storage_path={work / 'runs'}", f"run.name={name}",
                    f"train.num_workers={workers}", f"train.batch_size={64 * workers}", *common],
-                  FIRST_STEP["vcl-dist"], run_env(), work / f"{name}.log")
+                  {}, run_env(), work / f"{name}.log")
         row, per_worker = scaling_row(f"one node, {workers} worker{'s' * (workers > 1)}", vcl_dist_epochs(work / "runs" / name), single)
         single = single or per_worker
         lines.append(row)
     output, _, _ = timed_run([sys.executable, "-c", MULTI_NODE, f"run.storage_path={work / 'runs'}", "run.name=weak-2-nodes",
                               "train.num_workers=2", "train.batch_size=128", "train.placement_strategy=STRICT_SPREAD", *common],
-                             FIRST_STEP["vcl-dist"], {**run_env(), "PYTHONPATH": str(ROOT)}, work / "weak-2-nodes.log")
+                             {}, {**run_env(), "PYTHONPATH": str(ROOT)}, work / "weak-2-nodes.log")
     history = json.loads(next(line for line in output if line.startswith("HISTORY "))[len("HISTORY "):])
     lines.append(scaling_row("two local nodes, 1 worker each", history, single)[0])
     return lines
