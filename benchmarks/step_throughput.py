@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vcl_dist.config import load_config
+from vcl_dist.config import TrainConfig, load_config
 from vcl_dist.data.preprocess import Preprocessor
 from vcl_dist.losses import build_loss
 from vcl_dist.models import build_dual_encoder
@@ -29,6 +29,7 @@ from vcl_dist.precision import autocast
 from vcl_dist.step_phases import PhaseClock, phase
 from vcl_dist.train.schedule import build_optimizer
 from vcl_dist.train.step import collate_rows, train_step
+from vcl_dist.train.tower_options import prepare_towers
 
 CLIP_TEXT_VOCAB = 49_408
 CLIP_TEXT_LENGTH = 77
@@ -181,8 +182,7 @@ def measure(batch_size: int, device: torch.device, steps: int, loader_workers: i
     torch.manual_seed(0)
     model = build_dual_encoder(cfg.model, CLIP_TEXT_VOCAB, CLIP_TEXT_LENGTH, 0).to(device)
     if compile_towers:
-        model.image_tower = torch.compile(model.image_tower)
-        model.text_tower = torch.compile(model.text_tower)
+        prepare_towers(model, TrainConfig(compile=True))  # as train.compile does it
     criterion = build_loss(cfg.loss, 100, cfg.model.embed_dim).to(device)
     optimizer = build_optimizer([model, criterion], cfg.train.lr, cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
@@ -192,22 +192,12 @@ def measure(batch_size: int, device: torch.device, steps: int, loader_workers: i
     def step() -> None:
         train_step(model, criterion, optimizer, scheduler, resident, device, on_gpu, cfg.train.grad_clip_norm)
 
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-
     def step_with_verdict_on_device() -> None:
-        """``train_step`` without its host synchronisation: the loss and gradient norm are judged
-        on the device, and a non-finite step is skipped there by fused AdamW's ``found_inf``
-        (what ``GradScaler`` uses), so the host never waits for the device inside the step."""
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, on_gpu):
-            image_emb, text_emb = model(resident["image"], resident["input_ids"], resident["attention_mask"])
-        loss = criterion(image_emb.float(), text_emb.float(), resident["label"], resident["group"])
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip_norm)
-        if on_gpu:
-            optimizer.found_inf = (~(torch.isfinite(loss.detach()) & torch.isfinite(norm))).float()
-        optimizer.step()
-        scheduler.step()
+        """``train_step`` as GPU runs take it: the loss and gradient norm are judged on the
+        device, and a non-finite step is skipped there by fused AdamW's ``found_inf``, so the
+        host never waits for the device inside the step (``vcl_dist.step_verdict``)."""
+        train_step(model, criterion, optimizer, scheduler, resident, device, on_gpu, cfg.train.grad_clip_norm,
+                   verdict_on_device=bool(optimizer.defaults.get("fused")))
 
     # Warm-up: the allocator, cuDNN/cuBLAS choices, compilation (one step in a dry run of a few steps).
     warm = 1 if steps < 5 else 6 if compile_towers else 3
@@ -215,7 +205,7 @@ def measure(batch_size: int, device: torch.device, steps: int, loader_workers: i
         step()
     step_s = seconds_per_call(step, steps, sync)
     no_sync_s = seconds_per_call(step_with_verdict_on_device, steps, sync)
-    optimizer.__dict__.pop("found_inf", None)  # train_step's own verdict from here on
+    optimizer.__dict__.pop("found_inf", None)  # the verdict judged at once from here on
     if profile_to:
         write_profile(step, profile_to, on_gpu)
 

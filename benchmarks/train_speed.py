@@ -12,7 +12,9 @@ same model, loss, optimizer and step function fed by a torch ``DataLoader`` with
 median over epochs 2… of each epoch's samples/s over its training loop (evaluation and checkpoints
 not counted; vcl-dist's ``samples_per_s`` of ``metrics.jsonl``, the plain loop's own clock). Start-up:
 process start → the first step done (vcl-dist: its driver's first progress line, which shows
-rank 0's first step within the 0.5 s it polls; the plain loop: rank 0 prints after its step).
+rank 0's first step within the 0.5 s it polls; the plain loop: rank 0 prints after its step); for
+vcl-dist also when a cluster is already running (``ray start --head``, then the job connects to
+it, as ``ray job submit`` jobs do).
 
 **Weak scaling.** ``jobs/train.py`` with 1, 2 and 4 workers of 1 CPU (torch threads 1) and 64 rows
 per worker per step (global batch 64·W), then 2 workers on 2 nodes of a local
@@ -31,6 +33,7 @@ import argparse
 import json
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -42,7 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FIRST_STEP = {"vcl-dist": re.compile(r"epoch 1/\d+ step \d+/"), "plain": re.compile(r"^first step done")}
 # Where a vcl-dist run's start-up goes: the moments its output shows, in order.
-MILESTONES = {"Ray started": re.compile(r"vcl-dist: (started a local Ray|connected to)"),
+MILESTONES = {"Ray started": re.compile(r"vcl-dist: (started a local Ray|connected to|joined the Ray cluster)"),
               "worker group started": re.compile(r"Started training worker group"),
               "model built, data planned": re.compile(r"vcl-dist: \d+ workers on \d+ node"),
               "first step done": FIRST_STEP["vcl-dist"]}
@@ -86,6 +89,15 @@ def steady(values: list[float]) -> float:
     return statistics.median(values[1:] if len(values) > 1 else values)
 
 
+def milestone_steps(milestones: dict[str, float]) -> list[str]:
+    """``"name +seconds since the previous milestone"`` for each milestone, in order."""
+    before, steps = 0.0, []
+    for name, at in milestones.items():
+        steps.append(f"{name} +{at - before:.1f} s")
+        before = at
+    return steps
+
+
 def compare_with_torchrun(work: Path, epochs: int, overrides: list[str]) -> list[str]:
     python = sys.executable
     plain_lines, plain_seen, plain_wall = timed_run(
@@ -99,10 +111,7 @@ def compare_with_torchrun(work: Path, epochs: int, overrides: list[str]) -> list
         [python, "jobs/train.py", f"run.storage_path={work / 'runs'}", "run.name=speed", f"train.epochs={epochs}", *overrides],
         MILESTONES, run_env(), work / "vcl-dist.log")
     vcl_start = milestones["first step done"]
-    before, steps = 0.0, []
-    for name, at in milestones.items():
-        steps.append(f"{name} +{at - before:.1f} s")
-        before = at
+    steps = milestone_steps(milestones)
     history = vcl_dist_epochs(run)
     vcl = [m["samples_per_s"] for m in history]
     ratio = steady(vcl) / steady(plain)
@@ -117,7 +126,34 @@ def compare_with_torchrun(work: Path, epochs: int, overrides: list[str]) -> list
         f"(vcl-dist's whole run also evaluates and checkpoints after every epoch)",
         f"vcl-dist's start-up, as its output shows it: {', '.join(steps)}; the first batch waited "
         f"{history[0]['data_wait_first_batch_s']:.1f} s",
+        *start_up_on_a_running_cluster(work, overrides, plain_start),
     ]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_up_on_a_running_cluster(work: Path, overrides: list[str], plain_start: float) -> list[str]:
+    """The same start-up when a Ray cluster is already running (``ray start --head``, as before
+    ``ray job submit``): the job connects instead of starting one. One epoch: only the start counts."""
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    env = run_env()
+    temp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    subprocess.run([ray_cli, "start", "--head", "--num-cpus=3", "--include-dashboard=false", "--disable-usage-stats",
+                    f"--port={free_port()}", f"--temp-dir={temp}"], env=env, check=True, capture_output=True)
+    try:
+        _, milestones, _ = timed_run(
+            [sys.executable, "jobs/train.py", f"run.storage_path={work / 'runs'}", "run.name=attached", "train.epochs=1",
+             *overrides], MILESTONES, {**env, "RAY_ADDRESS": "auto"}, work / "attached.log")
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True)
+    steps = milestone_steps(milestones)
+    start = milestones["first step done"]
+    return [f"On a running cluster (ray start --head --num-cpus=3, RAY_ADDRESS=auto): start-up {start:.1f} s "
+            f"({start - plain_start:+.1f} s against the plain loop): {', '.join(steps)}"]
 
 
 SHARES = ("data_wait", "sync", "gather", "forward", "backward", "optimizer")

@@ -19,6 +19,7 @@ import pytest
 import ray
 from hostile_inputs import plant_hostile_rows
 from job_modules import load_job
+from ports import free_port
 
 from vcl_dist.config import load_config
 from vcl_dist.data.datasets import build_split, build_train_split, resolve_source
@@ -32,11 +33,6 @@ from vcl_dist.train.runner import run_training
 BIN = Path(sys.executable).parent
 SECRET = "vcl-test-secret-key-0123456789abcdefghij"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

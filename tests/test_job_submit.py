@@ -5,7 +5,6 @@ jobs/train.py with and without the token, `ray stop`."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,15 +12,10 @@ from pathlib import Path
 
 import pytest
 import ray
+from ports import free_port
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -41,3 +41,23 @@ def test_a_dashboard_address_is_no_driver_address(monkeypatch):
     with pytest.raises(ValueError, match="is a dashboard address, for `ray job submit`") as err:
         connect_ray(2)
     assert "\n" not in str(err.value)
+
+
+def test_custom_resources_per_worker_must_fit_on_the_workers_nodes():
+    """``train.resources_per_worker``: a worker holds them on its own node, like its CPUs."""
+    needs = JobNeeds(workers=2, cpus_per_worker=1, gpus_per_worker=0, custom_per_worker=(("train_gpu", 1.0),))
+    assert workers_that_fit([{"CPU": 8}, {"CPU": 4, "train_gpu": 1}], needs) == 1  # CPUs alone hold no worker
+    problem = shortfall([{"CPU": 8}, {"CPU": 4, "train_gpu": 1}], needs)
+    assert problem == ("it has 12 CPUs and 1 train_gpu and the job needs 3 CPUs: 2 training workers × 1 CPU "
+                       "(train.cpus_per_worker) + 1 train_gpu plus 1 for the data preprocessing tasks")
+    assert shortfall([{"CPU": 0}, {"CPU": 4, "train_gpu": 1}, {"CPU": 4, "train_gpu": 1}], needs) is None
+
+
+@pytest.mark.parametrize("resources, message", [({"GPU": 1}, "GPU has its own key"),
+                                                ({"train_gpu": 0}, "positive finite amount"),
+                                                ({"train_gpu": float("nan")}, "positive finite amount")])
+def test_bad_custom_resources_are_refused_in_one_line(resources, message):
+    from vcl_dist.config import Config
+
+    with pytest.raises(ValueError, match=message):
+        Config.model_validate({"train": {"resources_per_worker": resources}})

@@ -19,7 +19,7 @@ from vcl_dist.step_phases import PHASES, PhaseClock, phase
 from vcl_dist.tracking import RunIdentity, flat_params, open_trackers
 from vcl_dist.tracking.monitor import describe_failure
 from vcl_dist.tracking.progress import ProgressView, epoch_line
-from vcl_dist.train.loop import lockstep
+from vcl_dist.train.lockstep import lockstep
 from vcl_dist.train.step import collate_rows, train_step
 
 
@@ -71,7 +71,7 @@ def test_the_breakdown_of_real_steps_accounts_for_their_measured_time():
 
     clock, waits, measured = PhaseClock(), [], 0.0
     started = time.perf_counter()
-    for ready in lockstep(slow_batches(), torch.device("cpu"), waits, clock):
+    for ready in lockstep(slow_batches(), waits, clock):
         ready.pop("bad_shards"), ready.pop("valid")
         train_step(model, criterion, optimizer, scheduler, ready, torch.device("cpu"), False, 1.0)
         clock.end_step()

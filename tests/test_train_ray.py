@@ -226,13 +226,14 @@ def test_vcrl_with_label_tower_and_sharded_memory_trains_and_checkpoints_its_sta
 # The InfoNCE/full-gather equivalence is proven in test_distributed_loss; this real run joins the e2e checks to keep
 # the suite under its 15-minute budget (15 min 22 s measured with it, after the sharded-memory and checkpoint tests).
 @pytest.mark.e2e
-def test_infonce_with_full_gather_trains(local_ray, tiny_shapes_overrides, repo_root, tmp_path):
+def test_infonce_with_full_gather_trains(local_ray, tiny_shapes_overrides, repo_root, tmp_path, capsys):
     cfg = load_config(
         repo_root / "jobs/configs/default.yaml",
         [*tiny_shapes_overrides, f"run.storage_path={tmp_path}", "run.name=infonce", "train.epochs=2",
-         "loss.name=infonce", "loss.gather=full"],
+         "loss.name=infonce", "loss.gather=full", "train.channels_last=true"],
     )
     outcome = run_training(cfg)
+    assert "channels-last image tower" in capsys.readouterr().out  # the workers' towers (tests/test_tower_options.py)
     assert outcome.history[-1]["train_loss"] < outcome.history[0]["train_loss"]
     logit_scale = torch.load(Path(outcome.checkpoint_path) / "loss.pt", weights_only=True)["logit_scale"]
     assert logit_scale.item() != pytest.approx(torch.log(torch.tensor(1 / 0.07)).item())  # it was trained

@@ -7,8 +7,9 @@ import torch
 from vcl_dist.config import LossConfig, ModelConfig
 from vcl_dist.losses import build_loss
 from vcl_dist.models import build_dual_encoder
+from vcl_dist.step_verdict import judge, read_verdicts
 from vcl_dist.train.schedule import build_optimizer, build_scheduler
-from vcl_dist.train.step import NonFiniteStepError, train_step
+from vcl_dist.train.step import NonFiniteStepError, PendingVerdict, train_step
 
 
 def setup(seed: int = 0):
@@ -124,3 +125,65 @@ def test_an_epoch_end_settles_the_schedule_on_whole_planned_epochs():
     before = scheduler.state_dict()
     scheduler.finish_epoch(2, 10)  # an uninterrupted epoch: nothing moves
     assert scheduler.state_dict() == before and scheduler.get_last_lr()[0] == pytest.approx(0.2)
+
+
+# --- The verdict kept on the device (a GPU run's path), exercised here with fused AdamW on the CPU.
+
+def fused_setup(seed: int = 0):
+    model, criterion, _, _, batch = setup(seed)
+    optimizer = torch.optim.AdamW([*model.parameters(), *criterion.parameters()], lr=1e-3, fused=True)
+    return model, criterion, optimizer, build_scheduler(optimizer, 0, 10, 0.1), batch
+
+
+def test_a_step_judged_on_the_device_trains_as_one_judged_at_once():
+    results = []
+    for on_device in (False, True):
+        model, criterion, optimizer, scheduler, batch = fused_setup()
+        outcome = train_step(model, criterion, optimizer, scheduler, batch, torch.device("cpu"), False, 1.0,
+                             verdict_on_device=on_device)
+        results.append((outcome, weights(model)))
+    (loss, at_once), (pending, on_device) = results
+    assert isinstance(pending, PendingVerdict) and pending.checks == ("image embeddings", "text embeddings")
+    assert judge(*read_verdicts([pending]), pending.checks) == loss > 0
+    assert all(torch.equal(at_once[name], on_device[name]) for name in at_once)
+
+
+def test_an_infinite_gradient_judged_on_the_device_skips_the_update():
+    model, criterion, optimizer, scheduler, batch = fused_setup()
+    model.text_projection.weight.register_hook(lambda grad: grad * float("inf"))
+    before = weights(model)
+    pending = train_step(model, criterion, optimizer, scheduler, batch, torch.device("cpu"), False, 1.0,
+                         verdict_on_device=True)  # no error yet: nothing was read
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert all(float(state["step"]) == 0 for state in optimizer.state.values())  # AdamW's step count undone too
+    with pytest.raises(NonFiniteStepError, match="gradient norm inf"):
+        judge(*read_verdicts([pending]), pending.checks)
+
+
+def test_nan_embeddings_judged_on_the_device_are_named_when_read():
+    model, criterion, optimizer, scheduler, batch = fused_setup()
+    with torch.no_grad():
+        model.image_projection.weight[0, 0] = float("nan")
+    before = weights(model)
+    pending = train_step(model, criterion, optimizer, scheduler, batch, torch.device("cpu"), False, 1.0,
+                         verdict_on_device=True)
+    assert all(torch.equal(before[n], p) or torch.isnan(p).any() for n, p in model.named_parameters())
+    with pytest.raises(NonFiniteStepError, match="image embeddings contain NaN or inf"):
+        judge(*read_verdicts([pending]), pending.checks)
+
+
+def test_an_epoch_reads_pending_verdicts_together_and_names_the_failed_step():
+    from vcl_dist.train.metrics import EpochProgress
+
+    progress = EpochProgress(epoch=2, carried={"loss_sum": 0.0, "steps": 0}, max_bad_fraction=0.1, global_batch=6)
+    steps = {11: [0.5, 1.0], 12: [0.25, 2.0]}
+    for step, values in steps.items():
+        progress.add(PendingVerdict(torch.tensor(values), ()), step)
+    assert progress.progress_record(10)["loss"] is None  # nothing read yet, nothing made up
+    assert progress.running_sums() == {"loss_sum": 0.75, "steps": 2, "losses": [0.5, 0.25]}
+    progress.add(0.75, 13)  # a step judged at once (the CPU's path) mixes in
+    progress.add(PendingVerdict(torch.tensor([float("nan"), 1.0, 1.0]), ("text embeddings",)), 14)
+    progress.add(PendingVerdict(torch.tensor([0.5, float("inf")]), ()), 15)
+    assert progress.progress_record(10)["loss"] == pytest.approx(1.5 / 3)
+    with pytest.raises(NonFiniteStepError, match=r"^step 14 \(epoch 3\): loss nan, .*read at step 15\)$"):
+        progress.settle()

@@ -162,6 +162,9 @@ class TrainConfig(Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how workers are placed on nodes (Ray placement group strategy)")
     cpus_per_worker: float = Field(1, gt=0)
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each training worker also holds, e.g. "
+        "{'accelerator_type:A10G': 0.001} or a node type's own resource; CPUs and GPUs have their own keys")
     use_gpu: bool | Literal["auto"] = "auto"
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(128, ge=2, description="global batch at num_workers workers: the negative pool of every step")
@@ -182,6 +185,12 @@ class TrainConfig(Section):
     micro_batch_size: int | None = Field(None, ge=1, description="run the towers in micro-batches of this many rows "
                                          "with cached embedding gradients (GradCache): activations of one micro-batch at "
                                          "a time, the same gradient; default: the whole local batch at once")
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        False, description="torch.compile the image and text towers (inductor) in every worker; true = mode 'default'. "
+        "The first steps compile (a minute or more); what it gains depends on the towers (measured: none for "
+        "ViT-B/32 on an H200)")
+    channels_last: bool = Field(False, description="the image tower and the image batches in channels-last memory "
+                                "format: faster convolutions on GPUs with tensor cores")
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainConfig":
@@ -192,6 +201,11 @@ class TrainConfig(Section):
             )
         if self.batch_size // self.num_workers < 2:
             raise ValueError("train.batch_size must give every worker at least 2 samples")
+        for name, amount in self.resources_per_worker.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"train.resources_per_worker: {name} has its own key (train.cpus_per_worker, train.use_gpu)")
+            if not amount > 0 or amount != amount or amount == float("inf"):
+                raise ValueError(f"train.resources_per_worker: {name} must be a positive finite amount, got {amount}")
         if self.min_workers is not None and self.min_workers > self.num_workers:
             raise ValueError(f"train.min_workers ({self.min_workers}) must not exceed train.num_workers ({self.num_workers})")
         return self

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 
 RAY_DATA_ENV = {
@@ -99,6 +100,7 @@ def connect_ray(cpus_needed: int) -> str:
     if address != "local":
         try:
             ray.init(address=address or "auto")
+            keep_ray_data_stats_on_this_node()
             return f"joined the Ray cluster at {ray.get_runtime_context().gcs_address}"
         except ConnectionError:
             if address:
@@ -107,6 +109,27 @@ def connect_ray(cpus_needed: int) -> str:
         os.environ.setdefault(name, value)
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed))
     return "started a local Ray"
+
+
+def keep_ray_data_stats_on_this_node() -> None:
+    """Create Ray Data's per-cluster statistics actor now, from this driver, so that it lives on
+    the driver's node (the head, on a cluster).
+
+    Ray Data makes that actor (detached: it outlives every job) on the node of the first process
+    that runs a dataset. In a training run that is a training worker, so the actor pinned a
+    worker node for good and the autoscaler never gave that node back — measured on the local
+    autoscaling cluster of ``tests/test_autoscaling.py``: one GPU-type node kept after every job.
+    The actor holds no CPU, so a head with ``CPU: 0`` takes it. Private API (``ray.data._internal``),
+    guarded: without it, the old placement.
+    """
+    try:
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError:
+        return
+    try:
+        get_or_create_stats_actor()
+    except Exception as err:  # noqa: BLE001 - an optimisation of node placement, never a reason to stop a job
+        warnings.warn(f"vcl-dist: could not place Ray Data's statistics actor on this node: {err}", stacklevel=2)
 
 
 class _DropMessages(logging.Filter):
@@ -136,6 +159,7 @@ class JobNeeds:
     workers: int  # the fewest the run can start with (train.min_workers for elastic runs)
     cpus_per_worker: float
     gpus_per_worker: int
+    custom_per_worker: tuple[tuple[str, float], ...] = ()  # train.resources_per_worker
 
     @property
     def cpus(self) -> float:
@@ -143,9 +167,10 @@ class JobNeeds:
 
     def describe(self) -> str:
         gpus = f" and {self.workers * self.gpus_per_worker} GPUs" if self.gpus_per_worker else ""
+        custom = "".join(f" + {_number(amount)} {name}" for name, amount in self.custom_per_worker)
         return (f"{_number(self.cpus)} CPUs{gpus}: {self.workers} training workers × {_number(self.cpus_per_worker)} CPU "
-                f"(train.cpus_per_worker){' + 1 GPU' if self.gpus_per_worker else ''} plus {DATA_CPUS} for the data "
-                "preprocessing tasks")
+                f"(train.cpus_per_worker){' + 1 GPU' if self.gpus_per_worker else ''}{custom} plus {DATA_CPUS} for the "
+                "data preprocessing tasks")
 
 
 def _number(value: float) -> str:
@@ -160,6 +185,8 @@ def workers_that_fit(nodes: list[dict[str, float]], needs: JobNeeds) -> int:
         fits = node.get("CPU", 0) / needs.cpus_per_worker
         if needs.gpus_per_worker:
             fits = min(fits, node.get("GPU", 0) / needs.gpus_per_worker)
+        for name, amount in needs.custom_per_worker:
+            fits = min(fits, node.get(name, 0) / amount)
         count += int(fits + 1e-9)
     return count
 
@@ -169,6 +196,7 @@ def shortfall(nodes: list[dict[str, float]], needs: JobNeeds) -> str | None:
     total_cpus = sum(node.get("CPU", 0) for node in nodes)
     total_gpus = sum(node.get("GPU", 0) for node in nodes)
     has = f"{_number(total_cpus)} CPUs" + (f" and {_number(total_gpus)} GPUs" if needs.gpus_per_worker else "")
+    has += "".join(f" and {_number(sum(node.get(name, 0) for node in nodes))} {name}" for name, _ in needs.custom_per_worker)
     if workers_that_fit(nodes, needs) < needs.workers or total_cpus + 1e-9 < needs.cpus:
         return f"it has {has} and the job needs {needs.describe()}"
     return None

@@ -25,15 +25,36 @@ def distributed_world() -> tuple[int, int]:
     return 0, 1
 
 
-def gather_sizes(local_size: int, device: torch.device) -> list[int]:
-    """Every worker's local batch size, in rank order (one tiny collective)."""
+_HOST_GROUPS: dict[int, dist.ProcessGroup] = {}
+
+
+def host_group() -> dist.ProcessGroup | None:
+    """The group for small collectives whose result the host needs at once (batch sizes, the
+    lock-step flags): a gloo group over every rank when the default group is not gloo (nccl),
+    else ``None`` (the default group).
+
+    Why: an nccl collective runs on the GPU's stream, so reading its result makes the host wait
+    for every kernel queued before it — the host could not queue this step's work while the
+    previous one still runs. A gloo collective on CPU tensors waits for the other workers only.
+    Made once per default group, by every rank at the same collective (as ``new_group`` needs).
+    """
+    if dist.get_backend() == "gloo":
+        return None
+    key = id(dist.group.WORLD)
+    if key not in _HOST_GROUPS:
+        _HOST_GROUPS[key] = dist.new_group(backend="gloo")
+    return _HOST_GROUPS[key]
+
+
+def gather_sizes(local_size: int) -> list[int]:
+    """Every worker's local batch size, in rank order (one tiny collective on the host)."""
     rank, world = distributed_world()
     if world == 1:
         return [local_size]
-    size = torch.tensor([local_size], dtype=torch.int64, device=device)
+    size = torch.tensor([local_size], dtype=torch.int64)
     sizes = [torch.empty_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    return [int(s.item()) for s in sizes]
+    dist.all_gather(sizes, size, group=host_group())
+    return [int(s) for s in sizes]
 
 
 def _all_gather_padded(tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:

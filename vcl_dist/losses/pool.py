@@ -23,6 +23,7 @@ from functools import cached_property
 import torch
 
 from ..step_phases import phase
+from ..step_verdict import check_finite
 from .gather import distributed_world, gather_no_grad, gather_sizes, gather_with_grad
 from .memory import NegativeMemory
 
@@ -137,14 +138,6 @@ def _groups_within_labels(labels: torch.Tensor, groups: torch.Tensor) -> bool:
     return pairs.shape[1] == torch.unique(groups).shape[0]
 
 
-def check_finite(name: str, tensor: torch.Tensor) -> None:
-    if not torch.isfinite(tensor).all():
-        raise FloatingPointError(
-            f"{name} contain NaN or inf: the model diverged or its input is corrupt "
-            "(lower train.lr, check the data, or turn on train.grad_clip_norm)"
-        )
-
-
 def build_pool(image_emb, text_emb, labels, groups, gather: str = "local", memory: NegativeMemory | None = None) -> Pool:
     if gather not in GATHER_MODES:
         raise ValueError(f"gather must be one of {GATHER_MODES}, got {gather!r}")
@@ -152,7 +145,7 @@ def build_pool(image_emb, text_emb, labels, groups, gather: str = "local", memor
         raise ValueError(f"image and text embeddings must both be [n, D], got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
     rank, world = distributed_world()
     with phase("gather"):
-        sizes = gather_sizes(image_emb.shape[0], image_emb.device)
+        sizes = gather_sizes(image_emb.shape[0])
         all_images, all_texts = gather_with_grad(image_emb, sizes), gather_with_grad(text_emb, sizes)
         all_labels, all_groups = gather_no_grad(labels, sizes), gather_no_grad(groups, sizes)
     offset, total = sum(sizes[:rank]), sum(sizes)

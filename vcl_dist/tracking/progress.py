@@ -17,7 +17,12 @@ def progress_line(record: dict, epochs: int) -> str:
     rate = record["samples_per_s"]
     eta = _eta(record)
     return (f"vcl-dist: epoch {record['epoch'] + 1}/{epochs} step {done}/{total} ({100 * done / max(total, 1):.0f}%) "
-            f"loss {record['loss']:.4f} {rate:.0f} samples/s ETA {eta}")
+            f"loss {_loss(record)} {rate:.0f} samples/s ETA {eta}")
+
+
+def _loss(record: dict) -> str:
+    # None before the first reading of a GPU run's step verdicts (vcl_dist.step_verdict).
+    return "…" if record["loss"] is None else f"{record['loss']:.4f}"
 
 
 # What the line at an epoch's end shows, when the epoch has it (all of them go to the trackers
@@ -95,7 +100,7 @@ class ProgressView:
         if self._bar is None or self._task is None:
             return
         self._bar.update(self._task, completed=record["epoch_step"],
-                         stats=f"loss {record['loss']:.4f} {record['samples_per_s']:.0f} samples/s")
+                         stats=f"loss {_loss(record)} {record['samples_per_s']:.0f} samples/s")
 
     def close(self) -> None:
         if self._bar is not None:

@@ -2,7 +2,7 @@
 
 It reads in one sitting: build (model, loss, optimizer, schedule) → resume (weights, optimizer,
 data position, RNG; :mod:`.resume`) → for each epoch: steps (:func:`.step.train_step`, in
-lock-step with the other workers), rank 0 evaluates (:mod:`.evaluation`), every worker
+lock-step with the other workers: :mod:`.lockstep`), rank 0 evaluates (:mod:`.evaluation`), every worker
 reports (a barrier) with rank 0 attaching the checkpoint. One step: a batch of preprocessed
 rows from this worker's shard → both towers (bf16 autocast on GPU) → the loss of this worker's
 anchors against the embeddings gathered from every worker → backward (through the gather; DDP
@@ -12,10 +12,11 @@ are :mod:`.metrics`'.
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import ray
 import ray.train
@@ -28,22 +29,41 @@ from ..cpu_memory import keep_freed_memory_for_reuse
 from ..data.epoch_plan import fresh_ranges, range_rows
 from ..data.shard_format import drop_bad_rows
 from ..losses import build_loss
-from ..losses.gather import distributed_world
+from ..losses.gather import distributed_world, host_group
 from ..models import build_dual_encoder
 from ..models.artifacts import save_checkpoint, save_memory_shard
-from ..step_phases import PhaseClock, phase
+from ..step_phases import PhaseClock
+from ..step_verdict import NonFiniteStepError, PendingVerdict
 from ..tracking.monitor import worker_location
-from .data_quality import BadDataError, worst_shards
+from .data_quality import worst_shards
 from .evaluation import ValCache, evaluate_on_val
 from .fatal import ModelBuildError, NonFiniteLossError, end_run_on_fatal_error
+from .lockstep import lockstep
 from .metrics import EpochProgress
 from .resume import ResumePoint, checkpoints_to_resume_from, epoch_rows_state, gather_worker_states
 from .schedule import build_optimizer, build_scheduler
 from .step import collate_rows, pinned_collate_rows, train_step
+from .tower_options import prepare_towers
 from .trained_rows import TrainedRowsLog
 
 
+def non_finite_step_is_fatal(train_fn: Callable[[dict], dict | None]) -> Callable[[dict], dict | None]:
+    """A non-finite step (judged at once, or read later from the device) ends the run as
+    :class:`NonFiniteLossError`: every worker reaches the same verdict at the same step."""
+
+    @functools.wraps(train_fn)
+    def wrapped(loop_config: dict) -> dict | None:
+        try:
+            return train_fn(loop_config)
+        except NonFiniteStepError as err:
+            raise NonFiniteLossError(f"{' '.join(str(err).split())}; the optimizer step was not taken. "
+                                     f"Last good checkpoint: {latest_checkpoint_path() or 'none yet'}") from None
+
+    return wrapped
+
+
 @end_run_on_fatal_error
+@non_finite_step_is_fatal
 def train_loop_per_worker(loop_config: dict) -> dict | None:
     run = WorkerRun(loop_config)  # build
     start = ResumePoint.restore(checkpoints_to_resume_from(), model=run.raw_model, criterion=run.criterion,
@@ -60,11 +80,11 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         epoch_steps = progress.steps + min(range_rows(share) for share in ranges) // run.local_batch
         run.epoch_started(progress, epoch_steps)
         batches, upcoming, stopped_inside_epoch = upcoming or run.epoch_batches(epoch, ranges), None, False
-        for batch in lockstep(batches, run.device, progress.waits, progress.clock):
+        for batch in lockstep(batches, progress.waits, progress.clock):
             run.record_trained_rows(batch, epoch)
             batch, rows, bad_shards = drop_bad_rows(batch)
             progress.bad_rows.add(rows, bad_shards)
-            progress.add(run.train_step(batch, epoch))
+            progress.add(run.train_step(batch, epoch), run.step)
             if progress.steps % cfg.run.log_every_steps == 0:
                 progress.bad_rows.check(run.device)  # a collective: every worker, same steps
                 run.track_step(progress)  # a collective too
@@ -73,7 +93,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             if progress.steps < epoch_steps and (run.checkpoint_due() or run.reached_max_steps()):
                 # A checkpoint inside the epoch: what a restart needs to finish it.
                 run.report({"epoch": epoch, "step": run.step, "epoch_step": progress.steps, "world_size": run.world,
-                            "train_loss": progress.loss_sum / progress.steps}, epoch, progress.running_sums(),
+                            "train_loss": progress.mean_loss()}, epoch, progress.running_sums(),
                            epoch_rows_state(run.data, ranges, progress.trained * run.local_batch))
             if run.reached_max_steps():
                 stopped_inside_epoch = progress.steps < epoch_steps
@@ -127,10 +147,16 @@ class WorkerRun:
             raise ModelBuildError(f"the config builds no model: {' '.join(str(err).split())[:300]}") from None
         if hasattr(model, "logit_scale") and hasattr(self.criterion, "logit_scale"):
             self.criterion.logit_scale.data.copy_(model.logit_scale)  # InfoNCE starts at CLIP's temperature
+        self.tower_options = prepare_towers(model, cfg.train)
         self.model = ray.train.torch.prepare_model(model)
         self.raw_model = self.model.module if hasattr(self.model, "module") else self.model
         self.criterion.to(self.device)
         self.optimizer = build_optimizer([self.raw_model, self.criterion], self.lr, cfg.train.weight_decay)
+        # On a GPU the step's finiteness verdict stays on the device (fused AdamW skips a failed
+        # step there) and is read every run.log_every_steps steps: see vcl_dist.step_verdict.
+        self.verdict_on_device = on_gpu and bool(self.optimizer.defaults.get("fused"))
+        if self.world > 1:
+            host_group()  # made here, by every rank at once (dist.new_group is a collective)
         # The schedule runs over the planned samples (steps of the planned global batch), whatever
         # the world size does on the way (elastic): see schedule.WarmupCosineBySamples.
         self.planned_steps_per_epoch = self.data.rows // cfg.train.num_workers // self.local_batch
@@ -162,7 +188,8 @@ class WorkerRun:
                                                                   if loss.memory_shard else "")
         pool = f"{self.local_batch * self.world} rows{memory}"
         how = ", ".join(([f"scores in tiles of {loss.chunk_size} rows"] if loss.chunk_size else [])
-                        + ([f"towers in micro-batches of {train.micro_batch_size}"] if train.micro_batch_size else []))
+                        + ([f"towers in micro-batches of {train.micro_batch_size}"] if train.micro_batch_size else [])
+                        + self.tower_options)
         self.log(f"vcl-dist: {self.world} workers on {self.worker_nodes} nodes: global pool {pool} per step"
                  f"{f' ({how})' if how else ''}, lr {self.lr:.3g}, {self.steps_per_epoch} steps per epoch")
 
@@ -212,17 +239,15 @@ class WorkerRun:
         if self.rows_log is not None:
             self.rows_log.write(epoch, self.step + 1, self.world, batch.pop("keys"))
 
-    def train_step(self, batch: dict, epoch: int) -> float:
+    def train_step(self, batch: dict, epoch: int) -> float | PendingVerdict:
         try:
-            loss = train_step(self.model, self.criterion, self.optimizer, self.scheduler, batch, self.device, self.use_amp,
-                              self.cfg.train.grad_clip_norm, self.cfg.train.micro_batch_size)
+            outcome = train_step(self.model, self.criterion, self.optimizer, self.scheduler, batch, self.device,
+                                 self.use_amp, self.cfg.train.grad_clip_norm, self.cfg.train.micro_batch_size,
+                                 verdict_on_device=self.verdict_on_device, channels_last=self.cfg.train.channels_last)
         except FloatingPointError as err:
-            raise NonFiniteLossError(
-                f"step {self.step + 1} (epoch {epoch + 1}): {' '.join(str(err).split())}; the optimizer step was not taken. "
-                f"Last good checkpoint: {latest_checkpoint_path() or 'none yet'}"
-            ) from None
+            raise NonFiniteStepError(f"step {self.step + 1} (epoch {epoch + 1}): {' '.join(str(err).split())}") from None
         self.step += 1
-        return loss
+        return outcome
 
     def checkpoint_due(self) -> bool:
         """Whether to checkpoint after this step: every ``checkpoint_every_steps`` steps, or once
@@ -297,44 +322,6 @@ class WorkerRun:
 PROGRESS_INTERVAL_S = 0.5
 
 # A step needs at least this many usable rows on every worker (an anchor and a negative).
-MIN_ROWS_PER_STEP = 2
-
-
-def lockstep(batches: Iterator, device: torch.device, waits: list[float], clock: PhaseClock | None = None) -> Iterator:
-    """Yield batches while *every* worker still has one.
-
-    Collectives (the gather in the loss, DDP's all-reduce) hang if one worker takes a step
-    that another does not; one tiny all-reduce per step makes all workers stop together,
-    whatever their shards hold. The same all-reduce says whether every worker's batch has
-    ``MIN_ROWS_PER_STEP`` usable rows, so a batch of bad rows stops all workers at once with
-    :class:`BadDataError` (which is not retried) rather than one of them. The time spent
-    waiting for the data iterator alone (not for the other workers) is appended to ``waits``.
-    ``clock``: each step begins on it where its batch is waited for (the consumer ends it).
-    """
-    _, world = distributed_world()
-    clock = clock or PhaseClock()
-    while True:
-        clock.begin_step()
-        with phase("data_wait"):
-            started = time.perf_counter()
-            batch = next(batches, None)
-            waits.append(time.perf_counter() - started)
-        usable_rows = int(batch["valid"].sum()) if batch is not None else 0
-        flags = [0 if batch is None else 1, 1 if usable_rows >= MIN_ROWS_PER_STEP else 0]
-        if world > 1:
-            with phase("sync"):
-                reduced = torch.tensor(flags, device=device)
-                dist.all_reduce(reduced, op=dist.ReduceOp.MIN)
-                flags = reduced.tolist()
-        if flags[0] == 0:
-            clock.cancel_step()
-            return
-        if flags[1] == 0:
-            raise BadDataError(f"a training batch had fewer than {MIN_ROWS_PER_STEP} usable rows on some worker "
-                               f"(this worker: {usable_rows} of {len(batch['valid'])}): the shards are mostly corrupt")
-        yield batch
-
-
 def fetch_first_ahead(batches: Iterator) -> Iterator:
     """``batches``, whose first item is fetched from now on in a background thread."""
     fetched: list = []

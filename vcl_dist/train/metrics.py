@@ -19,6 +19,7 @@ from ..config import Config
 from ..evaluate import retrieval_metric_names
 from ..losses.gather import distributed_world
 from ..step_phases import PHASES, PhaseClock
+from ..step_verdict import NonFiniteStepError, PendingVerdict, judge, read_verdicts
 from .data_quality import BadRowCounter, worst_shards
 
 # The step-time breakdown: each phase's share of the timed steps (step_phases.PHASES; they add
@@ -52,33 +53,64 @@ class EpochProgress:
         self.clock = clock or PhaseClock()
         self.loss_sum, self.steps = carried["loss_sum"], carried["steps"]
         self.losses: list[float] = list(carried.get("losses", []))  # this worker's loss at every step of the epoch
+        self.pending: list[tuple[int, PendingVerdict]] = []  # steps whose verdict is still on the device
         self.trained = 0  # steps this worker group took (a resumed epoch's first ones were taken before)
         self.waits: list[float] = []
         self.bad_rows = BadRowCounter(max_bad_fraction)
         self.started = time.perf_counter()
         self._window = (self.started, 0, 0)  # (start, steps trained, data waits) at the last step metrics
 
-    def add(self, loss: float) -> None:
-        self.loss_sum += loss
-        self.losses.append(loss)
+    def add(self, outcome: float | PendingVerdict, step: int) -> None:
+        """Count step ``step`` (the run's global step number) with its loss, or with its verdict
+        still on the device (read by :meth:`settle`)."""
         self.steps += 1
         self.trained += 1
+        if isinstance(outcome, PendingVerdict):
+            self.pending.append((step, outcome))
+        else:
+            self.loss_sum += outcome
+            self.losses.append(outcome)
+
+    def settle(self) -> None:
+        """Read the verdicts still on the device (one synchronisation) into the loss counters.
+        Every worker calls it at the same steps, so every worker raises together.
+
+        Raises:
+            NonFiniteStepError: naming the first step whose verdict failed.
+        """
+        pending, self.pending = self.pending, []
+        for (step, verdict), values in zip(pending, read_verdicts([verdict for _, verdict in pending])):
+            try:
+                loss = judge(values, verdict.checks)
+            except NonFiniteStepError as err:
+                raise NonFiniteStepError(f"step {step} (epoch {self.epoch + 1}): {err} (judged on the device, "
+                                         f"read at step {pending[-1][0]})") from None
+            self.loss_sum += loss
+            self.losses.append(loss)
+
+    def mean_loss(self) -> float:
+        self.settle()
+        return self.loss_sum / self.steps
 
     def running_sums(self) -> dict:
         """What a checkpoint inside the epoch keeps of this worker's progress."""
+        self.settle()
         return {"loss_sum": self.loss_sum, "steps": self.steps, "losses": list(self.losses)}
 
     def progress_record(self, epoch_steps: int) -> dict:
-        """This worker's progress inside the epoch (no collective: rank 0's view, for the console)."""
+        """This worker's progress inside the epoch (no collective: rank 0's view, for the console;
+        its loss covers the steps whose verdict has been read)."""
         elapsed = time.perf_counter() - self.started
+        read = self.steps - len(self.pending)
         return {"kind": "progress", "epoch": self.epoch, "epoch_step": self.steps, "epoch_steps": epoch_steps,
-                "loss": self.loss_sum / self.steps, "samples_per_s": self.trained * self.global_batch / elapsed,
-                "elapsed_s": elapsed}
+                "loss": self.loss_sum / read if read else None,
+                "samples_per_s": self.trained * self.global_batch / elapsed, "elapsed_s": elapsed}
 
     def step_metrics(self, device: torch.device, lr: float, monitored: dict[str, torch.Tensor]) -> dict[str, float]:
         """The tracked metrics of the steps since the last call (a collective: every worker, same
         steps): this step's loss and the loss's own statistics (means over workers), the
         learning rate, global samples/s and the data-wait share of the wall time."""
+        self.settle()
         now = time.perf_counter()
         started, trained, waited = self._window
         seconds = max(now - started, 1e-9)
@@ -100,6 +132,7 @@ class EpochProgress:
         Raises:
             BadDataError: the epoch's bad rows are past ``data.max_bad_fraction``.
         """
+        self.settle()
         elapsed = time.perf_counter() - self.started
         if self.steps == 0:
             raise RuntimeError(f"epoch {self.epoch + 1} had no full batch on some worker: "

@@ -223,7 +223,8 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
         # A trial's driver is a Ray worker: Ray Data would draw its bars there as log lines.
         ray.data.DataContext.get_current().enable_progress_bars = False
     use_gpu = _use_gpu(cfg)
-    check_cluster_fits(JobNeeds(cfg.train.min_workers or workers, cfg.train.cpus_per_worker, 1 if use_gpu else 0))
+    check_cluster_fits(JobNeeds(cfg.train.min_workers or workers, cfg.train.cpus_per_worker, 1 if use_gpu else 0,
+                                tuple(sorted(cfg.train.resources_per_worker.items()))))
     # One progress bar per dataset, not one per operator: readable in logs of submitted jobs.
     ray.data.DataContext.get_current().enable_operator_progress_bars = False
     inputs = inputs or prepare_inputs(cfg, checkpoint_tokenizer(cfg) if resume else None)
@@ -249,7 +250,7 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
     # Every Ray Data run from here on executes on the workers: no progress bars from there.
     ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = {"val": build_split(source, source.val, cfg.data, tokenizer, num_classes=classes)}
-    resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
+    resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if use_gpu else {}) | cfg.train.resources_per_worker
     identity = RunIdentity(name, storage, storage_path, display_uri(f"{storage_path}/{name}", storage), resumed=resume,
                            group=trial.experiment if trial else None, searched=trial.searched if trial else {})
     trackers = open_trackers(cfg, identity)  # a tracker that cannot start stops the run here, in one line

@@ -9,6 +9,8 @@ backward run in micro-batches around the loss (:mod:`.grad_cache`).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import torch
 from torch.nn.utils import clip_grad_norm_, get_total_norm
@@ -17,7 +19,11 @@ from ..data.shard_format import TENSOR_COLUMNS
 from ..losses.gather import average_gradients
 from ..precision import autocast
 from ..step_phases import phase
+from ..step_verdict import NonFiniteStepError, PendingVerdict, checks_on_device, judge
 from .grad_cache import cached_gradient_backward
+from .tower_options import to_channels_last
+
+__all__ = ["NonFiniteStepError", "PendingVerdict", "collate_rows", "pinned_collate_rows", "train_step"]
 
 
 def collate_rows(batch: dict[str, np.ndarray], pin_memory: bool = False) -> dict:
@@ -37,36 +43,41 @@ def pinned_collate_rows(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]
     return collate_rows(batch, pin_memory=True)
 
 
-class NonFiniteStepError(FloatingPointError):
-    """The step's loss or gradient norm is NaN or infinite; the optimizer step was not taken."""
-
-
 def train_step(model, criterion, optimizer, scheduler, batch: dict[str, torch.Tensor], device: torch.device,
-               use_amp: bool, grad_clip_norm: float | None, micro_batch_size: int | None = None) -> float:
+               use_amp: bool, grad_clip_norm: float | None, micro_batch_size: int | None = None,
+               verdict_on_device: bool = False, channels_last: bool = False) -> float | PendingVerdict:
     """One optimisation step on a collated batch; returns this worker's loss value.
 
     ``micro_batch_size``: compute the batch's gradient in micro-batches of that many rows, with
     cached embedding gradients (:mod:`.grad_cache`); every worker must have as many micro-batches.
 
+    ``verdict_on_device`` (needs a fused AdamW): the step never waits for the device; it
+    returns a :class:`PendingVerdict` instead of the loss, and a step that fails it is skipped
+    by the optimizer on the device (:mod:`vcl_dist.step_verdict`). ``channels_last``: the image
+    batch goes to the device in channels-last strides (``train.channels_last``).
+
     Raises:
-        FloatingPointError: the gathered embeddings are not finite (from the loss), or
-            :class:`NonFiniteStepError`: the loss or the gradient norm is not; in both cases
-            before ``optimizer.step``, so the weights stay as they were. The gradient norm is
-            taken after DDP's all-reduce, so every worker reaches the same verdict.
+        NonFiniteStepError: (unless ``verdict_on_device``) the gathered embeddings (from the
+            loss), the loss or the gradient norm are not finite; before ``optimizer.step``, so
+            the weights stay as they were. The gradient norm is taken after DDP's all-reduce,
+            so every worker reaches the same verdict.
     """
     with phase("h2d"):
         batch = {name: t.to(device, non_blocking=True) for name, t in batch.items()}
+        if channels_last:
+            batch["image"] = to_channels_last(batch["image"])
     optimizer.zero_grad(set_to_none=True)
-    if micro_batch_size and micro_batch_size < batch["image"].shape[0]:
-        loss = cached_gradient_backward(model, criterion, batch, device, use_amp, micro_batch_size)
-    else:
-        with phase("forward"), autocast(device, use_amp):
-            image_emb, text_emb = model(batch["image"], batch["input_ids"], batch["attention_mask"])
-        with phase("loss"):
-            # The loss runs in float32: distances and softmaxes over the pool lose too much in bf16.
-            loss = criterion(image_emb.float(), text_emb.float(), batch["label"], batch["group"])
-        with phase("backward"):  # through the gather, and DDP's gradient all-reduce
-            loss.backward()
+    with checks_on_device() if verdict_on_device else nullcontext([]) as checks:
+        if micro_batch_size and micro_batch_size < batch["image"].shape[0]:
+            loss = cached_gradient_backward(model, criterion, batch, device, use_amp, micro_batch_size)
+        else:
+            with phase("forward"), autocast(device, use_amp):
+                image_emb, text_emb = model(batch["image"], batch["input_ids"], batch["attention_mask"])
+            with phase("loss"):
+                # The loss runs in float32: distances and softmaxes over the pool lose too much in bf16.
+                loss = criterion(image_emb.float(), text_emb.float(), batch["label"], batch["group"])
+            with phase("backward"):  # through the gather, and DDP's gradient all-reduce
+                loss.backward()
     with phase("optimizer"):
         average_gradients(criterion.parameters())
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -74,9 +85,14 @@ def train_step(model, criterion, optimizer, scheduler, batch: dict[str, torch.Te
             grad_norm = clip_grad_norm_(params, grad_clip_norm)
         else:
             grad_norm = get_total_norm([p.grad for p in params if p.grad is not None])
-        loss_value, norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()  # one host sync
-        if not (np.isfinite(loss_value) and np.isfinite(norm_value)):
-            raise NonFiniteStepError(f"loss {loss_value:.4g}, gradient norm {norm_value:.4g}")
+        values = torch.stack([loss.detach().float(), grad_norm.float(), *[ok.float() for _, ok in checks]])
+        if verdict_on_device:
+            finite = torch.isfinite(values[:2]).all() & values[2:].bool().all()
+            optimizer.found_inf = (~finite).float()  # fused AdamW skips the update (and its step count) when 1
+            outcome = PendingVerdict(values, tuple(name for name, _ in checks))
+        else:
+            optimizer.__dict__.pop("found_inf", None)  # a skip flag left by a step judged on the device
+            outcome = judge(values.tolist())  # one host sync
         optimizer.step()
         scheduler.step()
-    return loss_value
+    return outcome
