@@ -1,22 +1,35 @@
-"""The autoscaler under a vcl-dist run, with the idle timeout of ``ray-cluster.yaml`` itself: a
-timeline of nodes, the run's moments, and what the nodes cost (issue 19).
+"""The autoscaler under a vcl-dist run: a timeline of nodes, workers and steps, and what the
+nodes cost (issue 19).
 
-    python benchmarks/autoscale.py [--idle-timeout-minutes M] [--epochs 1] [overrides …]
+    python benchmarks/autoscale.py [--scenario from-zero|elastic] [--idle-timeout-minutes M] [--epochs N] [overrides …]
 
 Ray's local autoscaling cluster (the real autoscaler over the fake multi-node provider: nodes
-are processes on this machine) is built from ``ray-cluster.yaml``'s node types by
-``tests/autoscaling_cluster.py`` (a GPU stands in as the custom resource ``train_gpu``). With no
-worker node running, the built-in default is submitted with ``ray job submit`` (each training
-worker asks for the stand-in), and the script waits until every worker node is given back. It
-prints the node count by type over time, submit → first worker node, → first step, → job done,
-→ last worker node gone, and the worker node-seconds: in all, while the run ran, and idle after
-it (what a cloud bill counts beyond the run's need). ``--idle-timeout-minutes`` overrides the
-config's (10 minutes there) for a shorter look.
+are processes on this machine) is built from ``ray-cluster.yaml``'s node types (or ``--config
+cluster/gcp.yaml``'s) by ``tests/autoscaling_cluster.py`` (a GPU stands in as the custom resource
+``train_gpu``, which each training worker asks for). With no worker node running, a run is
+submitted with ``ray job submit``; the script waits until every worker node is given back.
+
+``from-zero`` (the default): the built-in default as configured. Prints submit → first worker
+node, → first step, → job done, → last worker node gone, and the worker node-seconds: in all,
+while the run ran, and idle after it (what a cloud bill counts beyond the run's need), with the
+config's own idle timeout unless ``--idle-timeout-minutes`` says otherwise.
+
+``elastic``: ``train.min_workers=1`` of 2 workers. The autoscaler acts every 25 s, so train
+nodes come 25 s apart, as a cloud's nodes come over minutes rather than at once (the fake
+provider launches one node per autoscaler update; Ray's default update interval is 5 s): the
+run starts on the first and grows to 2 on the second. Once it has checkpointed at 2 workers,
+one of its train nodes is preempted (its processes killed at once, as a spot reclaim does); the
+run goes on from its latest checkpoint, the autoscaler replaces the node and the run ends at 2
+workers. Checked, with a non-zero exit when not: every epoch done, the world sizes 1 → 2 →
+(after the preemption, from a checkpoint) 2 at the end, a new node in place of the preempted
+one, every row of every epoch trained on exactly once (``run.trained_rows_log``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -26,32 +39,184 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from autoscaling_cluster import LocalAutoscalingCluster, read_node_types, submit_training, wait_for  # noqa: E402
+from autoscaling_cluster import (  # noqa: E402
+    GPU_STAND_IN,
+    LocalAutoscalingCluster,
+    TrainingJob,
+    checkpoint_world_sizes,
+    read_node_types,
+    training_worker_nodes,
+    wait_for,
+)
 from ports import free_port  # noqa: E402
 
 
-def timeline(cluster: LocalAutoscalingCluster, every_s: float) -> list[str]:
-    """The node counts by type whenever they changed, and at least every ``every_s`` seconds."""
+def timeline(cluster: LocalAutoscalingCluster, every_s: float, events: list[tuple[float, str]] = ()) -> list[str]:
+    """The node counts by type whenever they changed (and at least every ``every_s`` seconds),
+    with the run's ``events`` at their moments."""
     rows, last, last_at = [], None, float("-inf")
+    pending = sorted(events)
     for sample in cluster.samples:
         counts = tuple(sample.workers.get(kind, 0) for kind in cluster.worker_types)
+        while pending and pending[0][0] <= sample.at:
+            at, event = pending.pop(0)
+            rows.append(f"| {at:7.1f} | " + " | ".join(str(c) for c in (last or counts)) + f" | {event} |")
+            last_at = at
         if counts != last or sample.at - last_at >= every_s:
-            rows.append(f"| {sample.at:7.1f} | " + " | ".join(str(c) for c in counts) + " |")
+            rows.append(f"| {sample.at:7.1f} | " + " | ".join(str(c) for c in counts) + " | |")
             last, last_at = counts, sample.at
+    rows.extend(f"| {at:7.1f} | " + " | ".join(str(c) for c in last or ()) + f" | {event} |" for at, event in pending)
     return rows
+
+
+def print_timeline(cluster: LocalAutoscalingCluster, idle_minutes: float, events: list[tuple[float, str]]) -> None:
+    print(f"\nidle timeout {idle_minutes:g} min; times from the cluster's start (s)")
+    print("| t | " + " | ".join(cluster.worker_types) + " | run |")
+    print("|---:|" + "---:|" * len(cluster.worker_types) + "---|")
+    print("\n".join(timeline(cluster, every_s=30, events=events)))
+
+
+GROUP_STARTED = re.compile(r"vcl-dist: (\d+) workers on (\d+) nodes")
+STEP = re.compile(r"vcl-dist: epoch (\d+)/(\d+) (step \d+/\d+|done)")
+
+
+def run_events(job: TrainingJob) -> list[tuple[float, str]]:
+    """The run's moments from its output: each worker group's start (its size) with its first
+    step, and each epoch's end."""
+    events, group_first_step, seen = [], False, set()
+    for at, line in job.lines:
+        # The fake nodes share one session folder, so each node's log monitor forwards every
+        # worker's lines: the same line (with its worker's pid) comes once per node.
+        if line in seen:
+            continue
+        seen.add(line)
+        if match := GROUP_STARTED.search(line):
+            events.append((at, f"group of {match[1]} workers on {match[2]} nodes starts"))
+            group_first_step = True
+        elif match := STEP.search(line):
+            if match[3] == "done":
+                events.append((at, f"epoch {match[1]}/{match[2]} done"))
+            elif group_first_step:
+                events.append((at, f"first step of the group: epoch {match[1]}, {match[3]}"))
+                group_first_step = False
+    return events
+
+
+def from_zero(cluster: LocalAutoscalingCluster, args, idle_minutes: float) -> None:
+    name = f"autoscale-{time.strftime('%Y%m%d-%H%M%S')}"  # a fresh run folder each time
+    job = TrainingJob(cluster, ROOT, [*args.overrides, f"run.storage_path={args.runs}", f"run.name={name}"],
+                      job_id=name, epochs=args.epochs)
+    run = job.wait()
+    if run.returncode != 0:
+        raise SystemExit(f"the run failed (exit {run.returncode}); its output ends:\n{run.output[-3000:]}")
+    wait_for(lambda: cluster.workers_at_last_sample() == 0, idle_minutes * 60 + 300, "the idle nodes to go")
+    gone = cluster.now()
+    cluster.stop()
+    first_node = next((s.at for s in cluster.samples if s.at >= run.submitted and sum(s.workers.values())), float("nan"))
+    print_timeline(cluster, idle_minutes, [(run.submitted, "submitted"), *run_events(job), (run.finished, "job done")])
+    print(f"\nsubmit at {run.submitted:.1f} s → first worker node +{first_node - run.submitted:.1f} s → first step "
+          f"+{run.first_step - run.submitted:.1f} s → job done +{run.finished - run.submitted:.1f} s → last worker node "
+          f"gone +{gone - run.submitted:.1f} s ({gone - run.finished:.1f} s after the job)")
+    print_cost(cluster, run.submitted, run.finished, gone)
+
+
+def print_cost(cluster: LocalAutoscalingCluster, submitted: float, finished: float, gone: float) -> None:
+    total = cluster.node_seconds(submitted, gone)
+    during = cluster.node_seconds(submitted, finished)
+    print(f"worker node-seconds: {total:.0f} in all, {during:.0f} while the job ran, {total - during:.0f} idle after it "
+          f"({(total - during) / max(total, 1e-9):.0%} of the bill)")
+
+
+ELASTIC_UPDATE_INTERVAL_S = 25  # > Ray Train's 20-s view of the cluster (its AutoscalingCoordinator's tick)
+
+
+def elastic(cluster: LocalAutoscalingCluster, args, idle_minutes: float) -> None:
+    name = f"elastic-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_folder, rows = Path(args.runs) / name, Path(args.runs) / f"{name}-rows"
+    rows_per_epoch = 1024
+    job = TrainingJob(cluster, ROOT, [
+        f"data.shapes.num_train={rows_per_epoch}", *args.overrides, f"run.storage_path={args.runs}", f"run.name={name}",
+        "train.num_workers=2", "train.min_workers=1", "train.max_failures=3", "train.elastic_resize_interval_s=5",
+        "train.checkpoint_every_steps=4", "run.checkpoints_to_keep=1000", f"run.trained_rows_log={rows}"],
+        job_id=name, epochs=args.epochs)
+    events = [(job.submitted, "submitted (train.min_workers=1, train.num_workers=2)")]
+    # The reclaim: once the run has checkpointed at 2 workers, one of its train nodes goes.
+    wait_for(lambda: 2 in checkpoint_world_sizes(run_folder) or not job.running(), 900, "a checkpoint at 2 workers")
+    if not job.running():
+        raise SystemExit("the run ended before it checkpointed at 2 workers (more epochs: --epochs); its output ends:\n"
+                         + "\n".join(line for _, line in job.lines[-40:]))
+    victim = training_worker_nodes(cluster)[0]
+    preempted = cluster.now()
+    killed = cluster.preempt(victim)
+    events.append((preempted, f"node …{victim[-5:]} preempted ({killed} processes killed)"))
+    run = job.wait()
+    log = Path(args.runs) / f"{name}-job.log"
+    log.write_text("".join(f"{at:7.1f} {line}\n" for at, line in job.lines))
+    print(f"the job's output, with the cluster clock's moments: {log}")
+    events += [*run_events(job), (run.finished, f"job done (exit {run.returncode})")]
+    if run.returncode == 0:
+        wait_for(lambda: cluster.workers_at_last_sample() == 0, idle_minutes * 60 + 300, "the idle nodes to go")
+    gone = cluster.now()
+    cluster.stop()
+    print_timeline(cluster, idle_minutes, events)
+    sizes = checkpoint_world_sizes(run_folder)
+    print(f"\nworld size of each checkpoint, in order: {sizes}")
+    if run.returncode != 0:
+        raise SystemExit(f"the run failed (exit {run.returncode}); its output ends:\n{run.output[-3000:]}")
+    print_cost(cluster, run.submitted, run.finished, gone)
+    failures = elastic_failures(cluster, run_folder, rows, sizes, victim, preempted, args.epochs, rows_per_epoch)
+    print("\n".join(["", *[f"FAILED: {f}" for f in failures]]) if failures else "\nchecks passed: every epoch done; "
+          "started at 1 worker and grew to 2; after the preemption went on from a checkpoint and ended at 2; a new node "
+          "replaced the preempted one; every row of every epoch trained on once")
+    if failures:
+        raise SystemExit(1)
+
+
+def elastic_failures(cluster, run_folder: Path, rows: Path, sizes: list[int], victim: str, preempted: float,
+                     epochs: int, rows_per_epoch: int) -> list[str]:
+    """What the elastic run's records contradict of the scenario (nothing, when it went right)."""
+    from vcl_dist.train.trained_rows import trained_rows
+
+    failures = []
+    history = [json.loads(line) for line in (run_folder / "metrics.jsonl").read_text().splitlines()]
+    if [m["epoch"] for m in history] != list(range(1, epochs + 1)):
+        failures.append(f"epochs {[m['epoch'] for m in history]}")
+    if not (sizes and sizes[0] == 1 and 2 in sizes and sizes[-1] == 2 and history[-1]["world_size"] == 2):
+        failures.append(f"world sizes of the checkpoints {sizes}: not 1, then 2, ending at 2")
+    if not any(m["resumed_from_step"] > 0 for m in history if m["world_size"] == 2):
+        failures.append("no epoch at 2 workers resumed from a checkpoint")
+    train_types = {kind for kind, spec in cluster.worker_types.items() if GPU_STAND_IN in spec["resources"]}
+    before = {n for s in cluster.samples if s.at < preempted for n, kind in s.ids.items() if kind in train_types}
+    after = {n for s in cluster.samples if s.at > preempted + 5 for n, kind in s.ids.items() if kind in train_types}
+    if victim in after or not after - before:
+        failures.append(f"train nodes before the preemption {sorted(before)}, after {sorted(after)}: no replacement")
+    trained = trained_rows(rows)  # for every step, the lines of the last worker group that trained it
+    if sorted(trained) != list(range(epochs)):
+        failures.append(f"trained-rows log covers epochs {sorted(trained)}")
+    for epoch, keys in sorted(trained.items()):
+        if len(keys) != len(set(keys)):
+            failures.append(f"epoch {epoch + 1}: {len(keys) - len(set(keys))} rows trained on twice")
+        # Rows that do not fill a last step on every worker (under a global batch) are left out.
+        if not rows_per_epoch - 128 < len(set(keys)) <= rows_per_epoch:
+            failures.append(f"epoch {epoch + 1}: {len(set(keys))} of {rows_per_epoch} rows trained on")
+    return failures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", choices=["from-zero", "elastic"], default="from-zero")
     parser.add_argument("--config", default=str(ROOT / "ray-cluster.yaml"))
     parser.add_argument("--idle-timeout-minutes", type=float, default=None, help="default: the config's own")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=None, help="default: 1 (from-zero), 12 (elastic)")
     parser.add_argument("--runs", default="/tmp/vcl-autoscale-runs", help="run.storage_path of the submitted run")
     parser.add_argument("overrides", nargs="*", help="config overrides for the run (e.g. data.shapes.num_train=2000)")
     args = parser.parse_args()
+    args.epochs = args.epochs or (12 if args.scenario == "elastic" else 1)
     config = Path(args.config)
+    elastic_run = args.scenario == "elastic"
     cluster = LocalAutoscalingCluster(config, idle_timeout_minutes=args.idle_timeout_minutes, gcs_port=free_port(),
-                                      dashboard_port=free_port())
+                                      dashboard_port=free_port(), fast_node_death=elastic_run,
+                                      update_interval_s=ELASTIC_UPDATE_INTERVAL_S if elastic_run else 1)
     idle_minutes = args.idle_timeout_minutes if args.idle_timeout_minutes is not None else \
         yaml.safe_load(config.read_text())["idle_timeout_minutes"]
     head, workers = read_node_types(config)
@@ -61,27 +226,9 @@ def main() -> None:
     cluster.start()
     try:
         wait_for(lambda: len(cluster.samples) >= 2, 60, "the node sampler")
-        name = f"autoscale-{time.strftime('%Y%m%d-%H%M%S')}"  # a fresh run folder each time
-        run = submit_training(cluster, ROOT, [*args.overrides, f"run.storage_path={args.runs}", f"run.name={name}"],
-                              job_id="autoscale", epochs=args.epochs)
-        if run.returncode != 0:
-            raise SystemExit(f"the run failed (exit {run.returncode}); its output ends:\n{run.output[-3000:]}")
-        wait_for(lambda: cluster.workers_at_last_sample() == 0, idle_minutes * 60 + 300, "the idle nodes to go")
-        gone = cluster.now()
+        (elastic if elastic_run else from_zero)(cluster, args, idle_minutes)
     finally:
         cluster.stop()
-    first_node = next((s.at for s in cluster.samples if s.at >= run.submitted and sum(s.workers.values())), float("nan"))
-    print(f"\nidle timeout {idle_minutes:g} min; times from the cluster's start (s)")
-    print("| t | " + " | ".join(cluster.worker_types) + " |")
-    print("|---:|" + "---:|" * len(cluster.worker_types))
-    print("\n".join(timeline(cluster, every_s=30)))
-    print(f"\nsubmit at {run.submitted:.1f} s → first worker node +{first_node - run.submitted:.1f} s → first step "
-          f"+{run.first_step - run.submitted:.1f} s → job done +{run.finished - run.submitted:.1f} s → last worker node "
-          f"gone +{gone - run.submitted:.1f} s ({gone - run.finished:.1f} s after the job)")
-    total = cluster.node_seconds(run.submitted, gone)
-    during = cluster.node_seconds(run.submitted, run.finished)
-    print(f"worker node-seconds: {total:.0f} in all, {during:.0f} while the job ran, {total - during:.0f} idle after it "
-          f"({(total - during) / max(total, 1e-9):.0%} of the bill)")
 
 
 if __name__ == "__main__":

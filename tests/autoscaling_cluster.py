@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -77,12 +78,21 @@ def autoscaling_config(cluster_yaml: Path, gcs_port: int, idle_timeout_minutes: 
 class NodeSample:
     at: float  # seconds since the cluster's clock started
     workers: dict[str, int]  # alive worker nodes by type
+    ids: dict[str, str] = field(default_factory=dict)  # alive worker node id → its type
 
 
 @dataclass
 class LocalAutoscalingCluster:
     cluster_yaml: Path
     idle_timeout_minutes: float | None = None
+    # The GCS declares a node that stopped answering dead after ~1 s instead of Ray's ~15 s
+    # (health checks every 0.5 s, 2 misses): on a cloud a reclaimed node is dead long before its
+    # replacement boots, and so it must be here too, where a node boots in seconds. (The autoscaler
+    # still waits its own AUTOSCALER_HEARTBEAT_TIMEOUT_S, 30 s, before replacing a lost node.)
+    fast_node_death: bool = False
+    # How often the autoscaler acts (its AUTOSCALER_UPDATE_INTERVAL_S; Ray's default is 5 s). The
+    # fake provider launches one node per update, so this is also how far apart nodes come.
+    update_interval_s: int = 1
     gcs_port: int = 0
     dashboard_port: int = 0
     env: dict = field(default_factory=dict)
@@ -95,7 +105,10 @@ class LocalAutoscalingCluster:
         config.write_text(json.dumps(autoscaling_config(self.cluster_yaml, self.gcs_port, self.idle_timeout_minutes)))
         self.env = {**{k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))},
                     "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_FAKE_CLUSTER": "1",
-                    "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "disabled"}
+                    "AUTOSCALER_UPDATE_INTERVAL_S": str(self.update_interval_s), "RAY_AUTH_MODE": "disabled"}
+        if self.fast_node_death:
+            self.env |= {"RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "500",
+                         "RAY_health_check_failure_threshold": "2"}
         head_resources = {k: v for k, v in head.items() if k not in ("CPU", "GPU")}
         command = [str(BIN / "ray"), "start", "--head", f"--autoscaling-config={config}", f"--num-cpus={int(head.get('CPU', 0))}",
                    "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
@@ -112,6 +125,10 @@ class LocalAutoscalingCluster:
     def address(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
+    @property
+    def gcs_address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
     def worker_type_of(self, resources: dict) -> str | None:
         """The worker type whose resources a node has (spot and on-demand types share theirs: the first)."""
         for name, spec in self.worker_types.items():
@@ -125,13 +142,15 @@ class LocalAutoscalingCluster:
 
         while not self._stop.is_set():
             try:
-                nodes = list_nodes(address=f"127.0.0.1:{self.gcs_port}", detail=True, raise_on_missing_output=False)
+                nodes = list_nodes(address=self.gcs_address, detail=True, raise_on_missing_output=False)
                 counts: dict[str, int] = {}
+                ids: dict[str, str] = {}
                 for node in nodes:
                     if node.state == "ALIVE" and not node.is_head_node:
                         kind = self.worker_type_of(node.resources_total) or "other"
                         counts[kind] = counts.get(kind, 0) + 1
-                self.samples.append(NodeSample(time.monotonic() - self.started, counts))
+                        ids[node.node_id] = kind
+                self.samples.append(NodeSample(time.monotonic() - self.started, counts, ids))
             except Exception:  # noqa: BLE001 - the state API may be briefly unavailable; sample again
                 pass
             self._stop.wait(1.0)
@@ -151,7 +170,27 @@ class LocalAutoscalingCluster:
                 total += sum(before.workers.values()) * (hi - lo)
         return total
 
+    def preempt(self, node_id: str) -> int:
+        """Take a worker node away as a spot reclaim does: its raylet and every process under it
+        (the node's Ray workers and agents) killed at once, with no notice. Returns how many
+        processes were killed. The autoscaler then loses contact with the node, terminates it
+        through the provider and launches a replacement for the demand still pending.
+        """
+        raylets = [pid for pid, command in _processes().items()
+                   if command and command[0].endswith("/raylet") and f"--node_id={node_id}" in command]
+        if len(raylets) != 1:
+            raise RuntimeError(f"expected one raylet of node {node_id}, found {len(raylets)}")
+        victims = [raylets[0], *_descendants(raylets[0])]
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return len(victims)
+
     def stop(self) -> None:
+        if self._stop.is_set():
+            return
         self._stop.set()
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=self.env, capture_output=True, timeout=120)
 
@@ -167,25 +206,97 @@ class SubmittedRun:
     output: str
 
 
-def submit_training(cluster: LocalAutoscalingCluster, repo_root: Path, overrides: list[str], job_id: str,
-                    epochs: int = 1) -> SubmittedRun:
-    """``ray job submit`` of ``jobs/train.py`` whose workers each ask for the GPU stand-in; waits for its end.
+class TrainingJob:
+    """``ray job submit`` of ``jobs/train.py`` whose workers each ask for the GPU stand-in, followed
+    line by line in a thread (so that a test can act while it runs); :meth:`wait` ends with its result.
 
     No ``--working-dir``: the fake nodes share this machine's session folder, and one node's
     runtime env agent deletes the unpacked working dir under the others' workers when it drops it
     from its cache; the project is installed in the venv the nodes run, so the job needs no package.
     """
-    submitted = cluster.now()
-    command = [str(BIN / "ray"), "job", "submit", f"--address={cluster.address}", f"--submission-id={job_id}", "--",
-               sys.executable, str(repo_root / "jobs/train.py"), *overrides, f"train.epochs={epochs}",
-               "train.use_gpu=false", f"train.resources_per_worker.{GPU_STAND_IN}=1"]
-    lines, first_step = [], None
-    with subprocess.Popen(command, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as job:
-        for line in job.stdout:
-            lines.append(line.rstrip("\n"))
-            if first_step is None and f"vcl-dist: epoch 1/{epochs} step" in line:
-                first_step = cluster.now()
-    return SubmittedRun(submitted, first_step, cluster.now(), job.returncode, "\n".join(lines))
+
+    def __init__(self, cluster: LocalAutoscalingCluster, repo_root: Path, overrides: list[str], job_id: str,
+                 epochs: int = 1):
+        self.cluster, self.epochs = cluster, epochs
+        self.submitted = cluster.now()
+        self.first_step: float | None = None
+        self.lines: list[tuple[float, str]] = []  # (cluster clock, line)
+        command = [str(BIN / "ray"), "job", "submit", f"--address={cluster.address}", f"--submission-id={job_id}", "--",
+                   sys.executable, str(repo_root / "jobs/train.py"), *overrides, f"train.epochs={epochs}",
+                   "train.use_gpu=false", f"train.resources_per_worker.{GPU_STAND_IN}=1"]
+        self._process = subprocess.Popen(command, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self._process.stdout:
+            self.lines.append((self.cluster.now(), line.rstrip("\n")))
+            if self.first_step is None and f"vcl-dist: epoch 1/{self.epochs} step" in line:
+                self.first_step = self.cluster.now()
+
+    def running(self) -> bool:
+        return self._process.poll() is None
+
+    def wait(self, timeout_s: float = 900) -> SubmittedRun:
+        returncode = self._process.wait(timeout=timeout_s)
+        self._reader.join(timeout=30)
+        return SubmittedRun(self.submitted, self.first_step, self.cluster.now(), returncode,
+                            "\n".join(line for _, line in self.lines))
+
+
+def submit_training(cluster: LocalAutoscalingCluster, repo_root: Path, overrides: list[str], job_id: str,
+                    epochs: int = 1) -> SubmittedRun:
+    """A :class:`TrainingJob`, waited for."""
+    return TrainingJob(cluster, repo_root, overrides, job_id, epochs).wait()
+
+
+def checkpoint_world_sizes(run_folder: Path) -> list[int]:
+    """The world size of every checkpoint of a run so far, in order (Ray Train's snapshot of them)."""
+    try:
+        results = json.loads((run_folder / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"]
+    except (OSError, ValueError, KeyError):  # not written yet, or being written
+        return []
+    return [r["metrics"].get("world_size") for r in results]
+
+
+def training_worker_nodes(cluster: LocalAutoscalingCluster) -> list[str]:
+    """The nodes of the live Ray Train workers, in no particular order."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=cluster.gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                         raise_on_missing_output=False)
+    return [actor.node_id for actor in actors]
+
+
+def _processes() -> dict[int, list[str]]:
+    """Every process's command line, by pid (from /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:  # gone meanwhile
+                pass
+    return found
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                # The parent pid is the 2nd field after the command, which is in parentheses.
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def wait_for(condition, timeout_s: float, what: str) -> None:

@@ -86,3 +86,33 @@ def test_runtime_env_and_gpu_config(repo_root):
     assert cfg.train.max_failures > 0 and 0 < cfg.train.checkpoint_every_minutes <= 10
     text = (repo_root / "jobs/configs/gpu.yaml").read_text().lower()
     assert "secret" not in text and "access_key" not in text
+
+
+@pytest.mark.parametrize("path", ["ray-cluster.yaml", "cluster/gcp.yaml"])
+def test_the_local_autoscaling_cluster_is_built_from_the_repository_config(repo_root, path, tmp_path):
+    """The autoscaling tests and benchmarks/autoscale.py run the node types of the repository's
+    own configs (GPUs as a stand-in resource): a change to a config changes what they run."""
+    from autoscaling_cluster import FAKE_HEAD_TYPE, GPU_STAND_IN, autoscaling_config
+
+    config = yaml.safe_load((repo_root / path).read_text())
+    built = autoscaling_config(repo_root / path, gcs_port=6379)
+    assert built["provider"]["type"] == "fake_multinode" and built["head_node_type"] == FAKE_HEAD_TYPE
+    assert {k: built[k] for k in ("max_workers", "upscaling_speed", "idle_timeout_minutes")} == \
+        {k: config[k] for k in ("max_workers", "upscaling_speed", "idle_timeout_minutes")}
+    head = config["head_node_type"]
+    assert built["available_node_types"][FAKE_HEAD_TYPE]["resources"] == config["available_node_types"][head]["resources"]
+    workers = {name: t for name, t in config["available_node_types"].items() if name != head}
+    assert set(built["available_node_types"]) == set(workers) | {FAKE_HEAD_TYPE}
+    for name, node_type in workers.items():
+        resources = dict(node_type["resources"])
+        if "GPU" in resources:
+            resources[GPU_STAND_IN] = resources.pop("GPU")
+        assert built["available_node_types"][name]["resources"] == resources
+        assert built["available_node_types"][name]["max_workers"] == node_type["max_workers"]
+        assert built["available_node_types"][name]["min_workers"] == node_type.get("min_workers", 0)
+
+    config["available_node_types"]["gpu_worker_spot"]["max_workers"] = 3
+    config["idle_timeout_minutes"] = 2
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(config))
+    changed = autoscaling_config(tmp_path / "changed.yaml", gcs_port=6379)
+    assert changed["available_node_types"]["gpu_worker_spot"]["max_workers"] == 3 and changed["idle_timeout_minutes"] == 2

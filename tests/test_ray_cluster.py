@@ -1,5 +1,7 @@
 """Which cluster a job joins, and whether that cluster can run it (ray_cluster)."""
 
+import json
+
 import pytest
 
 from vcl_dist import ray_cluster
@@ -34,6 +36,35 @@ def test_an_autoscaling_cluster_is_waited_for_with_a_line_per_interval(monkeypat
     assert len(lines) == 3 and all(line.startswith("vcl-dist: ") for line in lines)
     assert lines[0].startswith("vcl-dist: still waiting for the autoscaler") and "it has 2 CPUs" in lines[0]
     assert lines[-1].startswith("vcl-dist: the cluster can now hold the job")
+
+
+def _fake_status(monkeypatch, statuses: list):
+    """The GCS key the head's monitor writes, read back as ``statuses`` gives, one per read."""
+    import ray.autoscaler.v2.utils
+    import ray.experimental.internal_kv
+
+    monkeypatch.setattr(ray.autoscaler.v2.utils, "is_autoscaler_v2", lambda fetch_from_server=False: False)
+    monkeypatch.setattr(ray.experimental.internal_kv, "_internal_kv_get",
+                        lambda key: statuses.pop(0) if len(statuses) > 1 else statuses[0])
+    monkeypatch.setattr(ray_cluster.time, "sleep", lambda s: None)
+
+
+def test_a_head_whose_autoscaler_has_not_reported_yet_is_waited_for(monkeypatch):
+    """A monitor writes its status before the autoscaler's first update (autoscaler_report null);
+    a job submitted then must not take the cluster for a fixed one."""
+    import ray
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"NodeID": "ff00"}])
+    launching = json.dumps({"autoscaler_report": {"node_type_mapping": {"ff00": "head"}, "pending_launches": {}}})
+    _fake_status(monkeypatch, [None, json.dumps({"load_metrics_report": {}, "autoscaler_report": None}).encode(),
+                               launching.encode()])
+    assert ray_cluster.autoscaler_can_add_nodes(first_report_wait_s=60)
+    # A fixed cluster's monitor (the read-only provider: a node type per node) says so at once.
+    _fake_status(monkeypatch, [json.dumps({"autoscaler_report": {"node_type_mapping": {"ff00": "node_ff00"}}}).encode()])
+    assert not ray_cluster.autoscaler_can_add_nodes(first_report_wait_s=60)
+    # No report within the wait: taken as fixed (the job then stops with its one-line error).
+    _fake_status(monkeypatch, [None])
+    assert not ray_cluster.autoscaler_can_add_nodes(first_report_wait_s=0.05)
 
 
 def test_a_dashboard_address_is_no_driver_address(monkeypatch):

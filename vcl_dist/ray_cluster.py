@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -64,6 +65,8 @@ def use_ray_data_settings() -> None:
 # task at a time at least (more run when there is room).
 DATA_CPUS = 1
 WAIT_REPORT_INTERVAL_S = 60.0
+# How long a job waits for the head's monitor to write its first report (autoscaler_can_add_nodes).
+FIRST_AUTOSCALER_REPORT_WAIT_S = 60.0
 
 
 class ClusterTooSmallError(ValueError):
@@ -233,29 +236,42 @@ def alive_node_resources() -> list[dict[str, float]]:
     return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
 
 
-def autoscaler_can_add_nodes() -> bool:
+def autoscaler_can_add_nodes(first_report_wait_s: float = FIRST_AUTOSCALER_REPORT_WAIT_S) -> bool:
     """Whether an autoscaler that launches nodes watches this cluster.
 
     Every head runs Ray's monitor; without an autoscaling config it uses the read-only node
     provider, whose node types are the nodes themselves (``node_<node id>``). An autoscaler v2
-    (KubeRay) is taken as able to add nodes.
+    (KubeRay) is taken as able to add nodes. The monitor writes its first report at its first
+    update (every 5 s by default; longer on a busy head): a job submitted right after the head
+    started waits up to ``first_report_wait_s`` for it rather than take a cluster it cannot yet
+    read for a fixed one.
     """
     import ray
     from ray.autoscaler.v2.utils import is_autoscaler_v2
     from ray.experimental.internal_kv import _internal_kv_get
 
+    deadline = time.monotonic() + first_report_wait_s
     try:
         if is_autoscaler_v2(fetch_from_server=True):
             return True
-        status = _internal_kv_get("__autoscaling_status")  # ray_constants.DEBUG_AUTOSCALING_STATUS
+        # ray_constants.DEBUG_AUTOSCALING_STATUS: the monitor's latest status; its autoscaler
+        # part is null until the autoscaler's first update.
+        while not (report := _autoscaler_report(_internal_kv_get("__autoscaling_status"))) and time.monotonic() < deadline:
+            time.sleep(1.0)
     except Exception:  # an older or newer GCS without these keys: assume a fixed cluster
         return False
-    if not status:
+    if not report:
         return False
-    report = json.loads(status).get("autoscaler_report") or {}
     node_types = set((report.get("node_type_mapping") or {}).values())
     readonly = {f"node_{node['NodeID']}" for node in ray.nodes()}
     return bool(node_types - readonly) or bool(report.get("pending_launches")) or bool(report.get("pending_nodes"))
+
+
+def _autoscaler_report(status: bytes | None) -> dict:
+    try:
+        return (json.loads(status) if status else {}).get("autoscaler_report") or {}
+    except (ValueError, AttributeError):
+        return {}
 
 
 class ResourceWaitReporter(threading.Thread):
