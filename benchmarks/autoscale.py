@@ -18,11 +18,17 @@ config's own idle timeout unless ``--idle-timeout-minutes`` says otherwise.
 nodes come 25 s apart, as a cloud's nodes come over minutes rather than at once (the fake
 provider launches one node per autoscaler update; Ray's default update interval is 5 s): the
 run starts on the first and grows to 2 on the second. Once it has checkpointed at 2 workers,
-one of its train nodes is preempted (its processes killed at once, as a spot reclaim does); the
-run goes on from its latest checkpoint, the autoscaler replaces the node and the run ends at 2
-workers. Checked, with a non-zero exit when not: every epoch done, the world sizes 1 → 2 →
-(after the preemption, from a checkpoint) 2 at the end, a new node in place of the preempted
-one, every row of every epoch trained on exactly once (``run.trained_rows_log``).
+one of its train nodes is reclaimed through the provider as a cloud reclaims a spot VM (its
+processes killed at once, the node no longer listed: ``tests/preemptible_provider.py``); the run
+goes on from its latest checkpoint on the remaining node, the autoscaler launches a node in its
+place and the run grows back to 2. (A cloud's replacement takes minutes, longer than the 60 s
+Ray Train waits for a worker group's resources before it tries a smaller one; here a node comes
+within 45 s, so the job sets that wait, ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``, to 10 s to
+keep the same order of events; whether a group of 1 runs before the replacement joins still
+depends on which comes first, Ray Train's restart — its view of the cluster can be 20 s old — or
+the new node: the script says which.) Checked, with a non-zero exit when not: every epoch done;
+world sizes 1 → 2, ending at 2; an epoch at 2 workers resumed from a checkpoint; a new node in
+place of the preempted one; every row of every epoch trained on exactly once (``run.trained_rows_log``).
 """
 
 from __future__ import annotations
@@ -76,6 +82,8 @@ def print_timeline(cluster: LocalAutoscalingCluster, idle_minutes: float, events
     print("\n".join(timeline(cluster, every_s=30, events=events)))
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+REPEATED = re.compile(r"\s*\[repeated \d+x across cluster\]")
 GROUP_STARTED = re.compile(r"vcl-dist: (\d+) workers on (\d+) nodes")
 STEP = re.compile(r"vcl-dist: epoch (\d+)/(\d+) (step \d+/\d+|done)")
 
@@ -86,7 +94,9 @@ def run_events(job: TrainingJob) -> list[tuple[float, str]]:
     events, group_first_step, seen = [], False, set()
     for at, line in job.lines:
         # The fake nodes share one session folder, so each node's log monitor forwards every
-        # worker's lines: the same line (with its worker's pid) comes once per node.
+        # worker's lines: the same line (with its worker's pid) comes once per node, some of
+        # them folded by Ray's log deduplication ("[repeated 2x across cluster]").
+        line = REPEATED.sub("", ANSI.sub("", line))
         if line in seen:
             continue
         seen.add(line)
@@ -127,7 +137,8 @@ def print_cost(cluster: LocalAutoscalingCluster, submitted: float, finished: flo
           f"({(total - during) / max(total, 1e-9):.0%} of the bill)")
 
 
-ELASTIC_UPDATE_INTERVAL_S = 25  # > Ray Train's 20-s view of the cluster (its AutoscalingCoordinator's tick)
+GROUP_START_TIMEOUT_S = 10
+ELASTIC_UPDATE_INTERVAL_S = 45  # > Ray Train's 20-s view of the cluster (its AutoscalingCoordinator's tick)
 
 
 def elastic(cluster: LocalAutoscalingCluster, args, idle_minutes: float) -> None:
@@ -138,7 +149,7 @@ def elastic(cluster: LocalAutoscalingCluster, args, idle_minutes: float) -> None
         f"data.shapes.num_train={rows_per_epoch}", *args.overrides, f"run.storage_path={args.runs}", f"run.name={name}",
         "train.num_workers=2", "train.min_workers=1", "train.max_failures=3", "train.elastic_resize_interval_s=5",
         "train.checkpoint_every_steps=4", "run.checkpoints_to_keep=1000", f"run.trained_rows_log={rows}"],
-        job_id=name, epochs=args.epochs)
+        job_id=name, epochs=args.epochs, env_vars={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(GROUP_START_TIMEOUT_S)})
     events = [(job.submitted, "submitted (train.min_workers=1, train.num_workers=2)")]
     # The reclaim: once the run has checkpointed at 2 workers, one of its train nodes goes.
     wait_for(lambda: 2 in checkpoint_world_sizes(run_folder) or not job.running(), 900, "a checkpoint at 2 workers")
@@ -147,8 +158,8 @@ def elastic(cluster: LocalAutoscalingCluster, args, idle_minutes: float) -> None
                          + "\n".join(line for _, line in job.lines[-40:]))
     victim = training_worker_nodes(cluster)[0]
     preempted = cluster.now()
-    killed = cluster.preempt(victim)
-    events.append((preempted, f"node …{victim[-5:]} preempted ({killed} processes killed)"))
+    cluster.preempt(victim)
+    events.append((preempted, f"node …{victim[-5:]} preempted"))
     run = job.wait()
     log = Path(args.runs) / f"{name}-job.log"
     log.write_text("".join(f"{at:7.1f} {line}\n" for at, line in job.lines))
@@ -160,14 +171,22 @@ def elastic(cluster: LocalAutoscalingCluster, args, idle_minutes: float) -> None
     cluster.stop()
     print_timeline(cluster, idle_minutes, events)
     sizes = checkpoint_world_sizes(run_folder)
-    print(f"\nworld size of each checkpoint, in order: {sizes}")
+    groups = [event.split()[2] if event.startswith("group of") else "preempted" for _, event in sorted(events)
+              if event.startswith(("group of", "node …"))]
+    print(f"\nworker groups, in order (their sizes): {' → '.join(groups)}")
+    print(f"world size of each checkpoint, in order: {sizes}")
     if run.returncode != 0:
         raise SystemExit(f"the run failed (exit {run.returncode}); its output ends:\n{run.output[-3000:]}")
     print_cost(cluster, run.submitted, run.finished, gone)
     failures = elastic_failures(cluster, run_folder, rows, sizes, victim, preempted, args.epochs, rows_per_epoch)
+    after = groups[groups.index("preempted") + 1:]
+    # Whether a group of 1 runs on the remaining node depends on which comes first: Ray Train's
+    # restart (its view of the cluster is up to 20 s old) or the replacement node.
+    print(f"after the preemption: {'a group of 1 on the remaining node, then ' if '1' in after else ''}"
+          f"{'a group of 2 with the replacement node' if after and after[-1] == '2' else 'no group of 2'}")
     print("\n".join(["", *[f"FAILED: {f}" for f in failures]]) if failures else "\nchecks passed: every epoch done; "
-          "started at 1 worker and grew to 2; after the preemption went on from a checkpoint and ended at 2; a new node "
-          "replaced the preempted one; every row of every epoch trained on once")
+          "started at 1 worker and grew to 2; after the preemption went on from a checkpoint, a new node replaced the "
+          "preempted one and the run ended at 2 workers; every row of every epoch trained on once")
     if failures:
         raise SystemExit(1)
 
@@ -207,11 +226,11 @@ def main() -> None:
     parser.add_argument("--scenario", choices=["from-zero", "elastic"], default="from-zero")
     parser.add_argument("--config", default=str(ROOT / "ray-cluster.yaml"))
     parser.add_argument("--idle-timeout-minutes", type=float, default=None, help="default: the config's own")
-    parser.add_argument("--epochs", type=int, default=None, help="default: 1 (from-zero), 12 (elastic)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: 1 (from-zero), 24 (elastic)")
     parser.add_argument("--runs", default="/tmp/vcl-autoscale-runs", help="run.storage_path of the submitted run")
     parser.add_argument("overrides", nargs="*", help="config overrides for the run (e.g. data.shapes.num_train=2000)")
     args = parser.parse_args()
-    args.epochs = args.epochs or (12 if args.scenario == "elastic" else 1)
+    args.epochs = args.epochs or (24 if args.scenario == "elastic" else 1)
     config = Path(args.config)
     elastic_run = args.scenario == "elastic"
     cluster = LocalAutoscalingCluster(config, idle_timeout_minutes=args.idle_timeout_minutes, gcs_port=free_port(),

@@ -2,7 +2,8 @@
 
 Ray's fake multi-node provider runs the real autoscaler (in the head's monitor process) over
 nodes that are processes on this machine: it launches them from node types and resource demands
-and terminates them when idle. ``ray.cluster_utils.AutoscalingCluster`` does the same but reads
+and terminates them when idle. The provider used is that one with spot reclaims added
+(:mod:`preemptible_provider`, :meth:`LocalAutoscalingCluster.preempt`). ``ray.cluster_utils.AutoscalingCluster`` does the same but reads
 an example config that the installed wheel does not ship, so the config is built here — from
 the repository's own cluster config, so that a change there is a change to what is tested:
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -53,8 +53,10 @@ def read_node_types(cluster_yaml: Path) -> tuple[dict, dict]:
     return _stand_in(config["available_node_types"][head_type]["resources"]), workers
 
 
-def autoscaling_config(cluster_yaml: Path, gcs_port: int, idle_timeout_minutes: float | None = None) -> dict:
-    """The fake provider's autoscaling config for ``cluster_yaml``'s node types."""
+def autoscaling_config(cluster_yaml: Path, gcs_port: int, idle_timeout_minutes: float | None = None,
+                       reclaim_dir: Path | None = None) -> dict:
+    """The fake provider's autoscaling config for ``cluster_yaml``'s node types (with spot
+    reclaims requested through ``reclaim_dir``: :mod:`preemptible_provider`)."""
     config = yaml.safe_load(cluster_yaml.read_text())
     head, workers = read_node_types(cluster_yaml)
     types = {name: {**spec, "node_config": {}} for name, spec in workers.items()}
@@ -66,7 +68,9 @@ def autoscaling_config(cluster_yaml: Path, gcs_port: int, idle_timeout_minutes: 
         # No node updaters: there is no SSH to run setup commands over (without this flag every
         # node is terminated at once as "launch failed").
         "provider": {"type": "fake_multinode", "disable_node_updaters": True, "disable_launch_config_check": True,
-                     "use_node_id_as_ip": True, "gcs_address": f"127.0.0.1:{gcs_port}"},
+                     "use_node_id_as_ip": True, "gcs_address": f"127.0.0.1:{gcs_port}",
+                     **({"type": "external", "module": "preemptible_provider.PreemptibleFakeProvider",
+                         "reclaim_dir": str(reclaim_dir)} if reclaim_dir else {})},
         "auth": {"ssh_user": "ray"}, "available_node_types": types, "head_node_type": FAKE_HEAD_TYPE,
         "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
         "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
@@ -102,9 +106,12 @@ class LocalAutoscalingCluster:
         head, self.worker_types = read_node_types(self.cluster_yaml)
         self.temp_dir = tempfile.mkdtemp(prefix="vclas-", dir="/tmp")  # socket paths are length-limited
         config = Path(self.temp_dir) / "autoscaling.json"
-        config.write_text(json.dumps(autoscaling_config(self.cluster_yaml, self.gcs_port, self.idle_timeout_minutes)))
+        config.write_text(json.dumps(autoscaling_config(self.cluster_yaml, self.gcs_port, self.idle_timeout_minutes,
+                                                        reclaim_dir=Path(self.temp_dir) / "reclaims")))
         self.env = {**{k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))},
                     "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_FAKE_CLUSTER": "1",
+                    # The head's monitor imports the provider (preemptible_provider) from here.
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])),
                     "AUTOSCALER_UPDATE_INTERVAL_S": str(self.update_interval_s), "RAY_AUTH_MODE": "disabled"}
         if self.fast_node_death:
             self.env |= {"RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "500",
@@ -170,23 +177,14 @@ class LocalAutoscalingCluster:
                 total += sum(before.workers.values()) * (hi - lo)
         return total
 
-    def preempt(self, node_id: str) -> int:
-        """Take a worker node away as a spot reclaim does: its raylet and every process under it
-        (the node's Ray workers and agents) killed at once, with no notice. Returns how many
-        processes were killed. The autoscaler then loses contact with the node, terminates it
-        through the provider and launches a replacement for the demand still pending.
+    def preempt(self, node_id: str, timeout_s: float = 60) -> None:
+        """Take a worker node away as a spot reclaim does, through the provider
+        (:mod:`preemptible_provider`): every process of the node killed at once, with no notice,
+        and the node no longer listed, so the autoscaler launches another for the demand still there.
         """
-        raylets = [pid for pid, command in _processes().items()
-                   if command and command[0].endswith("/raylet") and f"--node_id={node_id}" in command]
-        if len(raylets) != 1:
-            raise RuntimeError(f"expected one raylet of node {node_id}, found {len(raylets)}")
-        victims = [raylets[0], *_descendants(raylets[0])]
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        return len(victims)
+        (Path(self.temp_dir) / "reclaims" / node_id).touch()
+        wait_for(lambda: (Path(self.temp_dir) / "reclaims" / f"{node_id}.done").exists(), timeout_s,
+                 f"the provider to reclaim node {node_id}")
 
     def stop(self) -> None:
         if self._stop.is_set():
@@ -216,12 +214,13 @@ class TrainingJob:
     """
 
     def __init__(self, cluster: LocalAutoscalingCluster, repo_root: Path, overrides: list[str], job_id: str,
-                 epochs: int = 1):
+                 epochs: int = 1, env_vars: dict[str, str] | None = None):
         self.cluster, self.epochs = cluster, epochs
         self.submitted = cluster.now()
         self.first_step: float | None = None
         self.lines: list[tuple[float, str]] = []  # (cluster clock, line)
-        command = [str(BIN / "ray"), "job", "submit", f"--address={cluster.address}", f"--submission-id={job_id}", "--",
+        runtime_env = [f"--runtime-env-json={json.dumps({'env_vars': env_vars})}"] if env_vars else []
+        command = [str(BIN / "ray"), "job", "submit", f"--address={cluster.address}", f"--submission-id={job_id}", *runtime_env, "--",
                    sys.executable, str(repo_root / "jobs/train.py"), *overrides, f"train.epochs={epochs}",
                    "train.use_gpu=false", f"train.resources_per_worker.{GPU_STAND_IN}=1"]
         self._process = subprocess.Popen(command, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -267,36 +266,6 @@ def training_worker_nodes(cluster: LocalAutoscalingCluster) -> list[str]:
     actors = list_actors(address=cluster.gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
                          raise_on_missing_output=False)
     return [actor.node_id for actor in actors]
-
-
-def _processes() -> dict[int, list[str]]:
-    """Every process's command line, by pid (from /proc)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                found[int(entry.name)] = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-            except OSError:  # gone meanwhile
-                pass
-    return found
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                # The parent pid is the 2nd field after the command, which is in parentheses.
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def wait_for(condition, timeout_s: float, what: str) -> None:
