@@ -179,6 +179,9 @@ def elastic(cluster: LocalAutoscalingCluster, args, idle_minutes: float) -> None
         raise SystemExit(f"the run failed (exit {run.returncode}); its output ends:\n{run.output[-3000:]}")
     print_cost(cluster, run.submitted, run.finished, gone)
     failures = elastic_failures(cluster, run_folder, rows, sizes, victim, preempted, args.epochs, rows_per_epoch)
+    resumed = next((event for at, event in sorted(events) if at > preempted and event.startswith("first step")), None)
+    if resumed is None or "epoch 1, step 1/" in resumed:
+        failures.append(f"after the preemption the run did not go on from a checkpoint: {resumed}")
     after = groups[groups.index("preempted") + 1:]
     # Whether a group of 1 runs on the remaining node depends on which comes first: Ray Train's
     # restart (its view of the cluster is up to 20 s old) or the replacement node.

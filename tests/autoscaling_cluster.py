@@ -2,10 +2,10 @@
 
 Ray's fake multi-node provider runs the real autoscaler (in the head's monitor process) over
 nodes that are processes on this machine: it launches them from node types and resource demands
-and terminates them when idle. The provider used is that one with spot reclaims added
-(:mod:`preemptible_provider`, :meth:`LocalAutoscalingCluster.preempt`). ``ray.cluster_utils.AutoscalingCluster`` does the same but reads
-an example config that the installed wheel does not ship, so the config is built here — from
-the repository's own cluster config, so that a change there is a change to what is tested:
+and terminates them when idle (here with spot reclaims added: :mod:`preemptible_provider`).
+``ray.cluster_utils.AutoscalingCluster`` does the same but reads an example config that the
+installed wheel does not ship, so the config is built here — from the repository's own cluster
+config, so that a change there is a change to what is tested:
 
 - every worker node type with its ``resources``, ``min_workers`` and ``max_workers``; a GPU is
   replaced by the custom resource :data:`GPU_STAND_IN` (these nodes have none), which training
@@ -89,10 +89,9 @@ class NodeSample:
 class LocalAutoscalingCluster:
     cluster_yaml: Path
     idle_timeout_minutes: float | None = None
-    # The GCS declares a node that stopped answering dead after ~1 s instead of Ray's ~15 s
-    # (health checks every 0.5 s, 2 misses): on a cloud a reclaimed node is dead long before its
-    # replacement boots, and so it must be here too, where a node boots in seconds. (The autoscaler
-    # still waits its own AUTOSCALER_HEARTBEAT_TIMEOUT_S, 30 s, before replacing a lost node.)
+    # The GCS declares a node whose raylet stopped answering dead after ~1 s instead of Ray's
+    # ~15 s (health checks every 0.5 s, 2 misses): on a cloud a reclaimed node is known dead long
+    # before its replacement boots (minutes), and so it must be here, where a node boots in seconds.
     fast_node_death: bool = False
     # How often the autoscaler acts (its AUTOSCALER_UPDATE_INTERVAL_S; Ray's default is 5 s). The
     # fake provider launches one node per update, so this is also how far apart nodes come.
