@@ -54,7 +54,7 @@ def read_node_types(cluster_yaml: Path) -> tuple[dict, dict]:
 
 
 def autoscaling_config(cluster_yaml: Path, gcs_port: int, idle_timeout_minutes: float | None = None,
-                       reclaim_dir: Path | None = None) -> dict:
+                       reclaim_dir: Path | None = None, node_boot_s: float = 0) -> dict:
     """The fake provider's autoscaling config for ``cluster_yaml``'s node types (with spot
     reclaims requested through ``reclaim_dir``: :mod:`preemptible_provider`)."""
     config = yaml.safe_load(cluster_yaml.read_text())
@@ -70,7 +70,7 @@ def autoscaling_config(cluster_yaml: Path, gcs_port: int, idle_timeout_minutes: 
         "provider": {"type": "fake_multinode", "disable_node_updaters": True, "disable_launch_config_check": True,
                      "use_node_id_as_ip": True, "gcs_address": f"127.0.0.1:{gcs_port}",
                      **({"type": "external", "module": "preemptible_provider.PreemptibleFakeProvider",
-                         "reclaim_dir": str(reclaim_dir)} if reclaim_dir else {})},
+                         "reclaim_dir": str(reclaim_dir), "boot_delay_s": node_boot_s} if reclaim_dir else {})},
         "auth": {"ssh_user": "ray"}, "available_node_types": types, "head_node_type": FAKE_HEAD_TYPE,
         "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
         "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
@@ -96,6 +96,9 @@ class LocalAutoscalingCluster:
     # How often the autoscaler acts (its AUTOSCALER_UPDATE_INTERVAL_S; Ray's default is 5 s). The
     # fake provider launches one node per update, so this is also how far apart nodes come.
     update_interval_s: int = 1
+    # How long a launched node takes to come up beyond its own start (a cloud VM's boot; see
+    # preemptible_provider). 0: as fast as a local process starts.
+    node_boot_s: float = 0
     gcs_port: int = 0
     dashboard_port: int = 0
     env: dict = field(default_factory=dict)
@@ -106,7 +109,7 @@ class LocalAutoscalingCluster:
         self.temp_dir = tempfile.mkdtemp(prefix="vclas-", dir="/tmp")  # socket paths are length-limited
         config = Path(self.temp_dir) / "autoscaling.json"
         config.write_text(json.dumps(autoscaling_config(self.cluster_yaml, self.gcs_port, self.idle_timeout_minutes,
-                                                        reclaim_dir=Path(self.temp_dir) / "reclaims")))
+                                                        reclaim_dir=Path(self.temp_dir) / "reclaims", node_boot_s=self.node_boot_s)))
         self.env = {**{k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))},
                     "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_FAKE_CLUSTER": "1",
                     # The head's monitor imports the provider (preemptible_provider) from here.

@@ -7,6 +7,11 @@ leaves it listed, and the autoscaler then waits for it forever as a node still s
 this one adds it: a file named after a node id in the config's ``reclaim_dir`` makes the
 provider — in the head's monitor process, where the autoscaler runs it — kill every process of
 that node with SIGKILL and drop it from its listing, then rename the file ``<id>.done``.
+A cloud's VM also takes minutes to boot, where a fake node takes seconds: ``boot_delay_s`` in the
+provider config holds every launch that long before the node starts (in the autoscaler's
+launcher threads, as a cloud launch call returns only once the VM is up), so that the order of
+events — a reclaimed node known dead, the run restarted on what is left, then the replacement —
+is the cloud's.
 Used as ``provider: {type: external, module: preemptible_provider.PreemptibleFakeProvider}``.
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
@@ -27,7 +33,12 @@ class PreemptibleFakeProvider(FakeMultiNodeProvider):
         super().__init__(provider_config, cluster_name)
         self._reclaim_dir = Path(provider_config["reclaim_dir"])
         self._reclaim_dir.mkdir(parents=True, exist_ok=True)
+        self._boot_delay_s = float(provider_config.get("boot_delay_s", 0))
         threading.Thread(target=self._watch_reclaims, name="spot-reclaims", daemon=True).start()
+
+    def _create_node_with_resources_and_labels(self, node_config, tags, count, resources, labels):
+        time.sleep(self._boot_delay_s)  # the VM boots (the node counts as a pending launch meanwhile)
+        super()._create_node_with_resources_and_labels(node_config, tags, count, resources, labels)
 
     def _watch_reclaims(self) -> None:
         stop = threading.Event()
