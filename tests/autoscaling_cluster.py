@@ -252,13 +252,14 @@ def submit_training(cluster: LocalAutoscalingCluster, repo_root: Path, overrides
     return TrainingJob(cluster, repo_root, overrides, job_id, epochs).wait()
 
 
-def checkpoint_world_sizes(run_folder: Path) -> list[int]:
-    """The world size of every checkpoint of a run so far, in order (Ray Train's snapshot of them)."""
+def checkpoint_world_sizes(run_folder: Path, epoch_ends: bool = False) -> list[int]:
+    """The world size of every checkpoint of a run so far, in order (Ray Train's snapshot of them;
+    ``epoch_ends``: of those that end an epoch, not the ones inside)."""
     try:
         results = json.loads((run_folder / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"]
     except (OSError, ValueError, KeyError):  # not written yet, or being written
         return []
-    return [r["metrics"].get("world_size") for r in results]
+    return [r["metrics"].get("world_size") for r in results if not epoch_ends or "epoch_step" not in r["metrics"]]
 
 
 def training_worker_nodes(cluster: LocalAutoscalingCluster) -> list[str]:

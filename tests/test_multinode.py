@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from autoscaling_cluster import checkpoint_world_sizes
 
 from vcl_dist.config import load_config
 from vcl_dist.data.datasets import build_train_split, resolve_source
@@ -91,15 +92,7 @@ def test_an_elastic_run_shrinks_when_a_node_goes_and_grows_back_when_one_comes(c
     # aside), so after the loss of a node it restarts with the one worker that fits, and when a
     # node joins it grows back to two (checking every train.elastic_resize_interval_s).
     events = []
-    snapshot = tmp_path / "elastic" / "checkpoint_manager_snapshot.json"
-
-    def checkpoint_world_sizes(epoch_ends: bool = False) -> list[int]:
-        """The world size of every checkpoint so far (``epoch_ends``: of those that end an epoch)."""
-        try:
-            results = json.loads(snapshot.read_text())["checkpoint_results"]
-        except (OSError, ValueError, KeyError):  # not written yet, or being written
-            return []
-        return [r["metrics"].get("world_size") for r in results if not epoch_ends or "epoch_step" not in r["metrics"]]
+    run_folder = tmp_path / "elastic"
 
     # The run trains in a thread (Ray Train supports that), the nodes change in this one: a
     # Ray node can only be started from the main thread (it installs signal handlers).
@@ -114,13 +107,13 @@ def test_an_elastic_run_shrinks_when_a_node_goes_and_grows_back_when_one_comes(c
     trainer = threading.Thread(target=train)
     trainer.start()
     deadline = time.monotonic() + 400
-    while trainer.is_alive() and time.monotonic() < deadline and not checkpoint_world_sizes():
+    while trainer.is_alive() and time.monotonic() < deadline and not checkpoint_world_sizes(run_folder):
         time.sleep(0.2)
     ray_cluster.remove_node(nodes[1])
     events.append("removed")
     # The node comes back once the one-worker group has finished an epoch: its restart then
     # shows in the epoch history too (a group that only checkpointed inside an epoch would not).
-    while trainer.is_alive() and time.monotonic() < deadline and 1 not in checkpoint_world_sizes(epoch_ends=True):
+    while trainer.is_alive() and time.monotonic() < deadline and 1 not in checkpoint_world_sizes(run_folder, epoch_ends=True):
         time.sleep(0.2)
     if trainer.is_alive():
         ray_cluster.add_node(num_cpus=3)
@@ -134,7 +127,7 @@ def test_an_elastic_run_shrinks_when_a_node_goes_and_grows_back_when_one_comes(c
     assert [m["epoch"] for m in history] == [1, 2, 3, 4, 5, 6]
     sizes = [m["world_size"] for m in history]
     assert 1 in sizes and sizes[-1] == 2, sizes
-    ordered = checkpoint_world_sizes()  # every checkpoint's, inside epochs too (all kept)
+    ordered = checkpoint_world_sizes(run_folder)  # every checkpoint's, inside epochs too (all kept)
     assert ordered[0] == 2 and 1 in ordered and ordered[-1] == 2, ordered  # shrank, then grew back
     # The pool and the learning rate followed the world size, each restart from a checkpoint.
     for m in history:
