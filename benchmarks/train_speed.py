@@ -1,7 +1,7 @@
 """What Ray costs and what scaling gives (issue 18): vcl-dist's training against a plain
 ``torchrun`` loop doing the same work, then weak scaling across workers and nodes.
 
-    python benchmarks/train_speed.py [--epochs 4] [--skip-scaling] [--skip-comparison] [overrides …]
+    python benchmarks/train_speed.py [--epochs 4] [--skip-scaling] [--skip-comparison] [--startup-repeats 3] [overrides …]
 
 **Against torchrun.** The built-in default (its Parquet shards, model, triplet loss, global batch
 128, ``train.num_workers`` workers of ``train.cpus_per_worker`` CPUs, AdamW and schedule) run
@@ -12,9 +12,12 @@ same model, loss, optimizer and step function fed by a torch ``DataLoader`` with
 median over epochs 2… of each epoch's samples/s over its training loop (evaluation and checkpoints
 not counted; vcl-dist's ``samples_per_s`` of ``metrics.jsonl``, the plain loop's own clock). Start-up:
 process start → the first step done (vcl-dist: its driver's first progress line, which shows
-rank 0's first step within the 0.5 s it polls; the plain loop: rank 0 prints after its step); for
-vcl-dist also when a cluster is already running (``ray start --head``, then the job connects to
-it, as ``ray job submit`` jobs do).
+rank 0's first step within the 0.5 s it polls; the plain loop: rank 0 prints after its step).
+
+**Start-up on a running cluster** (``ray start --head``, then the job connects to it, as ``ray job
+submit`` jobs do): ``--startup-repeats`` starts of each (the plain loop's before the cluster
+starts), medians; with Ray Train's own account of each worker group's start (placement group,
+worker actors, train context, launching the training function), from its controller's debug log.
 
 **Weak scaling.** ``jobs/train.py`` with 1, 2 and 4 workers of 1 CPU (torch threads 1) and 64 rows
 per worker per step (global batch 64·W), then 2 workers on 2 nodes of a local
@@ -126,7 +129,6 @@ def compare_with_torchrun(work: Path, epochs: int, overrides: list[str]) -> list
         f"(vcl-dist's whole run also evaluates and checkpoints after every epoch)",
         f"vcl-dist's start-up, as its output shows it: {', '.join(steps)}; the first batch waited "
         f"{history[0]['data_wait_first_batch_s']:.1f} s",
-        *start_up_on_a_running_cluster(work, overrides, plain_start),
     ]
 
 
@@ -136,24 +138,61 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_up_on_a_running_cluster(work: Path, overrides: list[str], plain_start: float) -> list[str]:
-    """The same start-up when a Ray cluster is already running (``ray start --head``, as before
-    ``ray job submit``): the job connects instead of starting one. One epoch: only the start counts."""
+def start_up_on_a_running_cluster(work: Path, overrides: list[str], repeats: int) -> list[str]:
+    """The start-up when a Ray cluster is already running (``ray start --head``, as before ``ray
+    job submit``): the job connects instead of starting one. ``repeats`` runs of a few steps
+    each, against as many starts of the plain loop (one epoch each) in the same minutes; medians,
+    and where each vcl-dist start went — its output's moments and Ray Train's own account of its
+    worker group's start (its controller's debug log)."""
     ray_cli = str(Path(sys.executable).parent / "ray")
     env = run_env()
+    plain_starts = []
+    for repeat in range(repeats):
+        _, seen, _ = timed_run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "benchmarks/plain_ddp.py",
+             "train.epochs=1", *overrides], {"first step": FIRST_STEP["plain"]}, env, work / f"plain-start-{repeat}.log")
+        plain_starts.append(seen["first step"])
     temp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # short: Ray's socket paths have a length limit
     subprocess.run([ray_cli, "start", "--head", "--num-cpus=3", "--include-dashboard=false", "--disable-usage-stats",
                     f"--port={free_port()}", f"--temp-dir={temp}"], env=env, check=True, capture_output=True)
+    starts, rows = [], []
     try:
-        _, milestones, _ = timed_run(
-            [sys.executable, "jobs/train.py", f"run.storage_path={work / 'runs'}", "run.name=attached", "train.epochs=1",
-             *overrides], MILESTONES, {**env, "RAY_ADDRESS": "auto"}, work / "attached.log")
+        for repeat in range(repeats):
+            _, milestones, _ = timed_run(
+                [sys.executable, "jobs/train.py", f"run.storage_path={work / 'runs'}", f"run.name=attached-{repeat}",
+                 "train.epochs=1", "train.max_steps=3", *overrides], MILESTONES, {**env, "RAY_ADDRESS": "auto"},
+                work / f"attached-{repeat}.log")
+            starts.append(milestones["first step done"])
+            rows.append(f"| {repeat + 1} | {plain_starts[repeat]:.1f} s | {starts[-1]:.1f} s | {', '.join(milestone_steps(milestones))} |")
+        worker_group = worker_group_start_phases(temp)
     finally:
         subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True)
-    steps = milestone_steps(milestones)
-    start = milestones["first step done"]
-    return [f"On a running cluster (ray start --head --num-cpus=3, RAY_ADDRESS=auto): start-up {start:.1f} s "
-            f"({start - plain_start:+.1f} s against the plain loop): {', '.join(steps)}"]
+    plain, vcl = statistics.median(plain_starts), statistics.median(starts)
+    return [
+        f"\nStart-up on a running cluster (ray start --head --num-cpus=3, then RAY_ADDRESS=auto), {repeats} starts each:",
+        "| start | plain torchrun | vcl-dist | vcl-dist's moments (+ seconds since the one before) |",
+        "|---:|---:|---:|---|",
+        *rows,
+        f"median: plain {plain:.1f} s, vcl-dist {vcl:.1f} s: **{vcl - plain:+.1f} s**",
+        *(f"Ray Train's worker group start, run {i + 1} (its controller's log): {phases}" for i, phases in enumerate(worker_group)),
+    ]
+
+
+# Ray Train's controller logs each phase of a worker group's start at DEBUG (worker_group.py).
+WORKER_GROUP_PHASES = re.compile(r"\[Worker Group Initialization\] (Placement group ready|\d+ worker actors created|"
+                                 r"Train context initialized on workers|Train function launched on workers|"
+                                 r"Worker group startup completed) in ([\d.]+)s")
+
+
+def worker_group_start_phases(temp: Path) -> list[str]:
+    """Per run (controller log), the worker group's start phases from Ray Train's debug log."""
+    found = []
+    for log in sorted((temp / "session_latest" / "logs" / "train").glob("ray-train-sys-controller-*.log"),
+                      key=lambda path: path.stat().st_mtime):
+        phases = [f"{m.group(1)} {float(m.group(2)):.1f} s" for m in WORKER_GROUP_PHASES.finditer(log.read_text())]
+        if phases:
+            found.append(", ".join(phases))
+    return found
 
 
 SHARES = ("data_wait", "sync", "gather", "forward", "backward", "optimizer")
@@ -226,6 +265,8 @@ def main() -> None:
     parser.add_argument("--scaling-epochs", type=int, default=3)
     parser.add_argument("--skip-comparison", action="store_true")
     parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument("--startup-repeats", type=int, default=3,
+                        help="starts of each on a running cluster (0: none)")
     parser.add_argument("--keep", default=None, help="a folder for the runs and their logs (default: a temporary one)")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run (e.g. data.shapes.num_train=2000)")
     args = parser.parse_args()
@@ -237,6 +278,8 @@ def main() -> None:
     if not args.skip_comparison:
         lines += compare_with_torchrun(work, args.epochs, args.overrides)
         print("\n".join(lines), flush=True)
+    if args.startup_repeats:
+        print("\n".join(start_up_on_a_running_cluster(work, args.overrides, args.startup_repeats)), flush=True)
     if not args.skip_scaling:
         scaling = weak_scaling(work, args.scaling_epochs, args.overrides)
         print("\n".join(scaling), flush=True)

@@ -8,9 +8,9 @@ from vcl_dist.data.epoch_plan import EpochOrder, deal, drop_first, fresh_ranges,
 from vcl_dist.data.train_stream import cut_batches, in_stream_order
 
 
-def stream_rows(order: EpochOrder, ranges, max_task_rows=7) -> list[tuple[int, int]]:
+def stream_rows(order: EpochOrder, ranges, max_task_rows=7, lead_rows=None) -> list[tuple[int, int]]:
     """(unit, row) of every position of ``ranges``, in stream order, as a worker reads them."""
-    plan = order.worker_epoch(ranges, max_task_rows)
+    plan = order.worker_epoch(ranges, max_task_rows, lead_rows)
     by_position = {int(p): (r.unit, int(row)) for r in plan.reads for p, row in zip(r.positions, r.rows)}
     assert plan.rows == range_rows(ranges) == len(by_position)
     assert sum(n for _, n in plan.groups) == plan.rows
@@ -90,3 +90,26 @@ def test_blocks_in_plan_order_become_stream_ordered_batches():
     assert batches[1]["key"][0] == "k16"
     with pytest.raises(RuntimeError, match="short"):
         list(in_stream_order(iter(blocks[:-1]), groups))
+
+
+def test_the_first_group_read_in_stretches_gives_the_same_rows_in_the_same_batches(unit_rows):
+    order = EpochOrder(unit_rows, seed=2, epoch=1, mix_rows=90)
+    shares = resume_ranges(fresh_ranges(order.total, 2), [13, 13], 2)  # a resumed share: two ranges
+    for ranges in [*fresh_ranges(order.total, 2), *shares]:
+        whole, lead = order.worker_epoch(ranges, 7), order.worker_epoch(ranges, 7, lead_rows=5)
+        assert stream_rows(order, ranges, lead_rows=5) == stream_rows(order, ranges)
+        # The first group becomes stretches of 5, 10, 20, ... rows; the later groups stay whole.
+        stretches = len(lead.groups) - len(whole.groups) + 1
+        assert [n for _, n in lead.groups[:stretches - 1]] == [5 * 2 ** k for k in range(stretches - 1)]
+        assert sum(n for _, n in lead.groups[:stretches]) == whole.groups[0][1] and stretches > 2
+        assert lead.groups[stretches:] == whole.groups[1:]
+        # The first batch's rows are all in the first stretch's reads.
+        first_reads = [r for r in lead.reads if r.positions.max() < lead.groups[0][0]]
+        assert sum(len(r.rows) for r in first_reads) == 5
+
+        def batches(plan):
+            blocks = [{"position": r.positions, "row": r.rows, "unit": np.full(len(r.rows), r.unit)} for r in plan.reads]
+            return list(cut_batches(in_stream_order(iter(blocks), plan.groups), 4))
+
+        for a, b in zip(batches(lead), batches(whole), strict=True):
+            assert all(np.array_equal(a[k], b[k]) for k in a)

@@ -116,9 +116,11 @@ def read_split(source: DatasetSource, path: str):
         import pyarrow.parquet as pq
 
         tables = [pq.read_table(file) for file in sorted(Path(path).glob("*.parquet"))]
-        # Small blocks: the blocks are the units of parallel preprocessing.
-        return ray.data.from_arrow([table.slice(start, BLOCK_ROWS) for table in tables
-                                    for start in range(0, table.num_rows, BLOCK_ROWS)])
+        # Small blocks: the blocks are the units of parallel preprocessing. from_blocks takes
+        # their metadata here, where from_arrow waits for a Ray task to read it (≈ 2 s of a
+        # run's start-up on a busy 2-CPU node).
+        return ray.data.from_blocks([table.slice(start, BLOCK_ROWS) for table in tables
+                                     for start in range(0, table.num_rows, BLOCK_ROWS)])
     files = list_files(source.filesystem, path, "tar" if source.format == "webdataset" else "parquet")
     if source.format == "webdataset":
         return ray.data.read_webdataset(files, filesystem=source.filesystem, decoder=None, include_paths=True,

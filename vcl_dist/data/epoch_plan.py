@@ -89,10 +89,16 @@ class EpochOrder:
         which = np.searchsorted(first_rows, picked, side="right") - 1
         return units[which], picked - first_rows[which]
 
-    def worker_epoch(self, ranges: Ranges, max_task_rows: int) -> WorkerEpoch:
+    def worker_epoch(self, ranges: Ranges, max_task_rows: int, lead_rows: int | None = None) -> WorkerEpoch:
         """The reads of one worker whose share is ``ranges``: for each mixing group in stream
         order, one read per unit with rows in it (split into reads of at most
-        ``max_task_rows`` rows), each unit's rows in the unit's own order (cheap to read)."""
+        ``max_task_rows`` rows), each unit's rows in the unit's own order (cheap to read).
+
+        ``lead_rows``: the worker's first group is read in stretches of its stream — the first
+        ``lead_rows`` positions, then twice as many each time — each with reads of its own, so
+        that the first batch waits for ``lead_rows`` rows to be read and preprocessed rather than
+        for the whole group (its units are read once per stretch). The rows and their order are
+        the same either way."""
         pieces: dict[int, list[np.ndarray]] = {}  # group -> positions, in stream order
         for start, stop in ranges:
             first = int(np.searchsorted(self.group_start, start, side="right")) - 1
@@ -104,19 +110,30 @@ class EpochOrder:
                 if len(positions):
                     pieces.setdefault(group, []).append(positions)
         reads, groups = [], []
-        for group, parts in pieces.items():
+        for index, (group, parts) in enumerate(pieces.items()):
             positions = np.concatenate(parts)
             units, rows = self.rows_at(group, positions - self.group_start[group])
-            for unit in self.group_units[group]:
-                mine = np.flatnonzero(units == unit)
-                if not len(mine):
-                    continue
-                mine = mine[np.argsort(rows[mine], kind="stable")]
-                for chunk in range(0, len(mine), max_task_rows):
-                    taken = mine[chunk:chunk + max_task_rows]
-                    reads.append(RowRead(int(unit), rows[taken], positions[taken]))
-            groups.append((int(positions[-1]) + 1, len(positions)))
+            for stretch in lead_stretches(len(positions), lead_rows if index == 0 else None):
+                for unit in self.group_units[group]:
+                    mine = stretch.start + np.flatnonzero(units[stretch] == unit)
+                    if not len(mine):
+                        continue
+                    mine = mine[np.argsort(rows[mine], kind="stable")]
+                    for chunk in range(0, len(mine), max_task_rows):
+                        taken = mine[chunk:chunk + max_task_rows]
+                        reads.append(RowRead(int(unit), rows[taken], positions[taken]))
+                groups.append((int(positions[stretch.stop - 1]) + 1, stretch.stop - stretch.start))
         return WorkerEpoch(reads, groups, sum(n for _, n in groups))
+
+
+def lead_stretches(rows: int, lead_rows: int | None) -> list[slice]:
+    """``[0, rows)`` cut into ``lead_rows``, then twice as many each time (the last: what is
+    left); whole without ``lead_rows``."""
+    stretches, start, size = [], 0, lead_rows or rows
+    while start < rows:
+        stretches.append(slice(start, min(rows, start + size)))
+        start, size = start + size, size * 2
+    return stretches
 
 
 def range_rows(ranges: Ranges) -> int:

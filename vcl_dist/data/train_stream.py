@@ -193,14 +193,16 @@ class TrainSplit:
             self.orders = {epoch: EpochOrder([u.rows for u in self.units], self.seed, epoch, self.mix_rows)}
         return self.orders[epoch]
 
-    def worker_epoch(self, epoch: int, ranges: Ranges) -> WorkerEpoch:
-        return self.order(epoch).worker_epoch(ranges, MAX_TASK_ROWS)
+    def worker_epoch(self, epoch: int, ranges: Ranges, lead_rows: int | None = None) -> WorkerEpoch:
+        return self.order(epoch).worker_epoch(ranges, MAX_TASK_ROWS, lead_rows)
 
     def batches(self, epoch: int, ranges: Ranges, batch_size: int, prefetch_blocks: int) -> Iterator[dict[str, np.ndarray]]:
         """This worker's batches of ``epoch`` over its ``ranges`` of the stream, in stream order."""
         import ray.data
 
-        plan = self.worker_epoch(epoch, ranges)
+        # The first group in stretches from one batch up: the first step waits for one batch's
+        # rows, not for the whole group's (epoch_plan.EpochOrder.worker_epoch).
+        plan = self.worker_epoch(epoch, ranges, lead_rows=batch_size)
         make_preprocessor = functools.partial(Preprocessor, self.tokenizer, self.image_size, self.max_text_length,
                                               augment=self.augment, seed=(self.seed, epoch), num_classes=self.num_classes,
                                               decode_images=not (self.features and "image" in self.feature_towers))

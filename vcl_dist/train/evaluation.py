@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
-import ray.train
 import torch
 
 from ..config import Config
@@ -17,10 +17,12 @@ from .step import collate_rows
 
 @dataclass
 class ValCache:
-    """The preprocessed val split, kept after the first pass: val preprocessing is
-    deterministic (no augmentation), so later epochs skip the Ray Data pipeline start-up,
-    which on a busy cluster costs more than embedding a small val split."""
+    """The preprocessed val split (``dataset``: a Ray Dataset of model-ready rows), kept after
+    the first pass: val preprocessing is deterministic (no augmentation), so later epochs skip
+    the Ray Data pipeline start-up, which on a busy cluster costs more than embedding a small
+    val split."""
 
+    dataset: Any
     batches: list[dict[str, torch.Tensor]] = field(default_factory=list)
     bad_rows: int = 0
     by_shard: Counter = field(default_factory=Counter)
@@ -28,7 +30,7 @@ class ValCache:
 
     def fill(self, batch_size: int) -> None:
         # numpy batches collated here (a function as iter_torch_batches' collate_fn is deprecated in Ray).
-        for rows in ray.train.get_dataset_shard("val").iter_batches(batch_size=batch_size, batch_format="numpy"):
+        for rows in self.dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
             batch, _, bad_shards = drop_bad_rows(collate_rows(rows))
             self.bad_rows += len(bad_shards)
             self.by_shard.update(bad_shards)

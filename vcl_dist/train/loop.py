@@ -79,7 +79,8 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         progress = EpochProgress(epoch, carried, cfg.data.max_bad_fraction, run.local_batch * run.world, run.phase_clock())
         epoch_steps = progress.steps + min(range_rows(share) for share in ranges) // run.local_batch
         run.epoch_started(progress, epoch_steps)
-        batches, upcoming, stopped_inside_epoch = upcoming or run.epoch_batches(epoch, ranges), None, False
+        batches = upcoming or run.started_stream(epoch, ranges) or run.epoch_batches(epoch, ranges)
+        upcoming, stopped_inside_epoch = None, False
         for batch in lockstep(batches, progress.waits, progress.clock):
             run.record_trained_rows(batch, epoch)
             batch, rows, bad_shards = drop_bad_rows(batch)
@@ -119,13 +120,14 @@ class WorkerRun:
 
     def __init__(self, loop_config: dict):
         cfg = self.cfg = Config.model_validate(loop_config["config"])
-        self.tokenizer, self.class_names = loop_config["tokenizer"], loop_config["class_names"]
+        inputs = ray.get(loop_config["inputs"])  # put in the object store by the driver (train.runner)
+        self.tokenizer, self.class_names = inputs["tokenizer"], inputs["class_names"]
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         # Each worker keeps the batch it has at full size, so the global pool and (linear scaling
         # rule) the learning rate follow the world size when an elastic run shrinks or grows.
         self.local_batch = cfg.train.batch_size // cfg.train.num_workers
-        self.data = loop_config["train_split"]
+        self.data = inputs["train_split"]
         self.steps_per_epoch = self.data.rows // self.world // self.local_batch  # from the start of an epoch
         self.lr = cfg.train.lr * self.world / cfg.train.num_workers
         self.device = ray.train.torch.get_device()
@@ -136,6 +138,13 @@ class WorkerRun:
             keep_freed_memory_for_reuse()
         self.use_amp = cfg.train.amp is True or (cfg.train.amp == "auto" and on_gpu)
         self.collate = pinned_collate_rows if on_gpu else collate_rows
+        self.rows_log = TrainedRowsLog(cfg.run.trained_rows_log, self.rank) if cfg.run.trained_rows_log else None
+        # A run that starts from scratch knows its first epoch's rows now: their reads start
+        # while the model is built, rather than after (the first step waits for less).
+        self.early_stream = None
+        if ray.train.get_checkpoint() is None:
+            ranges = fresh_ranges(self.data.rows, self.world)
+            self.early_stream = (0, ranges, fetch_first_ahead(self.epoch_batches(0, ranges)))
 
         torch.manual_seed(cfg.train.seed)
         try:
@@ -165,8 +174,7 @@ class WorkerRun:
         self.step, self.history = 0, []
         self.last_checkpoint_time = time.monotonic()  # the group's start counts as one (checkpoint_every_minutes)
         self.config_yaml = dump_config(cfg)
-        self.rows_log = TrainedRowsLog(cfg.run.trained_rows_log, self.rank) if cfg.run.trained_rows_log else None
-        self.val_cache = ValCache()
+        self.val_cache = ValCache(inputs["val"])  # rank 0 evaluates on the whole val split
         self.worker_nodes = 1
         # Rank 0's numbers go to the driver (progress, trackers); every worker says where its logs are.
         self.monitor = loop_config.get("monitor")
@@ -234,6 +242,14 @@ class WorkerRun:
         if self.rows_log is None:
             return (self.collate(batch) for batch in rows)
         return ({**self.collate(batch), "keys": batch["key"]} for batch in rows)
+
+    def started_stream(self, epoch: int, ranges: list) -> Iterator | None:
+        """The batches started while the model was built, if they are ``epoch``'s over ``ranges``
+        (a run from scratch); None otherwise."""
+        started, self.early_stream = self.early_stream, None
+        if started is not None and started[:2] == (epoch, ranges):
+            return started[2]
+        return None
 
     def record_trained_rows(self, batch: dict, epoch: int) -> None:
         if self.rows_log is not None:
