@@ -47,6 +47,7 @@ from autoscaling_cluster import (  # noqa: E402
     GPU_STAND_IN,
     LocalAutoscalingCluster,
     TrainingJob,
+    checkpoint_metrics,
     checkpoint_world_sizes,
     read_node_types,
     training_worker_nodes,
@@ -137,6 +138,7 @@ def print_cost(cluster: LocalAutoscalingCluster, submitted: float, finished: flo
 
 GROUP_START_TIMEOUT_S = 10
 ELASTIC_UPDATE_INTERVAL_S = 25  # > Ray Train's 20-s view of the cluster (its AutoscalingCoordinator's tick)
+EARLY_IN_EPOCH_STEPS = 4  # of 8 at 2 workers (1,024 rows, 64 a worker): the reclaim lands mid-epoch
 ELASTIC_NODE_BOOT_S = 60  # > GROUP_START_TIMEOUT_S + that 20-s view: the run restarts on what is left first
 
 
@@ -150,8 +152,11 @@ def elastic(cluster: LocalAutoscalingCluster, args, idle_minutes: float) -> None
         "train.checkpoint_every_steps=4", "run.checkpoints_to_keep=1000", f"run.trained_rows_log={rows}"],
         job_id=name, epochs=args.epochs, env_vars={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(GROUP_START_TIMEOUT_S)})
     events = [(job.submitted, "submitted (train.min_workers=1, train.num_workers=2)")]
-    # The reclaim: once the run has checkpointed at 2 workers, one of its train nodes goes.
-    wait_for(lambda: 2 in checkpoint_world_sizes(run_folder) or not job.running(), 900, "a checkpoint at 2 workers")
+    # The reclaim: once the run has checkpointed at 2 workers early in an epoch (most of the
+    # epoch's steps still to come), one of its train nodes goes.
+    wait_for(lambda: any(m.get("world_size") == 2 and 0 < m.get("epoch_step", 0) <= EARLY_IN_EPOCH_STEPS
+                         for m in checkpoint_metrics(run_folder)) or not job.running(), 900,
+             "a checkpoint at 2 workers early in an epoch")
     if not job.running():
         raise SystemExit("the run ended before it checkpointed at 2 workers (more epochs: --epochs); its output ends:\n"
                          + "\n".join(line for _, line in job.lines[-40:]))

@@ -252,14 +252,20 @@ def submit_training(cluster: LocalAutoscalingCluster, repo_root: Path, overrides
     return TrainingJob(cluster, repo_root, overrides, job_id, epochs).wait()
 
 
-def checkpoint_world_sizes(run_folder: Path, epoch_ends: bool = False) -> list[int]:
-    """The world size of every checkpoint of a run so far, in order (Ray Train's snapshot of them;
-    ``epoch_ends``: of those that end an epoch, not the ones inside)."""
+def checkpoint_metrics(run_folder: Path) -> list[dict]:
+    """The metrics of every checkpoint of a run so far, in order (Ray Train's snapshot of them);
+    a checkpoint inside an epoch has ``epoch_step``."""
     try:
         results = json.loads((run_folder / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"]
     except (OSError, ValueError, KeyError):  # not written yet, or being written
         return []
-    return [r["metrics"].get("world_size") for r in results if not epoch_ends or "epoch_step" not in r["metrics"]]
+    return [r["metrics"] for r in results]
+
+
+def checkpoint_world_sizes(run_folder: Path, epoch_ends: bool = False) -> list[int]:
+    """The world size of every checkpoint of a run so far, in order (``epoch_ends``: of those
+    that end an epoch, not the ones inside)."""
+    return [m.get("world_size") for m in checkpoint_metrics(run_folder) if not epoch_ends or "epoch_step" not in m]
 
 
 def training_worker_nodes(cluster: LocalAutoscalingCluster) -> list[str]:
