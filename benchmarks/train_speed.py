@@ -259,13 +259,20 @@ def prepare_built_in_data(overrides: list[str]) -> None:
                           s.val_captions_per_image, s.seed)
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: not a count (0 or more)")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--scaling-epochs", type=int, default=3)
     parser.add_argument("--skip-comparison", action="store_true")
     parser.add_argument("--skip-scaling", action="store_true")
-    parser.add_argument("--startup-repeats", type=int, default=3,
+    parser.add_argument("--startup-repeats", type=non_negative_int, default=3,
                         help="starts of each on a running cluster (0: none)")
     parser.add_argument("--keep", default=None, help="a folder for the runs and their logs (default: a temporary one)")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run (e.g. data.shapes.num_train=2000)")
