@@ -40,15 +40,77 @@ def _containers(pod_template: dict) -> list[dict]:
     return pod_template["template"]["spec"]["containers"]
 
 
+def _documents(repo_root, path) -> dict[str, dict]:
+    return {doc["kind"]: doc for doc in yaml.safe_load_all((repo_root / path).read_text())}
+
+
+def _matches(selector: dict, labels: dict) -> bool:
+    return all(labels.get(key) == value for key, value in selector.get("matchLabels", {}).items())
+
+
+def network_policy_admits(policy: dict, target_labels: dict, namespace: str, peer_labels: dict, peer_namespace: str,
+                          port: int) -> bool:
+    """Kubernetes' ingress rule for one connection (matchLabels selectors, TCP ports): a pod the
+    policy selects admits a peer when some rule's ``from`` and ``ports`` both let it in."""
+    if not _matches(policy["spec"]["podSelector"], target_labels):
+        return True  # the policy does not apply to this pod
+    peer_ns_labels = {"kubernetes.io/metadata.name": peer_namespace}
+    for rule in policy["spec"].get("ingress", []):
+        ports = [p["port"] for p in rule.get("ports", [])]
+        if ports and port not in ports:
+            continue
+        for peer in rule.get("from", []):
+            in_namespace = (_matches(peer["namespaceSelector"], peer_ns_labels) if "namespaceSelector" in peer
+                            else peer_namespace == namespace)
+            if in_namespace and _matches(peer.get("podSelector", {}), peer_labels):
+                return True
+    return False
+
+
+OPERATOR = {"labels": {"app.kubernetes.io/name": "kuberay-operator"}, "namespace": "kuberay-system"}
+
+
+@pytest.mark.parametrize("path", ["cluster/kuberay/raycluster.yaml", "cluster/kuberay/rayjob.yaml"])
+def test_the_kuberay_operator_can_follow_the_cluster_and_no_one_else_can(repo_root, path):
+    """What the RayJob controller needs (ray-project/kuberay, ``FetchHeadServiceURL`` and the
+    dashboard HTTP client): it calls ``http://<head Service>:<dashboard port>/api/jobs/…`` from
+    its own pod in its own namespace, with the cluster's token in ``x-ray-authorization``. So the
+    dashboard must listen beyond the head's loopback, token auth must be on (the operator reads
+    the token KubeRay made), and the NetworkPolicy must let the operator in on that port while
+    keeping every other pod out of the cluster."""
+    docs = _documents(repo_root, path)
+    cluster = docs["RayCluster"]["spec"] if "RayCluster" in docs else docs["RayJob"]["spec"]["rayClusterSpec"]
+    head = cluster["headGroupSpec"]
+    params = head["rayStartParams"]
+    assert params.get("dashboard-host", "0.0.0.0") not in ("127.0.0.1", "localhost", "::1")
+    dashboard_port = int(params.get("dashboard-port", 8265))
+    assert cluster["authOptions"] == {"mode": "token"}
+    for c in _containers(head):  # a port list of its own replaces KubeRay's default Service ports
+        assert all(p["containerPort"] == dashboard_port for p in c.get("ports", []) if p.get("name") == "dashboard")
+
+    policy = docs["NetworkPolicy"]
+    namespace = "ml"
+    pods = [g["template"]["metadata"]["labels"] for g in [head, *cluster["workerGroupSpecs"]]]
+    head_labels = pods[0] | {"ray.io/node-type": "head"}
+    assert all(_matches(policy["spec"]["podSelector"], labels) for labels in pods)  # every Ray pod is covered
+    assert network_policy_admits(policy, head_labels, namespace, OPERATOR["labels"], OPERATOR["namespace"], dashboard_port)
+    assert not network_policy_admits(policy, head_labels, namespace, OPERATOR["labels"], OPERATOR["namespace"], 6379)
+    for worker in pods[1:]:  # the cluster's own pods reach the GCS and the dashboard
+        for port in (6379, dashboard_port):
+            assert network_policy_admits(policy, head_labels, namespace, worker, namespace, port)
+    stranger = {"app": "web"}
+    for peer_namespace in (namespace, "default", OPERATOR["namespace"]):
+        for port in (dashboard_port, 6379, 10001):
+            assert not network_policy_admits(policy, head_labels, namespace, stranger, peer_namespace, port)
+
+
 @pytest.mark.parametrize("path", ["cluster/kuberay/raycluster.yaml", "cluster/kuberay/rayjob.yaml"])
 def test_kuberay_manifests(repo_root, path):
-    manifest = yaml.safe_load((repo_root / path).read_text())
+    manifest = _documents(repo_root, path)["RayJob" if "rayjob" in path else "RayCluster"]
     assert manifest["apiVersion"] == "ray.io/v1"
     spec = manifest["spec"] if manifest["kind"] == "RayCluster" else manifest["spec"]["rayClusterSpec"]
     assert spec["rayVersion"] == ray.__version__ and spec["enableInTreeAutoscaling"] is True
     head = spec["headGroupSpec"]
-    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
-    assert spec["authOptions"] == {"mode": "token"}  # KubeRay makes the token Secret and sets it in every pod
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
     assert groups["gpu"]["minReplicas"] == 0 and groups["gpu"]["maxReplicas"] >= 1
     assert _containers(groups["gpu"])[0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
@@ -56,8 +118,7 @@ def test_kuberay_manifests(repo_root, path):
         assert all(c["image"].startswith(f"rayproject/ray:{ray.__version__}") for c in _containers(group))
     if manifest["kind"] == "RayJob":
         assert manifest["spec"]["shutdownAfterJobFinishes"] is True
-        # The dashboard listens on the head's 127.0.0.1 only: the submitter must run inside the
-        # head pod (a sidecar), which then must not restart on its own.
+        # The submitter is a sidecar of the head pod, which then must not restart on its own.
         assert manifest["spec"]["submissionMode"] == "SidecarMode"
         assert head["template"]["spec"]["restartPolicy"] == "Never"
         entrypoint = manifest["spec"]["entrypoint"].split()
@@ -65,6 +126,27 @@ def test_kuberay_manifests(repo_root, path):
         config = entrypoint[entrypoint.index("--config") + 1]
         load_config(repo_root / config, [e for e in entrypoint if "=" in e])
         RuntimeEnv(**yaml.safe_load(manifest["spec"]["runtimeEnvYAML"]))
+
+
+def _project() -> dict:
+    import tomllib
+
+    return tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+
+
+def test_cluster_installs_pin_a_release_and_carry_every_dependency(repo_root):
+    """A node installs the released version (never a moving branch) and every package the jobs
+    import: the runtime envs list pyproject's dependencies, less Ray (the image has it)."""
+    project = _project()
+    wanted = sorted(d for d in project["dependencies"] if not d.startswith("ray["))
+    runtime_env = yaml.safe_load((repo_root / "cluster/runtime_env.yaml").read_text())
+    rayjob_env = yaml.safe_load(_documents(repo_root, "cluster/kuberay/rayjob.yaml")["RayJob"]["spec"]["runtimeEnvYAML"])
+    assert sorted(runtime_env["pip"]) == wanted and sorted(rayjob_env["pip"]) == wanted
+    tag = f"v{project['version']}"
+    assert rayjob_env["working_dir"].endswith(f"/refs/tags/{tag}.zip")
+    for path in ("ray-cluster.yaml", "cluster/gcp.yaml"):
+        installs = [c for c in yaml.safe_load((repo_root / path).read_text())["setup_commands"] if "vcl-dist" in c]
+        assert installs and all(f"vcl-dist.git@{tag}" in c for c in installs), path
 
 
 def test_torch_floor_is_the_first_safe_weights_only_release(repo_root):

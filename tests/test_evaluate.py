@@ -1,5 +1,7 @@
-"""Retrieval metrics against brute-force per-query reference computations; ties and non-finite
-values never flatter a model."""
+"""Retrieval metrics against brute-force per-query reference computations; ties count at their
+expected value (never flattering, never punishing), non-finite values are errors."""
+
+import math
 
 import pytest
 import torch
@@ -11,7 +13,9 @@ from vcl_dist.models import build_dual_encoder
 
 
 def brute_force(embeddings, k, normalized=True):
-    """Per-query loops in float64; a query's rank counts every non-hit scoring >= its best hit."""
+    """Per-query loops in float64. A query with ``b`` non-hits above its best hit, and ``t``
+    non-hits and ``h`` hits tied with it, is a hit at k unless all ``k − b`` places left go to
+    tied non-hits: a hypergeometric draw, ``1 − C(t, k−b) / C(t+h, k−b)``."""
     image_rows = distinct_images(embeddings["group"]).tolist()
     img = embeddings["image"][image_rows].double()
     txt = embeddings["text"].double()
@@ -23,9 +27,17 @@ def brute_force(embeddings, k, normalized=True):
 
     def hit_at_k(scores, hits):
         if not any(hits):
-            return False
+            return 0.0
         best = max(s for s, h in zip(scores, hits) if h)
-        return sum(1 for s, h in zip(scores, hits) if not h and s >= best) < k
+        above = sum(1 for s, h in zip(scores, hits) if not h and s > best)
+        tied = sum(1 for s, h in zip(scores, hits) if not h and s == best)
+        tied_hits = sum(1 for s, h in zip(scores, hits) if h and s == best)
+        places = k - above
+        if places <= 0:
+            return 0.0
+        if places > tied:
+            return 1.0
+        return 1.0 - math.comb(tied, places) / math.comb(tied + tied_hits, places)
 
     groups, labels = embeddings["group"].tolist(), embeddings["label"].tolist()
     out = {"i2t": 0, "t2i": 0, "i2t_class": 0, "t2i_class": 0}
@@ -46,10 +58,8 @@ def assert_matches_brute_force(embeddings, normalized):
     metrics = retrieval_metrics(embeddings, ks=(1, 5, 10), normalized=normalized)
     for k in (1, 5, 10):
         want = brute_force(embeddings, k, normalized)
-        assert metrics[f"i2t_r{k}"] == want["i2t"]
-        assert metrics[f"t2i_r{k}"] == want["t2i"]
-        assert metrics[f"i2t_class_r{k}"] == want["i2t_class"]
-        assert metrics[f"t2i_class_r{k}"] == want["t2i_class"]
+        for name in ("i2t", "t2i", "i2t_class", "t2i_class"):
+            assert metrics[f"{name}_r{k}"] == pytest.approx(want[name], abs=1e-12), (name, k)
     return metrics
 
 
@@ -105,7 +115,7 @@ def planted_ties(seed: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("normalized", [True, False], ids=["cosine", "squared_distance"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_planted_ties_count_against_the_query_as_in_a_float64_brute_force(normalized, seed):
+def test_planted_ties_count_their_expected_value_as_in_a_float64_brute_force(normalized, seed):
     embeddings = planted_ties(seed)
     metrics = assert_matches_brute_force(embeddings, normalized)
     assert 0 < metrics["i2t_r1"] < 1 and 0 < metrics["t2i_r1"] < 1
@@ -139,7 +149,7 @@ def tiny_model_and_batches(seed: int = 0):
 
 
 @pytest.mark.parametrize("normalized", [True, False], ids=["cosine", "squared_distance"])
-def test_a_collapsed_model_scores_zero_not_one(normalized):
+def test_a_collapsed_model_scores_k_over_n_never_one(normalized):
     model, tokenizer, class_names, batches = tiny_model_and_batches()
     with torch.no_grad():  # every embedding the same point: the origin
         model.image_projection.weight.zero_()
@@ -147,21 +157,103 @@ def test_a_collapsed_model_scores_zero_not_one(normalized):
     embeddings = embed_batches(model, batches, torch.device("cpu"))
     assert (embeddings["image"] == 0).all() and (embeddings["text"] == 0).all()
     metrics = retrieval_metrics(embeddings, ks=(1, 5, 10), normalized=normalized)
-    for key in ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "i2t_r10", "t2i_r10", "i2t_class_r1", "t2i_class_r1"):
-        assert metrics[key] == 0.0, key
-    assert metrics["rsum"] == 0.0 and metrics["i2t_median_rank"] == 12  # behind all 11 other captions
+    for k in (1, 5, 10):  # 12 images, one caption each: the hit is anywhere among 12 equal scores
+        assert metrics[f"i2t_r{k}"] == pytest.approx(k / 12) and metrics[f"t2i_r{k}"] == pytest.approx(k / 12)
+    # Four items of each of the three classes: the first of the four falls in the top 1 with
+    # probability 4/12, and in the top 5 unless all 5 places go to the 8 others.
+    assert metrics["i2t_class_r1"] == pytest.approx(4 / 12)
+    assert metrics["i2t_class_r5"] == pytest.approx(1 - math.comb(8, 5) / math.comb(12, 5))
+    assert metrics["rsum"] == pytest.approx(2 * 16 / 12) and metrics["i2t_median_rank"] == 6.5
     accuracy = zero_shot_accuracy(model, tokenizer, class_names, "a photo of a {}", embeddings, torch.device("cpu"), 12,
                                   normalized)
-    assert accuracy == 0.0
+    assert accuracy == pytest.approx(1 / 3)
 
 
-def test_zero_shot_tie_between_prompts_is_a_miss():
+def test_zero_shot_tie_between_prompts_counts_its_expected_value():
     model, tokenizer, class_names, batches = tiny_model_and_batches(1)
     with torch.no_grad():
         model.text_projection.weight.zero_()  # every prompt the same point; images differ
     embeddings = embed_batches(model, batches, torch.device("cpu"))
     assert zero_shot_accuracy(model, tokenizer, class_names, "a photo of a {}", embeddings, torch.device("cpu"), 12,
-                              normalized=False) == 0.0
+                              normalized=False) == pytest.approx(1 / 3)
+
+
+def templated_captions(seed: int, n_images: int = 30, n_classes: int = 5) -> dict[str, torch.Tensor]:
+    """A good model on data whose captions repeat word for word: each image's one caption is its
+    class's template, so every caption of a class embeds to the same point."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n_images) % n_classes
+    class_points = torch.randn(n_classes, 8, generator=g, dtype=torch.float64)
+    return {"image": class_points[labels] + 0.05 * torch.randn(n_images, 8, generator=g, dtype=torch.float64),
+            "text": class_points[labels].clone(), "group": torch.arange(n_images), "label": labels}
+
+
+def test_identical_captions_are_not_failures():
+    embeddings = templated_captions(0)
+    metrics = assert_matches_brute_force(embeddings, normalized=True)
+    # Six images per class, one identical caption each: the own caption is first among its six
+    # copies with probability 1/6; the class-level recall sees a perfect model.
+    assert metrics["i2t_r1"] == pytest.approx(1 / 6) and metrics["i2t_r5"] == pytest.approx(5 / 6)
+    assert metrics["i2t_r10"] == 1.0 and metrics["i2t_class_r1"] == 1.0
+    assert 0 < metrics["t2i_r1"] < 1
+
+
+def random_order_hits(scores, hits, k, orders, seed=0):
+    """Mean over random tie orders of "a hit among the first k": each order breaks the ties of
+    ``scores`` by a fresh random key."""
+    g = torch.Generator().manual_seed(seed)
+    total = torch.zeros(scores.shape[0], dtype=torch.float64)
+    for _ in range(orders):
+        order = torch.argsort(scores + 1e-9 * torch.rand(scores.shape, generator=g, dtype=torch.float64), dim=1, descending=True)
+        total += hits.gather(1, order[:, :k]).any(dim=1).double()
+    return total / orders
+
+
+def test_expected_value_agrees_with_random_orders_of_the_ties():
+    from vcl_dist.evaluate import tied_ranks
+
+    g = torch.Generator().manual_seed(7)
+    scores = torch.randint(0, 4, (40, 12), generator=g).double()  # few distinct values: ties everywhere
+    hits = torch.rand(40, 12, generator=g) < 0.25
+    hits[0] = False  # a query without any hit scores 0
+    ranks = tied_ranks(scores, hits)
+    for k in (1, 3, 5):
+        want = random_order_hits(scores, hits, k, orders=4000)
+        assert torch.allclose(ranks.hit_at_k(k), want, atol=0.04), k
+        assert abs(ranks.hit_at_k(k).mean() - want.mean()) < 5e-3
+    assert ranks.hit_at_k(5)[0] == 0
+
+
+def clip_benchmark_reference(scores, positive_pairs, k):
+    """CLIP_benchmark 1.6's ``recall_at_k`` followed by its ``> 0``, as written there."""
+    topk_indices = torch.topk(scores, k, dim=1)[1]
+    nb_positive = positive_pairs.sum(dim=1)
+    onehot = torch.nn.functional.one_hot(topk_indices, num_classes=scores.shape[1])
+    nb_true_positive = (onehot * positive_pairs.view(scores.shape[0], 1, scores.shape[1])).sum(dim=(1, 2))
+    return ((nb_true_positive / nb_positive) > 0).float().mean().item()
+
+
+@pytest.mark.parametrize("make", [planted_ties, templated_captions], ids=["planted_ties", "templated_captions"])
+def test_clip_benchmark_compatible_recall_follows_its_rule(make):
+    embeddings = make(1)
+    metrics = retrieval_metrics(embeddings, ks=(1, 5, 10), normalized=True)
+    rows = distinct_images(embeddings["group"])
+    scores = similarity(embeddings["image"][rows].double(), embeddings["text"].double(), True)
+    positives = (embeddings["group"][rows].unsqueeze(1) == embeddings["group"].unsqueeze(0)).long()
+    for k in (1, 5, 10):
+        assert metrics[f"i2t_r{k}_clip_benchmark"] == pytest.approx(clip_benchmark_reference(scores, positives, k))
+        assert metrics[f"t2i_r{k}_clip_benchmark"] == pytest.approx(clip_benchmark_reference(scores.T, positives.T, k))
+
+
+def test_without_ties_every_rule_agrees():
+    embeddings = planted_ties(2)
+    embeddings["image"] += 1e-3 * torch.randn(embeddings["image"].shape, generator=torch.Generator().manual_seed(1))
+    embeddings["text"] += 1e-3 * torch.randn(embeddings["text"].shape, generator=torch.Generator().manual_seed(2))
+    metrics = retrieval_metrics(embeddings, ks=(1, 5, 10), normalized=True)
+    for k in (1, 5, 10):
+        for d in ("i2t", "t2i"):
+            assert metrics[f"{d}_r{k}"] == metrics[f"{d}_r{k}_clip_benchmark"], (d, k)
+    assert 0 < metrics["i2t_r1"] < 1
 
 
 @pytest.mark.parametrize("where", ["image", "text", "inf"])

@@ -5,16 +5,19 @@ query, and any of its captions is a hit; every caption is one text query, and it
 hit. The class-level variant counts any item of the query's label as a hit. ``rsum`` is the sum
 of the six instance-level recalls (fractions, so at most 6).
 
-Ties count against the query: a query's rank is the number of non-hit items that score **at
-least** as high as its best hit. A collapsed model (every embedding equal) therefore has
-recall 0, not 1, and a tie between zero-shot prompts is a miss. Non-finite embeddings or
-scores raise :class:`NonFiniteEmbeddingsError` instead of becoming a metric (``x > nan`` is
-false, so a NaN model would otherwise rank every hit first).
+Ties are scored by their expected value under a uniformly random order of the tied items
+(:func:`expected_hits_at_k`): a collapsed model (every embedding equal) scores about K/N, never
+1, and identical captions (templated texts, repeated alt-texts) are not counted as failures.
+Every report also carries the CLIP_benchmark-compatible recall (``*_clip_benchmark``:
+``torch.topk`` of the scores, a hit when any positive is among them), for comparison with
+published numbers. Non-finite embeddings or scores raise :class:`NonFiniteEmbeddingsError`
+instead of becoming a metric (``x > nan`` is false, so a NaN model would otherwise rank every
+hit first).
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -63,18 +66,59 @@ def similarity(queries: torch.Tensor, items: torch.Tensor, normalized: bool) -> 
     return -torch.cdist(queries, items, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
 
 
-def rank_of_first_hit(scores: torch.Tensor, hits: torch.Tensor) -> torch.Tensor:
-    """``[Q, N]`` scores and hit mask -> ``[Q]`` 0-based rank of the best-scored hit: the number
-    of non-hit items scoring at least as high as it (ties count against the query). ``N`` when
-    a query has no hit.
+class TiedRanks(NamedTuple):
+    """Where each query's best hit stands, ``[Q]`` each: ``above`` non-hits score higher than
+    it, ``tied`` non-hits score the same, ``tied_hits`` hits (itself included) score the same.
+    A query without any hit has ``above = N`` and no ties."""
+
+    above: torch.Tensor
+    tied: torch.Tensor
+    tied_hits: torch.Tensor
+
+    def hit_at_k(self, k: int) -> torch.Tensor:
+        """``[Q]`` float64: the probability that a hit is among the first ``k`` when the tied
+        items are put in a uniformly random order. ``j = k − above`` places are left for the
+        tied block; all of them go to non-hits with probability ``C(tied, j) / C(tied + tied_hits, j)``
+        (one hit: ``clip(j / (tied + 1), 0, 1)``)."""
+        above, tied, hits = self.above.double(), self.tied.double(), self.tied_hits.double()
+        places = (k - above).clamp(min=0)
+        within = places.clamp(max=tied)  # past the tied non-hits the block's first hit is certainly in
+        log_all_miss = (torch.lgamma(tied + 1) - torch.lgamma(tied - within + 1)
+                        - torch.lgamma(tied + hits + 1) + torch.lgamma(tied + hits - within + 1))
+        p = 1 - torch.exp(log_all_miss)
+        p = torch.where(places > tied, torch.ones_like(p), p)
+        return torch.where(hits > 0, p, torch.zeros_like(p))
+
+    def expected_rank(self) -> torch.Tensor:
+        """``[Q]`` float64, 0-based: the expected rank of the first hit (``above`` plus the
+        expected number of tied non-hits before it, ``tied / (tied_hits + 1)``)."""
+        return self.above.double() + self.tied.double() / (self.tied_hits.double() + 1)
+
+
+def tied_ranks(scores: torch.Tensor, hits: torch.Tensor) -> TiedRanks:
+    """``[Q, N]`` scores and hit mask -> :class:`TiedRanks` of every query's best-scored hit.
 
     Raises:
         NonFiniteEmbeddingsError: a score is NaN or infinite.
     """
     check_finite("similarity scores", scores)
-    best_hit = scores.masked_fill(~hits, float("-inf")).max(dim=1).values
-    ranks = ((scores >= best_hit.unsqueeze(1)) & ~hits).sum(dim=1)
-    return torch.where(hits.any(dim=1), ranks, torch.full_like(ranks, scores.shape[1]))
+    best_hit = scores.masked_fill(~hits, float("-inf")).max(dim=1).values.unsqueeze(1)
+    above = ((scores > best_hit) & ~hits).sum(dim=1)
+    tied = ((scores == best_hit) & ~hits).sum(dim=1)
+    tied_hits = ((scores == best_hit) & hits).sum(dim=1)
+    has_hit = hits.any(dim=1)
+    zero = torch.zeros_like(above)
+    return TiedRanks(torch.where(has_hit, above, torch.full_like(above, scores.shape[1])),
+                     torch.where(has_hit, tied, zero), torch.where(has_hit, tied_hits, zero))
+
+
+def clip_benchmark_hits_at_k(scores: torch.Tensor, hits: torch.Tensor, k: int) -> torch.Tensor:
+    """``[Q]`` bool: CLIP_benchmark's rule (``metrics/zeroshot_retrieval.py``): a query is a hit
+    when any of its positives is among ``torch.topk(scores, k)``; ties fall as ``topk`` orders
+    them, so this can flatter a collapsed model. Reported beside ours, never instead of it."""
+    check_finite("similarity scores", scores)
+    top = torch.topk(scores, min(k, scores.shape[1]), dim=1).indices
+    return hits.gather(1, top).any(dim=1)
 
 
 def distinct_images(groups: torch.Tensor) -> torch.Tensor:
@@ -89,6 +133,7 @@ def retrieval_metric_names(ks: Sequence[int] = (1, 5, 10)) -> list[str]:
     """Every key :func:`retrieval_metrics` can return (the class-level ones when labels exist)."""
     names = ["num_images", "num_captions"]
     names += [f"{d}_r{k}" for k in ks for d in ("i2t", "t2i")] + ["rsum"]
+    names += [f"{d}_r{k}_clip_benchmark" for k in ks for d in ("i2t", "t2i")] + ["rsum_clip_benchmark"]
     names += [f"{d}_{kind}_rank" for d in ("i2t", "t2i") for kind in ("median", "mean")]
     return names + [f"{d}_class_r{k}" for k in ks for d in ("i2t", "t2i")]
 
@@ -104,27 +149,31 @@ def retrieval_metrics(embeddings: dict[str, torch.Tensor], ks: Sequence[int] = (
 
     metrics: dict[str, float] = {"num_images": float(len(image_rows)), "num_captions": float(len(texts))}
     same_image = image_groups.unsqueeze(1) == text_groups.unsqueeze(0)
-    i2t_rank = rank_of_first_hit(scores, same_image)
-    t2i_rank = rank_of_first_hit(scores.T, same_image.T)
+    i2t, t2i = tied_ranks(scores, same_image), tied_ranks(scores.T, same_image.T)
     for k in ks:
-        metrics[f"i2t_r{k}"] = (i2t_rank < k).double().mean().item()
-        metrics[f"t2i_r{k}"] = (t2i_rank < k).double().mean().item()
+        metrics[f"i2t_r{k}"] = i2t.hit_at_k(k).mean().item()
+        metrics[f"t2i_r{k}"] = t2i.hit_at_k(k).mean().item()
     metrics["rsum"] = sum(metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in ks)
+    for k in ks:
+        metrics[f"i2t_r{k}_clip_benchmark"] = clip_benchmark_hits_at_k(scores, same_image, k).double().mean().item()
+        metrics[f"t2i_r{k}_clip_benchmark"] = clip_benchmark_hits_at_k(scores.T, same_image.T, k).double().mean().item()
+    metrics["rsum_clip_benchmark"] = sum(metrics[f"{d}_r{k}_clip_benchmark"] for d in ("i2t", "t2i") for k in ks)
     # Ranks are 1-based, as papers report them; median rank is the usual companion of rsum.
-    for direction, rank in (("i2t", i2t_rank), ("t2i", t2i_rank)):
-        metrics[f"{direction}_median_rank"] = float(rank.double().median().item() + 1)
-        metrics[f"{direction}_mean_rank"] = float(rank.double().mean().item() + 1)
+    for direction, ranks in (("i2t", i2t), ("t2i", t2i)):
+        expected = ranks.expected_rank()
+        metrics[f"{direction}_median_rank"] = float(expected.median().item() + 1)
+        metrics[f"{direction}_mean_rank"] = float(expected.mean().item() + 1)
 
     labelled_images, labelled_texts = image_labels >= 0, text_labels >= 0
     if labelled_images.any() and labelled_texts.any():
         same_label = (image_labels.unsqueeze(1) == text_labels.unsqueeze(0)) & labelled_images.unsqueeze(1)
         class_scores = scores[labelled_images][:, labelled_texts]
         class_hits = same_label[labelled_images][:, labelled_texts]
-        i2t_class = rank_of_first_hit(class_scores, class_hits)
-        t2i_class = rank_of_first_hit(class_scores.T, class_hits.T)
+        i2t_class = tied_ranks(class_scores, class_hits)
+        t2i_class = tied_ranks(class_scores.T, class_hits.T)
         for k in ks:
-            metrics[f"i2t_class_r{k}"] = (i2t_class < k).double().mean().item()
-            metrics[f"t2i_class_r{k}"] = (t2i_class < k).double().mean().item()
+            metrics[f"i2t_class_r{k}"] = i2t_class.hit_at_k(k).mean().item()
+            metrics[f"t2i_class_r{k}"] = t2i_class.hit_at_k(k).mean().item()
     return metrics
 
 
@@ -161,8 +210,8 @@ def zero_shot_accuracy(model: nn.Module, tokenizer, class_names: Sequence[str], 
     """Classify every distinct labelled image by its nearest class (its prompts' ensemble,
     :func:`class_prompt_embeddings`, over one template or several); the accuracy.
 
-    An image counts as right only when its own class scores strictly higher than every other
-    class: a tie is a miss (a collapsed model scores 0, not 1/K or 1).
+    A tie with other classes counts at its expected value: an image whose class ties with ``t``
+    others scores ``1 / (t + 1)`` (a collapsed model scores 1/K, never 1).
 
     Raises:
         NonFiniteEmbeddingsError: an image or prompt embedding, or a score, is NaN or infinite.
@@ -176,4 +225,4 @@ def zero_shot_accuracy(model: nn.Module, tokenizer, class_names: Sequence[str], 
     check_finite("image embeddings", embeddings["image"])
     scores = similarity(embeddings["image"][rows][keep].double(), prompt_emb, normalized)  # [I, K]
     own_class = nn.functional.one_hot(labels[keep], len(class_names)).bool()
-    return (rank_of_first_hit(scores, own_class) == 0).double().mean().item()
+    return tied_ranks(scores, own_class).hit_at_k(1).mean().item()
