@@ -130,9 +130,12 @@ def test_submitted_job_trains_tracks_and_shows_progress(mlflow_server, token_hea
     address, env, _, _ = token_head
     storage = tmp_path / "runs"
     mlflow_server = mlflow_server()
+    # Credentials in the tracking URI (the server ignores them) must reach no record and no log line.
+    secret = "e2e-pa55w0rd-71c3"
     job = submit(address, env, repo_root, "python", "jobs/train.py", *tiny_shapes_overrides, "train.epochs=2",
                  "train.cpus_per_worker=0.5", f"run.storage_path={storage}", "run.name=submitted",
-                 "run.trackers=[tensorboard,mlflow,wandb]", f"mlflow.tracking_uri={mlflow_server}",
+                 "run.trackers=[tensorboard,mlflow,wandb]",
+                 f"mlflow.tracking_uri={mlflow_server.replace('http://', f'http://vcl:{secret}@')}",
                  "mlflow.experiment=job-submit", job_id="vcl-test-job")
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     assert "succeeded" in (job.stdout + job.stderr).lower()
@@ -154,6 +157,9 @@ def test_submitted_job_trains_tracks_and_shows_progress(mlflow_server, token_hea
         assert sum(line.startswith(f"vcl-dist: epoch {epoch}/2 done in ") for line in lines) == 1, logs[-4000:]
     assert not [line for line in lines if "%|" in line or "Running Dataset" in line or "Reporting training result" in line]
     assert "does not have any available CPUs" not in logs and "Traceback" not in logs
+    assert secret not in logs + job.stdout + job.stderr
+    leaked = [str(f) for f in storage.rglob("*") if f.is_file() and secret.encode() in f.read_bytes()]
+    assert not leaked and "http://***@127.0.0.1" in (run / "config.yaml").read_text()
 
     epochs = read_epochs(run)
     assert_tensorboard_matches_metrics(run, log_every_steps=4)
@@ -163,6 +169,7 @@ def test_submitted_job_trains_tracks_and_shows_progress(mlflow_server, token_hea
     [tracked] = client.search_runs([client.get_experiment_by_name("job-submit").experiment_id])
     assert tracked.info.status == "FINISHED" and tracked.info.run_name == "submitted"
     assert tracked.data.params["train.cpus_per_worker"] == "0.5" and tracked.data.params["loss.name"] == "triplet"
+    assert tracked.data.params["mlflow.tracking_uri"].startswith("http://***@127.0.0.1:")
     assert tracked.data.tags["vcl_dist.run_path"] == str(run) and tracked.data.tags["vcl_dist.storage_path"] == str(storage)
     run_id = tracked.info.run_id
     losses = {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}

@@ -14,12 +14,13 @@ def run_job(body: Callable[[], int]) -> int:
     ``vcl-dist: error: …`` and returns 1. Messages are one line by construction of the errors.
     """
     from .config import ConfigError
+    from .redaction import redact_text
 
     try:
         return body()
     except ConfigError as err:
-        print(f"vcl-dist: config error: {err}", file=sys.stderr)
+        print(f"vcl-dist: config error: {redact_text(str(err))}", file=sys.stderr)
         return 2
     except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"vcl-dist: error: {err}", file=sys.stderr)
+        print(f"vcl-dist: error: {redact_text(str(err))}", file=sys.stderr)
         return 1

@@ -17,6 +17,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .redaction import redact_values
+
 
 class ConfigError(ValueError):
     """A config that cannot run; ``str(err)`` is a single line naming the key."""
@@ -534,6 +536,13 @@ def override_values(cfg: Config, values: dict[str, Any]) -> Config:
         raise ConfigError(_format_validation_error(err)) from None
 
 
+def config_record(cfg: Config) -> dict[str, Any]:
+    """The resolved config as a JSON-ready tree for records (files, trackers, logs): credentials
+    inside URIs are masked (:mod:`vcl_dist.redaction`)."""
+    return redact_values(cfg.model_dump(mode="json"))
+
+
 def dump_config(cfg: Config) -> str:
-    """The resolved config as YAML, ready to be passed back with ``--config``."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML, ready to be passed back with ``--config`` (credentials inside
+    URIs masked: give them through the environment)."""
+    return yaml.safe_dump(config_record(cfg), sort_keys=False)

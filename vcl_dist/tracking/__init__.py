@@ -16,7 +16,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..config import Config
+from ..config import Config, config_record
+from ..redaction import redact_text
 
 
 @dataclass
@@ -73,7 +74,7 @@ def flat_params(cfg: Config) -> dict[str, str]:
         else:
             flat[prefix] = "null" if node is None else str(node)
 
-    walk("", cfg.model_dump(mode="json"))
+    walk("", config_record(cfg))
     return flat
 
 
@@ -105,4 +106,4 @@ def missing_package(tracker: str, package: str, extra: str) -> ValueError:
 
 
 def warn(message: str) -> None:
-    print(f"vcl-dist: warning: {' '.join(message.split())[:400]}", file=sys.stderr, flush=True)
+    print(f"vcl-dist: warning: {redact_text(' '.join(message.split()))[:400]}", file=sys.stderr, flush=True)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from ..config import Config
+from ..redaction import redact_text, redact_uri
 from . import RunIdentity, flat_params, missing_package
 
 FOLDER = "mlflow"
@@ -69,8 +70,8 @@ class MlflowTracker:
             for start in range(0, len(fresh), PARAMS_PER_BATCH):
                 self.client.log_batch(self.run_id, params=fresh[start:start + PARAMS_PER_BATCH])
         except Exception as err:  # noqa: BLE001 - any client error becomes one line before training starts
-            raise ValueError(f"mlflow.tracking_uri={uri}: cannot start an MLflow run: "
-                             f"{' '.join(str(err).split())[:300]}") from None
+            raise ValueError(f"mlflow.tracking_uri={redact_uri(uri)}: cannot start an MLflow run: "
+                             f"{redact_text(' '.join(str(err).split()))[:300]}") from None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -131,6 +132,6 @@ def log_report(cfg: Config, folder: str, artifact_path: str) -> str | None:
     except Exception as err:  # noqa: BLE001 - the report is on disk either way
         from . import warn
 
-        warn(f"the report was not added to MLflow run {run_id}: {err}")
+        warn(f"the report was not added to MLflow run {run_id}: {redact_text(str(err))}")
         return None
     return run_id

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from ..config import Config
+from ..config import Config, config_record
 from . import RunIdentity, missing_package
 
 
@@ -38,7 +38,7 @@ class WandbTracker:
         try:
             self.run = wandb.init(
                 project=cfg.wandb.project, entity=cfg.wandb.entity, name=identity.name, id=wandb_run_id(identity),
-                resume="allow", dir=folder, mode=mode, group=identity.group, config=cfg.model_dump(mode="json"),
+                resume="allow", dir=folder, mode=mode, group=identity.group, config=config_record(cfg),
                 tags=["vcl-dist"], notes=identity.run_uri,
                 # console="off": the driver's output stays the driver's (no wrapped stdout);
                 # no system metrics sampler beside a training driver that mostly waits.

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..config import Config, ConfigError, dump_config
+from ..config import Config, ConfigError, config_record, dump_config
 from ..data.datasets import (
     DatasetSource,
     build_split,
@@ -335,7 +335,7 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
         },
         "num_workers": workers,
         "use_gpu": use_gpu,
-        "config": cfg.model_dump(mode="json"),
+        "config": config_record(cfg),
     }
     write_text_atomically(storage, f"{run_path}/{METRICS_FILE}", "".join(json.dumps(m) + "\n" for m in history))
     write_text_atomically(storage, f"{run_path}/config.yaml", dump_config(cfg))
