@@ -4,7 +4,9 @@ Reads a split of the model's dataset (``--split``; ``data.*`` overrides point at
 local or ``s3://``), decodes it in Ray Data CPU tasks, runs both towers in a pool of model
 actors (GPU actors when the cluster has GPUs) and writes Parquet of (key, caption, label,
 image_group, image_embedding, text_embedding, thumbnail) to ``--out``, local or ``s3://``.
-``_corpus.json`` is written last: its presence marks a complete corpus.
+``_corpus.json`` is written last: its presence marks a complete corpus. Everything is written
+into a folder beside ``--out`` and moved there when complete; ``--overwrite`` replaces only a
+folder that is itself an embedded corpus.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--actors", type=int, default=None, help="most model actors (default: one per GPU, or half the CPUs)")
     parser.add_argument("--gpu", choices=["auto", "true", "false"], default="auto")
     parser.add_argument("--thumbnail-size", type=int, default=96, help="longer side of stored thumbnails; 0 = none")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing corpus at --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing corpus at --out, once the new one is complete")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the model's config, e.g. data.val_path=…")
     return parser.parse_args(argv)
 
@@ -37,36 +40,43 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     import time
 
-    import pyarrow.fs as pafs
-
-    from vcl_dist.retrieval.embed import write_corpus_info
+    from vcl_dist.retrieval.embed import CORPUS_INFO_FILE, write_corpus_info
     from vcl_dist.retrieval.pipeline import load_model_and_config, plan_embedding
     from vcl_dist.retrieval.search import Corpus
-    from vcl_dist.storage import display_uri, exists, filesystem_for
+    from vcl_dist.storage import display_uri, exists, filesystem_for, is_empty_folder, replace_folder, staging_beside
 
     if args.batch_size < 1 or args.thumbnail_size < 0 or (args.actors is not None and args.actors < 1):
         raise ValueError("--batch-size and --actors must be positive, --thumbnail-size not negative")
     model, cfg = load_model_and_config(args.model, args.overrides)
     filesystem, out = filesystem_for(args.out, cfg.s3)
-    if exists(filesystem, out) and filesystem.get_file_info(pafs.FileSelector(out, recursive=False)):
+    if not is_empty_folder(filesystem, out):
         if not args.overwrite:
             raise FileExistsError(f"{args.out} is not empty: pass --overwrite to replace it")
-        filesystem.delete_dir(out)
+        if not exists(filesystem, f"{out}/{CORPUS_INFO_FILE}"):
+            raise FileExistsError(f"{args.out} is no embedded corpus (no {CORPUS_INFO_FILE}): refusing to replace it; "
+                                  "choose another --out")
     gpu = {"auto": "auto", "true": True, "false": False}[args.gpu]
     job = plan_embedding(args.model, model, cfg, args.split, use_gpu=gpu, actors=args.actors,
                          batch_size=args.batch_size, thumbnail_size=args.thumbnail_size)
     print(f"vcl-dist: embedding {job.input_rows} rows of {display_uri(job.split_path, job.source.filesystem)} "
           f"on {'GPU' if job.use_gpu else 'CPU'} actors", flush=True)
     started = time.perf_counter()
-    job.dataset.write_parquet(out, filesystem=filesystem)
-    seconds = time.perf_counter() - started
-    rows = len(Corpus(args.out, cfg.s3))
-    info = {
-        "rows": rows, "bad_rows": job.input_rows - rows, "embed_dim": model.embed_dim,
-        "normalized": model.normalized, "model": args.model,
-        "source": display_uri(job.split_path, job.source.filesystem), "seconds": seconds,
-    }
-    write_corpus_info(filesystem, out, info)
+    staging = staging_beside(out)
+    try:
+        job.dataset.write_parquet(staging, filesystem=filesystem)
+        seconds = time.perf_counter() - started
+        rows = len(Corpus(display_uri(staging, filesystem), cfg.s3, require_info=False))
+        info = {
+            "rows": rows, "bad_rows": job.input_rows - rows, "embed_dim": model.embed_dim,
+            "normalized": model.normalized, "model": args.model,
+            "source": display_uri(job.split_path, job.source.filesystem), "seconds": seconds,
+        }
+        write_corpus_info(filesystem, staging, info)
+        replace_folder(filesystem, staging, out)
+    except BaseException:
+        if exists(filesystem, staging):
+            filesystem.delete_dir(staging)
+        raise
     print(f"vcl-dist: wrote {rows} embeddings to {args.out} ({info['bad_rows']} bad rows skipped) "
           f"in {seconds:.1f} s, {rows / max(seconds, 1e-9):.0f} rows/s", flush=True)
     return 0

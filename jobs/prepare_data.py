@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--karpathy", help="a Karpathy split file (dataset_coco.json, dataset_flickr30k.json); "
                         "its image paths are relative to --images")
     parser.add_argument("--images", help="folder the table's image paths are relative to")
-    parser.add_argument("--out", required=True, help="output folder or s3:// prefix (gets train/ and val/)")
+    parser.add_argument("--out", required=True, help="output folder or s3:// prefix (gets train/ and val/); must be empty")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier import at --out whole, once the new one is complete")
     parser.add_argument("--rows-per-shard", type=int, default=10_000)
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint; credentials from the AWS environment")
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from vcl_dist.config import S3Config
-    from vcl_dist.data.importer import check_inputs, import_dataset
+    from vcl_dist.data.importer import check_inputs, check_out, import_dataset
     from vcl_dist.ray_cluster import connect_ray
 
     try:
@@ -50,15 +52,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise FileNotFoundError(f"--images: no folder at {args.images}")
         else:
             check_inputs(args.captions, args.images, args.webdataset)
-    except (FileNotFoundError, ValueError) as err:
+        check_out(args.out, args.overwrite, S3Config(endpoint_url=args.s3_endpoint_url))
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"vcl-dist: error: {err}", file=sys.stderr)
         return 1
     print(f"vcl-dist: {connect_ray(2)}", flush=True)
     try:
         report = import_dataset(out=args.out, captions=args.captions, images=args.images, webdataset=args.webdataset,
                                 karpathy=args.karpathy, rows_per_shard=args.rows_per_shard, val_fraction=args.val_fraction,
-                                s3=S3Config(endpoint_url=args.s3_endpoint_url))
-    except (FileNotFoundError, ValueError) as err:
+                                s3=S3Config(endpoint_url=args.s3_endpoint_url), overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"vcl-dist: error: {err}", file=sys.stderr)
         return 1
     finally:

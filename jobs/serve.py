@@ -3,8 +3,10 @@
 Starts (or joins) Ray, then a Ray Serve application (``vcl_dist.serving.app``): a query encoder
 with dynamic batching, a searcher holding the corpus and its index (``jobs/index.py``; the exact
 scan without one), and an HTTP API with a web page. Binds to 127.0.0.1 unless ``--host`` says
-otherwise. Runs until Ctrl-C. The same application deploys from a config file with
-``serve run jobs/configs/serve.yaml`` or ``serve deploy``; running this again with another
+otherwise; beyond loopback every query needs ``Authorization: Bearer <token>`` (the token from
+``VCL_DIST_SERVE_TOKEN`` or ``--token-file``; the page takes it as ``/#token=…``) unless
+``--no-auth`` says otherwise, and only the Host names it knows are answered. Runs until Ctrl-C.
+The same application deploys from a config file with ``serve run jobs/configs/serve.yaml`` or ``serve deploy``; running this again with another
 ``--model``/``--corpus`` against the same cluster swaps them in (Serve's rolling update).
 
     GET  /search?text=a+red+circle&k=12     POST /search?k=12  (an image as the body)
@@ -25,6 +27,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="'corpus': the corpus's own index if built (default); a folder; 'none': the exact scan")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--token-file", help="a file holding the bearer token (default: the VCL_DIST_SERVE_TOKEN variable)")
+    parser.add_argument("--no-auth", action="store_true", help="serve beyond loopback without a token (prints a warning)")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="a Host name clients use to reach this server (repeatable; '*': any)")
     parser.add_argument("--no-batching", action="store_true", help="embed each query alone (no dynamic batching)")
     parser.add_argument("--name", default="vcl-dist", help="the Serve application's name (default: %(default)s)")
     parser.add_argument("--detach", action="store_true", help="return once the app is up (it keeps running in Ray)")
@@ -44,18 +50,24 @@ def _run(args: argparse.Namespace) -> int:
     from ray import serve
 
     from vcl_dist.ray_cluster import connect_ray
+    from vcl_dist.serving.access import read_token, resolve_access
     from vcl_dist.serving.app import build_app
 
     if not 0 < args.port < 65536:
         raise ValueError("--port must be between 1 and 65535")
+    policy, warning = resolve_access(args.host, read_token(args.token_file), args.no_auth, args.allowed_host)
+    if warning:
+        print(f"vcl-dist: warning: {warning}", file=sys.stderr, flush=True)
     # Ray first: build_app gives the encoder a GPU when the cluster it is connected to has one.
     print(f"vcl-dist: {connect_ray(2)}", flush=True)
     app = build_app({"model": args.model, "corpus": args.corpus, "index": None if args.index == "none" else args.index,
-                     "batching": not args.no_batching})
+                     "batching": not args.no_batching, "auth_token_sha256": policy.token_sha256,
+                     "allowed_hosts": list(policy.allowed_hosts)})
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name=args.name, route_prefix="/")
-    print(f"vcl-dist: serving {args.corpus} with {args.model} at http://{args.host}:{args.port}/ "
-          "(/search?text=…, /healthz; Ctrl-C stops)", flush=True)
+    page = f"http://{args.host}:{args.port}/" + ("#token=<your token>" if policy.token_sha256 else "")
+    print(f"vcl-dist: serving {args.corpus} with {args.model} at {page} (/search?text=…, /healthz; "
+          f"{'a bearer token required, ' if policy.token_sha256 else ''}Ctrl-C stops)", flush=True)
     if args.detach:
         return 0
     try:

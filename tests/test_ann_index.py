@@ -145,6 +145,21 @@ def test_index_py_builds_what_auto_picks_and_refuses_a_bad_budget(local_ray, tmp
     assert capsys.readouterr().err.strip() == "vcl-dist: error: --memory-gb must be positive"
 
 
+@pytest.mark.parametrize("kind", ["flat", "ivfpq"])
+def test_a_failed_build_refuses_nan_embeddings_and_leaves_no_staging_folder(local_ray, tmp_path, monkeypatch, kind):
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    images = clustered(np.random.default_rng(5), 400, 8, 4)
+    images[123, 2] = np.nan
+    folder = write_corpus(tmp_path / "corpus", images, images, normalized=False)
+    with pytest.raises(ValueError, match="the corpus holds NaN or infinite embeddings: embed it again"):
+        build_index(Corpus(str(folder)), "image", kind=kind)
+    assert list(scratch.iterdir()) == [] and not (folder / "_index").exists()
+
+
 def test_the_serve_config_file_is_a_valid_serve_deploy_config_of_this_app(repo_root):
     import yaml
     from ray.serve.schema import ServeDeploySchema

@@ -14,7 +14,7 @@ from hostile_inputs import (
     rgba_png,
 )
 
-from vcl_dist.data.images import MAX_DECODED_PIXELS, UnusableImageError, decode_image, open_image
+from vcl_dist.data.images import MAX_DECODED_PIXELS, UnusableImageError, _grey_to_8bit, decode_image, image_size, open_image
 
 
 def close(pixel, colour, tolerance=12):
@@ -29,6 +29,46 @@ def test_cmyk_jpeg_becomes_the_right_rgb():
 def test_16_bit_png_is_scaled_not_clipped_to_white():
     image = open_image(png_16bit_grey(40000))
     assert image.mode == "RGB" and close(image.getpixel((5, 5)), (156, 156, 156), tolerance=1)  # 40000/65535*255
+
+
+@pytest.mark.parametrize("mode, dtype, top", [("I;16", np.uint16, 65535), ("I", np.int32, 65535), ("I", np.int32, 255),
+                                               ("F", np.float32, 65535)])
+def test_deep_greyscale_scales_to_8_bits_as_a_float64_reference(mode, dtype, top):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    values = rng.integers(0, top + 1, (1500, 900)).astype(dtype)  # several bands of rows
+    values[0, :4] = [0, top, top // 2, 1]
+    image = Image.frombuffer(mode, (900, 1500), values.tobytes(), "raw", mode, 0, 1) if mode == "I;16" else \
+        Image.fromarray(values, mode=mode)
+    reference = np.clip(values.astype(np.float64) * (255.0 / top), 0, 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(_grey_to_8bit(image), reference)
+
+
+def test_a_16_bit_picture_becomes_8_bits_without_a_full_size_float_copy():
+    import tracemalloc
+
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 65536, (3000, 2000)).astype(np.uint16))
+    tracemalloc.start()
+    _grey_to_8bit(image)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    # The uint8 result (1 B/px) and one band of rows: a float64 copy alone would be 8 B/px.
+    assert peak < 1.6 * image.width * image.height, peak / (image.width * image.height)
+
+
+def test_image_size_reads_the_header_and_refuses_before_decoding():
+    assert image_size(png_16bit_grey()) == (32, 32)
+    with pytest.raises(UnusableImageError, match=r"image too large \(32x32 pixels, at most 1000\)"):
+        image_size(png_16bit_grey(), max_pixels=1000)
+    with pytest.raises(UnusableImageError, match="image too large"):
+        image_size(moderate_bomb_png(), max_pixels=25_000_000)
+    with pytest.raises(UnusableImageError, match="undecodable image"):
+        image_size(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n")
+    with pytest.raises(UnusableImageError, match="too large"):
+        open_image(png_16bit_grey(), max_pixels=1000)
 
 
 @pytest.mark.parametrize("make", [palette_png_with_transparency, rgba_png], ids=["palette", "rgba"])

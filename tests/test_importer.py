@@ -118,6 +118,7 @@ def test_importer_reads_nothing_outside_the_image_folder_and_counts_hostile_rows
     rows += [(path, b"a secret", "0") for path in ("../secret.jpg", str(secret), "link.jpg", "../../../../etc/passwd")]
     rows += [("ok0.jpg", f"label {label}".encode(), label) for label in ("nan", "inf", "1e30", "-5", "3.5", "Infinity")]
     rows += [("ok1.jpg", caption, "1") for caption in BAD_CAPTIONS]
+    rows += [("ok\x002.jpg", b"a NUL byte in the path", "1"), ("ok3.jpg", b"x" * (2**20 + 10), "1")]  # 1 MiB caption
     with open(tmp_path / "captions.csv", "wb") as stream:
         stream.write(b"image,caption,label\n")
         for path, caption, label in rows:
@@ -131,7 +132,8 @@ def test_importer_reads_nothing_outside_the_image_folder_and_counts_hostile_rows
     summary = next(line for line in proc.stdout.splitlines() if line.startswith("left out"))
     counts = dict((reason, int(n)) for n, reason in (part.split(" ", 1) for part in summary.split(": ", 1)[1].split(", ")))
     assert counts == {"outside the image folder": 4, "bad label": 6, "undecodable image": 1, "image too large": 1,
-                      "caption is not UTF-8 text": 1, "empty caption": 1}
+                      "caption is not UTF-8 text": 1, "empty caption": 1, "control character in image path": 1,
+                      "caption too long": 1}
     table = pq.read_table(sorted((out / "train").glob("*.parquet"))).to_pydict()
     assert len(table["key"]) == 20 + len(GOOD_ODD_IMAGES)
     assert secret.read_bytes() not in table["image"]
@@ -176,3 +178,44 @@ def test_importer_reads_a_karpathy_coco_file_with_its_own_splits(tmp_path, repo_
     proc = subprocess.run([sys.executable, str(repo_root / "jobs/prepare_data.py"), "--karpathy", str(bad), "--images",
                            str(images), "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("vcl-dist: error: bad.json: images[0]")
+
+
+def test_importer_refuses_hostile_class_names_and_replaces_an_earlier_import_whole(tmp_path, repo_root):
+    import json
+
+    images = write_collection(tmp_path)
+    out = tmp_path / "shards"
+
+    def prepare(table, *extra):
+        return subprocess.run([sys.executable, str(repo_root / "jobs/prepare_data.py"), "--images", str(images), "--captions",
+                               str(table), "--out", str(out), "--val-fraction", "0.3", *extra],
+                              capture_output=True, text=True, timeout=300)
+
+    hostile = tmp_path / "hostile.jsonl"
+    names = ["cat", "dog", "cat\nfish", "dog"]  # the third row's name would split classes.txt
+    hostile.write_text("".join(json.dumps({"image": f"img{i:02d}.jpg", "caption": f"c {i}", "label": name}) + "\n"
+                               for i, name in enumerate(names)))
+    proc = prepare(hostile)
+    assert proc.returncode == 1 and not out.exists(), proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == ("vcl-dist: error: row 3 of the captions table: the class name 'cat\\nfish' holds a control character "
+                    "(a newline, a tab, …): class names are one line each in classes.txt")
+
+    assert prepare(tmp_path / "captions.csv").returncode == 0
+    first = {f.name for f in (out / "train").iterdir()}
+    (out / "train" / "stale-00000.parquet").write_bytes((out / "train" / sorted(first)[0]).read_bytes())
+    proc = prepare(tmp_path / "captions.csv")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(
+        f"vcl-dist: error: --out {out} is not empty: pass --overwrite to replace it")
+    assert prepare(tmp_path / "captions.csv", "--overwrite").returncode == 0
+    assert {f.name for f in (out / "train").iterdir()} == first  # the earlier import's files are gone, not merged
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("shards")) == ["shards"]  # no staging left
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.txt").write_text("years of work")
+    proc = subprocess.run([sys.executable, str(repo_root / "jobs/prepare_data.py"), "--images", str(images), "--captions",
+                           str(tmp_path / "captions.csv"), "--out", str(notes), "--overwrite"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "holds no imported dataset" in proc.stderr
+    assert (notes / "thesis.txt").read_text() == "years of work"

@@ -73,6 +73,75 @@ def test_load_model_says_what_is_missing_in_one_line(tmp_path):
         load_model(tmp_path / "weights.bin")
 
 
+def _small_export(cfg, folder: Path, step: int) -> Path:
+    """A checkpoint of a random model, recorded at training step ``step``, exported to ``folder``."""
+    tokenizer = train_wordpiece(["a red circle", "a small blue square at the top", "green star"], 200)
+    model = build_dual_encoder(cfg.model, len(tokenizer), cfg.data.max_text_length, tokenizer.pad_token_id)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    checkpoint = folder.parent / f"{folder.name}-checkpoint"
+    checkpoint.mkdir(parents=True)
+    save_checkpoint(checkpoint, model=model, criterion=torch.nn.Module(), optimizer=optimizer, scheduler=scheduler,
+                    epoch=0, step=step, history=[{"epoch": 1, "step": step}], config_yaml=dump_config(cfg),
+                    tokenizer=tokenizer)
+    return export_model(checkpoint, folder)
+
+
+def test_a_broken_model_file_is_one_line_naming_it_and_serving_refuses_to_start(tiny_shapes_overrides, repo_root, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from vcl_dist.models.artifacts import BrokenModelError
+    from vcl_dist.serving.app import build_app
+
+    cfg = load_config(repo_root / "jobs/configs/default.yaml", tiny_shapes_overrides)
+    good = _small_export(cfg, tmp_path / "good", step=1)
+    cases = {}
+    cut = shutil.copytree(good, tmp_path / "truncated")
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    cases[cut] = "truncated or corrupt"
+    missing = shutil.copytree(good, tmp_path / "missing")
+    weights = load_file(missing / "model.safetensors")
+    dropped = sorted(weights)[0]
+    save_file({k: v for k, v in weights.items() if k != dropped}, missing / "model.safetensors", metadata={"format": "pt"})
+    cases[missing] = f"the weights do not fit the model its config builds: missing keys {dropped}"
+    other = shutil.copytree(good, tmp_path / "other-config")
+    (other / "config.yaml").write_text(dump_config(load_config(repo_root / "jobs/configs/default.yaml",
+                                                               [*tiny_shapes_overrides, "model.embed_dim=24"])))
+    cases[other] = "the weights do not fit the model its config builds: size mismatch for"
+    checkpoint = tmp_path / "good-checkpoint"
+    (checkpoint / "model.pt").write_bytes((checkpoint / "model.pt").read_bytes()[:1000])
+    cases[checkpoint] = "truncated or corrupt"
+    for folder, expected in cases.items():
+        with pytest.raises(BrokenModelError) as err:
+            load_model(folder)
+        message = str(err.value)
+        assert expected in message and str(folder) in message and "\n" not in message, message
+    with pytest.raises(BrokenModelError, match="truncated or corrupt"):
+        build_app({"model": str(cut), "corpus": str(tmp_path / "no-corpus")})
+
+
+def test_a_run_folder_loads_whichever_of_export_and_checkpoint_trained_longer(tiny_shapes_overrides, repo_root, tmp_path,
+                                                                               capsys):
+    import shutil
+
+    cfg = load_config(repo_root / "jobs/configs/default.yaml", tiny_shapes_overrides)
+    run = tmp_path / "run"
+    _small_export(cfg, run / "model", step=40)
+    assert load_model(run).history == [{"epoch": 1, "step": 40}]
+    assert "the run's export of" in capsys.readouterr().err
+    shutil.move(str(tmp_path / "run" / "model-checkpoint"), str(run / "checkpoint_2026-01-01_00-00-00.000000"))
+    later = _small_export(cfg, tmp_path / "later", step=90)
+    shutil.copytree(tmp_path / "later-checkpoint", run / "checkpoint_2026-02-01_00-00-00.000000")
+    loaded = load_model(run)  # a resumed run trained on past its export: the newer checkpoint wins
+    assert loaded.history == [{"epoch": 1, "step": 90}] and later.exists()
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said == (f"vcl-dist: model: the checkpoint checkpoint_2026-02-01_00-00-00.000000 of {run}, training step 90; "
+                    "its export holds step 40")
+
+
 # --- with a trained run, on a local Ray --------------------------------------------------------
 
 
@@ -127,6 +196,28 @@ def test_embed_writes_the_training_time_embeddings_of_every_val_row(trained_run,
         u, v = model(*(torch.from_numpy(rows[k][order]) for k in ("image", "input_ids", "attention_mask")))
     np.testing.assert_allclose(fixed_size_lists_to_numpy(table["image_embedding"]), u.numpy(), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(fixed_size_lists_to_numpy(table["text_embedding"]), v.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_embed_overwrite_replaces_a_corpus_whole_and_nothing_else(trained_run, corpus, tmp_path, capsys):
+    import shutil
+
+    embed = load_job("embed")
+    _, outcome = trained_run
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.txt").write_text("years of work")  # a mistyped --out
+    assert embed.main(["--model", outcome.run_path, "--out", str(notes), "--overwrite"]) == 1
+    assert "is no embedded corpus (no _corpus.json): refusing to replace it" in capsys.readouterr().err
+    assert (notes / "thesis.txt").read_text() == "years of work"
+
+    again = tmp_path / "corpus"
+    shutil.copytree(corpus, again)
+    (again / "stale.parquet").write_bytes((sorted(again.glob("*.parquet"))[0]).read_bytes())
+    assert embed.main(["--model", outcome.run_path, "--out", str(again)]) == 1
+    assert "is not empty: pass --overwrite" in capsys.readouterr().err
+    assert embed.main(["--model", outcome.run_path, "--out", str(again), "--overwrite", "--batch-size", "48"]) == 0
+    assert not (again / "stale.parquet").exists() and len(Corpus(str(again))) == len(Corpus(str(corpus)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "notes"]  # no staging folder left beside it
 
 
 def test_search_by_caption_returns_images_of_its_class_first(trained_run, corpus, tmp_path, capsys):
@@ -239,6 +330,10 @@ def test_bad_inputs_end_in_one_line(trained_run, corpus, tmp_path, capsys):
     rows = {"key": ["a"], "caption": ["c"], "label": np.array([0]), "group": np.array([1]), "thumbnail": [b""]}
     pq.write_table(embedding_table(rows, np.ones((1, 3)), np.ones((1, 3))), other / "part.parquet")
     assert search.main(["--model", outcome.run_path, "--corpus", str(other), "--text", "a red circle"]) == 1
+    err = capsys.readouterr().err  # without _corpus.json, how its vectors rank is unknown: never guessed
+    assert f"{other} has no _corpus.json: an unfinished or foreign corpus" in err and len(err.strip().splitlines()) == 1
+    (other / "_corpus.json").write_text(json.dumps({"rows": 1, "embed_dim": 3, "normalized": True}))
+    assert search.main(["--model", outcome.run_path, "--corpus", str(other), "--text", "a red circle"]) == 1
     err = capsys.readouterr().err
     assert "holds 3-d embeddings" in err and len(err.strip().splitlines()) == 1
 
@@ -299,26 +394,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+SERVE_TOKEN = "test-token-0123456789abcdef"
+
+
 @pytest.fixture(scope="module")
-def served(trained_run, corpus):
-    """The search application on a real Ray Serve instance, bound to loopback."""
+def served(trained_run, corpus, tmp_path_factory):
+    """The search application on a real Ray Serve instance, bound to loopback, with a bearer
+    token (read from a file) that every query must carry."""
     from ray import serve
 
     from vcl_dist.serving.app import build_app
 
     _, outcome = trained_run
+    token_file = tmp_path_factory.mktemp("serve") / "token"
+    token_file.write_text(SERVE_TOKEN + "\n")
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": outcome.run_path, "corpus": str(corpus), "index": None}), name="vcl-dist", route_prefix="/")
+    serve.run(build_app({"model": outcome.run_path, "corpus": str(corpus), "index": None,
+                         "auth_token_file": str(token_file)}), name="vcl-dist", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
 
-def _get(url: str, data: bytes | None = None) -> tuple[int, dict | str]:
+def _get(url: str, data: bytes | None = None, token: str | None = SERVE_TOKEN,
+         headers: dict | None = None) -> tuple[int, dict | str]:
     import urllib.error
     import urllib.request
 
-    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    headers = ({"Authorization": f"Bearer {token}"} if token else {}) | (headers or {})
+    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             body, status, kind = response.read(), response.status, response.headers.get("content-type", "")
@@ -336,8 +440,9 @@ def test_the_http_api_answers_as_search_py_and_refuses_bad_requests_with_a_4xx(s
     _, outcome = trained_run
     model = load_model(outcome.run_path)
     library = Corpus(str(corpus))
-    status, health = _get(f"{served}/healthz")
+    status, health = _get(f"{served}/healthz", token=None)
     assert status == 200 and health["rows"] == 240 and health["index"] == "exact scan of 240 rows"
+    assert str(corpus) not in json.dumps(health) and outcome.run_path not in json.dumps(health)  # public: no paths
 
     name = model.class_names[3]
     status, answer = _get(f"{served}/search?" + urllib.parse.urlencode({"text": f"a photo of a {name}", "k": 6}))
@@ -377,11 +482,110 @@ def test_the_http_api_answers_as_search_py_and_refuses_bad_requests_with_a_4xx(s
     host, port = served.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=60)
     connection.putrequest("POST", "/search?k=3")
+    connection.putheader("Authorization", f"Bearer {SERVE_TOKEN}")
     connection.putheader("Content-Length", str(10 * 2**20 + 1))
     connection.endheaders()
     response = connection.getresponse()
     assert response.status == 413 and json.loads(response.read()) == {"error": f"the body is larger than {10 * 2**20} bytes"}
     connection.close()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width × height`` pixels in a few dozen bytes (no pixel data)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_the_server_answers_its_token_and_its_host_names_only(served):
+    status, body = _get(f"{served}/search?text=x&k=3", token=None)
+    assert status == 401 and body == {"error": "this server needs Authorization: Bearer <token>"}
+    status, body = _get(f"{served}/search?text=x&k=3", token="not-the-token-at-all")
+    assert status == 401 and body == {"error": "the bearer token is not this server's"}
+    status, body = _get(f"{served}/similar?key=x", token=None, headers={"Authorization": "Basic dXNlcjpwYXNz"})
+    assert status == 401
+    # DNS rebinding: a page of evil.example re-points its name at 127.0.0.1; the Host header gives it away.
+    for path in ("/search?text=x&k=3", "/healthz", "/"):
+        status, body = _get(f"{served}{path}", headers={"Host": "evil.example:8000"})
+        assert status == 400 and set(body) == {"error"} and "evil.example" in body["error"], (path, body)
+    status, page = _get(f"{served}/", token=None, headers={"Host": "localhost"})
+    assert status == 200 and "<html" in page.lower()
+
+
+def test_hostile_uploads_are_refused_from_their_header_and_deep_images_decode(served):
+    import io
+
+    from PIL import Image
+
+    status, body = _get(f"{served}/search?k=3", data=_png_header_only(30_000, 30_000))  # past Pillow's own bomb limit
+    assert status == 413 and "at most 25000000 pixels" in body["error"] and "\n" not in body["error"], body
+    status, body = _get(f"{served}/search?k=3", data=_png_header_only(6000, 5000))  # 30 MP: over ours only
+    assert status == 413 and "6000x5000" in body["error"], body
+    status, body = _get(f"{served}/search?k=3", data=b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    assert status == 415 and set(body) == {"error"}, body
+    deep = io.BytesIO()
+    Image.fromarray(np.random.default_rng(3).integers(0, 65536, (300, 400)).astype(np.uint16)).save(deep, format="PNG")
+    status, answer = _get(f"{served}/search?k=3", data=deep.getvalue())
+    assert status == 200 and len(answer["hits"]) == 3
+
+
+def test_uploads_past_the_decode_queue_are_answered_503(trained_run):
+    """At most ``max_concurrent_decodes`` uploads decode at once and ``max_waiting_uploads`` wait:
+    the rest are refused with 503 at once, whatever their number, instead of costing memory."""
+    import asyncio
+    import io
+    import time
+
+    from PIL import Image
+
+    from vcl_dist.serving.app import QueryEncoder, RequestError, ServeLimits
+
+    _, outcome = trained_run
+    limits = ServeLimits(max_concurrent_decodes=1, max_waiting_uploads=2)
+    encoder = QueryEncoder.func_or_class(outcome.run_path, False, False, 1, 0.0, limits)
+    decode = encoder.model._pixels
+    encoder.model._pixels = lambda data: (time.sleep(0.3), decode(data))[1]
+    picture = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(picture, format="PNG")
+
+    async def many(n):
+        return await asyncio.gather(*(encoder.pixels(picture.getvalue()) for _ in range(n)), return_exceptions=True)
+
+    answers = asyncio.run(many(7))
+    refused = [a for a in answers if isinstance(a, RequestError)]
+    assert len(refused) == 4 and all(a.status == 503 and "busy" in str(a) for a in refused)
+    assert sum(isinstance(a, np.ndarray) for a in answers) == 3 and encoder.waiting == 0
+    assert asyncio.run(many(1))[0].shape == (3, 32, 32)  # free again
+
+
+def test_nan_rows_are_never_answers_and_a_nan_query_is_a_4xx(trained_run, corpus, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+
+    from vcl_dist.serving.app import RequestError, Searcher
+
+    broken = tmp_path / "corpus"
+    shutil.copytree(corpus, broken)
+    first = sorted(broken.glob("*.parquet"))[0]
+    table = pq.read_table(first)
+    vectors = fixed_size_lists_to_numpy(table.column("image_embedding"))
+    vectors[:5] = np.nan
+    column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+    pq.write_table(table.set_column(table.schema.get_field_index("image_embedding"), "image_embedding", column), first)
+    searcher = Searcher.func_or_class(str(broken), None, "image")
+    for k in (3, 240):
+        hits = searcher.search(vectors[10], k=k)
+        assert len(hits) >= min(k, 100) and all(np.isfinite(h["score"]) for h in hits) and json.dumps(hits, allow_nan=False)
+    assert searcher.image_embedding(str(table.column("key")[7])).shape == (vectors.shape[1],)
+    with pytest.raises(RequestError, match="NaN or infinite embedding") as err:
+        searcher.search(np.full(vectors.shape[1], np.nan, dtype=np.float32), k=3)
+    assert err.value.status == 422
 
 
 def test_the_search_page_shows_results_in_a_real_browser(served, trained_run, repo_root, tmp_path):
@@ -396,7 +600,8 @@ def test_the_search_page_shows_results_in_a_real_browser(served, trained_run, re
         pytest.skip("no chromium on this machine (.ci/run installs Debian's)")
     _, outcome = trained_run
     name = load_model(outcome.run_path).class_names[5]
-    url = f"{served}/?" + urllib.parse.urlencode({"q": f"a photo of a {name}"})
+    # The token in the fragment: the page sends it with each query, and it never reaches the server's logs.
+    url = f"{served}/?" + urllib.parse.urlencode({"q": f"a photo of a {name}"}) + f"#token={SERVE_TOKEN}"
     browser = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000", "--window-size=1200,1400"]
     dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
@@ -466,7 +671,7 @@ def test_a_new_model_and_corpus_roll_in_without_dropping_requests(served, traine
         thread.join()
     assert len(statuses) > 10 and set(statuses) == {200}, statuses
     status, health = _get(f"{served}/healthz")
-    assert health["corpus"] == str(corpus_copy) and health["index"].startswith("Flat (ip) over 120 image vectors")
+    assert health["index"].startswith("Flat (ip) over 120 image vectors")  # the new corpus's own index
 
     # An index is refused, in one line, for a corpus it no longer covers or another model's embeddings.
     from vcl_dist.retrieval.ann_index import LoadedIndex

@@ -106,3 +106,46 @@ def newest_folder(filesystem: pafs.FileSystem, path: str, prefix: str, containin
     if containing is not None:
         names = [n for n in names if filesystem.get_file_info(f"{n}/{containing}").type != pafs.FileType.NotFound]
     return names[-1] if names else None
+
+
+def is_empty_folder(filesystem: pafs.FileSystem, path: str) -> bool:
+    """True when nothing is at ``path`` or it is a folder with nothing in it."""
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return True
+    return info.type == pafs.FileType.Directory and not filesystem.get_file_info(pafs.FileSelector(path))
+
+
+def staging_beside(path: str) -> str:
+    """A fresh folder name next to ``path`` to build its replacement in (never inside it)."""
+    import uuid
+
+    return f"{path.rstrip('/')}.staging-{uuid.uuid4().hex[:8]}"
+
+
+def replace_folder(filesystem: pafs.FileSystem, staging: str, target: str) -> None:
+    """Put the finished folder ``staging`` at ``target``, replacing whatever was there.
+
+    Locally two renames do it (the old folder aside, the new one in, then the old one deleted),
+    so a crash leaves a whole folder at ``target`` or beside it, never a mix. Object stores have
+    no rename: the old files are deleted, then the new ones moved in one by one.
+    """
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        import shutil
+
+        aside = None
+        if os.path.lexists(target):
+            aside = f"{target.rstrip('/')}.replaced-{os.getpid()}"
+            os.replace(target, aside)
+        os.replace(staging, target)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        return
+    if filesystem.get_file_info(target).type != pafs.FileType.NotFound:
+        filesystem.delete_dir(target)
+    for info in filesystem.get_file_info(pafs.FileSelector(staging, recursive=True)):
+        if info.type == pafs.FileType.File:
+            destination = f"{target}/{info.path[len(staging):].lstrip('/')}"
+            filesystem.create_dir(destination.rsplit("/", 1)[0], recursive=True)
+            filesystem.move(info.path, destination)
+    filesystem.delete_dir(staging)

@@ -42,11 +42,42 @@ class UnusableImageError(ValueError):
         self.reason = reason
 
 
-def open_image(data: bytes | bytearray | memoryview | None, min_side: int | None = None) -> Image.Image:
+def _too_large(width: int, height: int, max_pixels: int) -> UnusableImageError:
+    return UnusableImageError("image too large", f"{width}x{height} pixels, at most {max_pixels}")
+
+
+def image_size(data: bytes | bytearray | memoryview, max_pixels: int = MAX_DECODED_PIXELS) -> tuple[int, int]:
+    """``(width, height)`` from the header alone, nothing decoded: the check a server makes
+    before it spends memory on an upload.
+
+    Raises:
+        UnusableImageError: not one of the accepted formats, unreadable, or over ``max_pixels``.
+    """
+    if not data:
+        raise UnusableImageError("missing image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(bytes(data)), formats=ACCEPTED_FORMATS) as image:
+                width, height = image.size
+    except Image.DecompressionBombError as err:
+        raise UnusableImageError("image too large", " ".join(str(err).split())[:120]) from None
+    except Image.UnidentifiedImageError:
+        raise UnusableImageError("undecodable image", f"not one of the accepted formats {', '.join(ACCEPTED_FORMATS)}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise UnusableImageError("undecodable image", " ".join(str(err).split())[:120]) from None
+    if width * height > max_pixels:
+        raise _too_large(width, height, max_pixels)
+    return width, height
+
+
+def open_image(data: bytes | bytearray | memoryview | None, min_side: int | None = None,
+               max_pixels: int = MAX_DECODED_PIXELS) -> Image.Image:
     """Decode untrusted bytes into an RGB ``PIL.Image`` (loaded: no file handle stays open).
 
     ``min_side``: the smallest side the caller will resize to; a large JPEG is then decoded at
-    a reduced scale that still covers it (draft mode).
+    a reduced scale that still covers it (draft mode). ``max_pixels``: the most pixels the
+    decoded picture may have, checked from the header before decoding.
 
     Raises:
         UnusableImageError: missing, another format, too many pixels, truncated or corrupt.
@@ -63,8 +94,8 @@ def open_image(data: bytes | bytearray | memoryview | None, min_side: int | None
                 if min_side and image.format == "JPEG":
                     image.draft("RGB", (min_side, min_side))  # only ever scales down, never below the request
                 width, height = image.size
-                if width * height > MAX_DECODED_PIXELS:
-                    raise UnusableImageError("image too large", f"{width}x{height} pixels, at most {MAX_DECODED_PIXELS}")
+                if width * height > max_pixels:
+                    raise _too_large(width, height, max_pixels)
                 image.load()
                 return to_rgb(ImageOps.exif_transpose(image))
     except UnusableImageError:
@@ -79,14 +110,33 @@ def open_image(data: bytes | bytearray | memoryview | None, min_side: int | None
         raise UnusableImageError("undecodable image", " ".join(str(err).split())[:120]) from None
 
 
+def _grey_to_8bit(image: Image.Image) -> np.ndarray:
+    """A 16- or 32-bit greyscale picture scaled to ``uint8``, read from Pillow a band of rows
+    (about 256 K pixels) at a time: the only full-size array is the 1-byte result. 16-bit values
+    in exact integer arithmetic, others in float32."""
+    sixteen = image.mode.startswith("I;16")
+    top = 65535 if sixteen or image.getextrema()[1] > 255 else 255
+    width, height = image.size
+    out = np.empty((height, width), dtype=np.uint8)
+    band = max(1, 2**18 // max(1, width))
+    for start in range(0, height, band):
+        rows = np.asarray(image.crop((0, start, width, min(height, start + band))))
+        if sixteen:  # round(v · 255 / 65535) exactly: v · 255 never lands on a half
+            scaled = rows.astype(np.uint32)
+            scaled *= 255
+            scaled += 32767
+            scaled //= 65535
+        else:
+            scaled = np.rint(np.clip(rows.astype(np.float32) * np.float32(255.0 / top), 0, 255))
+        out[start:start + band] = scaled
+    return out
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB, as the picture looks: alpha over white, 16-bit scaled to 8."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # 16-bit (and 32-bit) greyscale: convert("L") would clip every value above 255 to white.
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
-        grey = np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
+        return Image.fromarray(_grey_to_8bit(image), mode="L").convert("RGB")
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("LA", "PA", "La", "RGBa"):

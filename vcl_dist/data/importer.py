@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -22,12 +23,16 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ..storage import filesystem_for, write_text_atomically
+from ..storage import filesystem_for, is_empty_folder, replace_folder, staging_beside, write_text_atomically
 from .images import UnusableImageError, open_image
 from .shard_format import SHARD_SCHEMA, caption_problem, caption_text, format_class_names, parse_label, pylist_columns, to_shard_columns
 
 OUTSIDE_IMAGE_FOLDER = "outside the image folder"
+BAD_IMAGE_PATH = "control character in image path"
 INTEGER = re.compile(r"[+-]?[0-9]+")
+# CSV and JSON are read in blocks this large: a row must fit in one (a caption past MAX_CAPTION_BYTES
+# is then a bad row, not a failed import). pyarrow's default of 1 MiB ended imports on long captions.
+READ_BLOCK_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -82,6 +87,8 @@ class RowValidator:
         A path that is absolute or leads out of the folder (``../``, a symlink) is never opened."""
         if not isinstance(relative, str) or not relative.strip():
             return "missing image"
+        if any(unicodedata.category(c) == "Cc" for c in relative):  # a NUL byte ends open() with a ValueError
+            return BAD_IMAGE_PATH
         path = os.path.realpath(os.path.join(self.root, relative))
         if os.path.isabs(relative) or os.path.commonpath([path, self.root]) != self.root:
             return OUTSIDE_IMAGE_FOLDER
@@ -153,6 +160,12 @@ def _class_names(ds) -> list[str] | None:
     values = {str(v).strip() for v in ds.unique("label") if v is not None and str(v).strip()}
     if not values or all(INTEGER.fullmatch(v) for v in values):
         return None
+    hostile = sorted(v for v in values if any(unicodedata.category(c) == "Cc" for c in v))
+    if hostile:  # classes.txt holds one name a line: a newline inside one would shift every later id
+        row = next(i for i, r in enumerate(ds.select_columns(["label"]).iter_rows())
+                   if r["label"] is not None and str(r["label"]).strip() == hostile[0])
+        raise ValueError(f"row {row + 1} of the captions table: the class name {hostile[0][:60]!r} holds a control "
+                         "character (a newline, a tab, …): class names are one line each in classes.txt")
     return sorted(values)
 
 
@@ -167,29 +180,72 @@ def check_inputs(captions: str | None, images: str | None, webdataset: str | Non
             raise FileNotFoundError(f"--captions: no file at {captions}")
 
 
+def check_out(out: str, overwrite: bool, s3=None) -> None:
+    """Refuse, in one line, an ``out`` that holds anything unless ``overwrite`` is given, and
+    even then a folder that is not an imported dataset (no ``train/`` or ``val/`` in it)."""
+    fs, path = filesystem_for(out, s3)
+    if is_empty_folder(fs, path):
+        return
+    if not overwrite:
+        raise FileExistsError(f"--out {out} is not empty: pass --overwrite to replace it (the new import is built "
+                              "beside it and swapped in when it is complete)")
+    if fs.get_file_info(path).type != pafs.FileType.Directory or not any(
+            fs.get_file_info(f"{path}/{split}").type == pafs.FileType.Directory for split in ("train", "val")):
+        raise FileExistsError(f"--out {out} holds no imported dataset (no train/ or val/ folder): "
+                              "refusing to replace it; choose another --out")
+
+
 def import_dataset(*, out: str, captions: str | None = None, images: str | None = None, webdataset: str | None = None,
                    karpathy: str | None = None, rows_per_shard: int = 10_000, val_fraction: float = 0.1,
-                   s3=None) -> ImportReport:
+                   s3=None, overwrite: bool = False, extra_files=None) -> ImportReport:
     """Write ``out/train``, ``out/val`` (Parquet shards) and ``out/val/classes.txt`` (class names);
     from a Karpathy split file (``karpathy``, images under ``images``), its own train (with
-    restval), val and test splits, and ``out/test/folds.json`` (the 1K test folds)."""
+    restval), val and test splits, and ``out/test/folds.json`` (the 1K test folds).
+
+    Everything is written into a folder beside ``out`` and moved to ``out`` when complete: a
+    failed import leaves ``out`` as it was, and ``overwrite`` replaces it whole (never a mix of
+    two imports). ``extra_files(report) -> {relative path: text}``: more files for the import.
+    """
     if karpathy is not None:
-        return import_karpathy(out=out, karpathy=karpathy, images=images, rows_per_shard=rows_per_shard, s3=s3)
+        return import_karpathy(out=out, karpathy=karpathy, images=images, rows_per_shard=rows_per_shard, s3=s3,
+                               overwrite=overwrite)
+    check_inputs(captions, images, webdataset)
+    check_out(out, overwrite, s3)
+    out_fs, out_path = filesystem_for(out, s3)
+    staging = staging_beside(out_path)
+    try:
+        report = _import_into(out_fs, staging, captions=captions, images=images, webdataset=webdataset,
+                              rows_per_shard=rows_per_shard, val_fraction=val_fraction, s3=s3)
+        for relative, text in (extra_files(report) if extra_files else {}).items():
+            write_text_atomically(out_fs, f"{staging}/{relative}", text)
+        replace_folder(out_fs, staging, out_path)
+    except BaseException:
+        if out_fs.get_file_info(staging).type != pafs.FileType.NotFound:
+            out_fs.delete_dir(staging)
+        raise
+    return report
+
+
+def _import_into(out_fs, out_path: str, *, captions, images, webdataset, rows_per_shard, val_fraction, s3) -> ImportReport:
     import ray
     import ray.data
 
-    check_inputs(captions, images, webdataset)
     if captions is not None:
         if captions.endswith((".jsonl", ".json")):
-            ds = ray.data.read_json(captions, lines=True)
+            import pyarrow.json as pajson
+
+            ds = ray.data.read_json(captions, lines=True, read_options=pajson.ReadOptions(block_size=READ_BLOCK_BYTES))
         else:
             import pyarrow.csv as pacsv
 
             # Only an empty cell is missing: pyarrow would also read "nan", "NULL", "N/A", … as
             # null, which would turn a corrupt label into an unlabeled row instead of a bad one.
             # Captions are read as bytes: one that is not UTF-8 is a bad row, not a failed import.
-            ds = ray.data.read_csv(captions, convert_options=pacsv.ConvertOptions(
-                null_values=[""], strings_can_be_null=True, column_types={"caption": pa.binary()}))
+            # Quoted cells may hold newlines (multi-line captions; hostile class names, refused).
+            ds = ray.data.read_csv(captions, read_options=pacsv.ReadOptions(block_size=READ_BLOCK_BYTES),
+                                   parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                                   convert_options=pacsv.ConvertOptions(
+                                       null_values=[""], strings_can_be_null=True, column_types={"caption": pa.binary()}))
         missing = {"image", "caption"} - set(ds.columns())
         if missing:
             raise ValueError(f"{captions}: missing column(s) {sorted(missing)}; expected image, caption[, label, image_id]")
@@ -207,7 +263,6 @@ def import_dataset(*, out: str, captions: str | None = None, images: str | None 
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.available_resources().get("CPU", 1)))),
     )
-    out_fs, out_path = filesystem_for(out, s3)
     staging = f"{out_path}/_staging"
     validated.write_parquet(staging, filesystem=out_fs, partition_cols=["split"], min_rows_per_file=rows_per_shard,
                             max_rows_per_file=rows_per_shard)
@@ -236,7 +291,8 @@ def import_dataset(*, out: str, captions: str | None = None, images: str | None 
     return report
 
 
-def import_karpathy(*, out: str, karpathy: str, images: str | None, rows_per_shard: int, s3=None) -> ImportReport:
+def import_karpathy(*, out: str, karpathy: str, images: str | None, rows_per_shard: int, s3=None,
+                    overwrite: bool = False) -> ImportReport:
     """:func:`import_dataset` of a Karpathy split file (see :mod:`.karpathy`)."""
     import json
     import tempfile
@@ -245,14 +301,17 @@ def import_karpathy(*, out: str, karpathy: str, images: str | None, rows_per_sha
 
     if images is None or not os.path.isdir(images):
         raise FileNotFoundError(f"--images: no folder at {images}")
+    check_out(out, overwrite, s3)
     dataset = read_karpathy(karpathy)
+    folds = dataset.test_folds()
+
+    def folds_file(report: ImportReport) -> dict[str, str]:
+        if not (report.rows_written.get("test") and folds):
+            return {}
+        return {f"test/{FOLDS_FILE}": json.dumps({"protocol": f"{dataset.name}-1k", "folds": folds})}
+
     with tempfile.TemporaryDirectory() as folder:
         table = os.path.join(folder, f"{dataset.name}.jsonl")
         write_rows_jsonl(dataset.rows, table)
-        report = import_dataset(out=out, captions=table, images=images, rows_per_shard=rows_per_shard, s3=s3)
-    folds = dataset.test_folds()
-    if report.rows_written.get("test") and folds:
-        out_fs, out_path = filesystem_for(out, s3)
-        write_text_atomically(out_fs, f"{out_path}/test/{FOLDS_FILE}",
-                              json.dumps({"protocol": f"{dataset.name}-1k", "folds": folds}))
-    return report
+        return import_dataset(out=out, captions=table, images=images, rows_per_shard=rows_per_shard, s3=s3,
+                              overwrite=overwrite, extra_files=folds_file)

@@ -74,8 +74,16 @@ def parse_label(value, num_classes: int | None = None) -> int | None:
     return number
 
 
+# Far beyond any caption (tokenizers keep the first few dozen tokens): a larger cell is junk or hostile.
+MAX_CAPTION_BYTES = 64 * 1024
+
+
 def caption_problem(value) -> str | None:
-    """Why a caption cell is unusable, or None: missing, not UTF-8, or blank."""
+    """Why a caption cell is unusable, or None: missing, over ``MAX_CAPTION_BYTES``, not UTF-8, or blank."""
+    if isinstance(value, (bytes, bytearray, memoryview, str)):
+        size = len(value.encode("utf-8", "surrogatepass")) if isinstance(value, str) else len(value)
+        if size > MAX_CAPTION_BYTES:
+            return "caption too long"
     if isinstance(value, (bytes, bytearray, memoryview)):
         try:
             value = bytes(value).decode("utf-8")

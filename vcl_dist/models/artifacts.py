@@ -133,6 +133,47 @@ class ModelNotFoundError(FileNotFoundError):
     """No export, checkpoint or run at the given path (one-line message)."""
 
 
+class BrokenModelError(ValueError):
+    """A model file that cannot be used: cut short, not what its name says, or weights that do
+    not fit the model its config builds (one line naming the file and what is wrong)."""
+
+
+def _listed(names, most: int = 3) -> str:
+    names = sorted(names)
+    return ", ".join(names[:most]) + (f" (+{len(names) - most} more)" if len(names) > most else "")
+
+
+def load_weights(model, path: Path) -> None:
+    """Load ``model.safetensors`` or a checkpoint's ``model.pt`` into ``model``, strictly.
+
+    Raises:
+        BrokenModelError: the file is truncated or corrupt, or its tensors do not match the
+            model (missing or unexpected keys, shapes).
+    """
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_model as load_safetensors
+
+            # strict=False: it reports missing/unexpected keys itself, allowing for tied tensors.
+            missing, unexpected = load_safetensors(model, str(path), strict=False, device="cpu")
+        else:
+            result = model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=False)
+            missing, unexpected = result.missing_keys, result.unexpected_keys
+    except RuntimeError as err:
+        text = " ".join(str(err).split())
+        if "size mismatch" in text:
+            detail = text[text.index("size mismatch"):].split(". ")[0]
+            raise BrokenModelError(f"{path}: the weights do not fit the model its config builds: {detail[:300]}") from None
+        raise BrokenModelError(f"{path}: truncated or corrupt ({text[:200]})") from None
+    except Exception as err:  # noqa: BLE001 - safetensors' and pickle's many error types all mean an unreadable file
+        raise BrokenModelError(f"{path}: truncated or corrupt ({type(err).__name__}: "
+                               f"{' '.join(str(err).split())[:200]})") from None
+    if missing or unexpected:
+        parts = ([f"missing keys {_listed(missing)}"] if missing else []) + \
+                ([f"unexpected keys {_listed(unexpected)}"] if unexpected else [])
+        raise BrokenModelError(f"{path}: the weights do not fit the model its config builds: {'; '.join(parts)}")
+
+
 @dataclass
 class ModelFolder:
     """What a model folder holds, loaded on the CPU."""
@@ -150,6 +191,7 @@ def read_model_folder(folder: Path) -> ModelFolder:
 
     Raises:
         ModelNotFoundError: no config in the folder. ConfigError: a config that cannot be loaded.
+        BrokenModelError: weights cut short, corrupt, or not those of the config's model.
     """
     from transformers import AutoTokenizer
 
@@ -163,13 +205,12 @@ def read_model_folder(folder: Path) -> ModelFolder:
                                cfg.similarity, saved_towers=read_tower_configs(folder))
     if (folder / WEIGHTS_FILE).exists():
         from safetensors import safe_open
-        from safetensors.torch import load_model as load_safetensors
 
-        load_safetensors(model, str(folder / WEIGHTS_FILE), device="cpu")
+        load_weights(model, folder / WEIGHTS_FILE)
         with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as weights:
             model.similarity = (weights.metadata() or {}).get("similarity", model.similarity)  # as recorded at export
     else:  # a training checkpoint
-        model.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
+        load_weights(model, folder / MODEL_FILE)
     history = json.loads((folder / HISTORY_FILE).read_text()) if (folder / HISTORY_FILE).exists() else []
     classes = parse_class_names((folder / CLASSES_FILE).read_text()) if (folder / CLASSES_FILE).exists() else None
     return ModelFolder(model, tokenizer, cfg, history, classes)
@@ -332,8 +373,25 @@ def newest_checkpoint(filesystem: pafs.FileSystem, run_path: str, warn=None) -> 
     return usable[0] if usable else None
 
 
-def find_model_folder(filesystem: pafs.FileSystem, path: str, shown: str) -> str:
-    """The folder that holds the weights: ``path`` itself, a run's export, or its newest checkpoint.
+def recorded_step(filesystem: pafs.FileSystem, folder: str) -> int:
+    """The training step a model folder holds: what Ray Train registered with a checkpoint, else
+    the last entry of its ``history.json``; -1 when neither says."""
+    step = registered_metrics(filesystem, folder).get("step")
+    if isinstance(step, int):
+        return step
+    try:
+        with filesystem.open_input_stream(f"{folder}/{HISTORY_FILE}") as stream:
+            history = json.loads(stream.read().decode())
+        return int(history[-1]["step"]) if history else -1
+    except (OSError, KeyError, TypeError, ValueError, IndexError):
+        return -1
+
+
+def find_model_folder(filesystem: pafs.FileSystem, path: str, shown: str, say=None) -> str:
+    """The folder that holds the weights. The rule: ``path`` itself when it holds weights; for a
+    run folder, whichever of its export (``model/``) and its newest usable checkpoint holds the
+    later training step (:func:`recorded_step`), the export on a tie. ``say(line)`` is told
+    which was taken and why.
 
     Raises:
         ModelNotFoundError: none of them, or the path cannot be reached (one line).
@@ -347,17 +405,23 @@ def find_model_folder(filesystem: pafs.FileSystem, path: str, shown: str) -> str
             raise ModelNotFoundError(f"{shown} is a file: pass the model's folder (an export, a checkpoint or a run)")
         if has(WEIGHTS_FILE) or has(MODEL_FILE):
             return path
-        if has(f"{EXPORT_DIR}/{WEIGHTS_FILE}"):
-            return f"{path}/{EXPORT_DIR}"
+        export = f"{path}/{EXPORT_DIR}" if has(f"{EXPORT_DIR}/{WEIGHTS_FILE}") else None
         checkpoint = newest_checkpoint(filesystem, path, warn_on_stderr)
+        steps = {folder: recorded_step(filesystem, folder) for folder in (export, checkpoint) if folder}
     except ModelNotFoundError:
         raise
     except OSError as err:
         raise ModelNotFoundError(f"cannot reach {shown}: {' '.join(str(err).split())[:200]}") from None
-    if checkpoint:
-        return checkpoint
-    raise ModelNotFoundError(f"no model at {display_uri(shown, filesystem)}: expected an export ({WEIGHTS_FILE}), "
-                             "a checkpoint (model.pt) or a run folder holding either")
+    if not steps:
+        raise ModelNotFoundError(f"no model at {display_uri(shown, filesystem)}: expected an export ({WEIGHTS_FILE}), "
+                                 "a checkpoint (model.pt) or a run folder holding either")
+    chosen = max(steps, key=lambda folder: (steps[folder], folder == export))
+    if say is not None:
+        other = next((f for f in steps if f != chosen), None)
+        beside = f"; {'its export' if other == export else 'its newest checkpoint'} holds step {steps[other]}" if other else ""
+        what = "the run's export" if chosen == export else f"the checkpoint {chosen.rsplit('/', 1)[1]}"
+        say(f"vcl-dist: model: {what} of {shown}, training step {steps[chosen]}{beside}")
+    return chosen
 
 
 @contextmanager
@@ -367,13 +431,13 @@ def local_model_folder(path: str | Path, s3: S3Config | None = None) -> Iterator
     path = str(path)
     if path.startswith("s3://"):
         filesystem, remote = filesystem_for(path, s3)
-        folder = find_model_folder(filesystem, remote, path)
+        folder = find_model_folder(filesystem, remote, path, say=warn_on_stderr)
         with tempfile.TemporaryDirectory() as local:
             pafs.copy_files(folder, local, source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem())
             yield Path(local)
         return
     local = str(Path(path).expanduser().resolve())
-    yield Path(find_model_folder(pafs.LocalFileSystem(), local, path))
+    yield Path(find_model_folder(pafs.LocalFileSystem(), local, path, say=warn_on_stderr))
 
 
 def model_files(path: str | Path, s3: S3Config | None = None) -> dict[str, bytes]:

@@ -216,33 +216,33 @@ def build_index(corpus, target: str = "image", kind: str = "auto", memory_gb: fl
     stream = ray.data.read_parquet(list(corpus.dataset.files), filesystem=corpus.filesystem).select_columns([column])
     stream.context.execution_options.preserve_order = True  # this dataset's own copy of the context
     staging = tempfile.mkdtemp(prefix="vcl-dist-index-")
-    # IVF-PQ re-ranks with the vectors themselves: written as float16 beside the index, as they stream by.
-    rerank = (np.lib.format.open_memmap(f"{staging}/{RERANK_FILE}", mode="w+", dtype=np.float16,
-                                        shape=(len(rows), params.dim)) if params.kind == "ivfpq" else None)
-    offset, added, last_report = 0, 0, time.monotonic()
-    for batch in stream.iter_batches(batch_size=batch_rows, batch_format="pyarrow"):
-        size = batch.num_rows
-        mask = keep[offset:offset + size]
-        if mask.any():
-            vectors = _prepare(fixed_size_lists_to_numpy(batch.column(0))[mask], normalized)  # only the rows kept
-            index.add(vectors)
-            if rerank is not None:
-                rerank[added:added + len(vectors)] = vectors
-            added += len(vectors)
-        offset += size
-        if time.monotonic() - last_report >= 30:
-            log(f"vcl-dist: added {added}/{len(rows)} vectors ({100 * added / len(rows):.0f}%)")
-            last_report = time.monotonic()
-    if added != len(rows):
-        raise ValueError(f"the corpus {corpus.uri} changed while it was indexed: {added} of {len(rows)} vectors added")
-    if rerank is not None:
-        rerank.flush()
-        del rerank
-    info = IndexInfo(params, target, added, corpus_version(corpus), str(corpus.info.get("model", "")), normalized,
-                     build_s=time.perf_counter() - started, trained_on=trained_on)
     try:
+        # IVF-PQ re-ranks with the vectors themselves: written as float16 beside the index, as they stream by.
+        rerank = (np.lib.format.open_memmap(f"{staging}/{RERANK_FILE}", mode="w+", dtype=np.float16,
+                                            shape=(len(rows), params.dim)) if params.kind == "ivfpq" else None)
+        offset, added, last_report = 0, 0, time.monotonic()
+        for batch in stream.iter_batches(batch_size=batch_rows, batch_format="pyarrow"):
+            size = batch.num_rows
+            mask = keep[offset:offset + size]
+            if mask.any():
+                vectors = _prepare(fixed_size_lists_to_numpy(batch.column(0))[mask], normalized)  # only the rows kept
+                index.add(vectors)
+                if rerank is not None:
+                    rerank[added:added + len(vectors)] = vectors
+                added += len(vectors)
+            offset += size
+            if time.monotonic() - last_report >= 30:
+                log(f"vcl-dist: added {added}/{len(rows)} vectors ({100 * added / len(rows):.0f}%)")
+                last_report = time.monotonic()
+        if added != len(rows):
+            raise ValueError(f"the corpus {corpus.uri} changed while it was indexed: {added} of {len(rows)} vectors added")
+        if rerank is not None:
+            rerank.flush()
+            del rerank
+        info = IndexInfo(params, target, added, corpus_version(corpus), str(corpus.info.get("model", "")), normalized,
+                         build_s=time.perf_counter() - started, trained_on=trained_on)
         save_index(corpus, index, rows, info, staging)
-    finally:
+    finally:  # every exit, a failed pass too, removes the staging folder
         shutil.rmtree(staging, ignore_errors=True)
     return info
 

@@ -37,11 +37,15 @@ class Hit:
 class Corpus:
     """An embedded corpus at a local path or ``s3://`` URI.
 
+    ``_corpus.json`` says how its vectors rank (cosine or squared distance) and is written last,
+    so a corpus without it is incomplete or no corpus: refused unless ``require_info`` is off
+    (``jobs/embed.py`` counting what it has just written).
+
     Raises:
-        FileNotFoundError: nothing at the path, or no embedding Parquet in it (one line).
+        FileNotFoundError: nothing at the path, no embedding Parquet or no ``_corpus.json`` in it (one line).
     """
 
-    def __init__(self, uri: str, s3: S3Config | None = None, scan_rows: int = 65_536):
+    def __init__(self, uri: str, s3: S3Config | None = None, scan_rows: int = 65_536, require_info: bool = True):
         self.uri = uri
         self.filesystem, self.path = filesystem_for(uri, s3)
         if not exists(self.filesystem, self.path):
@@ -55,7 +59,13 @@ class Corpus:
         if missing:
             raise ValueError(f"{uri} is no embedded corpus: it lacks the columns {', '.join(sorted(missing))}")
         info_path = f"{self.path}/{CORPUS_INFO_FILE}"
-        self.info = json.loads(read_text(self.filesystem, info_path)) if exists(self.filesystem, info_path) else {}
+        if exists(self.filesystem, info_path):
+            self.info = json.loads(read_text(self.filesystem, info_path))
+        elif require_info:
+            raise FileNotFoundError(f"{uri} has no {CORPUS_INFO_FILE}: an unfinished or foreign corpus (jobs/embed.py "
+                                    "writes it last, with how the model ranks); embed it again")
+        else:
+            self.info = {}
         self.scan_rows = scan_rows
 
     @property
@@ -95,7 +105,8 @@ class Corpus:
         offset = 0
         for batch in self.dataset.to_batches(columns=columns, batch_size=self.scan_rows):
             vectors = fixed_size_lists_to_numpy(batch.column(0))
-            scores = similarity(query, torch.from_numpy(vectors).double())[0]
+            # A NaN row (a broken embedding) must never crowd out real answers: it ranks last.
+            scores = similarity(query, torch.from_numpy(vectors).double())[0].nan_to_num(nan=float("-inf"))
             rows = torch.arange(offset, offset + len(vectors))
             groups = torch.tensor(batch.column(1).to_numpy(zero_copy_only=False)) if distinct else rows
             best_scores, best_rows, best_groups = _top_k_per_group(

@@ -76,11 +76,24 @@ function show(data) {
 
 function k() { return document.getElementById("k").value || 12; }
 
-async function run(url, options) {
+// A server with a token: open the page as /#token=<token>. The fragment never reaches a
+// server or its logs; the token stays in this tab's session storage.
+const token = (() => {
+  const found = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (found) {
+    sessionStorage.setItem("vcl-dist-token", found);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  return sessionStorage.getItem("vcl-dist-token");
+})();
+
+async function run(url, options = {}) {
   statusLine.className = "";
   statusLine.textContent = "searching…";
   try {
-    const response = await fetch(url, options);
+    const headers = token ? { Authorization: `Bearer ${token}` } : {};
+    const response = await fetch(url, { ...options, headers });
+    if (response.status === 401) { throw new Error("this server needs its token: open the page as /#token=<token>"); }
     const data = await response.json();
     if (!response.ok) { throw new Error(data.error || response.statusText); }
     show(data);
