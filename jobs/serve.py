@@ -6,8 +6,9 @@ scan without one), and an HTTP API with a web page. Binds to 127.0.0.1 unless ``
 otherwise; beyond loopback every query needs ``Authorization: Bearer <token>`` (the token from
 ``VCL_DIST_SERVE_TOKEN`` or ``--token-file``; the page takes it as ``/#token=…``) unless
 ``--no-auth`` says otherwise, and only the Host names it knows are answered. Runs until Ctrl-C.
-The same application deploys from a config file with ``serve run jobs/configs/serve.yaml`` or ``serve deploy``; running this again with another
-``--model``/``--corpus`` against the same cluster swaps them in (Serve's rolling update).
+The same application deploys from a config file with ``serve run jobs/configs/serve.yaml`` or
+``serve deploy``; running this again with another ``--model``/``--corpus`` against the same
+cluster swaps them in (Serve's rolling update).
 
     GET  /search?text=a+red+circle&k=12     POST /search?k=12  (an image as the body)
     GET  /similar?key=<row key>&k=12        GET  /healthz      GET /  (the web page)
