@@ -30,7 +30,7 @@ from .shard_format import SHARD_SCHEMA, caption_problem, caption_text, format_cl
 OUTSIDE_IMAGE_FOLDER = "outside the image folder"
 BAD_IMAGE_PATH = "control character in image path"
 INTEGER = re.compile(r"[+-]?[0-9]+")
-# CSV and JSON are read in blocks this large: a row must fit in one (a caption past MAX_CAPTION_BYTES
+# CSV is read in blocks this large: a row must fit in one (a caption past MAX_CAPTION_BYTES
 # is then a bad row, not a failed import). pyarrow's default of 1 MiB ended imports on long captions.
 READ_BLOCK_BYTES = 64 * 2**20
 
@@ -148,16 +148,12 @@ class RowValidator:
 
 def _class_names(ds) -> list[str] | None:
     """Class names when the label column holds names: its distinct values, sorted, become ids
-    0..K-1. A numeric column, or text that is all integers, holds ids: those are checked row by
-    row (a ``-5``, ``3.5``, ``nan`` or ``1e30`` there is a bad row, not a class)."""
-    import pyarrow.types as patypes
-
+    0..K-1. Numbers, or text that is all integers, are ids: those are checked row by row (a
+    ``-5``, ``3.5``, ``nan`` or ``1e30`` there is a bad row, not a class). Read from the values,
+    not the schema: a JSONL table's blocks are pandas frames."""
     if "label" not in ds.columns():
         return None
-    label_type = ds.schema().base_schema.field("label").type
-    if not (patypes.is_string(label_type) or patypes.is_large_string(label_type)):
-        return None
-    values = {str(v).strip() for v in ds.unique("label") if v is not None and str(v).strip()}
+    values = {v.strip() for v in ds.unique("label") if isinstance(v, str) and v.strip()}
     if not values or all(INTEGER.fullmatch(v) for v in values):
         return None
     hostile = sorted(v for v in values if any(unicodedata.category(c) == "Cc" for c in v))
@@ -232,9 +228,7 @@ def _import_into(out_fs, out_path: str, *, captions, images, webdataset, rows_pe
 
     if captions is not None:
         if captions.endswith((".jsonl", ".json")):
-            import pyarrow.json as pajson
-
-            ds = ray.data.read_json(captions, lines=True, read_options=pajson.ReadOptions(block_size=READ_BLOCK_BYTES))
+            ds = ray.data.read_json(captions, lines=True)  # pandas reads lines of any length
         else:
             import pyarrow.csv as pacsv
 
