@@ -187,11 +187,55 @@ def test_submitted_job_trains_tracks_and_shows_progress(mlflow_server, token_hea
     assert [row["val_rsum"] for _, row in rows if "val_rsum" in row] == pytest.approx([e["val_rsum"] for e in epochs])
 
 
+def test_two_jobs_that_do_not_fit_together_run_one_after_the_other(token_head, repo_root, tiny_shapes_overrides, tmp_path):
+    """Two trainings sent 5 s apart to a head whose CPUs hold one at a time (workers and a CPU for
+    data tasks): both finish, the second after waiting whole, saying what it waited for."""
+    import time
+
+    address, env, _, _ = token_head
+    cpus = os.cpu_count() or 2
+    per_worker = f"{(cpus - 1) / 2:g}"  # 2 workers and 1 data CPU: every CPU of the head
+    storage = tmp_path / "runs"
+    for name in ("first", "second"):
+        started = subprocess.run([str(BIN / "ray"), "job", "submit", f"--address={address}", f"--working-dir={repo_root}",
+                                  f"--submission-id=share-{name}", "--no-wait", "--", "python", "jobs/train.py",
+                                  *tiny_shapes_overrides, "train.epochs=1", f"train.cpus_per_worker={per_worker}",
+                                  f"run.storage_path={storage}", f"run.name={name}"],
+                                 env=env, capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, started.stderr[-2000:]
+        time.sleep(5)
+    logs = {}
+    for name in ("first", "second"):  # `ray job logs --follow` returns when the job ends
+        logs[name] = subprocess.run([str(BIN / "ray"), "job", "logs", f"--address={address}", "--follow", f"share-{name}"],
+                                    env=env, capture_output=True, text=True, timeout=600).stdout
+        status = subprocess.run([str(BIN / "ray"), "job", "status", f"--address={address}", f"share-{name}"],
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert "succeeded" in (status.stdout + status.stderr).lower(), logs[name][-4000:]
+        assert (storage / name / "result.json").is_file()
+    assert "vcl-dist: waiting" not in logs["first"]
+    waits = [line for line in logs["second"].splitlines() if line.startswith("vcl-dist: waiting")]
+    assert waits, logs["second"][-4000:]
+    assert f"this job needs {cpus:g} CPUs (2 training workers × {per_worker} CPU, 1 for its data tasks); held by job " in waits[0]
+    assert "vcl-dist: the cluster has room for this job after" in logs["second"]
+    # The second wrote nothing before the first had written its last file.
+    first_done = (storage / "first" / "result.json").stat().st_mtime
+    assert min(f.stat().st_mtime for f in (storage / "second").rglob("*") if f.is_file()) >= first_done
+
+
 def test_a_job_joins_the_running_head_unless_told_to_start_a_local_ray(token_head, repo_root):
     _, env, _, gcs_port = token_head
     probe = [sys.executable, "-c", "from vcl_dist.ray_cluster import connect_ray; print(connect_ray(2))"]
-    joined = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=120, cwd=repo_root)
-    assert joined.returncode == 0 and joined.stdout.strip().endswith(f":{gcs_port}"), joined.stdout + joined.stderr[-2000:]
-    assert "joined the Ray cluster at" in joined.stdout
+    address = f"127.0.0.1:{gcs_port}"
+    joined = subprocess.run(probe, env=env | {"RAY_ADDRESS": address}, capture_output=True, text=True, timeout=120,
+                            cwd=repo_root)
+    assert joined.returncode == 0, joined.stdout + joined.stderr[-2000:]
+    said = joined.stdout.strip()
+    assert said.startswith("joined the Ray cluster at ") and said.endswith(f":{gcs_port} (RAY_ADDRESS)"), said
+    # This head keeps its address record in its own --temp-dir, as another driver's private
+    # local Ray keeps none: a driver that is not told joins neither, and says why.
+    alone = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=120, cwd=repo_root)
+    said = alone.stdout.strip()
+    assert alone.returncode == 0 and said.startswith("started a local Ray"), alone.stdout + alone.stderr[-2000:]
+    assert "(not joining the Ray running at" in said and address in said and "set RAY_ADDRESS to join it" in said
     local = subprocess.run(probe, env=env | {"RAY_ADDRESS": "local"}, capture_output=True, text=True, timeout=120, cwd=repo_root)
     assert local.returncode == 0 and local.stdout.strip().endswith("started a local Ray"), local.stderr[-2000:]

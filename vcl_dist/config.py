@@ -164,6 +164,8 @@ class TrainConfig(Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how workers are placed on nodes (Ray placement group strategy)")
     cpus_per_worker: float = Field(1, gt=0)
+    data_cpus: int = Field(1, ge=1, description="CPUs a job counts for its data tasks when it is admitted to a cluster "
+                           "that other jobs share (the tasks use any free CPU; this many stay free for them)")
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources each training worker also holds, e.g. "
         "{'accelerator_type:A10G': 0.001} or a node type's own resource; CPUs and GPUs have their own keys")

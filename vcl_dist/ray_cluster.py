@@ -6,8 +6,10 @@ Which cluster (:func:`connect_ray`), in this order:
 1. ``RAY_ADDRESS=local``: a fresh local Ray in this process, whatever else runs on the machine.
 2. ``RAY_ADDRESS=<host>:<port>`` (the GCS address; ``ray job submit`` sets it for the job):
    that cluster.
-3. Otherwise the cluster that ``ray start`` last started on this machine, if it still runs
-   (Ray's ``address="auto"``), else a fresh local Ray sized for the job.
+3. Otherwise the cluster that ``ray start`` last started on this machine (the address it
+   recorded), if it still runs, else a fresh local Ray sized for the job. Never another
+   driver's private local Ray: Ray's ``address="auto"`` would join any running one, and two
+   jobs would then share resources that neither planned for.
 
 Whether it can run the job (:func:`check_cluster_fits`): the training workers' placement
 group holds ``num_workers × cpus_per_worker`` CPUs (and a GPU each) for the whole run, and the
@@ -100,18 +102,50 @@ def connect_ray(cpus_needed: int) -> str:
     if address.startswith(("http://", "https://")):
         raise ValueError(f"RAY_ADDRESS={address} is a dashboard address, for `ray job submit`; run this job with "
                          "`ray job submit --address … -- python jobs/…`, or unset RAY_ADDRESS (RAY_ADDRESS=local: a local Ray)")
-    if address != "local":
+    gone = ""
+    if address and address != "local":
         try:
-            ray.init(address=address or "auto")
-            keep_ray_data_stats_on_this_node()
-            return f"joined the Ray cluster at {ray.get_runtime_context().gcs_address}"
+            ray.init(address=address)
         except ConnectionError:
-            if address:
-                raise ValueError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}") from None
+            raise ValueError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}") from None
+        keep_ray_data_stats_on_this_node()
+        return f"joined the Ray cluster at {ray.get_runtime_context().gcs_address} (RAY_ADDRESS)"
+    recorded = started_cluster_address() if address != "local" else None
+    if recorded:
+        try:
+            ray.init(address=recorded)
+            keep_ray_data_stats_on_this_node()
+            return f"joined the Ray cluster at {ray.get_runtime_context().gcs_address} (the one `ray start` started)"
+        except ConnectionError:
+            gone = f" (the cluster `ray start` started at {recorded} is gone)"
+    others = unrecorded_clusters()
     for name, value in RAY_DATA_ENV.items():  # inherited by the local Ray's workers
         os.environ.setdefault(name, value)
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed))
-    return "started a local Ray"
+    if others:
+        gone += (f" (not joining the Ray running at {', '.join(sorted(others))}: no `ray start` recorded it, so it may be "
+                 "another job's own; set RAY_ADDRESS to join it)")
+    return f"started a local Ray{gone}"
+
+
+def unrecorded_clusters() -> set[str]:
+    """GCS addresses of Ray instances running on this machine (found by process name)."""
+    try:
+        from ray._private.services import find_gcs_addresses
+
+        return set(find_gcs_addresses())
+    except Exception:  # noqa: BLE001 - only a hint for the log line
+        return set()
+
+
+def started_cluster_address() -> str | None:
+    """The address of the cluster that ``ray start`` last started on this machine, as Ray
+    records it (never a driver's own local Ray, which records nothing); None when there is none."""
+    try:
+        from ray._private.utils import read_ray_address
+    except ImportError:  # another Ray: no record to read, so nothing is joined unasked
+        return None
+    return read_ray_address() or None
 
 
 def keep_ray_data_stats_on_this_node() -> None:

@@ -27,6 +27,7 @@ from ..models import check_model_config
 from ..models.open_clip_towers import is_open_clip, open_clip_tokenizer
 from ..models.pretrained import adopt_pretrained_settings
 from ..ray_cluster import JobNeeds, check_cluster_fits, connect_ray, cpus_for_training
+from ..reservation import reserve_for_training
 from ..step_phases import PHASES
 from ..storage import display_uri, exists, filesystem_for, write_text_atomically
 from ..tracking import RunIdentity, open_trackers, warn
@@ -197,12 +198,7 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
     Raises:
         ConfigError: ``run.name`` names an existing run and ``resume`` is False (one line).
     """
-    import ray
     import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from .loop import train_loop_per_worker
 
     cfg = adopt_pretrained_settings(cfg)  # a pretrained model's preprocessing and sizes (printed)
     check_model_config(cfg.model)  # before any Ray work: a config error is one line, exit 2
@@ -218,13 +214,34 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
         cfg = cfg.model_copy(deep=True)
         cfg.run.name = name
     workers = cfg.train.num_workers
-    print(f"vcl-dist: {connect_ray(cpus_for_training(workers, cfg.train.cpus_per_worker))}", flush=True)
+    joined = connect_ray(cpus_for_training(workers, cfg.train.cpus_per_worker))
+    print(f"vcl-dist: {joined}", flush=True)
     if trial is not None:
         # A trial's driver is a Ray worker: Ray Data would draw its bars there as log lines.
         ray.data.DataContext.get_current().enable_progress_bars = False
     use_gpu = _use_gpu(cfg)
     check_cluster_fits(JobNeeds(cfg.train.min_workers or workers, cfg.train.cpus_per_worker, 1 if use_gpu else 0,
                                 tuple(sorted(cfg.train.resources_per_worker.items()))))
+    # On a cluster other drivers use, the job's whole share (workers and data CPUs) or a wait.
+    reservation = reserve_for_training(cfg, use_gpu, shared=not joined.startswith("started a local Ray"))
+    try:
+        return _train_reserved(cfg, inputs, callbacks, resume, trial, name, storage, storage_path, use_gpu)
+    finally:
+        if reservation is not None:
+            reservation.release()
+
+
+def _train_reserved(cfg: Config, inputs: RunInputs | None, callbacks: Sequence, resume: bool, trial: TrialInfo | None,
+                    name: str, storage, storage_path: str, use_gpu: bool) -> TrainingOutcome:
+    """:func:`run_training` once the job holds its share of the cluster."""
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from .loop import train_loop_per_worker
+
+    workers = cfg.train.num_workers
     # One progress bar per dataset, not one per operator: readable in logs of submitted jobs.
     ray.data.DataContext.get_current().enable_operator_progress_bars = False
     inputs = inputs or prepare_inputs(cfg, checkpoint_tokenizer(cfg) if resume else None)
