@@ -490,6 +490,31 @@ def test_the_http_api_answers_as_search_py_and_refuses_bad_requests_with_a_4xx(s
     connection.close()
 
 
+@pytest.fixture(scope="module")
+def api_schema(served):
+    """The search server's own OpenAPI schema, read from it with the token."""
+    import schemathesis
+
+    return schemathesis.openapi.from_url(f"{served}/openapi.json", headers={"Authorization": f"Bearer {SERVE_TOKEN}"})
+
+
+def _fuzzed():
+    import schemathesis
+
+    return schemathesis.pytest.from_fixture("api_schema")
+
+
+@_fuzzed().parametrize()
+def test_generated_requests_never_get_a_5xx_and_every_error_is_one_json_line(case):
+    """schemathesis generates requests for every operation of the schema (its default of 100
+    examples each, with edge cases); none may get a 5xx, and every error is {"error": one line}."""
+    response = case.call(headers={"Authorization": f"Bearer {SERVE_TOKEN}"}, timeout=60)
+    assert response.status_code < 500, (case.path, case.query, response.status_code, response.text[:300])
+    if response.status_code >= 400:
+        body = response.json()
+        assert set(body) == {"error"} and "\n" not in body["error"] and body["error"], body
+
+
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG that declares ``width × height`` pixels in a few dozen bytes (no pixel data)."""
     import struct

@@ -158,7 +158,8 @@ class JobReservation:
         while not self._stop.wait(RENEW_EVERY_S):
             try:
                 self._poll()
-            except Exception:  # noqa: BLE001 - a missed renewal only shortens the lease; the run goes on
+            # A missed renewal only shortens the lease; the run goes on.
+            except Exception:  # noqa: BLE001 # nosec B110
                 pass
 
     def release(self) -> None:
@@ -168,7 +169,8 @@ class JobReservation:
         if self.ledger is not None and self.ticket is not None:
             try:
                 ray.get(self.ledger.leave.remote(self.ticket), timeout=30)
-            except Exception:  # noqa: BLE001 - the lease runs out on its own
+            # The lease runs out on its own.
+            except Exception:  # noqa: BLE001 # nosec B110
                 pass
             self.ticket = None
 

@@ -44,7 +44,8 @@ def train_wordpiece(captions: Iterable[str], vocab_size: int) -> PreTrainedToken
     tokens = SPECIAL_TOKENS + alphabet + [f"##{c}" for c in alphabet]
     known = set(tokens)
     tokens += [word for word in by_frequency(words) if word not in known][: max(0, vocab_size - len(tokens))]
-    tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(tokens)}, unk_token="[UNK]"))
+    # "[UNK]" is a special token of the vocabulary, not a password.
+    tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(tokens)}, unk_token="[UNK]"))  # nosec B106
     tokenizer.normalizer = normalizer
     tokenizer.pre_tokenizer = splitter
     tokenizer.decoder = decoders.WordPiece()
@@ -53,7 +54,7 @@ def train_wordpiece(captions: Iterable[str], vocab_size: int) -> PreTrainedToken
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",  # nosec B106
         sep_token="[SEP]", mask_token="[MASK]",
     )
 

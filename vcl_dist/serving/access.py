@@ -21,7 +21,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-TOKEN_ENV = "VCL_DIST_SERVE_TOKEN"
+# The variable's name, not a token.
+TOKEN_ENV = "VCL_DIST_SERVE_TOKEN"  # nosec B105
 MIN_TOKEN_CHARS = 16
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 OPEN_PATHS = frozenset({"/", "/healthz"})
@@ -37,7 +38,8 @@ def is_loopback(host: str) -> bool:
 
 
 def is_wildcard(host: str) -> bool:
-    return host.strip("[]") in ("0.0.0.0", "::", "")
+    # Recognising a wildcard address, not binding one.
+    return host.strip("[]") in ("0.0.0.0", "::", "")  # nosec B104
 
 
 def read_token(token_file: str | None = None, environ: dict[str, str] | None = None) -> str | None:
