@@ -59,6 +59,10 @@ FORBIDDEN = {
     "config": {"train", "retrieval", "tune", "models", "losses", "data", "evaluate", "storage", "ray_cluster"},
     "storage": {"train", "retrieval", "tune", "models", "losses", "data", "evaluate"},
     "ray_cluster": {"train", "retrieval", "tune", "models", "losses", "data", "evaluate"},
+    "reservation": {"train", "retrieval", "tune", "models", "losses", "data", "evaluate", "tracking", "serving"},
+    # Masking secrets is a leaf every room may use.
+    "redaction": {"train", "retrieval", "tune", "models", "losses", "data", "evaluate", "tracking", "serving", "config",
+                  "storage", "ray_cluster", "reservation"},
     # Watching a run knows the config and nothing of what runs; serving sits on the retrieval wing.
     "tracking": {"train", "retrieval", "tune", "models", "losses", "data", "evaluate", "serving"},
     "step_phases": {"train", "retrieval", "tune", "models", "losses", "data", "evaluate", "tracking", "config"},

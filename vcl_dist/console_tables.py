@@ -12,6 +12,7 @@ SUMMARY_METRICS = [
     ("val_i2t_r1", "image→text R@1"),
     ("val_t2i_r1", "text→image R@1"),
     ("val_rsum", "rsum (of 6)"),
+    ("val_rsum_clip_benchmark", "rsum, CLIP_benchmark's rule"),
     ("train_loss", "train loss"),
     ("samples_per_s", "samples/s (all workers)"),
     ("data_wait_fraction", "data wait fraction"),

@@ -292,7 +292,8 @@ def autoscaler_can_add_nodes(first_report_wait_s: float = FIRST_AUTOSCALER_REPOR
         # part is null until the autoscaler's first update.
         while not (report := _autoscaler_report(_internal_kv_get("__autoscaling_status"))) and time.monotonic() < deadline:
             time.sleep(1.0)
-    except Exception:  # an older or newer GCS without these keys: assume a fixed cluster
+    except (ray.exceptions.RayError, ConnectionError, RuntimeError, AttributeError):
+        # A GCS of another Ray version without these calls or keys: take the cluster for a fixed one.
         return False
     if not report:
         return False

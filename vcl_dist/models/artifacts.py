@@ -362,6 +362,11 @@ def usable_checkpoints(filesystem: pafs.FileSystem, run_path: str, warn=None) ->
     return usable
 
 
+def say_on_stdout(line: str) -> None:
+    """What a command-line reader tells about the model it took: one line on stdout."""
+    print(line, flush=True)
+
+
 def warn_on_stderr(line: str) -> None:
     """The ``warn`` of the command-line readers: a skipped checkpoint is one line on stderr."""
     print(line, file=sys.stderr, flush=True)
@@ -431,13 +436,13 @@ def local_model_folder(path: str | Path, s3: S3Config | None = None) -> Iterator
     path = str(path)
     if path.startswith("s3://"):
         filesystem, remote = filesystem_for(path, s3)
-        folder = find_model_folder(filesystem, remote, path, say=warn_on_stderr)
+        folder = find_model_folder(filesystem, remote, path, say=say_on_stdout)
         with tempfile.TemporaryDirectory() as local:
             pafs.copy_files(folder, local, source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem())
             yield Path(local)
         return
     local = str(Path(path).expanduser().resolve())
-    yield Path(find_model_folder(pafs.LocalFileSystem(), local, path, say=warn_on_stderr))
+    yield Path(find_model_folder(pafs.LocalFileSystem(), local, path, say=say_on_stdout))
 
 
 def model_files(path: str | Path, s3: S3Config | None = None) -> dict[str, bytes]:
