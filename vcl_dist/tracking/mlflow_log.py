@@ -43,6 +43,9 @@ class MlflowTracker:
         # A server that is down must fail the run's start in seconds, not after minutes of retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        # MLflow prints the run's link with the tracking URI as given, credentials and all:
+        # vcl-dist prints it itself, masked (finish).
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         uri, artifacts = (cfg.mlflow.tracking_uri, None) if cfg.mlflow.tracking_uri else default_tracking_uri(identity)
         self.client = MlflowClient(uri)
         self.uri = uri
@@ -56,7 +59,7 @@ class MlflowTracker:
                 [experiment_id], filter_string=f"tags.`vcl_dist.run_path` = '{_quoted(identity.run_uri)}'",
                 max_results=1) if identity.resumed else []
             run = found[0] if found else self.client.create_run(experiment_id, run_name=identity.name, tags=tags)
-            self.run_id = run.info.run_id
+            self.run_id, self.experiment_id = run.info.run_id, experiment_id
             if found:
                 self.client.update_run(self.run_id, status="RUNNING")
             # Parameters are write-once in MLflow: a resumed run adds the keys it lacks and
@@ -89,6 +92,9 @@ class MlflowTracker:
 
     def finish(self, failed: bool) -> None:
         self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+        if self.uri.startswith(("http://", "https://")):
+            link = f"{redact_uri(self.uri.rstrip('/'))}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+            print(f"vcl-dist: MLflow run at {link}", flush=True)
 
 
 def _quoted(value: str) -> str:

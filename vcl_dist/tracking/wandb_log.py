@@ -42,8 +42,10 @@ class WandbTracker:
                 tags=["vcl-dist"], notes=identity.run_uri,
                 # console="off": the driver's output stays the driver's (no wrapped stdout);
                 # no system metrics sampler beside a training driver that mostly waits.
+                # x_disable_meta: W&B's metadata holds the command line as typed (credentials
+                # inside a URI and all); the run's config, masked, says what it ran with.
                 settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, disable_git=True,
-                                        save_code=False, init_timeout=120),
+                                        save_code=False, init_timeout=120, x_disable_meta=True),
             )
         except Exception as err:  # noqa: BLE001 - one line before training starts
             raise ValueError(f"wandb: cannot start a run ({mode}): {' '.join(str(err).split())[:300]}") from None
