@@ -63,3 +63,45 @@ def test_a_waiting_job_is_told_who_holds_the_cluster():
                            "tasks), for 2 min)")
     assert text.endswith("1 other vcl-dist job(s) waiting too: job 03000000 (pid 9 on a)")
     assert describe_holders([], now) == "no vcl-dist job holds it (other work does)"
+
+
+def test_a_second_reservation_waits_on_a_real_ledger_until_the_first_is_released():
+    """The ledger actor on a local Ray: the second job says at once what it waits for and who
+    holds the cluster, and is admitted when the first releases; a Ctrl-C while waiting leaves the queue."""
+    import threading
+
+    import ray
+
+    from vcl_dist.reservation import JobReservation, Needs
+
+    ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)
+    try:
+        cluster = lambda: (2.0, 0.0, False)  # noqa: E731 - a 2-CPU cluster that cannot grow
+        needs = Needs(2, 0, "2 CPUs (2 training workers × 0.5 CPU, 1 for its data tasks)")
+        first = JobReservation("job A", needs, cluster, say=lambda line: None)
+        first.acquire()
+        said: list[str] = []
+        second = JobReservation("job B", needs, cluster, say=said.append)
+        waiter = threading.Thread(target=second.acquire)
+        waiter.start()
+        time.sleep(3)
+        assert waiter.is_alive() and said and said[0].startswith("vcl-dist: waiting (0 s so far) for the cluster: this "
+                                                                  "job needs 2 CPUs (2 training workers")
+        assert "held by job A (2 CPUs" in said[0]
+        first.release()
+        waiter.join(timeout=30)
+        assert not waiter.is_alive() and said[-1].startswith("vcl-dist: the cluster has room for this job after ")
+        second.release()
+
+        third = JobReservation("job C", needs, lambda: (1.0, 0.0, False), say=lambda line: None)
+        third.say = lambda line: (_ for _ in ()).throw(KeyboardInterrupt())  # interrupted at its first wait line
+        try:
+            third.acquire()
+        except KeyboardInterrupt:
+            pass
+        assert third.ticket is None
+        fourth = JobReservation("job D", needs, cluster, say=lambda line: None)
+        fourth.acquire()  # nobody left ahead of it
+        fourth.release()
+    finally:
+        ray.shutdown()

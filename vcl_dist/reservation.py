@@ -138,6 +138,14 @@ class JobReservation:
     def acquire(self) -> None:
         self.ledger = ledger_actor()
         self._join()
+        try:
+            self._wait_for_admission()
+        except BaseException:  # Ctrl-C while waiting: leave the queue now, not when the lease runs out
+            self.release()
+            raise
+        threading.Thread(target=self._renew, name="vcl-dist-admission", daemon=True).start()
+
+    def _wait_for_admission(self) -> None:
         started, last_report = time.monotonic(), None
         while True:
             state, others = self._poll()
@@ -152,7 +160,6 @@ class JobReservation:
             time.sleep(1.0)
         if last_report is not None:
             self.say(f"vcl-dist: the cluster has room for this job after {time.monotonic() - started:.0f} s of waiting")
-        threading.Thread(target=self._renew, name="vcl-dist-admission", daemon=True).start()
 
     def _renew(self) -> None:
         while not self._stop.wait(RENEW_EVERY_S):
