@@ -43,7 +43,7 @@ def _run(args: argparse.Namespace) -> int:
     from vcl_dist.retrieval.embed import CORPUS_INFO_FILE, write_corpus_info
     from vcl_dist.retrieval.pipeline import load_model_and_config, plan_embedding
     from vcl_dist.retrieval.search import Corpus
-    from vcl_dist.storage import display_uri, exists, filesystem_for, is_empty_folder, replace_folder, staging_beside
+    from vcl_dist.storage import built_beside, display_uri, exists, filesystem_for, is_empty_folder
 
     if args.batch_size < 1 or args.thumbnail_size < 0 or (args.actors is not None and args.actors < 1):
         raise ValueError("--batch-size and --actors must be positive, --thumbnail-size not negative")
@@ -61,8 +61,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"vcl-dist: embedding {job.input_rows} rows of {display_uri(job.split_path, job.source.filesystem)} "
           f"on {'GPU' if job.use_gpu else 'CPU'} actors", flush=True)
     started = time.perf_counter()
-    staging = staging_beside(out)
-    try:
+    with built_beside(filesystem, out) as staging:
         job.dataset.write_parquet(staging, filesystem=filesystem)
         seconds = time.perf_counter() - started
         rows = len(Corpus(display_uri(staging, filesystem), cfg.s3, require_info=False))
@@ -72,11 +71,6 @@ def _run(args: argparse.Namespace) -> int:
             "source": display_uri(job.split_path, job.source.filesystem), "seconds": seconds,
         }
         write_corpus_info(filesystem, staging, info)
-        replace_folder(filesystem, staging, out)
-    except BaseException:
-        if exists(filesystem, staging):
-            filesystem.delete_dir(staging)
-        raise
     print(f"vcl-dist: wrote {rows} embeddings to {args.out} ({info['bad_rows']} bad rows skipped) "
           f"in {seconds:.1f} s, {rows / max(seconds, 1e-9):.0f} rows/s", flush=True)
     return 0

@@ -10,6 +10,8 @@ servers), which region, and whether to read anonymously.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from typing import Iterator
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -121,6 +123,20 @@ def staging_beside(path: str) -> str:
     import uuid
 
     return f"{path.rstrip('/')}.staging-{uuid.uuid4().hex[:8]}"
+
+
+@contextmanager
+def built_beside(filesystem: pafs.FileSystem, target: str) -> Iterator[str]:
+    """A fresh folder beside ``target`` to build its replacement in; on leaving the block it is
+    swapped in (:func:`replace_folder`), or, when the block fails, removed: ``target`` stays as it was."""
+    staging = staging_beside(target)
+    try:
+        yield staging
+        replace_folder(filesystem, staging, target)
+    except BaseException:
+        if filesystem.get_file_info(staging).type != pafs.FileType.NotFound:
+            filesystem.delete_dir(staging)
+        raise
 
 
 def replace_folder(filesystem: pafs.FileSystem, staging: str, target: str) -> None:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ..storage import filesystem_for, is_empty_folder, replace_folder, staging_beside, write_text_atomically
+from ..storage import built_beside, filesystem_for, is_empty_folder, write_text_atomically
 from .images import UnusableImageError, open_image
 from .shard_format import SHARD_SCHEMA, caption_problem, caption_text, format_class_names, parse_label, pylist_columns, to_shard_columns
 
@@ -208,17 +208,11 @@ def import_dataset(*, out: str, captions: str | None = None, images: str | None 
     check_inputs(captions, images, webdataset)
     check_out(out, overwrite, s3)
     out_fs, out_path = filesystem_for(out, s3)
-    staging = staging_beside(out_path)
-    try:
+    with built_beside(out_fs, out_path) as staging:
         report = _import_into(out_fs, staging, captions=captions, images=images, webdataset=webdataset,
                               rows_per_shard=rows_per_shard, val_fraction=val_fraction, s3=s3)
         for relative, text in (extra_files(report) if extra_files else {}).items():
             write_text_atomically(out_fs, f"{staging}/{relative}", text)
-        replace_folder(out_fs, staging, out_path)
-    except BaseException:
-        if out_fs.get_file_info(staging).type != pafs.FileType.NotFound:
-            out_fs.delete_dir(staging)
-        raise
     return report
 
 
