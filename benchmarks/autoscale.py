@@ -5,7 +5,7 @@ nodes cost (issue 19).
 
 Ray's local autoscaling cluster (the real autoscaler over the fake multi-node provider: nodes
 are processes on this machine) is built from ``ray-cluster.yaml``'s node types (or ``--config
-cluster/gcp.yaml``'s) by ``tests/autoscaling_cluster.py`` (a GPU stands in as the custom resource
+cluster/gcp.yaml``'s) by ``tests/support/autoscaling_cluster.py`` (a GPU stands in as the custom resource
 ``train_gpu``, which each training worker asks for). With no worker node running, a run is
 submitted with ``ray job submit``; the script waits until every worker node is given back.
 
@@ -15,7 +15,7 @@ while the run ran, and idle after it (what a cloud bill counts beyond the run's 
 config's own idle timeout unless ``--idle-timeout-minutes`` says otherwise.
 
 ``elastic``: ``train.min_workers=1`` of 2 workers, with nodes that take 60 s to boot
-(``tests/preemptible_provider.py``), as a cloud's take minutes, and an autoscaler that acts every
+(``tests/support/preemptible_provider.py``), as a cloud's take minutes, and an autoscaler that acts every
 25 s (Ray's default is 5 s; the fake provider launches one node per update), so train nodes come
 25 s apart rather than at once: the run starts on the first and grows to 2 on the second. Once
 it has checkpointed at 2 workers, one of its train nodes is reclaimed through the provider as a

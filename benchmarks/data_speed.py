@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from common import table_header
 from PIL import Image
 
 from vcl_dist.data.preprocess import Preprocessor
@@ -118,8 +119,8 @@ def main() -> None:
         f"\n{args.images} JPEGs at {args.size} px, {args.processes} worker processes, batch {args.batch_size}, "
         f"median of {args.epochs} epochs, torch {torch.__version__}, ray {ray.__version__}\n"
     )
-    print("| path | images/s | × DataLoader | first batch (s) | images/s after the first batch | × DataLoader |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(table_header(["path", "images/s", "× DataLoader", "first batch (s)", "images/s after the first batch", "× DataLoader"],
+                       [False, True, True, True, True, True]))
     base = base_steady = None
     for name, runs in timings.items():
         rate = statistics.median(rows / total for total, _, rows in runs)

@@ -46,9 +46,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
+from common import median_seconds
 from loss_candidates import loss_candidates
-from step_throughput import TABLE_HEADER, measure, median_seconds
+from step_throughput import TABLE_HEADER, measure
 
+from vcl_dist.class_names import CLASSES_FILE, parse_class_names
 from vcl_dist.config import load_config
 from vcl_dist.data.preprocess import Preprocessor
 from vcl_dist.data.shapes import ensure_shapes_dataset
@@ -57,8 +59,9 @@ from vcl_dist.data.tokenizer import train_wordpiece
 from vcl_dist.evaluate import embed_batches, retrieval_metrics, zero_shot_accuracy
 from vcl_dist.losses import InfoNCELoss, TripletLoss, VCRLLoss, build_loss
 from vcl_dist.models import build_dual_encoder
-from vcl_dist.precision import autocast
-from vcl_dist.step_phases import PhaseClock
+from vcl_dist.runtime.console import one_line
+from vcl_dist.runtime.precision import autocast
+from vcl_dist.runtime.step_phases import PhaseClock
 from vcl_dist.train.schedule import build_optimizer, build_scheduler
 from vcl_dist.train.step import collate_rows, train_step
 
@@ -150,7 +153,7 @@ def check_training_paths(args, device: torch.device, work: Path, say) -> None:
     root = ensure_shapes_dataset(work / "cache", s.num_train, s.num_val, s.image_size, s.val_captions_per_image, s.seed)
     captions = pq.read_table(sorted((root / "train").glob("*.parquet")), columns=["caption"]).column(0).to_pylist()
     tokenizer = train_wordpiece(captions, cfg.model.text.vocab_size)
-    class_names = (root / "classes.txt").read_text().split("\n")[:-1]
+    class_names = parse_class_names((root / CLASSES_FILE).read_text())
     train_pre = Preprocessor(tokenizer, cfg.data.image_size, cfg.data.max_text_length, augment=True)
     val_pre = Preprocessor(tokenizer, cfg.data.image_size, cfg.data.max_text_length, augment=False)
     train_batches = list(preprocessed_batches(root / "train", train_pre, cfg.train.batch_size, on_gpu))
@@ -261,7 +264,7 @@ def main() -> None:
     try:
         dist.init_process_group("nccl" if on_gpu else "gloo", init_method=f"file://{work}/rendezvous", rank=0, world_size=1)
     except Exception as err:  # say it and measure the rest on gloo rather than losing the run
-        say(f"FAILED: nccl process group: {type(err).__name__}: {' '.join(str(err).split())[:300]}")
+        say(f"FAILED: nccl process group: {type(err).__name__}: {one_line(err, 300)}")
         dist.init_process_group("gloo", init_method=f"file://{work}/rendezvous-gloo", rank=0, world_size=1)
 
     say(f"process group backend: {dist.get_backend()}")

@@ -5,30 +5,19 @@
 The floor is the bare similarity matmul of the same shapes plus its two backward matmuls
 (``S = U Vᵀ``; ``dU = G V``, ``dV = Gᵀ U``): no loss can need less. PML is
 ``TripletMarginLoss`` with ``BatchHardMiner`` (its batch-hard path) on the same inputs, one
-direction with every pair its own class, as in tests/test_pml_agreement.py. Prints medians and
+direction with every pair its own class, as in tests/unit/losses/test_pml_agreement.py. Prints medians and
 ratios to the floor, measured in one run (the machine is shared: compare within a table).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from common import median_seconds, table_header, table_row
 from loss_candidates import loss_candidates
 
-from vcl_dist.cpu_memory import keep_freed_memory_for_reuse
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, thread pool
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from vcl_dist.runtime.memory import keep_freed_memory_for_reuse
 
 
 def main() -> None:
@@ -37,7 +26,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--malloc-cache", action="store_true",
-                        help="keep freed blocks for reuse (vcl_dist.cpu_memory), as training workers on CPU do")
+                        help="keep freed blocks for reuse (vcl_dist.runtime.memory), as training workers on CPU do")
     args = parser.parse_args()
     if args.malloc_cache and not keep_freed_memory_for_reuse():
         print("could not set glibc's malloc thresholds: measuring with the default allocator")
@@ -74,9 +63,9 @@ def main() -> None:
 
     allocator = "freed blocks kept for reuse" if args.malloc_cache else "default glibc allocator"
     print(f"\nforward + backward, d = {args.dim}, float32, {torch.get_num_threads()} threads, {allocator}, median of {args.repeats}\n")
-    print("| B | loss | ms | × floor |\n|---:|---|---:|---:|")
+    print(table_header(["B", "loss", "ms", "× floor"], [True, False, True, True]))
     for batch, name, ms, ratio in rows:
-        print(f"| {batch} | {name} | {ms:.1f} | {ratio:.2f} |")
+        print(table_row([batch, name, f"{ms:.1f}", f"{ratio:.2f}"]))
 
 
 if __name__ == "__main__":

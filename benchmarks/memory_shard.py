@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -27,6 +26,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from common import peak_resident_bytes
 
 from vcl_dist.losses import NegativeMemory, TripletLoss
 
@@ -62,7 +62,7 @@ def _worker(rank: int, world: int, args, sharded: bool, folder: str) -> None:
             times.append(time.perf_counter() - started)
             losses.append(total.item() / world)
     memory_bytes = sum(t.numel() * t.element_size() for t in (memory.image, memory.text, memory.labels, memory.groups))
-    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0, memory_bytes, memory.image.shape[0]])
+    peak = torch.tensor([float(peak_resident_bytes()), memory_bytes, memory.image.shape[0]])
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     if rank == 0:
         torch.save({"losses": losses, "step_s": statistics.median(times), "peak_rss": peak[0].item(),

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from vcl_dist.class_names import CLASSES_FILE, parse_class_names  # noqa: E402
 from vcl_dist.config import load_config  # noqa: E402
 from vcl_dist.data.images import ImageGeometry  # noqa: E402
 from vcl_dist.data.preprocess import Preprocessor  # noqa: E402
@@ -84,7 +85,7 @@ def main() -> None:
     files = sorted((root / "train").glob("*.parquet"))
     captions = pq.read_table(files, columns=["caption"]).column(0).to_pylist()
     tokenizer = train_wordpiece(captions, cfg.model.text.vocab_size)
-    num_classes = len((root / "classes.txt").read_text().split("\n")[:-1])
+    num_classes = len(parse_class_names((root / CLASSES_FILE).read_text()) or [])
 
     rows = ShardRows(files)
     local_batch = cfg.train.batch_size // world

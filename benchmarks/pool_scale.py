@@ -22,11 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
+
+from common import peak_resident_bytes
 
 GIB = 2**30
 
@@ -44,14 +45,6 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
-
-
-def peak_resident_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def available_bytes() -> int:

@@ -14,19 +14,19 @@ bf16 autocast for the towers on a GPU.
 from __future__ import annotations
 
 import io
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import median_seconds
 
 from vcl_dist.config import TrainConfig, load_config
 from vcl_dist.data.preprocess import Preprocessor
 from vcl_dist.losses import build_loss
 from vcl_dist.models import build_dual_encoder
-from vcl_dist.precision import autocast
-from vcl_dist.step_phases import PhaseClock, phase
+from vcl_dist.runtime.precision import autocast
+from vcl_dist.runtime.step_phases import PhaseClock, phase
 from vcl_dist.train.schedule import build_optimizer
 from vcl_dist.train.step import collate_rows, train_step
 from vcl_dist.train.tower_options import prepare_towers
@@ -145,19 +145,6 @@ def seconds_per_call(fn, repeats: int, sync) -> float:
     return (time.perf_counter() - started) / repeats
 
 
-def median_seconds(fn, repeats: int, sync) -> float:
-    """The median of ``repeats`` calls, each synchronised with the device (after one warm-up call)."""
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 def write_profile(step, path: str, on_gpu: bool) -> None:
     """``torch.profiler`` over 5 steps: the operators by device time, then by host time."""
     from torch.profiler import ProfilerActivity, profile
@@ -195,7 +182,7 @@ def measure(batch_size: int, device: torch.device, steps: int, loader_workers: i
     def step_with_verdict_on_device() -> None:
         """``train_step`` as GPU runs take it: the loss and gradient norm are judged on the
         device, and a non-finite step is skipped there by fused AdamW's ``found_inf``, so the
-        host never waits for the device inside the step (``vcl_dist.step_verdict``)."""
+        host never waits for the device inside the step (``vcl_dist.runtime.step_verdict``)."""
         train_step(model, criterion, optimizer, scheduler, resident, device, on_gpu, cfg.train.grad_clip_norm,
                    verdict_on_device=bool(optimizer.defaults.get("fused")))
 

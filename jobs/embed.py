@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from vcl_dist.cli import run_job
+    from vcl_dist.runtime.console import run_job
 
     return run_job(lambda: _run(args))
 
@@ -43,6 +43,7 @@ def _run(args: argparse.Namespace) -> int:
     from vcl_dist.retrieval.embed import CORPUS_INFO_FILE, write_corpus_info
     from vcl_dist.retrieval.pipeline import load_model_and_config, plan_embedding
     from vcl_dist.retrieval.search import Corpus
+    from vcl_dist.runtime.console import say
     from vcl_dist.storage import built_beside, display_uri, exists, filesystem_for, is_empty_folder
 
     if args.batch_size < 1 or args.thumbnail_size < 0 or (args.actors is not None and args.actors < 1):
@@ -58,8 +59,8 @@ def _run(args: argparse.Namespace) -> int:
     gpu = {"auto": "auto", "true": True, "false": False}[args.gpu]
     job = plan_embedding(args.model, model, cfg, args.split, use_gpu=gpu, actors=args.actors,
                          batch_size=args.batch_size, thumbnail_size=args.thumbnail_size)
-    print(f"vcl-dist: embedding {job.input_rows} rows of {display_uri(job.split_path, job.source.filesystem)} "
-          f"on {'GPU' if job.use_gpu else 'CPU'} actors", flush=True)
+    say(f"embedding {job.input_rows} rows of {display_uri(job.split_path, job.source.filesystem)} "
+          f"on {'GPU' if job.use_gpu else 'CPU'} actors")
     started = time.perf_counter()
     with built_beside(filesystem, out) as staging:
         job.dataset.write_parquet(staging, filesystem=filesystem)
@@ -71,8 +72,8 @@ def _run(args: argparse.Namespace) -> int:
             "source": display_uri(job.split_path, job.source.filesystem), "seconds": seconds,
         }
         write_corpus_info(filesystem, staging, info)
-    print(f"vcl-dist: wrote {rows} embeddings to {args.out} ({info['bad_rows']} bad rows skipped) "
-          f"in {seconds:.1f} s, {rows / max(seconds, 1e-9):.0f} rows/s", flush=True)
+    say(f"wrote {rows} embeddings to {args.out} ({info['bad_rows']} bad rows skipped) "
+          f"in {seconds:.1f} s, {rows / max(seconds, 1e-9):.0f} rows/s")
     return 0
 
 

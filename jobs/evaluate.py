@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from vcl_dist.cli import run_job
+    from vcl_dist.runtime.console import run_job
 
     return run_job(lambda: _run(args))
 
@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     import pyarrow as pa
 
-    from vcl_dist.console_tables import print_metrics
     from vcl_dist.retrieval.html_report import evaluate_folds, evaluate_table, write_report
     from vcl_dist.retrieval.pipeline import load_model_and_config, plan_embedding
+    from vcl_dist.runtime.tables import print_metrics
 
     if args.examples < 0 or args.top_k < 1:
         raise ValueError("--examples must not be negative and --top-k must be positive")

@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from vcl_dist.cli import run_job
+    from vcl_dist.runtime.console import run_job
 
     return run_job(lambda: _run(args))
 
@@ -35,6 +35,7 @@ def _run(args: argparse.Namespace) -> int:
     from vcl_dist.ray_cluster import connect_ray
     from vcl_dist.retrieval.ann_index import build_index, index_folder
     from vcl_dist.retrieval.search import Corpus
+    from vcl_dist.runtime.console import say
     from vcl_dist.storage import display_uri
 
     if args.memory_gb <= 0:
@@ -44,11 +45,10 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{others[0]!r}: jobs/index.py takes only s3.* settings")
     s3 = load_config(None, args.overrides).s3
     corpus = Corpus(args.corpus, s3)
-    print(f"vcl-dist: {connect_ray(2)}", flush=True)
+    say(connect_ray(2))
     info = build_index(corpus, args.target, args.kind, args.memory_gb)
-    print(f"vcl-dist: built {info.params.factory()} ({info.params.metric}) over {info.vectors} {args.target} vectors in "
-          f"{info.build_s:.1f} s, {info.size_bytes / 2**20:.1f} MiB: {display_uri(index_folder(corpus, args.target), corpus.filesystem)}",
-          flush=True)
+    say(f"built {info.params.factory()} ({info.params.metric}) over {info.vectors} {args.target} vectors in "
+        f"{info.build_s:.1f} s, {info.size_bytes / 2**20:.1f} MiB: {display_uri(index_folder(corpus, args.target), corpus.filesystem)}")
     return 0
 
 

@@ -37,40 +37,41 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.val_fraction < 1 or args.rows_per_shard < 1:
         parser.error("--val-fraction must be in [0, 1) and --rows-per-shard positive")
 
+    from vcl_dist.runtime.console import run_job
+
+    return run_job(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     import ray
 
+    from vcl_dist.class_names import CLASSES_FILE
     from vcl_dist.config import S3Config
     from vcl_dist.data.importer import check_inputs, check_out, import_dataset
     from vcl_dist.ray_cluster import connect_ray
+    from vcl_dist.runtime.console import say
 
-    try:
-        if args.karpathy is not None:
-            from vcl_dist.data.karpathy import read_karpathy
+    if args.karpathy is not None:
+        from vcl_dist.data.karpathy import read_karpathy
 
-            read_karpathy(args.karpathy)  # a malformed file stops here, before Ray starts
-            if args.images is None or not os.path.isdir(args.images):
-                raise FileNotFoundError(f"--images: no folder at {args.images}")
-        else:
-            check_inputs(args.captions, args.images, args.webdataset)
-        check_out(args.out, args.overwrite, S3Config(endpoint_url=args.s3_endpoint_url))
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"vcl-dist: error: {err}", file=sys.stderr)
-        return 1
-    print(f"vcl-dist: {connect_ray(2)}", flush=True)
+        read_karpathy(args.karpathy)  # a malformed file stops here, before Ray starts
+        if args.images is None or not os.path.isdir(args.images):
+            raise FileNotFoundError(f"--images: no folder at {args.images}")
+    else:
+        check_inputs(args.captions, args.images, args.webdataset)
+    check_out(args.out, args.overwrite, S3Config(endpoint_url=args.s3_endpoint_url))
+    say(connect_ray(2))
     try:
         report = import_dataset(out=args.out, captions=args.captions, images=args.images, webdataset=args.webdataset,
                                 karpathy=args.karpathy, rows_per_shard=args.rows_per_shard, val_fraction=args.val_fraction,
                                 s3=S3Config(endpoint_url=args.s3_endpoint_url), overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"vcl-dist: error: {err}", file=sys.stderr)
-        return 1
     finally:
         ray.shutdown()
     written = report.rows_written
     test = f" and {written['test']} test" if "test" in written else ""
     print(f"wrote {written.get('train', 0)} train, {written.get('val', 0)} val{test} rows to {args.out}")
     if report.classes:
-        print(f"{len(report.classes)} classes -> {args.out}/val/classes.txt")
+        print(f"{len(report.classes)} classes -> {args.out}/val/{CLASSES_FILE}")
     total_bad = sum(report.bad_rows.values())
     print(f"left out {total_bad} rows" + (": " + ", ".join(f"{n} {r}" for r, n in report.bad_rows.most_common()) if total_bad else ""))
     for row, reason in report.examples[:5]:

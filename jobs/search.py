@@ -31,16 +31,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from vcl_dist.cli import run_job
+    from vcl_dist.runtime.console import run_job
 
     return run_job(lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> int:
-    from vcl_dist.console_tables import print_hits
     from vcl_dist.retrieval.contact_sheet import contact_sheet
     from vcl_dist.retrieval.pipeline import load_model_and_config
     from vcl_dist.retrieval.search import Corpus
+    from vcl_dist.runtime.tables import print_hits
 
     if args.top_k < 1:
         raise ValueError("--top-k must be positive")

@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from vcl_dist.cli import run_job
+    from vcl_dist.runtime.console import run_job
 
     return run_job(lambda: _run(args))
 
@@ -51,6 +51,7 @@ def _run(args: argparse.Namespace) -> int:
     from ray import serve
 
     from vcl_dist.ray_cluster import connect_ray
+    from vcl_dist.runtime.console import say, warn
     from vcl_dist.serving.access import read_token, resolve_access
     from vcl_dist.serving.app import build_app
 
@@ -58,17 +59,17 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError("--port must be between 1 and 65535")
     policy, warning = resolve_access(args.host, read_token(args.token_file), args.no_auth, args.allowed_host)
     if warning:
-        print(f"vcl-dist: warning: {warning}", file=sys.stderr, flush=True)
+        warn(warning)
     # Ray first: build_app gives the encoder a GPU when the cluster it is connected to has one.
-    print(f"vcl-dist: {connect_ray(2)}", flush=True)
+    say(connect_ray(2))
     app = build_app({"model": args.model, "corpus": args.corpus, "index": None if args.index == "none" else args.index,
                      "batching": not args.no_batching, "auth_token_sha256": policy.token_sha256,
                      "allowed_hosts": list(policy.allowed_hosts)})
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name=args.name, route_prefix="/")
     page = f"http://{args.host}:{args.port}/" + ("#token=<your token>" if policy.token_sha256 else "")
-    print(f"vcl-dist: serving {args.corpus} with {args.model} at {page} (/search?text=…, /healthz; "
-          f"{'a bearer token required, ' if policy.token_sha256 else ''}Ctrl-C stops)", flush=True)
+    say(f"serving {args.corpus} with {args.model} at {page} (/search?text=…, /healthz; "
+          f"{'a bearer token required, ' if policy.token_sha256 else ''}Ctrl-C stops)")
     if args.detach:
         return 0
     try:
@@ -76,7 +77,7 @@ def _run(args: argparse.Namespace) -> int:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.delete(args.name)
-        print("vcl-dist: stopped", flush=True)
+        say("stopped")
     return 0
 
 

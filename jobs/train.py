@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from vcl_dist.cli import run_job
+    from vcl_dist.runtime.console import run_job
 
     return run_job(lambda: _run(args))
 
@@ -49,13 +49,15 @@ def _run(args: argparse.Namespace) -> int:
 
     from ray.train import TrainingFailedError
 
-    from vcl_dist.console_tables import print_summary
+    from vcl_dist.runtime.console import say
+    from vcl_dist.runtime.tables import print_summary
     from vcl_dist.train.fatal import RunEndedByFatalError
-    from vcl_dist.train.runner import resume_config, run_training, training_failure_message
+    from vcl_dist.train.run_result import training_failure_message
+    from vcl_dist.train.runner import resume_config, run_training
 
     if args.resume:
         cfg = resume_config(cfg, args.overrides)
-        print(f"vcl-dist: resuming run {cfg.run.name} in {cfg.run.storage_path}", flush=True)
+        say(f"resuming run {cfg.run.name} in {cfg.run.storage_path}")
     try:
         outcome = run_training(cfg, resume=args.resume)
     except (TrainingFailedError, RunEndedByFatalError) as err:  # the latter: bad data, a NaN step (not retried)

@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from vcl_dist.cli import run_job
+    from vcl_dist.runtime.console import run_job
 
     return run_job(lambda: _run(args))
 
@@ -42,7 +42,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     check_tune_config(cfg)  # a bad search space stops here, before Ray starts
 
-    from vcl_dist.console_tables import print_trials
+    from vcl_dist.runtime.console import warn
+    from vcl_dist.runtime.tables import print_trials
     from vcl_dist.tune import run_tune
 
     outcome = run_tune(cfg, resume=args.resume)
@@ -53,8 +54,8 @@ def _run(args: argparse.Namespace) -> int:
     if outcome.summary.get("best_checkpoint"):
         print(f"best checkpoint: {outcome.summary['best_checkpoint']}")
     if outcome.summary["interrupted"]:
-        print(f"vcl-dist: the search was interrupted; continue it with: python jobs/tune.py --resume tune.name={outcome.name} "
-              "(and the same config and overrides)", file=sys.stderr)
+        warn(f"the search was interrupted; continue it with: python jobs/tune.py --resume tune.name={outcome.name} "
+             "(and the same config and overrides)")
         return 130
     return 0
 

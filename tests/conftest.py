@@ -1,3 +1,7 @@
+"""The suite's layout and shared fixtures: ``tests/unit/<wing>/`` mirrors the package's wings
+(``python -m pytest -q``, the README's test command), ``tests/e2e/`` holds the slow end-to-end
+checks (``-m e2e``), ``tests/support/`` the helpers both import by module name."""
+
 import os
 import sys
 from pathlib import Path
@@ -5,7 +9,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).parent))
+# The shared test helpers (tests/support/) import by their module names.
+sys.path.insert(0, str(Path(__file__).parent / "support"))
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +71,53 @@ def pytest_configure(config):
     # Keep Ray's and tokenizers' side chatter out of test output and off the two cores.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+E2E = Path(__file__).resolve().parent / "e2e"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Everything under tests/e2e/ is an end-to-end check (marker e2e), and nothing else is."""
+    for item in items:
+        inside = Path(str(item.path)).resolve().is_relative_to(E2E)
+        if inside and "e2e" not in item.keywords:
+            item.add_marker(pytest.mark.e2e)
+        assert inside or item.get_closest_marker("e2e") is None, f"{item.nodeid}: an e2e check belongs in tests/e2e/"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray of 4 CPUs for one test module's Ray Train runs."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """moto's S3 server on loopback (tests/support/s3_server.py), for one test module."""
+    from s3_server import moto_s3
+
+    with moto_s3() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory) -> Path:
+    """The built-in dataset at the tiny runs' size, as Parquet shards with a classes.txt."""
+    from vcl_dist.data.shapes import ensure_shapes_dataset
+
+    return ensure_shapes_dataset(tmp_path_factory.mktemp("cache"), 512, 64, 32, 2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def s3_local_ray(s3_endpoint):
+    """A local Ray started after the S3 test credentials are set, so that its workers inherit them."""
+    import ray
+
+    ray.shutdown()
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()

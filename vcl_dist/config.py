@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .redaction import redact_values
+from .runtime.console import one_line
 
 
 class ConfigError(ValueError):
@@ -215,6 +216,32 @@ class TrainConfig(Section):
         return self
 
 
+# CLIP's 80 ImageNet templates (Radford et al., 2021, the prompt ensemble of its ImageNet
+# evaluation): ``eval.prompt_templates: imagenet``.
+IMAGENET_TEMPLATES = (
+    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
+    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
+    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
+    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.", "a painting of a {}.",
+    "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
+    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.",
+    "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.", "a {} in a video game.",
+    "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.", "a photo of a {}.",
+    "the origami {}.", "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.",
+    "a origami {}.", "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.",
+    "a photo of the clean {}.", "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.",
+    "a photo of a weird {}.", "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.",
+    "a sketch of the {}.", "a embroidered {}.", "a pixelated photo of a {}.", "itap of the {}.",
+    "a jpeg corrupted photo of the {}.", "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.",
+    "a photo of the small {}.", "a photo of the weird {}.", "the cartoon {}.", "art of the {}.",
+    "a drawing of the {}.", "a photo of the large {}.", "a black and white photo of a {}.", "the plushie {}.",
+    "a dark photo of a {}.", "itap of a {}.", "graffiti of the {}.", "a toy {}.",
+    "itap of my {}.", "a photo of a cool {}.", "a photo of a small {}.", "a tattoo of the {}.",
+)
+
+
 class EvalConfig(Section):
     batch_size: int = Field(256, ge=1)
     recall_ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
@@ -227,8 +254,6 @@ class EvalConfig(Section):
     def templates(self) -> list[str]:
         """The zero-shot prompt templates in use."""
         if self.prompt_templates == "imagenet":
-            from .prompt_templates import IMAGENET_TEMPLATES
-
             return list(IMAGENET_TEMPLATES)
         return list(self.prompt_templates) if self.prompt_templates else [self.prompt_template]
 
@@ -439,7 +464,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), b
     except ConfigError:
         raise
     except (OmegaConfBaseException, yaml.YAMLError, ValueError) as err:
-        detail = " ".join(str(err).split())
+        detail = one_line(err)
         raise ConfigError(f"cannot read config: {detail.splitlines()[0][:200]}") from None
     try:
         cfg = Config.model_validate(raw or {})
@@ -497,7 +522,7 @@ def load_saved_config(text: str, where: str) -> Config:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{where}: cannot read config: {' '.join(str(err).split())[:200]}") from None
+        raise ConfigError(f"{where}: cannot read config: {one_line(err, 200)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of sections")
     interpolation = _find_interpolation(raw)

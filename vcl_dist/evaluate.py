@@ -22,7 +22,7 @@ from typing import Iterable, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from .precision import autocast
+from .runtime.precision import autocast
 
 
 class NonFiniteEmbeddingsError(ValueError):

@@ -11,6 +11,11 @@ Which cluster (:func:`connect_ray`), in this order:
    driver's private local Ray: Ray's ``address="auto"`` would join any running one, and two
    jobs would then share resources that neither planned for.
 
+A local Ray listens on the machine's network address (Ray 2.60 resolves ``127.0.0.1`` to it and
+offers no loopback-only setting), so it runs with Ray's token authentication: a process without
+``~/.ray/auth_token`` cannot join it or run code on it. ``RAY_AUTH_MODE=disabled`` turns that
+off, with a warning in the job's log.
+
 Whether it can run the job (:func:`check_cluster_fits`): the training workers' placement
 group holds ``num_workers × cpus_per_worker`` CPUs (and a GPU each) for the whole run, and the
 Ray Data tasks that feed them need at least one more CPU. A cluster that cannot hold both never
@@ -29,6 +34,8 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
+
+from .runtime.console import say, warn
 
 RAY_DATA_ENV = {
     # Ray's Parquet reader packs row groups into read tasks of up to 128 MiB: right for tabular
@@ -121,6 +128,9 @@ def connect_ray(cpus_needed: int) -> str:
     others = unrecorded_clusters()
     for name, value in RAY_DATA_ENV.items():  # inherited by the local Ray's workers
         os.environ.setdefault(name, value)
+    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled":
+        warn("RAY_AUTH_MODE=disabled: the local Ray listens on this machine's network address without a token; "
+             "anyone who can reach it can run code as you — unset it outside a private network")
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed))
     if others:
         gone += (f" (not joining the Ray running at {', '.join(sorted(others))}: no `ray start` recorded it, so it may be "
@@ -155,7 +165,7 @@ def keep_ray_data_stats_on_this_node() -> None:
     Ray Data makes that actor (detached: it outlives every job) on the node of the first process
     that runs a dataset. In a training run that is a training worker, so the actor pinned a
     worker node for good and the autoscaler never gave that node back — measured on the local
-    autoscaling cluster of ``tests/test_autoscaling.py``: one GPU-type node kept after every job.
+    autoscaling cluster of ``tests/e2e/test_autoscaling.py``: one GPU-type node kept after every job.
     The actor holds no CPU, so a head with ``CPU: 0`` takes it. Private API (``ray.data._internal``),
     guarded: without it, the old placement.
     """
@@ -252,7 +262,7 @@ def check_cluster_fits(needs: JobNeeds) -> None:
     if problem is None:
         return
     if autoscaler_can_add_nodes():
-        print(f"vcl-dist: waiting for the autoscaler: {problem}", flush=True)
+        say(f"waiting for the autoscaler: {problem}")
         ResourceWaitReporter(needs).start()
         return
     raise ClusterTooSmallError(
@@ -323,6 +333,6 @@ class ResourceWaitReporter(threading.Thread):
             waited += self.interval_s
             problem = shortfall(alive_node_resources(), self.needs)
             if problem is None:
-                print(f"vcl-dist: the cluster can now hold the job (after {waited / 60:.0f} min)", flush=True)
+                say(f"the cluster can now hold the job (after {waited / 60:.0f} min)")
                 return
-            print(f"vcl-dist: still waiting for the autoscaler after {waited / 60:.0f} min: {problem}", flush=True)
+            say(f"still waiting for the autoscaler after {waited / 60:.0f} min: {problem}")

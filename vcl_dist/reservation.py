@@ -25,6 +25,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from .runtime.console import say
+
 NAMESPACE = "vcl-dist"
 LEDGER_ACTOR = "vcl-dist-admission"
 # A driver that stops renewing its entry (killed, its machine gone) loses it after this long.
@@ -108,16 +110,12 @@ def describe_holders(others: list[dict], now: float | None = None) -> str:
     return text
 
 
-def say_now(line: str) -> None:
-    print(line, flush=True)
-
-
 class JobReservation:
     """One job's place in the ledger: :meth:`acquire` returns once the job is admitted (saying
     every ``report_every_s`` what it waits for), :meth:`release` gives its share back. The
     cluster's size comes from ``cluster()`` → ``(cpus, gpus, can_grow)``; ``say(line)`` prints."""
 
-    def __init__(self, who: str, needs: Needs, cluster, say=say_now, report_every_s: float = REPORT_EVERY_S):
+    def __init__(self, who: str, needs: Needs, cluster, say=say, report_every_s: float = REPORT_EVERY_S):
         self.who, self.needs, self.cluster = who, needs, cluster
         self.say, self.report_every_s = say, report_every_s
         self.ledger = None
@@ -211,7 +209,7 @@ def cluster_size(can_grow: bool | None = None) -> tuple[float, float, bool]:
     return total.get("CPU", 0.0), total.get("GPU", 0.0), autoscaler_can_add_nodes(0) if can_grow is None else can_grow
 
 
-def reserve_for_training(cfg, use_gpu: bool, shared: bool, say=say_now) -> JobReservation | None:
+def reserve_for_training(cfg, use_gpu: bool, shared: bool, say=say) -> JobReservation | None:
     """Admit a training run of ``cfg`` through the cluster's ledger (blocking until it fits);
     None on a local Ray of this process alone (``shared`` false), which needs no ledger."""
     if not shared:

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 from .config import S3Config
+from .runtime.console import one_line
 
 
 def filesystem_for(uri: str, s3: S3Config | None = None) -> tuple[pafs.FileSystem, str]:
@@ -49,7 +50,7 @@ def exists(filesystem: pafs.FileSystem, path: str) -> bool:
     try:
         return filesystem.get_file_info(path).type != pafs.FileType.NotFound
     except OSError as err:  # an unreachable endpoint, a missing bucket, denied access
-        raise FileNotFoundError(f"cannot reach {display_uri(path, filesystem)}: {' '.join(str(err).split())[:200]}") from None
+        raise FileNotFoundError(f"cannot reach {display_uri(path, filesystem)}: {one_line(err, 200)}") from None
 
 
 def write_text_atomically(filesystem: pafs.FileSystem, path: str, text: str) -> None:

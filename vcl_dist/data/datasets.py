@@ -17,13 +17,13 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
+from ..class_names import CLASSES_FILE, parse_class_names
 from ..config import DataConfig, S3Config
 from ..ray_cluster import use_ray_data_settings
 from ..storage import GLOB_CHARACTERS, exists, filesystem_for, list_files, read_text
 from .images import ImageGeometry
 from .preprocess import Preprocessor
 from .shapes import ensure_shapes_dataset
-from .shard_format import parse_class_names
 from .train_stream import TrainSplit, TrainUnit, plan_units, put_driver_tables
 from .webdataset import webdataset_captions, webdataset_row_count
 
@@ -54,7 +54,7 @@ def resolve_source(cfg: DataConfig, s3: S3Config | None = None) -> DatasetSource
     if cfg.source == "shapes":
         s = cfg.shapes
         root = ensure_shapes_dataset(cfg.cache_dir, s.num_train, s.num_val, s.image_size, s.val_captions_per_image, s.seed)
-        return DatasetSource("parquet", str(root / "train"), str(root / "val"), str(root / "classes.txt"),
+        return DatasetSource("parquet", str(root / "train"), str(root / "val"), str(root / CLASSES_FILE),
                              pafs.LocalFileSystem(), driver_local=True)
     filesystem, train = filesystem_for(cfg.train_path, s3)
     _, val = filesystem_for(cfg.val_path, s3)
@@ -71,7 +71,7 @@ def resolve_source(cfg: DataConfig, s3: S3Config | None = None) -> DatasetSource
         if not exists(filesystem, classes):
             raise FileNotFoundError(f"data.classes_path: nothing at {cfg.classes_path}")
     else:
-        guess = val.rstrip("/") + "/classes.txt"
+        guess = f"{val.rstrip('/')}/{CLASSES_FILE}"
         classes = guess if exists(filesystem, guess) else None
     return DatasetSource(cfg.source, train, val, classes, filesystem)
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..runtime.console import one_line
+
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # Pixels an image may have once decoded (after JPEG draft scaling): 64 MP, an 8K x 8K picture,
 # 192 MiB as RGB. Pillow's own bomb check fires only past ~179 MP and merely warns above ~89 MP.
@@ -61,11 +63,11 @@ def image_size(data: bytes | bytearray | memoryview, max_pixels: int = MAX_DECOD
             with Image.open(io.BytesIO(bytes(data)), formats=ACCEPTED_FORMATS) as image:
                 width, height = image.size
     except Image.DecompressionBombError as err:
-        raise UnusableImageError("image too large", " ".join(str(err).split())[:120]) from None
+        raise UnusableImageError("image too large", one_line(err, 120)) from None
     except Image.UnidentifiedImageError:
         raise UnusableImageError("undecodable image", f"not one of the accepted formats {', '.join(ACCEPTED_FORMATS)}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:
-        raise UnusableImageError("undecodable image", " ".join(str(err).split())[:120]) from None
+        raise UnusableImageError("undecodable image", one_line(err, 120)) from None
     if width * height > max_pixels:
         raise _too_large(width, height, max_pixels)
     return width, height
@@ -101,13 +103,13 @@ def open_image(data: bytes | bytearray | memoryview | None, min_side: int | None
     except UnusableImageError:
         raise
     except Image.DecompressionBombError as err:  # Pillow's own limit, met while reading the header
-        raise UnusableImageError("image too large", " ".join(str(err).split())[:120]) from None
+        raise UnusableImageError("image too large", one_line(err, 120)) from None
     except Image.UnidentifiedImageError:
         # Garbage and images of other formats alike: no decoder but the accepted ones looked.
         raise UnusableImageError("undecodable image", f"not one of the accepted formats {', '.join(ACCEPTED_FORMATS)}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:
         # Truncated files, bad headers, broken EXIF, Pillow's own bomb error.
-        raise UnusableImageError("undecodable image", " ".join(str(err).split())[:120]) from None
+        raise UnusableImageError("undecodable image", one_line(err, 120)) from None
 
 
 def _grey_to_8bit(image: Image.Image) -> np.ndarray:

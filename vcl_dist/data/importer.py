@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -23,9 +22,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ..class_names import CLASSES_FILE, format_class_names, has_control_character
 from ..storage import built_beside, filesystem_for, is_empty_folder, write_text_atomically
 from .images import UnusableImageError, open_image
-from .shard_format import SHARD_SCHEMA, caption_problem, caption_text, format_class_names, parse_label, pylist_columns, to_shard_columns
+from .shard_format import SHARD_SCHEMA, caption_problem, caption_text, parse_label, pylist_columns, to_shard_columns
 
 OUTSIDE_IMAGE_FOLDER = "outside the image folder"
 BAD_IMAGE_PATH = "control character in image path"
@@ -87,7 +87,7 @@ class RowValidator:
         A path that is absolute or leads out of the folder (``../``, a symlink) is never opened."""
         if not isinstance(relative, str) or not relative.strip():
             return "missing image"
-        if any(unicodedata.category(c) == "Cc" for c in relative):  # a NUL byte ends open() with a ValueError
+        if has_control_character(relative):  # a NUL byte ends open() with a ValueError
             return BAD_IMAGE_PATH
         path = os.path.realpath(os.path.join(self.root, relative))
         if os.path.isabs(relative) or os.path.commonpath([path, self.root]) != self.root:
@@ -156,7 +156,7 @@ def _class_names(ds) -> list[str] | None:
     values = {v.strip() for v in ds.unique("label") if isinstance(v, str) and v.strip()}
     if not values or all(INTEGER.fullmatch(v) for v in values):
         return None
-    hostile = sorted(v for v in values if any(unicodedata.category(c) == "Cc" for c in v))
+    hostile = sorted(v for v in values if has_control_character(v))
     if hostile:  # classes.txt holds one name a line: a newline inside one would shift every later id
         row = next(i for i, r in enumerate(ds.select_columns(["label"]).iter_rows())
                    if r["label"] is not None and str(r["label"]).strip() == hostile[0])
@@ -272,7 +272,7 @@ def _import_into(out_fs, out_path: str, *, captions, images, webdataset, rows_pe
     out_fs.delete_dir(staging)
     if classes:
         out_fs.create_dir(f"{out_path}/val", recursive=True)
-        write_text_atomically(out_fs, f"{out_path}/val/classes.txt", format_class_names(classes))
+        write_text_atomically(out_fs, f"{out_path}/val/{CLASSES_FILE}", format_class_names(classes))
     reasons, examples = ray.get(log.summary.remote())
     report.bad_rows.update(reasons)
     report.examples = examples

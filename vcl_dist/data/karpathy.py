@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..runtime.console import one_line
+
 # The Karpathy split -> vcl-dist's split folder.
 SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 FOLD_IMAGES = 1000
@@ -51,7 +53,7 @@ def read_karpathy(path: str | Path) -> KarpathyDataset:
     try:
         data = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
-        raise KarpathyFormatError(f"{path}: not JSON ({' '.join(str(err).split())[:120]})") from None
+        raise KarpathyFormatError(f"{path}: not JSON ({one_line(err, 120)})") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise KarpathyFormatError(f"{path}: no 'images' list: not a Karpathy split file")
     name = str(data.get("dataset", path.stem.removeprefix("dataset_")))

@@ -20,7 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from .shard_format import SHARD_SCHEMA, format_class_names
+from ..class_names import CLASSES_FILE, format_class_names
+from ..runtime.console import say
+from .shard_format import SHARD_SCHEMA
 
 SHAPES = {
     "circle": ["circle", "disc", "round dot"],
@@ -188,10 +190,10 @@ def ensure_shapes_dataset(cache_dir: str | os.PathLike, num_train: int, num_val:
     if (root / "_SUCCESS").exists():
         return root
     staging = root.with_name(root.name + f".tmp-{os.getpid()}")
-    print(f"vcl-dist: generating the shapes dataset ({num_train} train / {num_val} val images) into {root}", flush=True)
+    say(f"generating the shapes dataset ({num_train} train / {num_val} val images) into {root}")
     generate_split(staging / "train", "train", num_train, 1, image_size, seed)
     generate_split(staging / "val", "val", num_val, val_captions_per_image, image_size, seed)
-    (staging / "classes.txt").write_text(format_class_names(CLASS_NAMES))
+    (staging / CLASSES_FILE).write_text(format_class_names(CLASS_NAMES))
     (staging / "params.json").write_text(json.dumps(params, indent=2))
     (staging / "_SUCCESS").write_text("")
     try:

@@ -5,8 +5,7 @@ and the training loop agree on (ARCHITECTURE.md, "Data contract").
   WebDataset tars are turned into the same columns by :func:`to_shard_columns`.
 - Cells: a label is a class id, ``-1`` for unlabeled, or no id at all (:func:`parse_label`);
   a caption is UTF-8 text or unusable (:func:`caption_text`, :func:`caption_problem`).
-- ``classes.txt``: one class name per line, in label order (:func:`parse_class_names`,
-  :func:`format_class_names`).
+- Class names: :mod:`vcl_dist.class_names` (shared with the model wing).
 - Model-ready batches: :data:`TENSOR_COLUMNS`, with ``valid = 0`` on bad rows, which
   :func:`drop_bad_rows` takes out where they are counted.
 """
@@ -158,16 +157,6 @@ def to_shard_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "image_id": image_ids,
         "path": batch.get("path", none),
     }
-
-
-def parse_class_names(text: str) -> list[str] | None:
-    """``classes.txt`` -> class names in label order (surrounding whitespace and blank lines
-    dropped); None when it names none."""
-    return [name for name in (line.strip() for line in text.splitlines()) if name] or None
-
-
-def format_class_names(names) -> str:
-    return "".join(f"{name}\n" for name in names)
 
 
 def drop_bad_rows(batch: dict) -> tuple[dict, int, list[str]]:

@@ -4,8 +4,8 @@ Read these first. They are the executable specification of ARCHITECTURE.md's los
 process holding the whole pool: every ``[N, N]`` matrix is materialised, autograd does the
 backward pass, nothing is fused or gathered. The classes in :mod:`.triplet`, :mod:`.vcrl` and
 :mod:`.infonce` compute the same numbers distributed and fast (mined negatives without a dense
-backward, fused kernels, local anchors against a gathered pool), and ``tests/test_definitions.py``
-checks them against these on random float64 inputs; ``tests/reference_losses.py`` checks these
+backward, fused kernels, local anchors against a gathered pool), and ``tests/unit/losses/test_definitions.py``
+checks them against these on random float64 inputs; ``tests/support/reference_losses.py`` checks these
 against one-anchor-at-a-time loops.
 
 Shapes: ``image``, ``text`` ``[N, D]`` (row i of each is a matching pair), ``labels`` ``[N]``

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .fused import infonce_terms
+from .hooks import PLAIN, StepHooks
 from .memory import NegativeMemory
 from .pool import build_pool, direction_inputs, enqueue_batch
 from .sharded_memory import MemoryShard, infonce_with_memory, memory_log_sum_exp
@@ -47,10 +48,10 @@ class InfoNCELoss(nn.Module):
         """What a tracker plots of this loss besides its value: the learned inverse temperature."""
         return {"logit_scale": self.scale().detach()}
 
-    def forward(self, image_emb, text_emb, labels, groups) -> torch.Tensor:
+    def forward(self, image_emb, text_emb, labels, groups, hooks: StepHooks = PLAIN) -> torch.Tensor:
         image_emb = nn.functional.normalize(image_emb, dim=-1)
         text_emb = nn.functional.normalize(text_emb, dim=-1)
-        pool = build_pool(image_emb, text_emb, labels, groups, self.gather, self.memory)
+        pool = build_pool(image_emb, text_emb, labels, groups, self.gather, self.memory, hooks)
         scale = self.scale().to(image_emb.dtype)
         if self.chunk_size:
             terms = [infonce_terms_tiled(anchors, items, scale, pool.positive, pool.never_negatives, self.chunk_size, pool_dims)

@@ -22,9 +22,8 @@ from functools import cached_property
 
 import torch
 
-from ..step_phases import phase
-from ..step_verdict import check_finite
 from .gather import distributed_world, gather_no_grad, gather_sizes, gather_with_grad
+from .hooks import PLAIN, StepHooks
 from .memory import NegativeMemory
 
 GATHER_MODES = ("local", "full")
@@ -138,19 +137,20 @@ def _groups_within_labels(labels: torch.Tensor, groups: torch.Tensor) -> bool:
     return pairs.shape[1] == torch.unique(groups).shape[0]
 
 
-def build_pool(image_emb, text_emb, labels, groups, gather: str = "local", memory: NegativeMemory | None = None) -> Pool:
+def build_pool(image_emb, text_emb, labels, groups, gather: str = "local", memory: NegativeMemory | None = None,
+               hooks: StepHooks = PLAIN) -> Pool:
     if gather not in GATHER_MODES:
         raise ValueError(f"gather must be one of {GATHER_MODES}, got {gather!r}")
     if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
         raise ValueError(f"image and text embeddings must both be [n, D], got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
     rank, world = distributed_world()
-    with phase("gather"):
+    with hooks.phase("gather"):
         sizes = gather_sizes(image_emb.shape[0])
         all_images, all_texts = gather_with_grad(image_emb, sizes), gather_with_grad(text_emb, sizes)
         all_labels, all_groups = gather_no_grad(labels, sizes), gather_no_grad(groups, sizes)
     offset, total = sum(sizes[:rank]), sum(sizes)
-    check_finite("image embeddings", all_images.detach())
-    check_finite("text embeddings", all_texts.detach())
+    hooks.check_finite("image embeddings", all_images.detach())
+    hooks.check_finite("text embeddings", all_texts.detach())
 
     if gather == "full" or world == 1:
         anchors = (all_images, all_texts, all_labels, all_groups)

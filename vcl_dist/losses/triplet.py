@@ -28,6 +28,7 @@ from .distances import (
     squared_distances_normalized,
 )
 from .fused import mean_hinge_all_negatives
+from .hooks import PLAIN, StepHooks
 from .memory import NegativeMemory
 from .negatives import INF, MINED_MODES, NEGATIVE_SELECTION, hinge, mine_candidates
 from .pool import Pool, build_pool, direction_inputs, enqueue_batch, positive_entries, score_matrices
@@ -127,11 +128,11 @@ class TripletLoss(nn.Module):
         self.margin, self.negatives, self.normalize, self.gather, self.memory = margin, negatives, normalize, gather, memory
         self.chunk_size = check_chunk_size(chunk_size)
 
-    def forward(self, image_emb, text_emb, labels, groups) -> torch.Tensor:
+    def forward(self, image_emb, text_emb, labels, groups, hooks: StepHooks = PLAIN) -> torch.Tensor:
         if self.normalize:
             image_emb = nn.functional.normalize(image_emb, dim=-1)
             text_emb = nn.functional.normalize(text_emb, dim=-1)
-        pool = build_pool(image_emb, text_emb, labels, groups, self.gather, self.memory)
+        pool = build_pool(image_emb, text_emb, labels, groups, self.gather, self.memory, hooks)
         per_anchor = bidirectional_triplet(pool, self.margin, self.negatives, self.normalize, self.chunk_size)
         self.violations = violation_fraction(per_anchor)
         loss = pool.reduce(per_anchor)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .distances import squared_distances
+from .hooks import PLAIN, StepHooks
 from .memory import NegativeMemory
 from .negatives import NEGATIVE_SELECTION
 from .pool import build_pool, enqueue_batch
@@ -72,8 +73,8 @@ class VCRLLoss(nn.Module):
         terms = triplet_terms(squared_distances(anchors, classes), positive, valid, self.margin, self.negatives)
         return terms * labelled
 
-    def forward(self, image_emb, text_emb, labels, groups) -> torch.Tensor:
-        pool = build_pool(image_emb, text_emb, labels, groups, self.gather, self.memory)
+    def forward(self, image_emb, text_emb, labels, groups, hooks: StepHooks = PLAIN) -> torch.Tensor:
+        pool = build_pool(image_emb, text_emb, labels, groups, self.gather, self.memory, hooks)
         per_anchor = bidirectional_triplet(pool, self.margin, self.negatives, normalized=False, chunk_size=self.chunk_size)
         self.violations = violation_fraction(per_anchor)
         # λ(‖U‖² + ‖V‖²)/N is the anchors' mean of λ(|u_a|² + |v_a|²): reduced like the rest.

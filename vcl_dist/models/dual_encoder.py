@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..runtime.console import one_line
 from .image_tower import build_image_tower
 from .locking import is_fully_locked, keep_locked_modules_in_eval, lock_tower
 from .open_clip_towers import is_open_clip
@@ -102,7 +103,7 @@ def check_model_config(cfg: ModelConfig) -> None:
         with torch.device("meta"):
             build_dual_encoder(cfg, cfg.text.vocab_size, 16)
     except (ValueError, KeyError, TypeError, RuntimeError) as err:
-        raise ConfigError(f"the config builds no model: {' '.join(str(err).split())[:300]}") from None
+        raise ConfigError(f"the config builds no model: {one_line(err, 300)}") from None
 
 
 def build_dual_encoder(cfg: ModelConfig, vocab_size: int, max_text_length: int, pad_token_id: int = 0,

@@ -15,6 +15,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from ..config import ImageTowerConfig
+from ..runtime.console import one_line
 
 # Weights files a model folder may hold, in the order they are looked for.
 WEIGHTS_FILE_NAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")
@@ -93,7 +94,7 @@ def read_weights_file(path: str) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(found, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is one line for the user
-        raise ValueError(f"model.image.weights: cannot read {found}: {' '.join(str(err).split())[:200]}") from None
+        raise ValueError(f"model.image.weights: cannot read {found}: {one_line(err, 200)}") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -115,7 +116,7 @@ def load_backbone_weights(model: nn.Module, path: str) -> None:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # a shape that differs
         raise ValueError(f"model.image.weights: {path} does not fit {type(model).__name__} "
-                         f"({' '.join(str(err).split())[:200]})") from None
+                         f"({one_line(err, 200)})") from None
     problems = [k for k in [*result.missing_keys, *result.unexpected_keys] if not k.startswith(head)]
     if problems:
         raise ValueError(f"model.image.weights: {path} does not fit {type(model).__name__} "
@@ -156,7 +157,7 @@ def build_timm_tower(name: str, weights: str | None) -> nn.Module:
     try:
         model = timm.create_model(name, pretrained=False, num_classes=0)
     except RuntimeError as err:  # timm's "Unknown model"
-        raise ValueError(f"model.image.arch: {' '.join(str(err).split())[:200]}") from None
+        raise ValueError(f"model.image.arch: {one_line(err, 200)}") from None
     if weights:
         load_backbone_weights(model, weights)
     model.out_features = model.num_features

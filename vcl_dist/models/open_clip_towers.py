@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..runtime.console import one_line
+
 PREFIX = "open_clip:"
 
 
@@ -124,7 +126,7 @@ def open_clip_parts(init: str, weights: str | None, load_weights: bool = True) -
             name, pretrained=weights if load_weights and not name.startswith("local-dir:") else None,
             load_weights=load_weights)
     except (RuntimeError, ValueError, FileNotFoundError) as err:
-        raise ValueError(f"model.init: cannot build {init}: {' '.join(str(err).split())[:200]}") from None
+        raise ValueError(f"model.init: cannot build {init}: {one_line(err, 200)}") from None
     if not hasattr(model, "token_embedding"):
         raise ValueError(f"model.init: {init} is an OpenCLIP {type(model).__name__}; vcl-dist takes OpenCLIP CLIP models")
     visual = model.visual

@@ -12,6 +12,7 @@ encoder's pooling (``auto``) is read from its sentence-transformers folder the s
 from __future__ import annotations
 
 from ..config import Config, ConfigError
+from ..runtime.console import one_line
 from .open_clip_towers import is_open_clip
 from .text_tower import sentence_transformers_pooling
 
@@ -48,7 +49,7 @@ def adopt_clip_settings(cfg: Config) -> dict:
         try:
             return loader.from_pretrained(name, trust_remote_code=False)
         except (OSError, ValueError) as err:
-            raise ConfigError(f"model.init: cannot load {name}: {' '.join(str(err).split())[:200]}") from None
+            raise ConfigError(f"model.init: cannot load {name}: {one_line(err, 200)}") from None
 
     config = load(AutoConfig)
     if config.model_type != "clip":
@@ -81,7 +82,7 @@ def adopt_open_clip_settings(cfg: Config) -> dict:
     try:
         parts = open_clip_parts(cfg.model.init, cfg.model.init_weights, load_weights=False)
     except (ValueError, OSError) as err:
-        raise ConfigError(" ".join(str(err).split())[:300]) from None
+        raise ConfigError(one_line(err, 300)) from None
     preprocess = parts.preprocess
     if preprocess.get("resize_mode", "shortest") != "shortest" or preprocess.get("interpolation", "bicubic") not in ("bicubic",
                                                                                                                     "bilinear"):

@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from ..evaluate import distinct_images, retrieval_metrics, zero_shot_accuracy
-from ..step_phases import PHASES
+from ..runtime.step_phases import PHASES
 from .contact_sheet import contact_sheet
 from .model import RetrievalModel
 from .search import fixed_size_lists_to_numpy

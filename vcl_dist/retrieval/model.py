@@ -3,7 +3,7 @@
 :func:`load_model` reads an export folder, a training checkpoint folder or a run folder (its
 ``model/`` export, else its newest checkpoint), local or ``s3://``, with no Ray involved:
 inference on a laptop or in a serving process is one call. The files themselves are
-:mod:`vcl_dist.models.artifacts`'.
+:mod:`vcl_dist.models.export`'.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from ..config import Config, S3Config
 from ..data.images import ImageGeometry, UnusableImageError, decode_image, to_rgb
 from ..evaluate import similarity
 from ..models import DualEncoder
-from ..models.artifacts import ModelFolder, ModelNotFoundError, folder_of_files, local_model_folder, read_model_folder
-from ..precision import autocast
+from ..models.export import ModelFolder, ModelNotFoundError, read_model_folder
+from ..models.locate import folder_of_files, local_model_folder
+from ..runtime.precision import autocast
 
 __all__ = ["ModelNotFoundError", "RetrievalModel", "load_model", "load_model_files"]
 
@@ -126,7 +127,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", s3: S3Confi
 
 
 def load_model_files(files: dict[str, bytes], device: str | torch.device = "cpu") -> RetrievalModel:
-    """A model from the files :func:`~vcl_dist.models.artifacts.model_files` collected."""
+    """A model from the files :func:`~vcl_dist.models.locate.model_files` collected."""
     with folder_of_files(files) as folder:
         return _ready(read_model_folder(folder), device)
 

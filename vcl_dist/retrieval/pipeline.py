@@ -7,7 +7,8 @@ from typing import Literal, Sequence
 
 from ..config import Config, load_config
 from ..data.datasets import DatasetSource, count_rows, read_class_names, resolve_source
-from ..models.artifacts import model_files
+from ..models.locate import model_files
+from ..runtime.console import say
 from .embed import embedding_dataset
 from .model import RetrievalModel, load_model
 
@@ -76,7 +77,7 @@ def plan_embedding(model_path: str, model: RetrievalModel, cfg: Config, split: L
 
     from ..ray_cluster import connect_ray
 
-    print(f"vcl-dist: {connect_ray(2)}", flush=True)
+    say(f"{connect_ray(2)}")
     source = resolve_source(cfg.data, cfg.s3)
     path = {"val": source.val, "train": source.train}.get(split) or test_split_path(source)
     resources = ray.cluster_resources()

@@ -37,6 +37,7 @@ from fastapi import Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from ..runtime.console import one_line
 from .access import LOOPBACK_NAMES, AccessPolicy, read_token, token_digest
 from .page import PAGE
 
@@ -223,7 +224,7 @@ def _fastapi_app(policy: AccessPolicy):
 
     def error(status: int, message: str) -> JSONResponse:
         headers = {"Retry-After": "1"} if status == 503 else {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return JSONResponse({"error": " ".join(str(message).split())[:300]}, status_code=status, headers=headers)
+        return JSONResponse({"error": one_line(message, 300)}, status_code=status, headers=headers)
 
     @app.middleware("http")
     async def access(request: Request, call_next):

@@ -12,12 +12,10 @@ name, storage path and folder (a resumed run continues its MLflow / W&B run).
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..config import Config, config_record
-from ..redaction import redact_text
 
 
 @dataclass
@@ -104,6 +102,3 @@ def open_trackers(cfg: Config, identity: RunIdentity) -> list[Tracker]:
 def missing_package(tracker: str, package: str, extra: str) -> ValueError:
     return ValueError(f"run.trackers has {tracker}, but {package} is not installed: pip install 'vcl-dist[{extra}]'")
 
-
-def warn(message: str) -> None:
-    print(f"vcl-dist: warning: {redact_text(' '.join(message.split()))[:400]}", file=sys.stderr, flush=True)

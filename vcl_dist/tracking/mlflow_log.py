@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..redaction import redact_text, redact_uri
+from ..runtime.console import one_line, say
 from . import RunIdentity, flat_params, missing_package
 
 FOLDER = "mlflow"
@@ -74,7 +75,7 @@ class MlflowTracker:
                 self.client.log_batch(self.run_id, params=fresh[start:start + PARAMS_PER_BATCH])
         except Exception as err:  # noqa: BLE001 - any client error becomes one line before training starts
             raise ValueError(f"mlflow.tracking_uri={redact_uri(uri)}: cannot start an MLflow run: "
-                             f"{redact_text(' '.join(str(err).split()))[:300]}") from None
+                             f"{redact_text(one_line(err))[:300]}") from None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -94,7 +95,7 @@ class MlflowTracker:
         self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
         if self.uri.startswith(("http://", "https://")):
             link = f"{redact_uri(self.uri.rstrip('/'))}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
-            print(f"vcl-dist: MLflow run at {link}", flush=True)
+            say(f"MLflow run at {link}")
 
 
 def _quoted(value: str) -> str:
@@ -136,7 +137,7 @@ def log_report(cfg: Config, folder: str, artifact_path: str) -> str | None:
     try:
         client.log_artifacts(run_id, folder, artifact_path)
     except Exception as err:  # noqa: BLE001 - the report is on disk either way
-        from . import warn
+        from ..runtime.console import warn
 
         warn(f"the report was not added to MLflow run {run_id}: {redact_text(str(err))}")
         return None

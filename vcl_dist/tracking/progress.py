@@ -21,7 +21,7 @@ def progress_line(record: dict, epochs: int) -> str:
 
 
 def _loss(record: dict) -> str:
-    # None before the first reading of a GPU run's step verdicts (vcl_dist.step_verdict).
+    # None before the first reading of a GPU run's step verdicts (vcl_dist.runtime.step_verdict).
     return "…" if record["loss"] is None else f"{record['loss']:.4f}"
 
 

@@ -13,6 +13,7 @@ import hashlib
 import os
 
 from ..config import Config, config_record
+from ..runtime.console import one_line
 from . import RunIdentity, missing_package
 
 
@@ -48,7 +49,7 @@ class WandbTracker:
                                         save_code=False, init_timeout=120, x_disable_meta=True),
             )
         except Exception as err:  # noqa: BLE001 - one line before training starts
-            raise ValueError(f"wandb: cannot start a run ({mode}): {' '.join(str(err).split())[:300]}") from None
+            raise ValueError(f"wandb: cannot start a run ({mode}): {one_line(err, 300)}") from None
         for key, value in identity.tags().items():
             self.run.summary[key] = value
 

@@ -12,7 +12,8 @@ import threading
 
 import ray
 
-from . import Tracker, warn
+from ..runtime.console import warn
+from . import Tracker
 from .monitor import describe_failure
 from .progress import ProgressView
 

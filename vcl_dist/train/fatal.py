@@ -20,6 +20,8 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
+from ..runtime.console import one_line, say
+
 
 class FatalTrainingError(RuntimeError):
     """An error that would happen again after a restart; ``str(err)`` is one line."""
@@ -54,8 +56,8 @@ def end_run_on_fatal_error(train_fn: Callable[[dict], dict | None]) -> Callable[
         try:
             return train_fn(loop_config)
         except FatalTrainingError as err:
-            message = " ".join(str(err).split())
-            print(f"vcl-dist: ending the run, not retrying it: {type(err).__name__}: {message}", flush=True)
+            message = one_line(err)
+            say(f"ending the run, not retrying it: {type(err).__name__}: {message}")
             return {FATAL_KEY: f"{type(err).__name__}: {message}"}
 
     return wrapped

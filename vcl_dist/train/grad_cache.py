@@ -22,8 +22,9 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from ..precision import autocast
-from ..step_phases import phase
+from ..losses.hooks import PLAIN, StepHooks
+from ..runtime.precision import autocast
+from ..runtime.step_phases import phase
 
 
 def micro_batches(rows: int, size: int) -> list[slice]:
@@ -47,9 +48,10 @@ def _norm_statistics(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]
 
 
 def cached_gradient_backward(model, criterion, batch: dict, device: torch.device, use_amp: bool,
-                             micro_batch_size: int) -> torch.Tensor:
+                             micro_batch_size: int, hooks: StepHooks = PLAIN) -> torch.Tensor:
     """Accumulate into ``.grad`` the gradient of ``criterion`` over the whole batch; returns the
-    loss (detached). ``batch``: on ``device``, as :func:`~vcl_dist.train.step.train_step` has it."""
+    loss (detached). ``batch``: on ``device``, as :func:`~vcl_dist.train.step.train_step` has it;
+    ``hooks``: lent to the loss (the step's timer and finiteness check)."""
     parts = micro_batches(batch["image"].shape[0], micro_batch_size)
     states, images, texts = [], [], []
     statistics = _norm_statistics(model)
@@ -66,7 +68,7 @@ def cached_gradient_backward(model, criterion, batch: dict, device: torch.device
     image_emb, text_emb = torch.cat(images).requires_grad_(), torch.cat(texts).requires_grad_()
     del images, texts
     with phase("loss"):
-        loss = criterion(image_emb, text_emb, batch["label"], batch["group"])
+        loss = criterion(image_emb, text_emb, batch["label"], batch["group"], hooks)
     with phase("backward"):
         loss.backward()  # the embeddings' gradient: every worker's terms, through the gather
     for index, part in enumerate(parts):

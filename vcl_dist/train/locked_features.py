@@ -25,7 +25,7 @@ from ..data.feature_store import features_fingerprint, mark_complete, missing_un
 from ..data.images import ImageGeometry, UnusableImageError, decode_image
 from ..data.shard_format import caption_text
 from ..models import build_dual_encoder
-from ..precision import autocast
+from ..runtime.precision import autocast
 from ..storage import filesystem_for
 
 FEATURES_DIR = "_features"

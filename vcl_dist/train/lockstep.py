@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..losses.gather import distributed_world, host_group
-from ..step_phases import PhaseClock, phase
+from ..runtime.step_phases import PhaseClock, phase
 from .data_quality import BadDataError
 
 MIN_ROWS_PER_STEP = 2

@@ -18,8 +18,8 @@ import torch.distributed as dist
 from ..config import Config
 from ..evaluate import retrieval_metric_names
 from ..losses.gather import distributed_world
-from ..step_phases import PHASES, PhaseClock
-from ..step_verdict import NonFiniteStepError, PendingVerdict, judge, read_verdicts
+from ..runtime.step_phases import PHASES, PhaseClock
+from ..runtime.step_verdict import NonFiniteStepError, PendingVerdict, judge, read_verdicts
 from .data_quality import BadRowCounter, worst_shards
 
 # The step-time breakdown: each phase's share of the timed steps (step_phases.PHASES; they add
@@ -63,8 +63,7 @@ class EpochProgress:
     def add(self, outcome: float | PendingVerdict, step: int) -> None:
         """Count step ``step`` (the run's global step number) with its loss, or with its verdict
         still on the device (read by :meth:`settle`)."""
-        self.steps += 1
-        self.trained += 1
+        self.steps, self.trained = self.steps + 1, self.trained + 1
         if isinstance(outcome, PendingVerdict):
             self.pending.append((step, outcome))
         else:

@@ -25,7 +25,9 @@ import torch.distributed as dist
 from ..data.epoch_plan import Ranges, fresh_ranges, resume_ranges
 from ..data.train_stream import TrainSplit
 from ..losses.gather import distributed_world
-from ..models.artifacts import checkpoint_problem, load_checkpoint, registered_checkpoints
+from ..models.locate import registered_checkpoints
+from ..runtime.console import one_line, say
+from .checkpoint import checkpoint_problem, load_checkpoint
 from .fatal import CheckpointLoadError
 
 
@@ -65,12 +67,12 @@ class ResumePoint:
                         state = load_checkpoint(folder, model=model, criterion=criterion, optimizer=optimizer,
                                                 scheduler=scheduler)
             except Exception as err:  # torch, pickle, zip, JSON and shape errors alike: it fails the same way next time
-                problem = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+                problem = f"{type(err).__name__}: {one_line(err, 300)}"
             if all_workers_agree(problem is None, device):
                 break
             problems.append(f"{checkpoint.path}: {problem or 'unreadable on another worker'}")
             if rank == 0:
-                print(f"vcl-dist: warning: skipped the checkpoint {problems[-1]}", flush=True)
+                say(f"warning: skipped the checkpoint {problems[-1]}")
         else:
             raise CheckpointLoadError(f"cannot resume from the checkpoint {problems[0]}"
                                       + (f" (nor from {len(problems) - 1} earlier ones)" if len(problems) > 1 else ""))
@@ -119,8 +121,8 @@ def epoch_rows_to_resume(saved: dict | None, data: TrainSplit, saved_world: int,
     if saved is not None and saved.get("fingerprint") == data.fingerprint():
         return resume_ranges([[tuple(r) for r in share] for share in saved["ranges"]], saved["consumed"], world)
     if rank == 0:
-        print("vcl-dist: warning: the checkpoint's epoch was planned over other training rows (the split changed, "
-              "or an older checkpoint): its remaining rows are approximated by count", flush=True)
+        say("warning: the checkpoint's epoch was planned over other training rows (the split changed, "
+            "or an older checkpoint): its remaining rows are approximated by count")
     return resume_ranges(fresh_ranges(data.rows, saved_world), [trained_rows] * saved_world, world)
 
 

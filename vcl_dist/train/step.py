@@ -17,11 +17,16 @@ from torch.nn.utils import clip_grad_norm_, get_total_norm
 
 from ..data.shard_format import TENSOR_COLUMNS
 from ..losses.gather import average_gradients
-from ..precision import autocast
-from ..step_phases import phase
-from ..step_verdict import NonFiniteStepError, PendingVerdict, checks_on_device, judge
+from ..losses.hooks import StepHooks
+from ..runtime.precision import autocast
+from ..runtime.step_phases import phase
+from ..runtime.step_verdict import NonFiniteStepError, PendingVerdict, check_finite, checks_on_device, judge
 from .grad_cache import cached_gradient_backward
 from .tower_options import to_channels_last
+
+# What a step lends the loss: its phases timed by the step's clock, the gathered embeddings'
+# finiteness judged at once or, inside checks_on_device, on the device.
+STEP_HOOKS = StepHooks(phase=phase, check_finite=check_finite)
 
 __all__ = ["NonFiniteStepError", "PendingVerdict", "collate_rows", "pinned_collate_rows", "train_step"]
 
@@ -53,7 +58,7 @@ def train_step(model, criterion, optimizer, scheduler, batch: dict[str, torch.Te
 
     ``verdict_on_device`` (needs a fused AdamW): the step never waits for the device; it
     returns a :class:`PendingVerdict` instead of the loss, and a step that fails it is skipped
-    by the optimizer on the device (:mod:`vcl_dist.step_verdict`). ``channels_last``: the image
+    by the optimizer on the device (:mod:`vcl_dist.runtime.step_verdict`). ``channels_last``: the image
     batch goes to the device in channels-last strides (``train.channels_last``).
 
     Raises:
@@ -69,13 +74,13 @@ def train_step(model, criterion, optimizer, scheduler, batch: dict[str, torch.Te
     optimizer.zero_grad(set_to_none=True)
     with checks_on_device() if verdict_on_device else nullcontext([]) as checks:
         if micro_batch_size and micro_batch_size < batch["image"].shape[0]:
-            loss = cached_gradient_backward(model, criterion, batch, device, use_amp, micro_batch_size)
+            loss = cached_gradient_backward(model, criterion, batch, device, use_amp, micro_batch_size, STEP_HOOKS)
         else:
             with phase("forward"), autocast(device, use_amp):
                 image_emb, text_emb = model(batch["image"], batch["input_ids"], batch["attention_mask"])
             with phase("loss"):
                 # The loss runs in float32: distances and softmaxes over the pool lose too much in bf16.
-                loss = criterion(image_emb.float(), text_emb.float(), batch["label"], batch["group"])
+                loss = criterion(image_emb.float(), text_emb.float(), batch["label"], batch["group"], STEP_HOOKS)
             with phase("backward"):  # through the gather, and DDP's gradient all-reduce
                 loss.backward()
     with phase("optimizer"):

@@ -120,8 +120,10 @@ def best_trial_model(storage, checkpoint: str | None) -> str | None:
     checkpoint, when that run finished, else exported there from the checkpoint (a trial that
     ASHA stopped never exported one) — or, when that checkpoint cannot be read, from the run's
     newest one that can (with a warning); None without a checkpoint."""
-    from ..models.artifacts import EXPORT_DIR, WEIGHTS_FILE, checkpoint_problem, newest_checkpoint, warn_on_stderr
+    from ..models.export import EXPORT_DIR, WEIGHTS_FILE
+    from ..runtime.console import warn
     from ..storage import exists
+    from ..train.checkpoint import checkpoint_problem, newest_checkpoint
 
     if not checkpoint or not exists(storage, checkpoint):
         return None
@@ -131,13 +133,13 @@ def best_trial_model(storage, checkpoint: str | None) -> str | None:
         return model
     problem = checkpoint_problem(storage, checkpoint)
     if problem is not None:
-        warn_on_stderr(f"vcl-dist: warning: skipped the checkpoint {display_uri(checkpoint, storage)}: {problem}")
-        checkpoint = newest_checkpoint(storage, run_path, warn_on_stderr)
+        warn(f"skipped the checkpoint {display_uri(checkpoint, storage)}: {problem}")
+        checkpoint = newest_checkpoint(storage, run_path, warn)
         if checkpoint is None:
             return None
     import ray.train
 
-    from ..train.runner import export_run_model
+    from ..train.run_result import export_run_model
 
     return export_run_model(ray.train.Checkpoint(checkpoint, filesystem=storage), storage, run_path, None, None)
 

@@ -15,6 +15,7 @@ import re
 import time
 
 from ..config import Config, ConfigError, Distribution, override_values
+from ..runtime.console import say
 from ..storage import display_uri, exists, filesystem_for, newest_folder, read_text
 from ..train.metrics import HISTORY_ONLY, reported_metric_names
 from .results import TRAIN_RUNS, TuneOutcome, write_outputs
@@ -91,7 +92,8 @@ def run_trial(sampled: dict, *, base: dict, inputs, runs_uri: str) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ..train.runner import RESULT_FILE, TrialInfo, run_training
+    from ..train.run_result import RESULT_FILE
+    from ..train.runner import TrialInfo, run_training
 
     cfg = override_values(Config.model_validate(base), sampled)
     trial = tune.get_context().get_trial_id()
@@ -124,7 +126,7 @@ def finished_run_reports(storage, run_path: str) -> list[dict]:
     ``metrics.jsonl`` and, with the last epoch, the checkpoint of ``result.json``."""
     from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
-    from ..train.runner import METRICS_FILE, RESULT_FILE
+    from ..train.run_result import METRICS_FILE, RESULT_FILE
 
     epochs = [json.loads(line) for line in read_text(storage, f"{run_path}/{METRICS_FILE}").splitlines() if line.strip()]
     reports = [{k: v for k, v in epoch.items() if k not in HISTORY_ONLY} for epoch in epochs]
@@ -139,12 +141,12 @@ def run_tune(cfg: Config, resume: bool = False) -> TuneOutcome:
     from ray import tune
 
     from ..ray_cluster import connect_ray, cpus_for_training
-    from ..train.runner import prepare_inputs
+    from ..train.run_inputs import prepare_inputs
 
     check_tune_config(cfg)
     import ray
 
-    print(f"vcl-dist: {connect_ray(cpus_for_training(cfg.train.num_workers, cfg.train.cpus_per_worker))}", flush=True)
+    say(connect_ray(cpus_for_training(cfg.train.num_workers, cfg.train.cpus_per_worker)))
     storage_uri = cfg.tune.storage_path or cfg.run.storage_path
     storage, storage_path = filesystem_for(storage_uri, cfg.s3)
     name = cfg.tune.name or (latest_experiment(storage, storage_path) if resume else None) or f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -157,13 +159,12 @@ def run_tune(cfg: Config, resume: bool = False) -> TuneOutcome:
     if resume:
         if not tune.Tuner.can_restore(experiment, storage_filesystem=storage):
             raise FileNotFoundError(f"no tune run to resume at {display_uri(experiment, storage)}")
-        print(f"vcl-dist: resuming {display_uri(experiment, storage)}", flush=True)
+        say(f"resuming {display_uri(experiment, storage)}")
         # Finished trials keep their results; unfinished and errored ones run again.
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage)
     else:
         concurrency = trial_concurrency(cfg, ray.cluster_resources())
-        print(f"vcl-dist: {cfg.tune.num_samples} trials, up to {concurrency} at a time, in {display_uri(experiment, storage)}",
-              flush=True)
+        say(f"{cfg.tune.num_samples} trials, up to {concurrency} at a time, in {display_uri(experiment, storage)}")
         tuner = tune.Tuner(
             trainable,
             param_space=search_space(cfg),

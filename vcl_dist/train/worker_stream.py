@@ -1,0 +1,78 @@
+"""A worker's input: its share of each epoch's rows as collated batches, the first epoch's
+started while the model is built, and the optional log of which rows each step trained on."""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterator
+
+from ..config import Config
+from ..data.epoch_plan import fresh_ranges
+from .step import collate_rows, pinned_collate_rows
+from .trained_rows import TrainedRowsLog
+
+
+class InputStream:
+    """This worker's batches of the training split (``data``: the driver's plan of it)."""
+
+    def __init__(self, cfg: Config, data, rank: int, world: int, local_batch: int, on_gpu: bool, fresh_start: bool):
+        self.cfg, self.data, self.rank, self.world, self.local_batch = cfg, data, rank, world, local_batch
+        self.collate = pinned_collate_rows if on_gpu else collate_rows
+        self.rows_log = TrainedRowsLog(cfg.run.trained_rows_log, rank) if cfg.run.trained_rows_log else None
+        # A run that starts from scratch knows its first epoch's rows now: their reads start
+        # while the model is built, rather than after (the first step waits for less).
+        self.early = None
+        if fresh_start:
+            ranges = fresh_ranges(data.rows, world)
+            self.early = (0, ranges, fetch_first_ahead(self.epoch_batches(0, ranges)))
+
+    def epoch_batches(self, epoch: int, ranges: list) -> Iterator:
+        """This worker's batches of ``epoch`` over its share of ``ranges`` (every rank's), collated."""
+        rows = self.data.batches(epoch, ranges[self.rank], self.local_batch, self.cfg.data.prefetch_batches)
+        if self.rows_log is None:
+            return (self.collate(batch) for batch in rows)
+        return ({**self.collate(batch), "keys": batch["key"]} for batch in rows)
+
+    def started(self, epoch: int, ranges: list) -> Iterator | None:
+        """The batches started while the model was built, if they are ``epoch``'s over ``ranges``
+        (a run from scratch); None otherwise."""
+        started, self.early = self.early, None
+        if started is not None and started[:2] == (epoch, ranges):
+            return started[2]
+        return None
+
+    def next_epoch_ahead(self, epoch: int) -> Iterator:
+        """``epoch``'s batches from its start, the first fetched from now on."""
+        return fetch_first_ahead(self.epoch_batches(epoch, fresh_ranges(self.data.rows, self.world)))
+
+    def record_trained_rows(self, batch: dict, epoch: int, step: int) -> None:
+        """Log the keys of the rows that step ``step`` trains on (``run.trained_rows_log``)."""
+        if self.rows_log is not None:
+            self.rows_log.write(epoch, step, self.world, batch.pop("keys"))
+
+
+def fetch_first_ahead(batches: Iterator) -> Iterator:
+    """``batches``, whose first item is fetched from now on in a background thread."""
+    fetched: list = []
+    done = threading.Event()
+
+    def fetch() -> None:
+        try:
+            fetched.append(next(batches, None))
+        except BaseException as err:  # handed to the consumer, raised in its thread
+            fetched.append(err)
+        done.set()
+
+    # A daemon thread: a run that stops early (an error, train.max_steps) must not wait on it.
+    threading.Thread(target=fetch, name="vcl-dist-epoch-prefetch", daemon=True).start()
+
+    def chained() -> Iterator:
+        done.wait()
+        first = fetched[0]
+        if isinstance(first, BaseException):
+            raise first
+        if first is not None:
+            yield first
+            yield from batches
+
+    return chained()
