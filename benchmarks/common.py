@@ -3,6 +3,7 @@ markdown tables they print."""
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
@@ -34,6 +35,22 @@ def peak_resident_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak() -> bool:
+    """Start the kernel's peak-resident-memory count (VmHWM) afresh; False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def table_header(columns: Sequence[str], right_aligned: Sequence[bool]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vcl_dist.losses import InfoNCELoss, TripletLoss, VCRLLoss
+from vcl_dist.losses import InfoNCELoss, SigmoidLoss, TripletLoss, VCRLLoss
 
 
 def loss_candidates(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor,
@@ -24,6 +24,8 @@ def loss_candidates(image: torch.Tensor, text: torch.Tensor, labels: torch.Tenso
         losses["vcrl hardest + label tower"] = VCRLLoss(0.5, 0.01, "hardest", num_classes=label_tower_classes,
                                                         embed_dim=image.shape[1]).to(image.device)
     losses["infonce"] = InfoNCELoss().to(image.device)
+    losses["sigmoid"] = SigmoidLoss().to(image.device)
+    losses["sigmoid tiled (512)"] = SigmoidLoss(chunk_size=512).to(image.device)
 
     def step_of(loss_fn):
         return lambda: loss_fn(image, text, labels, groups).backward()

@@ -6,7 +6,8 @@ The floor is the bare similarity matmul of the same shapes plus its two backward
 (``S = U Vᵀ``; ``dU = G V``, ``dV = Gᵀ U``): no loss can need less. PML is
 ``TripletMarginLoss`` with ``BatchHardMiner`` (its batch-hard path) on the same inputs, one
 direction with every pair its own class, as in tests/unit/losses/test_pml_agreement.py. Prints medians and
-ratios to the floor, measured in one run (the machine is shared: compare within a table).
+ratios to the floor and to InfoNCE, and each loss's peak resident memory above the inputs
+(one more call after the timing, the kernel's peak count reset first), measured in one run (the machine is shared: compare within a table).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import median_seconds, table_header, table_row
+from common import median_seconds, peak_resident_bytes, reset_peak, resident_bytes, table_header, table_row
 from loss_candidates import loss_candidates
 
 from vcl_dist.runtime.memory import keep_freed_memory_for_reuse
@@ -58,14 +59,27 @@ def main() -> None:
             print("pytorch-metric-learning is not installed: its row is left out")
 
         timings = {name: median_seconds(step, args.repeats) for name, step in candidates.items()}
+        peaks = {name: peak_above_now(step) for name, step in candidates.items()}
         for name, seconds in timings.items():
-            rows.append((batch, name, seconds * 1000, seconds / timings["matmul floor"]))
+            rows.append((batch, name, seconds * 1000, seconds / timings["matmul floor"], seconds / timings["infonce"],
+                         peaks[name]))
 
     allocator = "freed blocks kept for reuse" if args.malloc_cache else "default glibc allocator"
     print(f"\nforward + backward, d = {args.dim}, float32, {torch.get_num_threads()} threads, {allocator}, median of {args.repeats}\n")
-    print(table_header(["B", "loss", "ms", "× floor"], [True, False, True, True]))
-    for batch, name, ms, ratio in rows:
-        print(table_row([batch, name, f"{ms:.1f}", f"{ratio:.2f}"]))
+    print(table_header(["B", "loss", "ms", "× floor", "× infonce", "peak MiB"], [True, False, True, True, True, True]))
+    for batch, name, ms, ratio, versus_infonce, peak in rows:
+        print(table_row([batch, name, f"{ms:.1f}", f"{ratio:.2f}", f"{versus_infonce:.2f}",
+                         "—" if peak is None else f"{peak / 2**20:.0f}"]))
+
+
+def peak_above_now(step) -> int | None:
+    """Resident memory one call of ``step`` takes above what the process holds before it (None
+    where the kernel's peak count cannot be reset)."""
+    before = resident_bytes()
+    if not reset_peak():
+        return None
+    step()
+    return max(0, peak_resident_bytes() - before)
 
 
 if __name__ == "__main__":

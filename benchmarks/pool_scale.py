@@ -21,30 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 
-from common import peak_resident_bytes
+from common import peak_resident_bytes, reset_peak, resident_bytes, table_row
 
 GIB = 2**30
-
-
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def reset_peak() -> bool:
-    """Start the kernel's peak-resident-memory count (VmHWM) afresh; False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def available_bytes() -> int:
@@ -59,7 +43,7 @@ def measure_one(case: dict) -> dict:
     """In this process: build the inputs, then time ``repeats`` forward + backward passes."""
     import torch
 
-    from vcl_dist.losses import NegativeMemory, TripletLoss
+    from vcl_dist.losses import NegativeMemory, SigmoidLoss, TripletLoss
 
     torch.manual_seed(0)
     anchors, pool, dim = case["anchors"], case["pool"], case["dim"]
@@ -71,7 +55,10 @@ def measure_one(case: dict) -> dict:
         memory = NegativeMemory(pool - anchors)
         rows = torch.nn.functional.normalize(torch.randn(pool - anchors, 2 * dim), dim=-1)
         memory.enqueue(rows[:, :dim], rows[:, dim:], torch.full((pool - anchors,), -1), torch.arange(anchors, pool))
-    loss_fn = TripletLoss(0.2, case["negatives"], memory=memory, chunk_size=case["chunk"])
+    if case["negatives"] == "sigmoid":
+        loss_fn = SigmoidLoss(memory=memory, chunk_size=case["chunk"])
+    else:
+        loss_fn = TripletLoss(0.2, case["negatives"], memory=memory, chunk_size=case["chunk"])
     if memory is not None:
         memory.enqueue = lambda *batch: None  # keep the pool fixed over the repeats
     baseline = resident_bytes()
@@ -104,7 +91,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=4096, help="tiled: pool rows per tile")
     parser.add_argument("--self-chunk", type=int, default=1024, help="tiled, self-batch row: pool rows per tile")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--negatives", nargs="+", default=["hardest", "all"])
+    parser.add_argument("--negatives", nargs="+", default=["hardest", "all", "sigmoid"],
+                        help="triplet negative modes, and sigmoid: the sigmoid loss")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -131,9 +119,10 @@ def main() -> None:
 
     import torch
 
-    print(f"\nforward + backward of TripletLoss, d = {args.dim}, float32, {torch.get_num_threads()} threads, "
+    print(f"\nforward + backward of TripletLoss (by negatives) and SigmoidLoss, d = {args.dim}, float32, "
+          f"{torch.get_num_threads()} threads, "
           f"median of {args.repeats}; peak = resident memory above the inputs\n")
-    print("| negatives | anchors | pool | dense peak GiB | dense s | chunk | tiled peak GiB | tiled s | tiled / dense time |")
+    print("| loss | anchors | pool | dense peak GiB | dense s | chunk | tiled peak GiB | tiled s | tiled / dense time |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for negatives, anchors, pool, chunk, dense, tiled, predicted in rows:
         if dense.get("skipped"):
@@ -145,7 +134,7 @@ def main() -> None:
         tiled_peak = f"{tiled['peak_above_inputs'] / GIB:.2f}" if "seconds" in tiled else f"failed: {tiled.get('error')}"
         tiled_s = f"{tiled['seconds']:.2f}" if "seconds" in tiled else "—"
         ratio = f"{tiled['seconds'] / dense['seconds']:.2f}" if "seconds" in tiled and "seconds" in dense else "—"
-        print(f"| {negatives} | {anchors:,} | {pool:,} | {dense_peak} | {dense_s} | {chunk:,} | {tiled_peak} | {tiled_s} | {ratio} |")
+        print(table_row([negatives, f"{anchors:,}", f"{pool:,}", dense_peak, dense_s, f"{chunk:,}", tiled_peak, tiled_s, ratio]))
 
 
 if __name__ == "__main__":

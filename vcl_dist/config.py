@@ -139,22 +139,36 @@ class ModelConfig(Section):
 
 
 class LossConfig(Section):
-    name: Literal["triplet", "vcrl", "infonce"] = "triplet"
+    name: Literal["triplet", "vcrl", "infonce", "sigmoid"] = "triplet"
     margin: float = Field(0.2, gt=0, description="hinge margin on squared distances")
     negatives: Literal["hardest", "semi_hard", "all"] = "semi_hard"
-    gather: Literal["local", "full"] = "local"
+    gather: Literal["local", "full", "ring"] = Field(
+        "local", description="local: this worker's anchors against the gathered pool; full: every anchor on every worker; "
+        "ring (sigmoid only): caption blocks passed round the workers, no gathered pool")
     reg_lambda: float = Field(0.01, ge=0, description="vcrl: λ of λ(‖U‖²+‖V‖²)/N")
     label_tower: bool = Field(False, description="vcrl: learn one embedding per class")
     label_weight: float = Field(1.0, ge=0, description="vcrl: weight of the label-tower terms")
     num_classes: int | None = Field(None, ge=1, description="vcrl label tower; default: lines of classes.txt")
     init_temperature: float = Field(0.07, gt=0, le=1, description="infonce: initial temperature")
-    max_logit_scale: float = Field(100.0, gt=1, description="infonce: clamp of 1/temperature")
+    max_logit_scale: float = Field(100.0, gt=1, description="infonce, sigmoid: clamp of the logit scale (1/temperature)")
+    init_scale: float = Field(10.0, gt=0, description="sigmoid: initial logit scale s (SigLIP: 10)")
+    init_bias: float = Field(-10.0, description="sigmoid: initial logit bias b (SigLIP: -10)")
     memory_size: int = Field(0, ge=0, description="rows of the negative memory; 0 = off")
     memory_warmup_steps: int = Field(0, ge=0, description="steps before the memory is used")
     memory_shard: bool = Field(False, description="each worker holds 1/W of the memory rows; the losses reduce over "
                                "each shard and combine with small collectives (same results as replicated)")
     chunk_size: int | None = Field(None, ge=1, description="tile the pool in chunks of this many rows: memory "
                                    "[anchors × chunk] instead of [anchors × pool]; null = dense")
+
+    @model_validator(mode="after")
+    def _exchange_fits_the_loss(self) -> "LossConfig":
+        if self.gather == "ring" and self.name != "sigmoid":
+            raise ValueError("loss.gather=ring passes caption blocks round the workers, which only loss.name=sigmoid can "
+                             "use (the others need the whole pool at once): use local or full")
+        if self.name == "sigmoid" and self.memory_size and (self.memory_shard or self.gather == "ring"):
+            raise ValueError("loss.name=sigmoid takes a replicated negative memory with loss.gather local or full only: "
+                             "unset loss.memory_shard, or loss.memory_size with gather=ring")
+        return self
 
 
 class TrainConfig(Section):
@@ -384,7 +398,7 @@ class TuneConfig(Section):
 # How a model trained with each loss ranks: triplet and InfoNCE work on L2-normalised
 # embeddings (cosine), VCRL on raw ones (squared Euclidean distance).
 SIMILARITY_OF_LOSS: dict[str, Literal["cosine", "squared_distance"]] = {
-    "triplet": "cosine", "infonce": "cosine", "vcrl": "squared_distance"}
+    "triplet": "cosine", "infonce": "cosine", "sigmoid": "cosine", "vcrl": "squared_distance"}
 
 
 class Config(Section):

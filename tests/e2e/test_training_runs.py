@@ -32,6 +32,23 @@ def test_infonce_with_full_gather_trains(local_ray, tiny_shapes_overrides, repo_
     assert logit_scale.item() != pytest.approx(torch.log(torch.tensor(1 / 0.07)).item())  # it was trained
 
 
+@pytest.mark.e2e
+def test_the_sigmoid_loss_trains_with_its_captions_passed_round_a_ring(local_ray, tiny_shapes_overrides, repo_root,
+                                                                         tmp_path, capsys):
+    cfg = load_config(
+        repo_root / "jobs/configs/default.yaml",
+        [*tiny_shapes_overrides, f"run.storage_path={tmp_path}", "run.name=sigmoid", "train.epochs=3",
+         "loss.name=sigmoid", "loss.gather=ring", "loss.chunk_size=16"],
+    )
+    outcome = run_training(cfg)
+    assert "captions passed round a ring of workers" in capsys.readouterr().out
+    history = outcome.history
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["val_rsum"] > history[0]["val_rsum"]
+    state = torch.load(Path(outcome.checkpoint_path) / "loss.pt", weights_only=True)
+    assert state["logit_bias"].item() != -10.0  # the bias was trained (its gradient came back round the ring)
+
+
 # Faithful carry-over, locking and the export are proven on the CPU in test_pretrained; this real run (2 DDP workers
 # through Ray Train) is an e2e check.
 @pytest.mark.e2e

@@ -74,3 +74,19 @@ def reference_infonce(image_emb, text_emb, labels, groups, scale):
             logits = torch.stack([scale * (anchors[i] @ pool[j]) for j in candidates])
             total = total - torch.log_softmax(logits, dim=0)[0] / (2 * n)
     return total
+
+
+def reference_sigmoid(image_emb, text_emb, labels, groups, scale, bias):
+    """SigLIP's pairwise loss, one (image, caption) pair at a time: the own caption a positive,
+    never-negatives left out, the sum over each image's pairs, the mean over images."""
+    image_emb = torch.nn.functional.normalize(image_emb, dim=-1)
+    text_emb = torch.nn.functional.normalize(text_emb, dim=-1)
+    n = image_emb.shape[0]
+    total = image_emb.new_zeros(())
+    for i in range(n):
+        for j in range(n):
+            if i != j and not is_negative(labels, groups, i, j):
+                continue
+            z = 1.0 if i == j else -1.0
+            total = total - torch.nn.functional.logsigmoid(z * (scale * (image_emb[i] @ text_emb[j]) + bias))
+    return total / n

@@ -6,7 +6,8 @@ like pytorch-metric-learning's parts: :mod:`.pool` (gather + memory + masks), :m
 :mod:`.negatives` (negative selection), :mod:`.fused` (dense terms with hand-written backward),
 :mod:`.tiled` (the same terms a tile of the pool at a time, for pools of any size),
 :mod:`.memory` and :mod:`.sharded_memory` (past batches as negatives, replicated or sharded over
-workers), and the losses on top.
+workers), and the losses on top; the sigmoid loss adds :mod:`.sigmoid_terms` (its tiles with a
+hand-written backward) and :mod:`.ring` (caption blocks passed round the workers).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from ..config import LossConfig
 from .infonce import InfoNCELoss
 from .memory import NegativeMemory
+from .sigmoid import SigmoidLoss
 from .triplet import TripletLoss
 from .vcrl import VCRLLoss
 
@@ -31,7 +33,9 @@ def build_loss(cfg: LossConfig, num_classes: int | None = None, embed_dim: int |
                         num_classes=classes, embed_dim=embed_dim, label_weight=cfg.label_weight, chunk_size=cfg.chunk_size)
     if cfg.name == "infonce":
         return InfoNCELoss(cfg.init_temperature, cfg.max_logit_scale, cfg.gather, memory, chunk_size=cfg.chunk_size)
+    if cfg.name == "sigmoid":
+        return SigmoidLoss(cfg.init_scale, cfg.init_bias, cfg.max_logit_scale, cfg.gather, memory, chunk_size=cfg.chunk_size)
     raise ValueError(f"loss.name: unknown loss {cfg.name!r}")
 
 
-__all__ = ["InfoNCELoss", "NegativeMemory", "TripletLoss", "VCRLLoss", "build_loss"]
+__all__ = ["InfoNCELoss", "NegativeMemory", "SigmoidLoss", "TripletLoss", "VCRLLoss", "build_loss"]

@@ -10,7 +10,9 @@ against one-anchor-at-a-time loops.
 
 Shapes: ``image``, ``text`` ``[N, D]`` (row i of each is a matching pair), ``labels`` ``[N]``
 (``-1``: unlabeled), ``groups`` ``[N]`` (rows with equal groups show the same image). Every
-loss is the mean over anchors of both directions (image→text, text→image) averaged.
+loss is the mean over anchors of both directions (image→text, text→image) averaged, except the
+sigmoid loss, whose terms are the (image, caption) pairs themselves: the sum over each image's
+pairs, averaged over images.
 """
 
 from __future__ import annotations
@@ -92,3 +94,16 @@ def infonce_loss(image, text, labels, groups, scale: float) -> torch.Tensor:
     i2t = -F.log_softmax(logits.masked_fill(excluded, float("-inf")), dim=1).diagonal()
     t2i = -F.log_softmax(logits.T.masked_fill(excluded, float("-inf")), dim=1).diagonal()
     return (i2t.mean() + t2i.mean()) / 2
+
+
+def sigmoid_loss(image, text, labels, groups, scale: float, bias: float) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss, label-aware: for image ``i`` and caption ``j``,
+    ``−log σ(z_ij · (scale · cos + bias))`` with ``z = +1`` for its own caption and ``−1`` for
+    a negative; never-negatives other than the own caption are left out. The sum over each
+    image's pairs, the mean over images."""
+    image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    logits = scale * image @ text.T + bias  # [image i, text j]
+    own = torch.eye(len(labels), dtype=torch.bool, device=image.device)
+    z = torch.where(own, 1.0, -1.0).to(logits.dtype)
+    valid = ~never_negative(labels, groups) | own
+    return -(F.logsigmoid(z * logits) * valid).sum(1).mean()

@@ -157,7 +157,8 @@ class WorkerRun:
         if loss.memory_size:
             memory = f" + up to {loss.memory_size} from memory" + (f" (sharded: {-(-loss.memory_size // self.world)} per worker)"
                                                                   if loss.memory_shard else "")
-        how = ", ".join(([f"scores in tiles of {loss.chunk_size} rows"] if loss.chunk_size else [])
+        how = ", ".join((["captions passed round a ring of workers"] if loss.gather == "ring" and self.world > 1 else [])
+                        + ([f"scores in tiles of {loss.chunk_size} rows"] if loss.chunk_size else [])
                         + ([f"towers in micro-batches of {train.micro_batch_size}"] if train.micro_batch_size else [])
                         + self.trained.tower_options)
         self.link.log(f"vcl-dist: {self.world} workers on {self.worker_nodes} nodes: global pool "
