@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from .gather import distributed_world
 from .pool import NeverNegatives
-from .sigmoid_terms import TileMask, tile_gradient, tile_terms
+from .sigmoid_terms import TileMask, add_tile_gradients, tile_terms, tile_weight
 
 
 def _pass_on(tensors: list[torch.Tensor], incoming_rows: int, rank: int, world: int) -> tuple[list, Transfer]:
@@ -45,7 +45,7 @@ class Transfer:
 
 
 def _tiles(mask: TileMask, rows: int, chunk: int):
-    """``(start, stop, (z, valid))`` of each tile of a block of ``rows`` captions."""
+    """``(start, stop, (valid, own))`` of each tile of a block of ``rows`` captions."""
     for start in range(0, rows, chunk):
         stop = min(start + chunk, rows)
         yield start, stop, mask(start, stop)
@@ -64,8 +64,8 @@ class _RingSigmoidTerms(torch.autograd.Function):
             pending = _pass_on(block, sizes[(owner - 1) % world], rank, world) if k < world - 1 else None
             mask = _mask(labels, groups, block, owner == rank)
             step = chunk or max(1, block[0].shape[0])
-            for start, stop, (z, valid) in _tiles(mask, block[0].shape[0], step):
-                terms += tile_terms(images, block[0][start:stop], scale, bias, z, valid)
+            for start, stop, (valid, own) in _tiles(mask, block[0].shape[0], step):
+                terms += tile_terms(images, block[0][start:stop], scale, bias, valid, own)
             if pending is not None:
                 block, transfer = pending
                 transfer.wait()
@@ -83,13 +83,10 @@ class _RingSigmoidTerms(torch.autograd.Function):
             owner = (rank - k) % world
             mask = _mask(labels, groups, block, owner == rank)
             step = ctx.chunk or max(1, block[0].shape[0])
-            for start, stop, (z, valid) in _tiles(mask, block[0].shape[0], step):
+            for start, stop, (valid, own) in _tiles(mask, block[0].shape[0], step):
                 tile = block[0][start:stop]
-                g = tile_gradient(images, tile, scale, bias, z, valid, grad_terms)
-                d_images += scale * (g @ tile)
-                block[3][start:stop] += scale * (g.T @ images)
-                d_scale += (g * (images @ tile.T)).sum()
-                d_bias += g.sum()
+                g = tile_weight(images, tile, scale, bias, valid, own).mul_(grad_terms[:, None])
+                block[3][start:stop] += add_tile_gradients(g, images, tile, scale, d_images, d_scale, d_bias)
             # On to the next worker: the captions while others still need them, the gradient always
             # (after the last pass it reaches its owner).
             travelling = block if k < world - 1 else block[3:]
