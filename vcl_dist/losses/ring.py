@@ -6,8 +6,9 @@ Worker ``r`` holds its image anchors and, at step ``k``, the caption block of wo
 ``r − 1``. After ``W − 1`` passes every anchor has met every caption. Backward sends the blocks
 round again, each with an accumulator of its gradient that every worker adds to; one more pass
 brings each accumulator home. Per worker: at most two caption blocks and one score tile of
-``[n_local, chunk]`` at a time, never the global pool; traffic: ``2(W − 1)`` block passes
-forward and ``2W − 1`` backward (the captions again, then their gradients).
+``[n_local, chunk]`` at a time, never the global pool; traffic: ``W − 1`` passes of a block
+(captions, labels, groups) forward, ``W − 1`` of a block with its gradient and one of the
+gradient alone backward.
 
 Point-to-point through ``torch.distributed.batch_isend_irecv`` on the default group: gloo on
 CPUs, nccl on GPUs. The next block's transfer is posted before the current block's tile work,
@@ -87,19 +88,16 @@ class _RingSigmoidTerms(torch.autograd.Function):
                 tile = block[0][start:stop]
                 g = tile_weight(images, tile, scale, bias, valid, own).mul_(grad_terms[:, None])
                 block[3][start:stop] += add_tile_gradients(g, images, tile, scale, d_images, d_scale, d_bias)
-            # On to the next worker: the captions while others still need them, the gradient always
-            # (after the last pass it reaches its owner).
-            travelling = block if k < world - 1 else block[3:]
-            received, transfer = _pass_on(travelling, sizes[(owner - 1) % world], rank, world)
+            if k < world - 1:  # on to the next worker: the block and its gradient so far
+                block, transfer = _pass_on(block, sizes[(owner - 1) % world], rank, world)
+            else:  # the last pass brings every block's gradient home, this worker's among them
+                (d_texts,), transfer = _pass_on(block[3:], sizes[rank], rank, world)
             transfer.wait()
-            block = received if k < world - 1 else block
-            if k == world - 1:
-                d_texts = received[0]
         return d_images, d_texts, None, None, d_scale, d_bias, None, None
 
 
 def _mask(anchor_labels, anchor_groups, block, own_block: bool) -> TileMask:
-    """Signs and validity against a travelling block: the own caption only in the own block."""
+    """Which pairs count against a travelling block: the own caption is only in the own block."""
     never = NeverNegatives(anchor_labels, anchor_groups, block[1], block[2])
     positive = torch.arange(anchor_labels.shape[0], device=anchor_labels.device) if own_block else None
     return TileMask(never, positive)
