@@ -17,11 +17,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
+from distributed_steps import make_model, run_steps
 from torch.nn.parallel import DistributedDataParallel
 
 from vcl_dist.losses import InfoNCELoss, NegativeMemory, TripletLoss, VCRLLoss
-from vcl_dist.losses.gather import average_gradients
 from vcl_dist.losses.negatives import NEGATIVE_SELECTION
 
 NUM_CLASSES = 3
@@ -53,19 +52,6 @@ CASES = [
 RESHARDED = [case for case in CASES if case[3] == "sharded" and case[4] is None]
 
 
-class TinyDualEncoder(nn.Module):
-    """Linear towers: the gradient check is about the loss, the gather and DDP, not about
-    BatchNorm (whose per-worker statistics would differ from the whole batch's by design)."""
-
-    def __init__(self):
-        super().__init__()
-        self.image = nn.Sequential(nn.Linear(7, 9), nn.Tanh(), nn.Linear(9, 5, bias=False))
-        self.text = nn.Sequential(nn.Linear(4, 9), nn.Tanh(), nn.Linear(9, 5, bias=False))
-
-    def forward(self, x, y):
-        return self.image(x), self.text(y)
-
-
 def make_batches(n):
     """Two global batches (memory is filled by the first), with repeated labels and groups."""
     g = torch.Generator().manual_seed(123)
@@ -81,34 +67,12 @@ def make_batches(n):
     return batches
 
 
-def make_model():
-    torch.manual_seed(7)
-    return TinyDualEncoder().double()
-
-
 def reshard(state, world):
     """A replicated memory's state as the ``world`` shard states a sharded memory at that world
     size saves: worker r holds ring rows r, r + world, … (the format of vcl_dist.losses.memory)."""
     return [{**state, "rank": rank, "world": world,
              **{name: state[name][rank::world] for name in ("image", "text", "labels", "groups")}}
             for rank in range(world)]
-
-
-def run_steps(model, criterion, batches, part=slice(None)):
-    """Loss and gradients of each step; no optimizer step, so both steps see the same model."""
-    out = []
-    for x, y, labels, groups in batches:
-        model.zero_grad()
-        criterion.zero_grad()
-        u, v = model(x[part], y[part])
-        loss = criterion(u, v, labels[part], groups[part])
-        loss.backward()
-        average_gradients(criterion.parameters())
-        module = model.module if hasattr(model, "module") else model
-        grads = {f"model.{k}": p.grad.detach().clone() for k, p in module.named_parameters()}
-        grads.update({f"loss.{k}": p.grad.detach().clone() for k, p in criterion.named_parameters()})
-        out.append((loss.detach(), grads))
-    return out
 
 
 def _worker(rank, world, sizes, out_dir):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from distributed_steps import make_model, run_steps
 from reference_losses import reference_sigmoid
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -17,7 +18,6 @@ from torch.nn.parallel import DistributedDataParallel
 from vcl_dist.config import ConfigError, load_config
 from vcl_dist.losses import NegativeMemory, SigmoidLoss, build_loss
 from vcl_dist.losses.definitions import sigmoid_loss
-from vcl_dist.losses.gather import average_gradients
 
 SCALE, BIAS = 3.0, -1.5
 
@@ -102,21 +102,6 @@ def test_the_loss_is_built_from_the_config_and_refuses_what_it_cannot_do(repo_ro
         assert "\n" not in str(err.value)
 
 
-class TinyDualEncoder(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.image = nn.Sequential(nn.Linear(7, 9), nn.Tanh(), nn.Linear(9, 5, bias=False))
-        self.text = nn.Sequential(nn.Linear(4, 9), nn.Tanh(), nn.Linear(9, 5, bias=False))
-
-    def forward(self, x, y):
-        return self.image(x), self.text(y)
-
-
-def make_model():
-    torch.manual_seed(7)
-    return TinyDualEncoder().double()
-
-
 def tower_batches(n):
     """Two steps (a memory is filled by the first), with repeated labels and a two-caption image."""
     g = torch.Generator().manual_seed(5)
@@ -133,22 +118,6 @@ def tower_batches(n):
 
 CASES = [(gather, chunk, memory) for gather in ("local", "full", "ring") for chunk in (None, 4)
          for memory in ((False, True) if gather != "ring" else (False,))]
-
-
-def run_steps(model, criterion, batches, part=slice(None)):
-    out = []
-    for x, y, labels, groups in batches:
-        model.zero_grad()
-        criterion.zero_grad()
-        u, v = model(x[part], y[part])
-        loss = criterion(u, v, labels[part], groups[part])
-        loss.backward()
-        average_gradients(criterion.parameters())
-        module = model.module if hasattr(model, "module") else model
-        grads = {f"model.{k}": p.grad.detach().clone() for k, p in module.named_parameters()}
-        grads.update({f"loss.{k}": p.grad.detach().clone() for k, p in criterion.named_parameters()})
-        out.append((loss.detach(), grads))
-    return out
 
 
 def _worker(rank, world, sizes, out_dir):
