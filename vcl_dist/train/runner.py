@@ -71,6 +71,7 @@ class Watch:
     monitor: object
     watcher: RunWatcher
     started: float = field(default_factory=time.perf_counter)
+    wall_s: float = 0.0  # the fit's wall time
 
 
 def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequence = (), *,
@@ -260,6 +261,7 @@ def fit(trainer, watch: Watch, place: RunPlace):
         watch.watcher.finish(failed=True)
         ray.kill(watch.monitor)
         raise
+    watch.wall_s = time.perf_counter() - watch.started
     watch.watcher.close()
     ray.kill(watch.monitor)
     return result
@@ -267,8 +269,7 @@ def fit(trainer, watch: Watch, place: RunPlace):
 
 def collect_result(cfg: Config, result, place: RunPlace, data: DataPlan, watch: Watch, use_gpu: bool) -> TrainingOutcome:
     """Export the model, write the run folder's files, close the trackers."""
-    outcome = write_run_files(cfg, result, place.storage, watch.watcher, data.inputs.class_names,
-                              time.perf_counter() - watch.started, use_gpu)
+    outcome = write_run_files(cfg, result, place.storage, watch.watcher, data.inputs.class_names, watch.wall_s, use_gpu)
     watch.watcher.finish(failed=False)
     return outcome
 
