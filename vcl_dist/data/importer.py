@@ -158,7 +158,10 @@ def _class_names(ds) -> list[str] | None:
         return None
     hostile = sorted(v for v in values if has_control_character(v))
     if hostile:  # classes.txt holds one name a line: a newline inside one would shift every later id
-        row = next(i for i, r in enumerate(ds.select_columns(["label"]).iter_rows())
+        labels = ds.select_columns(["label"])
+        # Ray Data hands out blocks as they finish unless told to keep the table's order.
+        labels.context.execution_options.preserve_order = True
+        row = next(i for i, r in enumerate(labels.iter_rows())
                    if r["label"] is not None and str(r["label"]).strip() == hostile[0])
         raise ValueError(f"row {row + 1} of the captions table: the class name {hostile[0][:60]!r} holds a control "
                          "character (a newline, a tab, …): class names are one line each in classes.txt")
