@@ -137,12 +137,17 @@ def _groups_within_labels(labels: torch.Tensor, groups: torch.Tensor) -> bool:
     return pairs.shape[1] == torch.unique(groups).shape[0]
 
 
+def check_shapes(image_emb, text_emb) -> None:
+    """Both embeddings ``[n, D]`` of one shape, or a one-line ValueError."""
+    if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
+        raise ValueError(f"image and text embeddings must both be [n, D], got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
+
+
 def build_pool(image_emb, text_emb, labels, groups, gather: str = "local", memory: NegativeMemory | None = None,
                hooks: StepHooks = PLAIN) -> Pool:
     if gather not in GATHER_MODES:
         raise ValueError(f"gather must be one of {GATHER_MODES}, got {gather!r}")
-    if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
-        raise ValueError(f"image and text embeddings must both be [n, D], got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
+    check_shapes(image_emb, text_emb)
     rank, world = distributed_world()
     with hooks.phase("gather"):
         sizes = gather_sizes(image_emb.shape[0])

@@ -24,7 +24,7 @@ from torch import nn
 from .gather import distributed_world, gather_sizes
 from .hooks import PLAIN, StepHooks
 from .memory import NegativeMemory
-from .pool import build_pool, enqueue_batch
+from .pool import build_pool, check_shapes, enqueue_batch
 from .ring import ring_sigmoid_terms
 from .sigmoid_terms import sigmoid_terms
 from .tiled import check_chunk_size
@@ -71,9 +71,7 @@ class SigmoidLoss(nn.Module):
         scale, bias = self.scale().to(image_emb.dtype), self.logit_bias.to(image_emb.dtype)
         rank, world = distributed_world()
         if self.gather == "ring" and world > 1:
-            if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
-                raise ValueError(f"image and text embeddings must both be [n, D], got {tuple(image_emb.shape)} "
-                                 f"and {tuple(text_emb.shape)}")
+            check_shapes(image_emb, text_emb)
             hooks.check_finite("image embeddings", image_emb.detach())
             hooks.check_finite("text embeddings", text_emb.detach())
             with hooks.phase("gather"):
