@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..losses.hooks import PLAIN, StepHooks
-from ..runtime.precision import autocast
+from ..runtime.precision import autocast, full_precision
 from ..runtime.step_phases import phase
 
 
@@ -60,8 +60,8 @@ def cached_gradient_backward(model, criterion, batch: dict, device: torch.device
             states.append(_random_state(device))
             with autocast(device, use_amp):
                 image_emb, text_emb = model(batch["image"][part], batch["input_ids"][part], batch["attention_mask"][part])
-            images.append(image_emb.float())
-            texts.append(text_emb.float())
+            images.append(full_precision(image_emb))
+            texts.append(full_precision(text_emb))
         for buffer, saved in statistics:
             buffer.copy_(saved)
     after_first_pass = _random_state(device)
@@ -78,6 +78,7 @@ def cached_gradient_backward(model, criterion, batch: dict, device: torch.device
             with phase("forward"), autocast(device, use_amp):  # again, with a graph this time
                 image_part, text_part = model(batch["image"][part], batch["input_ids"][part], batch["attention_mask"][part])
             with phase("backward"):
-                torch.autograd.backward([image_part.float(), text_part.float()], [image_emb.grad[part], text_emb.grad[part]])
+                torch.autograd.backward([full_precision(image_part), full_precision(text_part)],
+                                        [image_emb.grad[part], text_emb.grad[part]])
     _set_random_state(after_first_pass, device)
     return loss.detach()

@@ -18,7 +18,7 @@ from torch.nn.utils import clip_grad_norm_, get_total_norm
 from ..data.shard_format import TENSOR_COLUMNS
 from ..losses.gather import average_gradients
 from ..losses.hooks import StepHooks
-from ..runtime.precision import autocast
+from ..runtime.precision import autocast, full_precision
 from ..runtime.step_phases import phase
 from ..runtime.step_verdict import NonFiniteStepError, PendingVerdict, check_finite, checks_on_device, judge
 from .grad_cache import cached_gradient_backward
@@ -79,8 +79,8 @@ def train_step(model, criterion, optimizer, scheduler, batch: dict[str, torch.Te
             with phase("forward"), autocast(device, use_amp):
                 image_emb, text_emb = model(batch["image"], batch["input_ids"], batch["attention_mask"])
             with phase("loss"):
-                # The loss runs in float32: distances and softmaxes over the pool lose too much in bf16.
-                loss = criterion(image_emb.float(), text_emb.float(), batch["label"], batch["group"], STEP_HOOKS)
+                loss = criterion(full_precision(image_emb), full_precision(text_emb), batch["label"], batch["group"],
+                                 STEP_HOOKS)
             with phase("backward"):  # through the gather, and DDP's gradient all-reduce
                 loss.backward()
     with phase("optimizer"):

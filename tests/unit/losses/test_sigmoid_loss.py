@@ -1,19 +1,14 @@
 """The sigmoid loss (SigLIP): its definition against a one-pair-at-a-time loop and open_clip's
-``SigLipLoss``; the loss class, dense and tiled, against the definition; and on 2 and 3 gloo
-workers (unequal local batches, repeated labels, an image with two captions) with the pool
-gathered (``local``, ``full``) or passed round a ring (``ring``): the mean of the workers'
-values and every DDP-averaged gradient equal one process on the whole batch, in float64."""
+``SigLipLoss``; the loss class, dense and tiled, against the definition; its config and its
+search space. On 1, 2 and 3 gloo workers, with the pool gathered (``local``, ``full``) or passed
+round a ring (``ring``), dense, tiled, micro-batched, with a memory and in float32, it is held
+against its definition by the loss matrix (test_loss_matrix.py)."""
 
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from distributed_steps import make_model, run_steps
 from reference_losses import reference_sigmoid
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from vcl_dist.config import ConfigError, load_config
 from vcl_dist.losses import NegativeMemory, SigmoidLoss, build_loss
@@ -100,60 +95,6 @@ def test_the_loss_is_built_from_the_config_and_refuses_what_it_cannot_do(repo_ro
         with pytest.raises(ConfigError, match=message) as err:
             load_config(repo_root / "jobs/configs/default.yaml", overrides)
         assert "\n" not in str(err.value)
-
-
-def tower_batches(n):
-    """Two steps (a memory is filled by the first), with repeated labels and a two-caption image."""
-    g = torch.Generator().manual_seed(5)
-    batches = []
-    for step in range(2):
-        labels = torch.randint(0, 3, (n,), generator=g)
-        labels[::5] = -1
-        groups = torch.arange(n) + 100 * step
-        groups[3] = groups[2]
-        batches.append((torch.randn(n, 7, generator=g, dtype=torch.float64),
-                        torch.randn(n, 4, generator=g, dtype=torch.float64), labels, groups))
-    return batches
-
-
-CASES = [(gather, chunk, memory) for gather in ("local", "full", "ring") for chunk in (None, 4)
-         for memory in ((False, True) if gather != "ring" else (False,))]
-
-
-def _worker(rank, world, sizes, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    batches = tower_batches(sum(sizes))
-    lo = sum(sizes[:rank])
-    part = slice(lo, lo + sizes[rank])
-    results = {}
-    for case in CASES:
-        steps = run_steps(DistributedDataParallel(make_model()), make_sigmoid(*case), batches, part)
-        for i, (loss, grads) in enumerate(steps):
-            mean = loss.clone()
-            dist.all_reduce(mean)
-            steps[i] = (mean / world, grads)
-        results[case] = steps
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
-@pytest.mark.parametrize("sizes", [(6, 6), (5, 4, 3)], ids=["world2-equal", "world3-unequal"])
-def test_gathered_and_ring_losses_equal_one_process(sizes, tmp_path):
-    mp.spawn(_worker, args=(len(sizes), list(sizes), str(tmp_path)), nprocs=len(sizes), join=True)
-    per_rank = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(len(sizes))]
-    batches = tower_batches(sum(sizes))
-    for case in CASES:
-        gather, _, memory = case
-        want = run_steps(make_model(), make_sigmoid(gather, None, memory), batches)
-        for step, (want_loss, want_grads) in enumerate(want):
-            for rank, results in enumerate(per_rank):
-                got_loss, got_grads = results[case][step]
-                where = f"{case} step {step} rank {rank}"
-                torch.testing.assert_close(got_loss, want_loss, rtol=1e-10, atol=1e-12, msg=where)
-                for name, grad in want_grads.items():
-                    assert grad.abs().sum() > 0, f"{where} {name}"
-                    torch.testing.assert_close(got_grads[name], grad, rtol=1e-10, atol=1e-12, msg=f"{where} {name}")
 
 
 def test_a_search_can_tune_the_sigmoid_losss_scale_and_bias(repo_root):

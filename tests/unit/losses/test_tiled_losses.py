@@ -1,6 +1,6 @@
 """Tiled losses (``chunk_size``) equal the dense ones: every loss × negative mode × memory on/off ×
 label tower, values and every gradient, float64 to 1e-9, with chunk sizes that do and do not
-divide the pool. (The distributed equivalence with tiling on is in test_distributed_loss.py.)"""
+divide the pool. (The distributed equivalence with tiling on is in the loss matrix, test_loss_matrix.py.)"""
 
 import pytest
 import torch

@@ -185,5 +185,5 @@ def test_vcrl_with_label_tower_and_sharded_memory_trains_and_checkpoints_its_sta
     assert torch.equal(image[0::2], shards[0]["image"]) and torch.equal(labels[1::2], shards[1]["labels"])
 
 
-# The InfoNCE/full-gather equivalence is proven in test_distributed_loss; this real run joins the e2e checks to keep
+# The InfoNCE/full-gather equivalence is proven by the loss matrix (test_loss_matrix.py); this real run joins the e2e checks to keep
 # the suite under its 15-minute budget (15 min 22 s measured with it, after the sharded-memory and checkpoint tests).

@@ -1,14 +1,11 @@
-"""The central equivalence: the gathered loss on W gloo workers is the single-process loss.
+"""A sharded negative memory (``loss.memory_shard``) saved by W gloo workers is the replicated
+one, and restored at world sizes 1, 2 and 3 it gives the step the replicated memory gives.
 
-Each worker holds its slice of one global batch; the towers are wrapped in DDP. For every loss
-× gather variant × negative mode, without negative memory, with a replicated one and with a
-sharded one (``loss.memory_shard``; also restored from checkpoints of world sizes 1, 2 and 3),
-the mean of the workers' loss values must equal the loss of one process on the whole batch, and every DDP-averaged
-parameter gradient (and every gradient of the loss's own parameters, averaged by hand) must
-equal the single-process gradient, in float64 to 1e-6. World sizes 2 (equal halves) and 3
-(unequal local batches, as at the end of an epoch). The workers run every case twice: dense, and
-tiled (``chunk_size`` 4, which divides no pool here); the reference is always the dense loss
-with a replicated memory.
+Each worker fills its shard with the first step's rows and saves it; the shards assembled must
+equal the replicated memory of one process, and re-cut for other world sizes (the checkpoint
+format of vcl_dist.losses.memory) the second step from each restored memory must give the
+single-process loss and gradients, float64. (How every loss meets its definition with a
+sharded memory in the first place is the loss matrix's job: test_loss_matrix.py.)
 """
 
 import os
@@ -40,16 +37,12 @@ def make_loss(name, negatives, gather, memory_kind, chunk_size=None):
     return loss.double()
 
 
-CASES = [
-    (name, negatives, gather, memory_kind, chunk_size)
+RESHARDED = [
+    (name, negatives, gather, "sharded", None)
     for name, modes in (("triplet", sorted(NEGATIVE_SELECTION)), ("vcrl", sorted(NEGATIVE_SELECTION)), ("infonce", ["-"]))
     for negatives in modes
     for gather in ("local", "full")
-    for memory_kind in (None, "replicated", "sharded")
-    for chunk_size in (None, 4)
 ]
-# The cases whose sharded memory is also restored from a checkpoint of another world size.
-RESHARDED = [case for case in CASES if case[3] == "sharded" and case[4] is None]
 
 
 def make_batches(n):
@@ -83,13 +76,6 @@ def _worker(rank, world, sizes, out_dir):
     lo = sum(sizes[:rank])
     part = slice(lo, lo + sizes[rank])
     results = {}
-    for case in CASES:
-        steps = run_steps(DistributedDataParallel(make_model()), make_loss(*case), batches, part)
-        for i, (loss, grads) in enumerate(steps):
-            mean_loss = loss.clone()
-            dist.all_reduce(mean_loss)
-            steps[i] = (mean_loss / world, grads)
-        results[case] = steps
     for case in RESHARDED:
         # Fill a sharded memory with the first batch, save every worker's shard, assemble them
         # into a replicated memory, re-cut that for other world sizes, restore each here, and
@@ -113,22 +99,14 @@ def _worker(rank, world, sizes, out_dir):
 
 
 @pytest.mark.parametrize("sizes", [(6, 6), (5, 4, 3)], ids=["world2-equal", "world3-unequal"])
-def test_gathered_losses_and_ddp_gradients_equal_single_process(sizes, tmp_path):
+def test_a_sharded_memory_is_the_replicated_one_and_restores_at_any_world_size(sizes, tmp_path):
     mp.spawn(_worker, args=(len(sizes), list(sizes), str(tmp_path)), nprocs=len(sizes), join=True)
     per_rank = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(len(sizes))]
     batches = make_batches(sum(sizes))
-    for case in CASES:
+    for case in RESHARDED:
+        name, negatives, gather, _, _ = case
         # The reference: dense, in one process, with a replicated memory.
-        name, negatives, gather, memory_kind, _ = case
-        reference_memory = None if memory_kind is None else "replicated"
-        reference = make_loss(name, negatives, gather, reference_memory)
-        want = run_steps(make_model(), reference, batches)
-        for step, (want_loss, want_grads) in enumerate(want):
-            assert want_loss.item() > 0, case
-            for rank, results in enumerate(per_rank):
-                check_step(results[case][step], want_loss, want_grads, f"{case} step {step} rank {rank}")
-        if case not in RESHARDED:
-            continue
+        want = run_steps(make_model(), make_loss(name, negatives, gather, "replicated"), batches)
         # The memory after the first step, assembled from the workers' shards, is the replicated one.
         first = make_loss(name, negatives, gather, "replicated")
         run_steps(make_model(), first, batches[:1])
@@ -145,8 +123,8 @@ def test_gathered_losses_and_ddp_gradients_equal_single_process(sizes, tmp_path)
 
 def check_step(got, want_loss, want_grads, where):
     got_loss, got_grads = got
-    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-10, msg=where)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-10, atol=1e-12, msg=where)
     assert got_grads.keys() == want_grads.keys()
     for name, grad in want_grads.items():
         assert grad.abs().sum() > 0, f"{where} {name}"
-        torch.testing.assert_close(got_grads[name], grad, rtol=1e-6, atol=1e-10, msg=f"{where} {name}")
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-10, atol=1e-12, msg=f"{where} {name}")
