@@ -100,6 +100,8 @@ class ImageTowerConfig(Section):
     std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225], min_length=3, max_length=3)
     lock: bool = Field(False, description="freeze the tower (LiT): eval mode, no gradients, not in the optimizer")
     unlocked_groups: int = Field(0, ge=0, description="with lock: leave the last N layer groups trainable")
+    patch_dropout: float = Field(0.0, ge=0, le=0.9, description="ViT towers: in training, drop this share of each "
+                                 "picture's patches (FLIP): faster steps, evaluation sees every patch")
 
     @model_validator(mode="after")
     def _positive_std(self) -> "ImageTowerConfig":
@@ -210,6 +212,12 @@ class TrainConfig(Section):
         "ViT-B/32 on an H200)")
     channels_last: bool = Field(False, description="the image tower and the image batches in channels-last memory "
                                 "format: faster convolutions on GPUs with tensor cores")
+    activation_checkpointing: bool = Field(False, description="keep only each transformer block's or ResNet stage's "
+                                           "inputs for the backward pass and recompute the rest there: less activation "
+                                           "memory for about a third more compute")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: every worker holds both towers, their gradients and AdamW's state; fsdp: each of them "
+        "sharded over the workers (FSDP2: every transformer block and ResNet stage, then the whole model), 1/W each")
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainConfig":
@@ -227,6 +235,9 @@ class TrainConfig(Section):
                 raise ValueError(f"train.resources_per_worker: {name} must be a positive finite amount, got {amount}")
         if self.min_workers is not None and self.min_workers > self.num_workers:
             raise ValueError(f"train.min_workers ({self.min_workers}) must not exceed train.num_workers ({self.num_workers})")
+        if self.strategy == "fsdp" and self.compile:
+            raise ValueError("train.strategy=fsdp does not combine with train.compile (the sharded blocks' hooks break the "
+                             "compiled graphs): leave one of them out")
         return self
 
 

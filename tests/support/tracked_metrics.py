@@ -59,12 +59,16 @@ def assert_step_time_breakdown(run: Path) -> None:
     assert final["peak_rss_gib"] > 0.1 and final["peak_gpu_allocated_gib"] == 0
 
 
-def assert_same_weights(model: Path, other: Path) -> None:
+def assert_same_weights(model: Path, other: Path, atol: float = 1e-6, zero_gradient: tuple[str, ...] = ()) -> None:
+    """The two exported models hold the same tensors within ``atol``. ``zero_gradient``: name
+    endings of tensors whose gradient is zero in exact arithmetic (attention's key biases), left
+    out: AdamW turns the rounding noise that stands for it into lr-sized steps."""
     from safetensors.torch import load_file
 
     ours, theirs = load_file(model / "model.safetensors"), load_file(other / "model.safetensors")
     assert ours.keys() == theirs.keys()
-    assert max((ours[k].double() - theirs[k].double()).abs().max().item() for k in ours) <= 1e-6
+    differences = {k: (ours[k].double() - theirs[k].double()).abs().max().item() for k in ours if not k.endswith(zero_gradient)}
+    assert max(differences.values()) <= atol, sorted(differences.items(), key=lambda item: -item[1])[:5]
 
 
 def checked_reference_run(config: Path, overrides: list[str]):

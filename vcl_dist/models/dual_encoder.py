@@ -12,6 +12,7 @@ from ..runtime.console import one_line
 from .image_tower import build_image_tower
 from .locking import is_fully_locked, keep_locked_modules_in_eval, lock_tower
 from .open_clip_towers import is_open_clip
+from .patch_dropout import apply_patch_dropout
 from .text_tower import build_text_tower
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)
@@ -137,6 +138,7 @@ def build_dual_encoder(cfg: ModelConfig, vocab_size: int, max_text_length: int, 
     for tower, settings in ((model.image_tower, cfg.image), (model.text_tower, cfg.text)):
         if settings.lock:
             lock_tower(tower, settings.unlocked_groups)
+    apply_patch_dropout(model.image_tower, cfg.image.patch_dropout)
     return model.train()
 
 

@@ -5,7 +5,9 @@ A **checkpoint** (one folder, loadable with ``torch.load(weights_only=True)``) i
 (:mod:`vcl_dist.models.export`: ``model.pt``, ``config.yaml``, ``tokenizer/``, ``history.json``,
 ``classes.txt``, ``towers.json``) plus the training state: ``loss.pt`` (the loss's parameters,
 such as a temperature or class embeddings) and ``training_state.pt`` (optimizer, scheduler,
-negative memory, epoch, step, the data position and every worker's RNG state). A sharded
+negative memory, epoch, step, the data position and every worker's RNG state). Model and
+optimizer are whole and keyed by parameter name, whichever strategy trained them
+(:mod:`.state_dicts`): a checkpoint resumes under DDP or FSDP, at any worker count. A sharded
 negative memory is saved by every worker beside them, one file each:
 ``memory_shard_<rank>_of_<world>.pt`` (Ray Train merges the workers' files into one folder and
 registers the checkpoint once every worker has reported).
@@ -24,6 +26,7 @@ from ..config import Config
 from ..models.export import CONFIG_FILE, HISTORY_FILE, MODEL_FILE, TOKENIZER_DIR, save_tower_configs
 from ..models.locate import torch_file_problem, usable_checkpoints
 from ..storage import filesystem_for
+from .state_dicts import WholeState, load_model_state, load_optimizer_state, whole_state
 
 LOSS_FILE = "loss.pt"
 STATE_FILE = "training_state.pt"
@@ -34,17 +37,20 @@ CHECKPOINT_FILES = (MODEL_FILE, LOSS_FILE, STATE_FILE, HISTORY_FILE, CONFIG_FILE
 def save_checkpoint(folder: str | Path, *, model, criterion, optimizer, scheduler, epoch: int, step: int,
                     history: list[dict], config_yaml: str, tokenizer, class_names: list[str] | None = None,
                     epoch_step: int = 0, epoch_progress: list[dict] | None = None, epoch_rows: dict | None = None,
-                    rng: list[dict] | None = None) -> None:
+                    rng: list[dict] | None = None, state: WholeState | None = None) -> None:
     """``epoch``: the epoch the checkpoint is in (0-based); ``epoch_step``: steps done in it, 0 when
     the checkpoint closes it; ``epoch_progress``: every worker's running sums of the epoch, and
     ``epoch_rows``: which of its rows each worker trained on (see ``train.resume``), to finish
-    it after a restart; ``rng``: every worker's RNG state, in rank order."""
+    it after a restart; ``rng``: every worker's RNG state, in rank order. ``state``: the model's,
+    loss's and optimizer's state, gathered beforehand by every worker (FSDP: see
+    :mod:`.state_dicts`); default: taken here, from a model that is not sharded."""
     folder = Path(folder)
-    torch.save(model.state_dict(), folder / MODEL_FILE)
-    torch.save(criterion.state_dict(), folder / LOSS_FILE)
+    state = state or whole_state(model, criterion, optimizer)
+    torch.save(state.model, folder / MODEL_FILE)
+    torch.save(state.loss, folder / LOSS_FILE)
     memory = getattr(criterion, "memory", None)
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
+        {"optimizer": state.optimizer, "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
          "epoch_step": epoch_step, "epoch_progress": epoch_progress, "epoch_rows": epoch_rows, "rng": rng,
          # A sharded memory is in the workers' memory_shard files (save_memory_shard).
          "memory": memory.state_dict() if memory is not None and not memory.sharded else None},
@@ -64,10 +70,11 @@ def save_memory_shard(folder: str | Path, memory) -> None:
 
 
 def load_checkpoint(folder: str | Path, *, model, criterion=None, optimizer=None, scheduler=None) -> dict:
-    """Restore what is given; returns ``epoch``, ``step``, ``epoch_step``, ``epoch_progress``,
+    """Restore what is given (``model`` as trained: bare, DDP-wrapped or sharded; ``optimizer``
+    needs ``criterion``); returns ``epoch``, ``step``, ``epoch_step``, ``epoch_progress``,
     ``epoch_rows``, ``rng`` and ``history`` of the saved run."""
     folder = Path(folder)
-    model.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
+    load_model_state(model, torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
     if criterion is not None:
         criterion.load_state_dict(torch.load(folder / LOSS_FILE, map_location="cpu", weights_only=True))
@@ -79,7 +86,7 @@ def load_checkpoint(folder: str | Path, *, model, criterion=None, optimizer=None
             # One file at a time: a worker never holds more than its own rows and one saved shard.
             memory.load_state_dicts(torch.load(path, map_location="cpu", weights_only=True) for path in shard_files)
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, criterion, optimizer, state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     history = json.loads((folder / HISTORY_FILE).read_text())

@@ -1,7 +1,8 @@
 """When a worker group checkpoints, and the report that carries the checkpoint: every worker
 reports (a barrier); rank 0 attaches the training state with every worker's RNG state and, inside
 an epoch, every worker's running sums and rows; with a sharded memory every worker attaches its
-shard too (Ray Train merges the files into one checkpoint folder)."""
+shard too (Ray Train merges the files into one checkpoint folder). Sharded towers (FSDP) are
+gathered whole for it by every worker together."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import torch.distributed as dist
 from ..config import Config, dump_config
 from .checkpoint import save_checkpoint, save_memory_shard
 from .resume import gather_worker_states
+from .sharding import is_sharded
+from .state_dicts import whole_state
 from .worker_model import TrainingModel
 
 
@@ -46,6 +49,8 @@ class CheckpointWriter:
         ``running_sums`` are given)."""
         workers = gather_worker_states(self.device, running_sums)
         self.last_time = time.monotonic()
+        # Sharded towers are gathered by every worker together (rank 0 keeps the whole state).
+        state = whole_state(trained.model, trained.criterion, trained.optimizer) if is_sharded(trained.model) else None
         memory = getattr(trained.criterion, "memory", None)
         sharded_memory = memory if memory is not None and memory.sharded else None
         if self.rank != 0 and sharded_memory is None:
@@ -61,5 +66,5 @@ class CheckpointWriter:
                                 epoch_step=running_sums["steps"] if running_sums else 0,
                                 epoch_progress=[w["progress"] for w in workers] if running_sums else None,
                                 epoch_rows=epoch_rows,
-                                rng=[w["rng"] for w in workers])
+                                rng=[w["rng"] for w in workers], state=state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))

@@ -7,7 +7,8 @@ batch while holding the activations of one micro-batch at a time (GradCache, Gao
    its gradient with respect to the embeddings (and the loss's own parameters).
 3. Re-run each micro-batch with its remembered random state, this time with a graph, and
    back-propagate its slice of the cached embedding gradient. DDP's gradient all-reduce runs
-   once, on the last micro-batch (the others run under ``no_sync``).
+   once, on the last micro-batch (the others run under ``no_sync``); FSDP reduce-scatters
+   each micro-batch's share (:func:`~vcl_dist.train.sharding.gradient_sync`).
 
 By the chain rule the accumulated parameter gradients are those of one pass over the whole
 batch (tested against it with dropout, on 2 gloo workers). What differs is what no method can
@@ -17,14 +18,13 @@ statistics are updated once per micro-batch, in the second pass only.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 from torch import nn
 
 from ..losses.hooks import PLAIN, StepHooks
 from ..runtime.precision import autocast, full_precision
 from ..runtime.step_phases import phase
+from .sharding import gradient_sync
 
 
 def micro_batches(rows: int, size: int) -> list[slice]:
@@ -74,7 +74,7 @@ def cached_gradient_backward(model, criterion, batch: dict, device: torch.device
     for index, part in enumerate(parts):
         last = index == len(parts) - 1
         _set_random_state(states[index], device)
-        with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+        with gradient_sync(model, enabled=last):
             with phase("forward"), autocast(device, use_amp):  # again, with a graph this time
                 image_part, text_part = model(batch["image"][part], batch["input_ids"][part], batch["attention_mask"][part])
             with phase("backward"):

@@ -39,6 +39,7 @@ from .fatal import NonFiniteLossError, end_run_on_fatal_error
 from .lockstep import lockstep
 from .metrics import EpochProgress
 from .resume import ResumePoint, checkpoints_to_resume_from, epoch_rows_state
+from .sharding import is_sharded
 from .worker_model import TrainingModel
 from .worker_stream import InputStream
 
@@ -63,7 +64,7 @@ def non_finite_step_is_fatal(train_fn: Callable[[dict], dict | None]) -> Callabl
 def train_loop_per_worker(loop_config: dict) -> dict | None:
     run = WorkerRun(loop_config)  # build
     trained, stream, link, cfg = run.trained, run.stream, run.link, run.cfg
-    start = ResumePoint.restore(checkpoints_to_resume_from(), model=trained.raw_model, criterion=trained.criterion,
+    start = ResumePoint.restore(checkpoints_to_resume_from(), model=trained.model, criterion=trained.criterion,
                                 optimizer=trained.optimizer, scheduler=trained.scheduler, lr=run.lr, device=run.device,
                                 data=stream.data, local_batch=run.local_batch)
     trained.step, run.history = start.step, start.history
@@ -181,11 +182,16 @@ class WorkerRun:
                 "resumed_from_step": start.step}
 
     def evaluate_into(self, metrics: dict, bad_shards: list, step_losses: list[float]) -> None:
-        """Rank 0: the val metrics into ``metrics``, and the epoch into the history."""
+        """Rank 0: the val metrics into ``metrics``, and the epoch into the history. Sharded
+        towers run on every worker together, so every worker embeds the val split with rank 0."""
+        sharded = is_sharded(self.trained.model)
+        if self.rank != 0 and not sharded:
+            return
+        found = evaluate_on_val(self.trained.raw_model, self.cfg, self.tokenizer, self.class_names, self.device,
+                                self.trained.use_amp, self.val_cache)
         if self.rank != 0:
             return
-        metrics.update(evaluate_on_val(self.trained.raw_model, self.cfg, self.tokenizer, self.class_names, self.device,
-                                       self.trained.use_amp, self.val_cache))
+        metrics.update(found)
         # Kept in the history (checkpoints, metrics.jsonl, result.json), not in the metrics
         # reported to Ray: lists are no metric to plot or to tune on (metrics.HISTORY_ONLY).
         self.history.append({**metrics, "bad_shards": bad_shards, "val_bad_shards": worst_shards(self.val_cache.by_shard),

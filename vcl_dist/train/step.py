@@ -13,7 +13,6 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from torch.nn.utils import clip_grad_norm_, get_total_norm
 
 from ..data.shard_format import TENSOR_COLUMNS
 from ..losses.gather import average_gradients
@@ -22,6 +21,7 @@ from ..runtime.precision import autocast, full_precision
 from ..runtime.step_phases import phase
 from ..runtime.step_verdict import NonFiniteStepError, PendingVerdict, check_finite, checks_on_device, judge
 from .grad_cache import cached_gradient_backward
+from .grad_norm import clip_gradients
 from .tower_options import to_channels_last
 
 # What a step lends the loss: its phases timed by the step's clock, the gathered embeddings'
@@ -85,11 +85,7 @@ def train_step(model, criterion, optimizer, scheduler, batch: dict[str, torch.Te
                 loss.backward()
     with phase("optimizer"):
         average_gradients(criterion.parameters())
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        if grad_clip_norm:
-            grad_norm = clip_grad_norm_(params, grad_clip_norm)
-        else:
-            grad_norm = get_total_norm([p.grad for p in params if p.grad is not None])
+        grad_norm = clip_gradients([p for g in optimizer.param_groups for p in g["params"]], grad_clip_norm)
         values = torch.stack([loss.detach().float(), grad_norm.float(), *[ok.float() for _, ok in checks]])
         if verdict_on_device:
             finite = torch.isfinite(values[:2]).all() & values[2:].bool().all()

@@ -1,16 +1,24 @@
-"""How the towers run in a worker: channels-last memory format, ``torch.compile``.
+"""How the towers run in a worker: channels-last memory format, ``torch.compile``, activation
+checkpointing.
 
-Both are set on the bare model before DDP wraps it. ``Module.compile`` compiles in place, so
-the state dict keeps its keys (no ``_orig_mod.`` prefix): checkpoints and exports are the same
-with and without it, and a compiled run resumes an eager one's checkpoint.
+All are set on the bare model before DDP wraps it or FSDP shards it. ``Module.compile``
+compiles in place, so the state dict keeps its keys (no ``_orig_mod.`` prefix): checkpoints
+and exports are the same with and without it, and a compiled run resumes an eager one's
+checkpoint. Activation checkpointing replaces each block's ``forward`` on the instance (no
+wrapper module), for the same reason.
 """
 
 from __future__ import annotations
 
+import functools
+from contextlib import contextmanager, nullcontext
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import TrainConfig
+from ..models.blocks import repeated_blocks
 
 TOWERS = ("image_tower", "text_tower")
 
@@ -23,6 +31,9 @@ def prepare_towers(model: nn.Module, cfg: TrainConfig) -> list[str]:
     if cfg.channels_last and isinstance(image_tower, nn.Module):
         image_tower.to(memory_format=torch.channels_last)
         done.append("channels-last image tower")
+    if cfg.activation_checkpointing:
+        count = checkpoint_blocks(model)
+        done.append(f"activations of {count} blocks recomputed in the backward pass")
     if cfg.compile:
         mode = "default" if cfg.compile is True else cfg.compile
         compiled = [name for name in TOWERS if isinstance(getattr(model, name, None), nn.Module)]
@@ -30,6 +41,42 @@ def prepare_towers(model: nn.Module, cfg: TrainConfig) -> list[str]:
             getattr(model, name).compile(mode=mode)
         done.append(f"torch.compile (mode {mode}) of {', '.join(compiled)}")
     return done
+
+
+def checkpoint_blocks(model: nn.Module) -> int:
+    """Keep only each tower block's inputs for the backward pass and recompute the rest there
+    (``train.activation_checkpointing``): activation memory of one block instead of all, for
+    about one more forward pass of compute. Returns how many blocks."""
+    count = 0
+    for name in TOWERS:
+        tower = getattr(model, name, None)
+        for block in repeated_blocks(tower) if isinstance(tower, nn.Module) else []:
+            block.forward = functools.partial(_recomputed, block, block.forward)
+            count += 1
+    return count
+
+
+def _recomputed(block: nn.Module, forward, *args, **kwargs):
+    """``forward``, its activations recomputed in backward (non-reentrant: keyword arguments
+    and outputs that need no gradient are fine; the random state is replayed, so dropout
+    draws the same masks). Without autograd (evaluation, a locked tower), a plain call."""
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), _statistics_kept(block)),
+                      **kwargs)
+
+
+@contextmanager
+def _statistics_kept(block: nn.Module):
+    """The recomputation leaves BatchNorm's running statistics as the forward pass left them
+    (without this they would take the batch in twice)."""
+    saved = [(buffer, buffer.clone()) for module in block.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
+             for buffer in module.buffers()]
+    try:
+        yield
+    finally:
+        for buffer, value in saved:
+            buffer.copy_(value)
 
 
 def to_channels_last(images: torch.Tensor) -> torch.Tensor:

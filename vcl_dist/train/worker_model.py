@@ -3,7 +3,6 @@ the learning-rate schedule, and one training step with them."""
 
 from __future__ import annotations
 
-import ray.train.torch
 import torch
 
 from ..config import Config
@@ -14,6 +13,7 @@ from ..runtime.console import one_line
 from ..runtime.step_verdict import NonFiniteStepError, PendingVerdict
 from .fatal import ModelBuildError
 from .schedule import build_optimizer, build_scheduler
+from .sharding import bare_model, shard_model
 from .step import train_step
 from .tower_options import prepare_towers
 
@@ -35,11 +35,13 @@ class TrainingModel:
         if hasattr(model, "logit_scale") and hasattr(self.criterion, "logit_scale"):
             self.criterion.logit_scale.data.copy_(model.logit_scale)  # InfoNCE starts at CLIP's temperature
         self.tower_options = prepare_towers(model, cfg.train)
-        self.model = ray.train.torch.prepare_model(model)
-        self.raw_model = self.model.module if hasattr(self.model, "module") else self.model
+        self.use_amp = cfg.train.amp is True or (cfg.train.amp == "auto" and device.type == "cuda")
+        self.model = shard_model(model, cfg.train.strategy, device, world, self.use_amp)
+        if cfg.train.strategy == "fsdp":
+            self.tower_options.append(f"towers sharded over {world} workers (FSDP)")
+        self.raw_model = bare_model(self.model)
         self.criterion.to(device)
         self.optimizer = build_optimizer([self.raw_model, self.criterion], lr, cfg.train.weight_decay)
-        self.use_amp = cfg.train.amp is True or (cfg.train.amp == "auto" and device.type == "cuda")
         # On a GPU the step's finiteness verdict stays on the device (fused AdamW skips a failed
         # step there) and is read every run.log_every_steps steps: see runtime.step_verdict.
         self.verdict_on_device = device.type == "cuda" and bool(self.optimizer.defaults.get("fused"))
