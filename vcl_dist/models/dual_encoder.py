@@ -52,39 +52,54 @@ class DualEncoder(nn.Module):
         keep_locked_modules_in_eval(self)
         return self
 
+    # The public encoders and the tower-output methods are entry points of their own (evaluation,
+    # serving, feature caching; under FSDP each gathers the parameters it needs): none calls
+    # another, so that a sharded model gathers once per call.
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Pictures ``[B, 3, H, W]`` (uint8, or floats in [0, 1]) -> ``[B, D]``; or the image
         tower's own outputs ``[B, F]`` (a locked tower's, computed once) -> their projection."""
+        return self._image_embeddings(images)
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised pictures -> the image tower's outputs ``[B, F]`` (without autograd when it is locked whole)."""
+        return self._image_tower_outputs(images)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Tokens ``[B, L]`` -> ``[B, D]``; or the text tower's own outputs ``[B, H]`` (floats: a
+        locked tower's, computed once) -> their projection."""
+        return self._text_embeddings(input_ids, attention_mask)
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Tokens -> the text tower's outputs ``[B, H]`` (without autograd when it is locked whole)."""
+        return self._text_tower_outputs(input_ids, attention_mask)
+
+    def forward(self, images, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._image_embeddings(images), self._text_embeddings(input_ids, attention_mask)
+
+    def _image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() == 2 and images.is_floating_point():
             return self.image_projection(images.to(self.image_projection.weight.dtype))
         if images.dtype == torch.uint8:
             images = images.float().div_(255.0)
         images = (images - self.image_mean) / self.image_std
-        return self.image_projection(self.image_features(images))
+        return self.image_projection(self._image_tower_outputs(images))
 
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised pictures -> the image tower's outputs ``[B, F]`` (without autograd when it is locked whole)."""
+    def _image_tower_outputs(self, images: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not is_fully_locked(self.image_tower)):
             return self.image_tower(images)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Tokens ``[B, L]`` -> ``[B, D]``; or the text tower's own outputs ``[B, H]`` (floats: a
-        locked tower's, computed once) -> their projection."""
+    def _text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if input_ids.is_floating_point():
             return self.text_projection(input_ids.to(self.text_projection.weight.dtype))
-        return self.text_projection(self.text_features(input_ids, attention_mask))
+        return self.text_projection(self._text_tower_outputs(input_ids, attention_mask))
 
-    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Tokens -> the text tower's outputs ``[B, H]`` (without autograd when it is locked whole)."""
+    def _text_tower_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # Drop the padding columns every caption of the batch has: a shorter sequence is
         # cheaper and, with the attention mask, gives the same result.
         length = int(attention_mask.sum(1).max().item()) if attention_mask.numel() else 1
         input_ids, attention_mask = input_ids[:, : max(length, 1)], attention_mask[:, : max(length, 1)]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not is_fully_locked(self.text_tower)):
             return self.text_tower(input_ids, attention_mask)
-
-    def forward(self, images, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encode_image(images), self.encode_text(input_ids, attention_mask)
 
 
 def check_model_config(cfg: ModelConfig) -> None:
