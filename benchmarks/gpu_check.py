@@ -5,7 +5,9 @@
 What it exercises, with the project's own code: a nccl process group (world size 1) under
 the loss's gather and gradient averaging (gathered = local loss and gradients on the device);
 pinned-memory collation and non-blocking copies; bf16 autocast of both towers with the loss in
-float32 (bf16 loss and gradients against a float32 step of the same model); the phase clock's
+float32 (bf16 loss and gradients against a float32 step of the same model); FSDP2-sharded
+towers (bf16 parameters, float32 reduction, activation checkpointing, patch dropout) against
+the bare model, and their gathered state; the phase clock's
 device synchronisation; a few epochs of the default model on the built-in shapes data (the
 loss must fall); bf16 evaluation; tiled losses against the dense ones on the device, a step
 with tiled loss + cached-gradient micro-batches under autocast, and two more with a sharded
@@ -121,6 +123,52 @@ def check_gather_on_device(device: torch.device, say) -> None:
     worst = max(float((a - b).abs().max()) for a, b in zip(*results))
     say(f"{dist.get_backend()} gather (world {dist.get_world_size()}) vs local loss on {device.type}: "
         f"largest difference of value and gradients {worst:.2e}")
+
+
+def check_sharded_towers(device: torch.device, amp: bool, say, quick: bool = False) -> None:
+    """``train.strategy=fsdp`` on the device (one rank of the process group): five steps of a
+    small ViT + text tower sharded with FSDP2 (bf16 parameters and float32 gradient reduction
+    under autocast), with activation checkpointing and patch dropout 0.5, against the same
+    steps of the bare model; then its whole state, gathered, loaded into a bare model gives the
+    same embeddings."""
+    from vcl_dist.models import build_dual_encoder
+    from vcl_dist.train.schedule import build_optimizer, build_scheduler
+    from vcl_dist.train.sharding import bare_model, shard_model
+    from vcl_dist.train.state_dicts import whole_state
+    from vcl_dist.train.step import train_step
+    from vcl_dist.train.tower_options import checkpoint_blocks
+
+    cfg = load_config(None, ["model.image.arch=vit_b_32", "model.image.patch_dropout=0.5", "model.text.num_layers=2"])
+    g = torch.Generator().manual_seed(3)
+    rows, steps = (4, 3) if quick else (16, 5)
+    batches = [{"image": torch.randint(0, 256, (rows, 3, 224, 224), dtype=torch.uint8, generator=g),
+                "input_ids": torch.randint(1, 4000, (rows, 16), generator=g), "attention_mask": torch.ones(rows, 16, dtype=torch.long),
+                "label": torch.full((rows,), -1), "group": torch.arange(rows)} for _ in range(steps)]
+    losses, models = {}, {}
+    for strategy in ("ddp", "fsdp"):
+        torch.manual_seed(0)
+        model = build_dual_encoder(cfg.model, 4000, 16)
+        checkpoint_blocks(model)
+        model = shard_model(model, strategy, device, 1, amp)
+        criterion = InfoNCELoss().to(device)
+        optimizer = build_optimizer([bare_model(model), criterion], 1e-4, 0.05)
+        scheduler = build_scheduler(optimizer, 0, 10, 0.1)
+        torch.manual_seed(1)  # the same patches dropped
+        losses[strategy] = [float(train_step(model, criterion, optimizer, scheduler, batch, device, amp, 1.0)) for batch in batches]
+        models[strategy] = (model, criterion)
+    worst = max(abs(a - b) / abs(b) for a, b in zip(losses["fsdp"], losses["ddp"]))
+    say(f"FSDP2 on {device.type} ({'bf16 parameters, float32 reduction' if amp else 'float32'}, activation checkpointing, "
+        f"patch dropout 0.5) vs the bare model, {steps} steps: losses {', '.join(f'{x:.4f}' for x in losses['fsdp'])}, "
+        f"largest relative difference {worst:.2e}")
+    state = whole_state(*models["fsdp"], None).model
+    bare = build_dual_encoder(cfg.model, 4000, 16).to(device)
+    bare.load_state_dict(state)
+    sharded = models["fsdp"][0]
+    sharded.eval(), bare.eval()
+    with torch.no_grad():
+        image = batches[0]["image"][:4].to(device)
+        difference = float((sharded.encode_image(image) - bare.encode_image(image)).abs().max())
+    say(f"FSDP2 whole state loaded into a bare model: largest embedding difference {difference:.2e}")
 
 
 def check_bf16_against_fp32(model, criterion, batch: dict, device: torch.device, say) -> None:
@@ -269,6 +317,7 @@ def main() -> None:
 
     say(f"process group backend: {dist.get_backend()}")
     check_gather_on_device(device, say)
+    check_sharded_towers(device, on_gpu, say, args.quick)
 
     if not args.only_throughput:
         check_training_paths(args, device, work, say)

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from distributed_steps import make_model, run_steps
+from loss_matrix import global_batches
 from torch.nn.parallel import DistributedDataParallel
 
 from vcl_dist.losses import InfoNCELoss, NegativeMemory, TripletLoss, VCRLLoss
@@ -45,21 +46,6 @@ RESHARDED = [
 ]
 
 
-def make_batches(n):
-    """Two global batches (memory is filled by the first), with repeated labels and groups."""
-    g = torch.Generator().manual_seed(123)
-    batches = []
-    for step in range(2):
-        x = torch.randn(n, 7, generator=g, dtype=torch.float64)
-        y = torch.randn(n, 4, generator=g, dtype=torch.float64)
-        labels = torch.randint(0, NUM_CLASSES, (n,), generator=g)
-        labels[::5] = -1
-        groups = torch.arange(n) + 100 * step
-        groups[3] = groups[2]
-        batches.append((x, y, labels, groups))
-    return batches
-
-
 def reshard(state, world):
     """A replicated memory's state as the ``world`` shard states a sharded memory at that world
     size saves: worker r holds ring rows r, r + world, … (the format of vcl_dist.losses.memory)."""
@@ -72,7 +58,7 @@ def _worker(rank, world, sizes, out_dir):
     # A file rendezvous: no TCP port that another process could take in between.
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    batches = make_batches(sum(sizes))
+    batches = global_batches()
     lo = sum(sizes[:rank])
     part = slice(lo, lo + sizes[rank])
     results = {}
@@ -102,7 +88,7 @@ def _worker(rank, world, sizes, out_dir):
 def test_a_sharded_memory_is_the_replicated_one_and_restores_at_any_world_size(sizes, tmp_path):
     mp.spawn(_worker, args=(len(sizes), list(sizes), str(tmp_path)), nprocs=len(sizes), join=True)
     per_rank = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(len(sizes))]
-    batches = make_batches(sum(sizes))
+    batches = global_batches()
     for case in RESHARDED:
         name, negatives, gather, _, _ = case
         # The reference: dense, in one process, with a replicated memory.
