@@ -14,6 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
+TOWERS = ("image_tower", "text_tower")
 
 
 def _is_block_container(module: nn.Module) -> bool:
@@ -40,3 +41,9 @@ def repeated_blocks(tower: nn.Module) -> list[nn.Module]:
             blocks += list(module.children())
             inside.add(name)
     return blocks
+
+
+def tower_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a dual encoder's image tower, then of its text tower."""
+    towers = [getattr(model, name, None) for name in TOWERS]
+    return [block for tower in towers if isinstance(tower, nn.Module) for block in repeated_blocks(tower)]

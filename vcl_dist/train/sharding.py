@@ -1,13 +1,13 @@
 """How a worker holds the dual encoder (``train.strategy``): replicated under DDP, or sharded
 over the workers with FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
-DDP keeps both towers, their gradients and AdamW's state whole
-on every worker. FSDP2 shards each repeated block of both towers (:mod:`vcl_dist.models.blocks`),
-then the whole model (the stems, embeddings and projections), so that each worker holds 1/W of
-every parameter, gradient and optimizer state: a block's parameters are gathered just before it
-runs and freed after, and its gradients are reduce-scattered as soon as they are complete. The
-module tree and its parameter names stay those of the bare model (``fully_shard`` changes the
-class in place, wraps nothing), so checkpoints and exports have the same keys under both.
+DDP keeps both towers, their gradients and AdamW's state whole on every worker. FSDP2 shards
+each repeated block of both towers (:mod:`vcl_dist.models.blocks`), then the whole model (the
+stems, embeddings and projections), so that each worker holds 1/W of every parameter, gradient
+and optimizer state: a block's parameters are gathered just before it runs and freed after, and
+its gradients are reduce-scattered as soon as they are complete. The module tree and its
+parameter names stay those of the bare model (``fully_shard`` changes the class in place, wraps
+nothing), so checkpoints and exports have the same keys under both.
 
 The losses' own parameters (a temperature, a bias, class embeddings) are small and stay whole on
 every worker under both strategies; their gradients are averaged by hand
@@ -21,12 +21,11 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..models.blocks import repeated_blocks
+from ..models.blocks import tower_blocks
 
 # The model's methods that run its towers outside ``forward`` (evaluation, zero-shot prompts):
 # under FSDP they must gather the parameters as ``forward`` does.
 ENCODE_METHODS = ("encode_image", "encode_text", "image_features", "text_features")
-TOWERS = ("image_tower", "text_tower")
 
 
 def shard_model(model: nn.Module, strategy: str, device: torch.device, world: int, use_amp: bool) -> nn.Module:
@@ -47,10 +46,8 @@ def shard_model(model: nn.Module, strategy: str, device: torch.device, world: in
 
     mesh = init_device_mesh(device.type, (world,))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_amp else MixedPrecisionPolicy()
-    for name in TOWERS:
-        tower = getattr(model, name, None)
-        for block in repeated_blocks(tower) if isinstance(tower, nn.Module) else []:
-            fully_shard(block, mesh=mesh, mp_policy=policy)
+    for block in tower_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     for method in ENCODE_METHODS:
         if hasattr(model, method):

@@ -18,9 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import TrainConfig
-from ..models.blocks import repeated_blocks
-
-TOWERS = ("image_tower", "text_tower")
+from ..models.blocks import TOWERS, tower_blocks
 
 
 def prepare_towers(model: nn.Module, cfg: TrainConfig) -> list[str]:
@@ -47,13 +45,10 @@ def checkpoint_blocks(model: nn.Module) -> int:
     """Keep only each tower block's inputs for the backward pass and recompute the rest there
     (``train.activation_checkpointing``): activation memory of one block instead of all, for
     about one more forward pass of compute. Returns how many blocks."""
-    count = 0
-    for name in TOWERS:
-        tower = getattr(model, name, None)
-        for block in repeated_blocks(tower) if isinstance(tower, nn.Module) else []:
-            block.forward = functools.partial(_recomputed, block, block.forward)
-            count += 1
-    return count
+    blocks = tower_blocks(model)
+    for block in blocks:
+        block.forward = functools.partial(_recomputed, block, block.forward)
+    return len(blocks)
 
 
 def _recomputed(block: nn.Module, forward, *args, **kwargs):
