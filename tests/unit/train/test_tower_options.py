@@ -65,3 +65,14 @@ def test_a_compile_mode_is_checked_when_the_config_loads(tmp_path):
     path.write_text("train:\n  compile: fastest\n")
     with pytest.raises(ConfigError, match="train.compile"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.strategy=fsdp", "train.compile=true"], "train.strategy=fsdp does not combine with train.compile"),
+    (["train.strategy=zero3"], "train.strategy"),
+    (["model.image.patch_dropout=0.95"], "model.image.patch_dropout"),
+])
+def test_sharding_and_patch_dropout_settings_are_checked_when_the_config_loads(overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(None, overrides)
+    assert "\n" not in str(err.value)
