@@ -138,10 +138,13 @@ def check_sharded_towers(device: torch.device, amp: bool, say, quick: bool = Fal
     from vcl_dist.train.step import train_step
     from vcl_dist.train.tower_options import checkpoint_blocks
 
-    cfg = load_config(None, ["model.image.arch=vit_b_32", "model.image.patch_dropout=0.5", "model.text.num_layers=2"])
+    # --quick: the built-in small towers at 32 px (no patches to drop), for the CPU dry run.
+    towers = (["model.image.width=8", "model.text.num_layers=2"] if quick else
+              ["model.image.arch=vit_b_32", "model.image.patch_dropout=0.5", "model.text.num_layers=2"])
+    cfg = load_config(None, towers)
     g = torch.Generator().manual_seed(3)
-    rows, steps = (4, 3) if quick else (16, 5)
-    batches = [{"image": torch.randint(0, 256, (rows, 3, 224, 224), dtype=torch.uint8, generator=g),
+    rows, steps, size = (4, 3, 32) if quick else (16, 5, 224)
+    batches = [{"image": torch.randint(0, 256, (rows, 3, size, size), dtype=torch.uint8, generator=g),
                 "input_ids": torch.randint(1, 4000, (rows, 16), generator=g), "attention_mask": torch.ones(rows, 16, dtype=torch.long),
                 "label": torch.full((rows,), -1), "group": torch.arange(rows)} for _ in range(steps)]
     losses, models = {}, {}
@@ -157,8 +160,9 @@ def check_sharded_towers(device: torch.device, amp: bool, say, quick: bool = Fal
         losses[strategy] = [float(train_step(model, criterion, optimizer, scheduler, batch, device, amp, 1.0)) for batch in batches]
         models[strategy] = (model, criterion)
     worst = max(abs(a - b) / abs(b) for a, b in zip(losses["fsdp"], losses["ddp"]))
-    say(f"FSDP2 on {device.type} ({'bf16 parameters, float32 reduction' if amp else 'float32'}, activation checkpointing, "
-        f"patch dropout 0.5) vs the bare model, {steps} steps: losses {', '.join(f'{x:.4f}' for x in losses['fsdp'])}, "
+    dropout = ", patch dropout 0.5" if not quick else ""
+    say(f"FSDP2 on {device.type} ({'bf16 parameters, float32 reduction' if amp else 'float32'}, activation checkpointing"
+        f"{dropout}) vs the bare model, {steps} steps: losses {', '.join(f'{x:.4f}' for x in losses['fsdp'])}, "
         f"largest relative difference {worst:.2e}")
     state = whole_state(*models["fsdp"], None).model
     bare = build_dual_encoder(cfg.model, 4000, 16).to(device)

@@ -215,6 +215,9 @@ class TrainConfig(Section):
     activation_checkpointing: bool = Field(False, description="keep only each transformer block's or ResNet stage's "
                                            "inputs for the backward pass and recompute the rest there: less activation "
                                            "memory for about a third more compute")
+    keep_global_batch: bool = Field(False, description="elastic: with fewer workers than train.num_workers, each also "
+                                    "trains on the missing workers' shares of the batch, as cached-gradient micro-batches: "
+                                    "the planned global batch and learning rate at any group size")
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="ddp: every worker holds both towers, their gradients and AdamW's state; fsdp: each of them "
         "sharded over the workers (FSDP2: every transformer block and ResNet stage, then the whole model), 1/W each")
@@ -235,6 +238,9 @@ class TrainConfig(Section):
                 raise ValueError(f"train.resources_per_worker: {name} must be a positive finite amount, got {amount}")
         if self.min_workers is not None and self.min_workers > self.num_workers:
             raise ValueError(f"train.min_workers ({self.min_workers}) must not exceed train.num_workers ({self.num_workers})")
+        if self.strategy == "fsdp" and self.keep_global_batch:
+            raise ValueError("train.keep_global_batch with train.strategy=fsdp: a worker with more shares runs more "
+                             "micro-batches, and sharded towers need every worker in each one; use train.strategy=ddp")
         if self.strategy == "fsdp" and self.compile:
             raise ValueError("train.strategy=fsdp does not combine with train.compile (the sharded blocks' hooks break the "
                              "compiled graphs): leave one of them out")

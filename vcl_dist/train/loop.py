@@ -36,6 +36,7 @@ from .data_quality import worst_shards
 from .driver_link import DriverLink
 from .evaluation import ValCache, evaluate_on_val
 from .fatal import NonFiniteLossError, end_run_on_fatal_error
+from .global_batch import planned_shares, worker_shares
 from .lockstep import lockstep
 from .metrics import EpochProgress
 from .resume import ResumePoint, checkpoints_to_resume_from, epoch_rows_state
@@ -66,15 +67,15 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     trained, stream, link, cfg = run.trained, run.stream, run.link, run.cfg
     start = ResumePoint.restore(checkpoints_to_resume_from(), model=trained.model, criterion=trained.criterion,
                                 optimizer=trained.optimizer, scheduler=trained.scheduler, lr=run.lr, device=run.device,
-                                data=stream.data, local_batch=run.local_batch)
+                                data=stream.data, local_batch=run.local_batch, shares=run.shares)
     trained.step, run.history = start.step, start.history
-    trained.scheduler.lr_lambdas[0].samples_per_step = run.local_batch * run.world  # a restored schedule knew the saved world's
+    trained.scheduler.lr_lambdas[0].samples_per_step = run.local_batch * run.shares  # a restored schedule knew the saved world's
     run.announce(start)
     upcoming = None
     for epoch in range(start.epoch, cfg.train.epochs):
         trained.model.train()
-        ranges, carried = start.position(epoch, stream.data, run.world)  # every rank's rows of the epoch still to train on
-        progress = EpochProgress(epoch, carried, cfg.data.max_bad_fraction, run.local_batch * run.world, run.phase_clock())
+        ranges, carried = start.position(epoch, stream.data, run.shares)  # every share's rows of the epoch still to train on
+        progress = EpochProgress(epoch, carried, cfg.data.max_bad_fraction, run.local_batch * run.shares, run.phase_clock())
         epoch_steps = progress.steps + min(range_rows(share) for share in ranges) // run.local_batch
         link.epoch_started(progress, epoch_steps)
         batches = upcoming or stream.started(epoch, ranges) or stream.epoch_batches(epoch, ranges)
@@ -123,21 +124,28 @@ class WorkerRun:
         self.tokenizer, self.class_names = inputs["tokenizer"], inputs["class_names"]
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        # Each worker keeps the batch it has at full size, so the global pool and (linear scaling
-        # rule) the learning rate follow the world size when an elastic run shrinks or grows.
+        # Each share of the rows gives every step the batch a worker has at full size. The shares
+        # follow the world size when an elastic run shrinks or grows, and so do the global pool and
+        # (linear scaling rule) the learning rate; with train.keep_global_batch they stay as planned.
         self.local_batch = cfg.train.batch_size // cfg.train.num_workers
-        self.lr = cfg.train.lr * self.world / cfg.train.num_workers
+        self.shares = planned_shares(cfg.train.num_workers, self.world, cfg.train.keep_global_batch)
+        self.lr = cfg.train.lr * self.shares / cfg.train.num_workers
         self.device = ray.train.torch.get_device()
         on_gpu = self.device.type == "cuda"
         if not on_gpu:
             # One intra-op thread per reserved CPU: more only fights the other workers.
             torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
             keep_freed_memory_for_reuse()
-        self.stream = InputStream(cfg, inputs["train_split"], self.rank, self.world, self.local_batch, on_gpu,
+        own_shares = worker_shares(self.rank, self.world, self.shares)
+        self.stream = InputStream(cfg, inputs["train_split"], own_shares, self.shares, self.local_batch, on_gpu,
                                   fresh_start=ray.train.get_checkpoint() is None)
-        self.steps_per_epoch = self.stream.data.rows // self.world // self.local_batch  # from the start of an epoch
+        self.steps_per_epoch = self.stream.data.rows // self.shares // self.local_batch  # from the start of an epoch
         self.trained = TrainingModel(cfg, self.tokenizer, self.class_names, self.device, self.world, self.lr,
                                      self.local_batch, self.stream.data.rows)
+        if self.shares > self.world:  # one micro-batch per share, each the size of a planned worker's batch,
+            # on every worker (they must all take the cached-gradient way: train.step.train_step)
+            self.trained.micro_batch_size = min(cfg.train.micro_batch_size or self.local_batch, self.local_batch)
+            self.trained.cached_always = True
         self.history: list[dict] = []
         self.checkpoints = CheckpointWriter(cfg, self.rank, self.world, self.device, self.tokenizer, self.class_names)
         self.val_cache = ValCache(inputs["val"])  # rank 0 evaluates on the whole val split
@@ -162,8 +170,11 @@ class WorkerRun:
                         + ([f"scores in tiles of {loss.chunk_size} rows"] if loss.chunk_size else [])
                         + ([f"towers in micro-batches of {train.micro_batch_size}"] if train.micro_batch_size else [])
                         + self.trained.tower_options)
+        if self.shares > self.world:
+            how = ", ".join([f"the batches of {self.shares - self.world} absent workers taken in micro-batches"]
+                            + ([how] if how else []))
         self.link.log(f"vcl-dist: {self.world} workers on {self.worker_nodes} nodes: global pool "
-                      f"{self.local_batch * self.world} rows{memory} per step{f' ({how})' if how else ''}, "
+                      f"{self.local_batch * self.shares} rows{memory} per step{f' ({how})' if how else ''}, "
                       f"lr {self.lr:.3g}, {self.steps_per_epoch} steps per epoch")
 
     def phase_clock(self) -> PhaseClock:
@@ -177,7 +188,7 @@ class WorkerRun:
     def epoch_fields(self, start: ResumePoint) -> dict:
         """The epoch metrics this run knows beside the epoch's own counters."""
         return {"step": self.trained.step, "lr": self.trained.lr(), "world_size": self.world,
-                "worker_nodes": self.worker_nodes, "global_batch": self.local_batch * self.world, "base_lr": self.lr,
+                "worker_nodes": self.worker_nodes, "global_batch": self.local_batch * self.shares, "base_lr": self.lr,
                 # The step this worker group started from: > 0 after a restart or --resume.
                 "resumed_from_step": start.step}
 

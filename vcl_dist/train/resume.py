@@ -42,10 +42,11 @@ class ResumePoint:
 
     @classmethod
     def restore(cls, checkpoints: list[ray.train.Checkpoint], *, model, criterion, optimizer, scheduler, lr: float,
-                device: torch.device, data: TrainSplit, local_batch: int) -> ResumePoint:
+                device: torch.device, data: TrainSplit, local_batch: int, shares: int | None = None) -> ResumePoint:
         """Load the first of ``checkpoints`` (newest first; none: start from scratch) that every
         worker can read into the given objects; where to go on. A checkpoint that some worker
-        cannot read is skipped with a warning, on every worker alike.
+        cannot read is skipped with a warning, on every worker alike. ``shares``: how many shares
+        the epoch's rows are dealt into (default: one per worker; see :mod:`.global_batch`).
 
         Raises:
             CheckpointLoadError: no checkpoint can be read (not retried: it would fail again).
@@ -80,7 +81,9 @@ class ResumePoint:
         point = cls(epoch=state["epoch"] + 1, step=state["step"], history=state["history"])
         if state["epoch_step"]:  # saved inside an epoch: finish that epoch
             point.epoch, point.epoch_step, saved = state["epoch"], state["epoch_step"], state["epoch_progress"]
-            point.ranges = epoch_rows_to_resume(state.get("epoch_rows"), data, saved_world, world,
+            saved_rows = state.get("epoch_rows")
+            saved_shares = len(saved_rows["ranges"]) if saved_rows else saved_world
+            point.ranges = epoch_rows_to_resume(saved_rows, data, saved_shares, shares or world,
                                                 point.epoch_step * local_batch, rank)
             if saved_world == world:
                 point.carried = saved[rank]

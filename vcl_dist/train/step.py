@@ -50,11 +50,15 @@ def pinned_collate_rows(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]
 
 def train_step(model, criterion, optimizer, scheduler, batch: dict[str, torch.Tensor], device: torch.device,
                use_amp: bool, grad_clip_norm: float | None, micro_batch_size: int | None = None,
-               verdict_on_device: bool = False, channels_last: bool = False) -> float | PendingVerdict:
+               verdict_on_device: bool = False, channels_last: bool = False,
+               cached_always: bool = False) -> float | PendingVerdict:
     """One optimisation step on a collated batch; returns this worker's loss value.
 
     ``micro_batch_size``: compute the batch's gradient in micro-batches of that many rows, with
-    cached embedding gradients (:mod:`.grad_cache`); every worker must have as many micro-batches.
+    cached embedding gradients (:mod:`.grad_cache`); ``cached_always``: that way even when the
+    batch fits one micro-batch. Every worker must take the same way: DDP's first forward with
+    gradient after its first step rebuilds its buckets (a collective), and the cached way reaches
+    it after the loss, the plain way before.
 
     ``verdict_on_device`` (needs a fused AdamW): the step never waits for the device; it
     returns a :class:`PendingVerdict` instead of the loss, and a step that fails it is skipped
@@ -73,7 +77,7 @@ def train_step(model, criterion, optimizer, scheduler, batch: dict[str, torch.Te
             batch["image"] = to_channels_last(batch["image"])
     optimizer.zero_grad(set_to_none=True)
     with checks_on_device() if verdict_on_device else nullcontext([]) as checks:
-        if micro_batch_size and micro_batch_size < batch["image"].shape[0]:
+        if micro_batch_size and (cached_always or micro_batch_size < batch["image"].shape[0]):
             loss = cached_gradient_backward(model, criterion, batch, device, use_amp, micro_batch_size, STEP_HOOKS)
         else:
             with phase("forward"), autocast(device, use_amp):

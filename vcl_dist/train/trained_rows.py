@@ -20,8 +20,9 @@ class TrainedRowsLog:
         self.path = Path(folder) / f"rank{rank:05d}-pid{os.getpid()}.jsonl"
         self.rank, self.group = rank, 0.0
 
-    def write(self, epoch: int, step: int, world: int, keys) -> None:
-        line = {"group": self.group, "epoch": epoch, "step": step, "rank": self.rank, "world": world,
+    def write(self, epoch: int, step: int, shares: int, keys) -> None:
+        """``keys``: the rows this rank trained on at ``step``, from the epoch's ``shares`` shares."""
+        line = {"group": self.group, "epoch": epoch, "step": step, "rank": self.rank, "shares": shares,
                 "keys": [str(k) for k in keys]}
         with self.path.open("a") as file:
             file.write(json.dumps(line) + "\n")

@@ -54,14 +54,19 @@ class TrainingModel:
                                          self.planned_steps_per_epoch * cfg.train.epochs, cfg.train.min_lr_ratio,
                                          reference_batch=local_batch * cfg.train.num_workers)
         self.step = 0
+        self.micro_batch_size = cfg.train.micro_batch_size
+        # Micro-batches on: every step of every worker takes the cached-gradient way, even one
+        # whose batch lost rows down to a single micro-batch (see train.step.train_step).
+        self.cached_always = bool(cfg.train.micro_batch_size and cfg.train.micro_batch_size < local_batch)
 
     def train_step(self, batch: dict, epoch: int) -> float | PendingVerdict:
         """One step on ``batch``; a non-finite one ends the run, naming the step."""
         train = self.cfg.train
         try:
             outcome = train_step(self.model, self.criterion, self.optimizer, self.scheduler, batch, self.device,
-                                 self.use_amp, train.grad_clip_norm, train.micro_batch_size,
-                                 verdict_on_device=self.verdict_on_device, channels_last=train.channels_last)
+                                 self.use_amp, train.grad_clip_norm, self.micro_batch_size,
+                                 verdict_on_device=self.verdict_on_device, channels_last=train.channels_last,
+                                 cached_always=self.cached_always)
         except FloatingPointError as err:
             raise NonFiniteStepError(f"step {self.step + 1} (epoch {epoch + 1}): {one_line(err)}") from None
         self.step += 1

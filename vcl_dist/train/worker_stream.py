@@ -1,10 +1,13 @@
-"""A worker's input: its share of each epoch's rows as collated batches, the first epoch's
+"""A worker's input: its shares of each epoch's rows as collated batches (one share, or more
+when an elastic group keeps the planned global batch: :mod:`.global_batch`), the first epoch's
 started while the model is built, and the optional log of which rows each step trained on."""
 
 from __future__ import annotations
 
 import threading
 from typing import Iterator
+
+import numpy as np
 
 from ..config import Config
 from ..data.epoch_plan import fresh_ranges
@@ -13,22 +16,26 @@ from .trained_rows import TrainedRowsLog
 
 
 class InputStream:
-    """This worker's batches of the training split (``data``: the driver's plan of it)."""
+    """This worker's batches of the training split (``data``: the driver's plan of it): each step,
+    one local batch from each of ``own`` of the epoch's ``shares`` shares, in that order."""
 
-    def __init__(self, cfg: Config, data, rank: int, world: int, local_batch: int, on_gpu: bool, fresh_start: bool):
-        self.cfg, self.data, self.rank, self.world, self.local_batch = cfg, data, rank, world, local_batch
+    def __init__(self, cfg: Config, data, own: list[int], shares: int, local_batch: int, on_gpu: bool,
+                 fresh_start: bool):
+        self.cfg, self.data, self.own, self.shares, self.local_batch = cfg, data, own, shares, local_batch
         self.collate = pinned_collate_rows if on_gpu else collate_rows
-        self.rows_log = TrainedRowsLog(cfg.run.trained_rows_log, rank) if cfg.run.trained_rows_log else None
+        self.rows_log = TrainedRowsLog(cfg.run.trained_rows_log, own[0]) if cfg.run.trained_rows_log else None
         # A run that starts from scratch knows its first epoch's rows now: their reads start
         # while the model is built, rather than after (the first step waits for less).
         self.early = None
         if fresh_start:
-            ranges = fresh_ranges(data.rows, world)
+            ranges = fresh_ranges(data.rows, shares)
             self.early = (0, ranges, fetch_first_ahead(self.epoch_batches(0, ranges)))
 
     def epoch_batches(self, epoch: int, ranges: list) -> Iterator:
-        """This worker's batches of ``epoch`` over its share of ``ranges`` (every rank's), collated."""
-        rows = self.data.batches(epoch, ranges[self.rank], self.local_batch, self.cfg.data.prefetch_batches)
+        """This worker's batches of ``epoch`` over its shares of ``ranges`` (every share's), collated."""
+        streams = [self.data.batches(epoch, ranges[share], self.local_batch, self.cfg.data.prefetch_batches)
+                   for share in self.own]
+        rows = streams[0] if len(streams) == 1 else (joined(parts) for parts in zip(*streams))
         if self.rows_log is None:
             return (self.collate(batch) for batch in rows)
         return ({**self.collate(batch), "keys": batch["key"]} for batch in rows)
@@ -43,12 +50,17 @@ class InputStream:
 
     def next_epoch_ahead(self, epoch: int) -> Iterator:
         """``epoch``'s batches from its start, the first fetched from now on."""
-        return fetch_first_ahead(self.epoch_batches(epoch, fresh_ranges(self.data.rows, self.world)))
+        return fetch_first_ahead(self.epoch_batches(epoch, fresh_ranges(self.data.rows, self.shares)))
 
     def record_trained_rows(self, batch: dict, epoch: int, step: int) -> None:
         """Log the keys of the rows that step ``step`` trains on (``run.trained_rows_log``)."""
         if self.rows_log is not None:
-            self.rows_log.write(epoch, step, self.world, batch.pop("keys"))
+            self.rows_log.write(epoch, step, self.shares, batch.pop("keys"))
+
+
+def joined(parts: tuple[dict, ...]) -> dict:
+    """Batches of rows (column -> array) one after the other, as one batch."""
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
 def fetch_first_ahead(batches: Iterator) -> Iterator:

@@ -70,6 +70,7 @@ def test_a_compile_mode_is_checked_when_the_config_loads(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["train.strategy=fsdp", "train.compile=true"], "train.strategy=fsdp does not combine with train.compile"),
     (["train.strategy=zero3"], "train.strategy"),
+    (["train.strategy=fsdp", "train.keep_global_batch=true"], "train.keep_global_batch with train.strategy=fsdp"),
     (["model.image.patch_dropout=0.95"], "model.image.patch_dropout"),
 ])
 def test_sharding_and_patch_dropout_settings_are_checked_when_the_config_loads(overrides, message):
