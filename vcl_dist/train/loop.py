@@ -141,11 +141,7 @@ class WorkerRun:
                                   fresh_start=ray.train.get_checkpoint() is None)
         self.steps_per_epoch = self.stream.data.rows // self.shares // self.local_batch  # from the start of an epoch
         self.trained = TrainingModel(cfg, self.tokenizer, self.class_names, self.device, self.world, self.lr,
-                                     self.local_batch, self.stream.data.rows)
-        if self.shares > self.world:  # one micro-batch per share, each the size of a planned worker's batch,
-            # on every worker (they must all take the cached-gradient way: train.step.train_step)
-            self.trained.micro_batch_size = min(cfg.train.micro_batch_size or self.local_batch, self.local_batch)
-            self.trained.cached_always = True
+                                     self.local_batch, self.stream.data.rows, self.shares)
         self.history: list[dict] = []
         self.checkpoints = CheckpointWriter(cfg, self.rank, self.world, self.device, self.tokenizer, self.class_names)
         self.val_cache = ValCache(inputs["val"])  # rank 0 evaluates on the whole val split

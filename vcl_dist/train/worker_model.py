@@ -22,7 +22,9 @@ class TrainingModel:
     """The model, loss, optimizer and schedule of one worker, and the global step count."""
 
     def __init__(self, cfg: Config, tokenizer, class_names: list[str] | None, device: torch.device, world: int,
-                 lr: float, local_batch: int, split_rows: int):
+                 lr: float, local_batch: int, split_rows: int, shares: int | None = None):
+        """``shares``: how many shares of the rows each step takes (:mod:`.global_batch`;
+        default ``world``): more than the workers, and each worker's shares run as micro-batches."""
         self.cfg, self.device = cfg, device
         torch.manual_seed(cfg.train.seed)
         try:
@@ -55,9 +57,11 @@ class TrainingModel:
                                          reference_batch=local_batch * cfg.train.num_workers)
         self.step = 0
         self.micro_batch_size = cfg.train.micro_batch_size
+        if (shares or world) > world:  # one micro-batch per share, each the size of a planned worker's batch
+            self.micro_batch_size = min(cfg.train.micro_batch_size or local_batch, local_batch)
         # Micro-batches on: every step of every worker takes the cached-gradient way, even one
-        # whose batch lost rows down to a single micro-batch (see train.step.train_step).
-        self.cached_always = bool(cfg.train.micro_batch_size and cfg.train.micro_batch_size < local_batch)
+        # whose batch is a single micro-batch (see train.step.train_step).
+        self.cached_always = bool(self.micro_batch_size and (self.micro_batch_size < local_batch or (shares or world) > world))
 
     def train_step(self, batch: dict, epoch: int) -> float | PendingVerdict:
         """One step on ``batch``; a non-finite one ends the run, naming the step."""
