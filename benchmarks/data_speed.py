@@ -1,12 +1,21 @@
-"""Images per second of the Ray Data input path against a torch DataLoader doing the same work.
+"""Images per second of training's input path against a torch DataLoader doing the same work.
 
     python benchmarks/data_speed.py [--images 10000] [--size 224] [--processes 2]
 
-Both read the same Parquet shards of JPEGs and run the same per-row work (decode, light
-random crop, resize, tokenise: :class:`vcl_dist.data.preprocess.Preprocessor`) with the same
-number of worker processes, and the same batch size; the consumer only counts rows. Prints a
-table of median images/s over repeated epochs and the ratio. The data are generated on first
-use (JPEGs of the shapes dataset at ``--size`` px) into ``--cache``.
+Every path reads the same Parquet shards of JPEGs (photo-like pictures of 256–512 px a side,
+as a web crawl's are after img2dataset) and does the same per-row work: decode, the training
+crop, resize to ``--size``, tokenise (:class:`vcl_dist.data.preprocess.Preprocessor`), with the
+same number of worker processes and the same batch size; the consumer only counts rows.
+
+- *torch DataLoader, Pillow decode*: the baseline — a map-style Dataset in a DataLoader, and
+  Pillow decoding and resizing, as OpenCLIP's input does;
+- *torch DataLoader, fast decode*: the same DataLoader with training's JPEG decoder
+  (:mod:`vcl_dist.data.train_decode`), to show what the decoder alone brings;
+- *planned reads*: what one training worker reads (its planned reads as Ray Data tasks, put
+  in stream order), with either decoder — the fast one is training's default (``data.decode=cpu``).
+
+Prints a table of median images/s over repeated epochs and the ratio to the baseline (per
+core: every path has ``--processes`` processes). The data are generated on first use into ``--cache``.
 """
 
 from __future__ import annotations
@@ -28,20 +37,29 @@ from vcl_dist.data.shapes import ensure_shapes_dataset
 from vcl_dist.data.tokenizer import train_wordpiece
 
 
-def jpeg_shards(cache: Path, images: int, size: int) -> Path:
-    """The shapes dataset re-encoded as JPEG at ``size`` px, in shards of 1000 rows."""
-    out = cache / f"jpeg-{images}-{size}"
+def crawl_like(image: Image.Image, rng: np.random.Generator) -> bytes:
+    """``image`` as a JPEG of 256–512 px a side with a photo's texture (flat shapes alone decode
+    faster than photos do)."""
+    width, height = (int(side) for side in rng.integers(256, 513, size=2))
+    picture = np.asarray(image.convert("RGB").resize((width, height), Image.BILINEAR), dtype=np.int16)
+    texture = np.asarray(Image.fromarray(rng.integers(0, 255, (height // 6 + 1, width // 6 + 1, 3), dtype=np.uint8))
+                         .resize((width, height), Image.BICUBIC), dtype=np.int16)
+    picture = np.clip(picture + (texture - 128) // 4 + rng.integers(-6, 7, picture.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def jpeg_shards(cache: Path, images: int) -> Path:
+    """The shapes dataset as crawl-like JPEGs (:func:`crawl_like`), in shards of 1000 rows."""
+    out = cache / f"crawl-jpeg-{images}"
     if (out / "_SUCCESS").exists():
         return out
-    source = ensure_shapes_dataset(cache, images, 16, size, 1, seed=0) / "train"
+    source = ensure_shapes_dataset(cache, images, 16, 128, 1, seed=0) / "train"
     out.mkdir(parents=True, exist_ok=True)
     table = pq.read_table(sorted(source.glob("*.parquet"))).to_pydict()
-    jpegs = []
-    for data in table["image"]:
-        buffer = io.BytesIO()
-        Image.open(io.BytesIO(data)).convert("RGB").save(buffer, format="JPEG", quality=90)
-        jpegs.append(buffer.getvalue())
-    table["image"] = jpegs
+    rng = np.random.default_rng(0)
+    table["image"] = [crawl_like(Image.open(io.BytesIO(data)), rng) for data in table["image"]]
     full = pa.table(table)
     for start in range(0, full.num_rows, 1000):
         pq.write_table(full.slice(start, 1000), out / f"part-{start // 1000:05d}.parquet")
@@ -85,27 +103,38 @@ def main() -> None:
     from vcl_dist.data.epoch_plan import fresh_ranges
     from vcl_dist.ray_cluster import use_ray_data_settings
 
-    folder = jpeg_shards(Path(args.cache), args.images, args.size)
+    folder = jpeg_shards(Path(args.cache), args.images)
     captions = pq.read_table(sorted(folder.glob("*.parquet")), columns=["caption"]).column(0).to_pylist()
     tokenizer = train_wordpiece(captions, 4000)
-    preprocessor = Preprocessor(tokenizer, args.size, 32, augment=True)
 
-    loader = DataLoader(ParquetRows(folder, preprocessor, args.batch_size), batch_size=None, shuffle=True,
-                        num_workers=args.processes, persistent_workers=True)
+    def loader(fast_decode: bool) -> DataLoader:
+        preprocessor = Preprocessor(tokenizer, args.size, 32, augment=True, fast_decode=fast_decode)
+        return DataLoader(ParquetRows(folder, preprocessor, args.batch_size), batch_size=None, shuffle=True,
+                          num_workers=args.processes, persistent_workers=True)
+
+    loaders = {"pillow": loader(False), "fast": loader(True)}
     use_ray_data_settings()  # as every vcl-dist pipeline gets them
     ray.init(num_cpus=args.processes, include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     import pyarrow.fs as pafs
 
-    cfg = DataConfig(image_size=args.size, preprocess_batch_size=args.batch_size)
     source = DatasetSource("parquet", str(folder), str(folder), None, pafs.LocalFileSystem())
-    split = build_train_split(source, str(folder), cfg, tokenizer, seed=0)
+    splits = {decode: build_train_split(source, str(folder), DataConfig(image_size=args.size, decode=decode,
+                                                                      preprocess_batch_size=args.batch_size),
+                                        tokenizer, seed=0)
+              for decode in ("pillow", "cpu")}
     epochs = iter(range(10**6))
-    paths = {
-        "torch DataLoader": lambda: iter(loader),
+
+    def planned(decode: str):
         # What one training worker reads: its planned reads as Ray Data tasks, in stream order.
-        "Ray Data (vcl-dist planned reads, one worker's stream)":
-            lambda: split.batches(next(epochs), fresh_ranges(split.rows, 1)[0], args.batch_size, 2),
+        split = splits[decode]
+        return lambda: split.batches(next(epochs), fresh_ranges(split.rows, 1)[0], args.batch_size, 2)
+
+    paths = {
+        "torch DataLoader, Pillow decode": lambda: iter(loaders["pillow"]),
+        "torch DataLoader, fast decode": lambda: iter(loaders["fast"]),
+        "planned reads (one training worker's stream), Pillow decode": planned("pillow"),
+        "planned reads (one training worker's stream), fast decode: training's default": planned("cpu"),
     }
     # Epochs alternate between the two paths, so that a busy spell of this shared machine
     # slows both alike.
@@ -116,7 +145,7 @@ def main() -> None:
     ray.shutdown()
 
     print(
-        f"\n{args.images} JPEGs at {args.size} px, {args.processes} worker processes, batch {args.batch_size}, "
+        f"\n{args.images} JPEGs of 256–512 px to {args.size} px, {args.processes} worker processes, batch {args.batch_size}, "
         f"median of {args.epochs} epochs, torch {torch.__version__}, ray {ray.__version__}\n"
     )
     print(table_header(["path", "images/s", "× DataLoader", "first batch (s)", "images/s after the first batch", "× DataLoader"],

@@ -63,6 +63,10 @@ class DataConfig(Section):
                                            "worker's reads (and of evaluation); default: as CPUs allow")
     shuffle_buffer: int = Field(1024, ge=0, description="rows shuffled together: each epoch's read units, in a new "
                                 "order, are taken into groups of at least this many rows, shuffled within a group")
+    decode: Literal["cpu", "pillow"] = Field(
+        "cpu", description="how training decodes its pictures: cpu: JPEGs with libjpeg-turbo at a reduced scale where the "
+        "crop allows, resized by torch's antialiased kernel (within a grey level or two of Pillow's); pillow: exactly "
+        "as evaluation and serving do")
     prefetch_batches: int = Field(2, ge=0, description="batches each worker's iterator prepares ahead")
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="stop when more rows than this are undecodable")
     resize: Literal["squash", "shorter_side"] = Field(

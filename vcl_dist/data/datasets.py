@@ -182,7 +182,8 @@ def build_train_split(source: DatasetSource, units: str | list[TrainUnit], cfg: 
     if source.driver_local:
         units = put_driver_tables(units)
     return TrainSplit(source.filesystem, units, tokenizer, ImageGeometry.of(cfg), cfg.max_text_length, cfg.augment, seed,
-                      cfg.shuffle_buffer, cfg.preprocess_batch_size, num_classes, cfg.preprocess_workers)
+                      cfg.shuffle_buffer, cfg.preprocess_batch_size, num_classes, cfg.preprocess_workers,
+                      decode=cfg.decode)
 
 
 def preprocess_batch(batch, *, tokenizer, image_size: int | ImageGeometry, max_text_length: int, augment: bool, default_shard: str,

@@ -25,7 +25,7 @@ step on every worker are left out, as they are at any epoch's end.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -33,6 +33,9 @@ Ranges = list[tuple[int, int]]  # [start, stop) of stream positions, increasing 
 # Salts that keep the streams of the epoch's unit order and of the groups' row orders apart (augmentation
 # draws from (seed, epoch, row key): a stream of another length, apart from both).
 UNIT_ORDER, GROUP_ORDER = 0x756E6974, 0x67726F75
+# Rows of a worker's epoch planned at a time (:meth:`EpochOrder.worker_chapters`): a few MB of
+# plan, and hundreds of read tasks to keep the CPUs busy.
+CHAPTER_ROWS = 262_144
 
 
 @dataclass(frozen=True)
@@ -99,19 +102,18 @@ class EpochOrder:
         that the first batch waits for ``lead_rows`` rows to be read and preprocessed rather than
         for the whole group (its units are read once per stretch). The rows and their order are
         the same either way."""
-        pieces: dict[int, list[np.ndarray]] = {}  # group -> positions, in stream order
-        for start, stop in ranges:
-            first = int(np.searchsorted(self.group_start, start, side="right")) - 1
-            for group in range(max(first, 0), len(self.group_units)):
-                lo, hi = int(self.group_start[group]), int(self.group_start[group + 1])
-                if lo >= stop:
-                    break
-                positions = np.arange(max(lo, start), min(hi, stop), dtype=np.int64)
-                if len(positions):
-                    pieces.setdefault(group, []).append(positions)
-        reads, groups = [], []
-        for index, (group, parts) in enumerate(pieces.items()):
-            positions = np.concatenate(parts)
+        chapters = list(self.worker_chapters(ranges, max_task_rows, lead_rows, chapter_rows=None))
+        return WorkerEpoch([r for c in chapters for r in c.reads], [g for c in chapters for g in c.groups],
+                           sum(c.rows for c in chapters))
+
+    def worker_chapters(self, ranges: Ranges, max_task_rows: int, lead_rows: int | None = None,
+                        chapter_rows: int | None = CHAPTER_ROWS) -> Iterator[WorkerEpoch]:
+        """:meth:`worker_epoch` in consecutive parts of whole groups, each of at least
+        ``chapter_rows`` rows (the last: what is left), computed as they are asked for: a
+        worker holds one part's reads at a time, however many rows the epoch has."""
+        reads: list[RowRead] = []
+        groups: list[tuple[int, int]] = []
+        for index, (group, positions) in enumerate(self._worker_groups(ranges)):
             units, rows = self.rows_at(group, positions - self.group_start[group])
             for stretch in lead_stretches(len(positions), lead_rows if index == 0 else None):
                 for unit in self.group_units[group]:
@@ -123,7 +125,32 @@ class EpochOrder:
                         taken = mine[chunk:chunk + max_task_rows]
                         reads.append(RowRead(int(unit), rows[taken], positions[taken]))
                 groups.append((int(positions[stretch.stop - 1]) + 1, stretch.stop - stretch.start))
-        return WorkerEpoch(reads, groups, sum(n for _, n in groups))
+            if chapter_rows and sum(n for _, n in groups) >= chapter_rows:
+                yield WorkerEpoch(reads, groups, sum(n for _, n in groups))
+                reads, groups = [], []
+        if groups or not chapter_rows:
+            yield WorkerEpoch(reads, groups, sum(n for _, n in groups))
+
+    def _worker_groups(self, ranges: Ranges) -> Iterator[tuple[int, np.ndarray]]:
+        """``(group, the positions of ranges in it)`` for every group ``ranges`` touch, in
+        stream order (``ranges`` are increasing: a group's pieces come one after another)."""
+        current, parts = None, []
+        for start, stop in ranges:
+            first = int(np.searchsorted(self.group_start, start, side="right")) - 1
+            for group in range(max(first, 0), len(self.group_units)):
+                lo, hi = int(self.group_start[group]), int(self.group_start[group + 1])
+                if lo >= stop:
+                    break
+                positions = np.arange(max(lo, start), min(hi, stop), dtype=np.int64)
+                if not len(positions):
+                    continue
+                if group != current and parts:
+                    yield current, np.concatenate(parts)
+                    parts = []
+                current = group
+                parts.append(positions)
+        if parts:
+            yield current, np.concatenate(parts)
 
 
 def lead_stretches(rows: int, lead_rows: int | None) -> list[slice]:

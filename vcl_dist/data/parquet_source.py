@@ -36,6 +36,7 @@ class ReadUnit:
     path: str
     row_groups: tuple[int, ...]
     rows: int
+    group_rows: tuple[int, ...] = ()  # rows of each of ``row_groups``
 
 
 def plan_read_units(filesystem: pafs.FileSystem, files: list[str], unit_bytes: int) -> list[ReadUnit]:
@@ -45,18 +46,19 @@ def plan_read_units(filesystem: pafs.FileSystem, files: list[str], unit_bytes: i
     def units_of(path: str) -> list[ReadUnit]:
         with filesystem.open_input_file(path) as file:
             metadata = pq.ParquetFile(file).metadata
-        units, groups, rows, size = [], [], 0, 0
+        units, groups, sizes, rows, size = [], [], [], 0, 0
         for index in range(metadata.num_row_groups):
             group = metadata.row_group(index)
             group_bytes = sum(group.column(c).total_compressed_size for c in range(group.num_columns))
             if groups and size + group_bytes > unit_bytes:
-                units.append(ReadUnit(path, tuple(groups), rows))
-                groups, rows, size = [], 0, 0
+                units.append(ReadUnit(path, tuple(groups), rows, tuple(sizes)))
+                groups, sizes, rows, size = [], [], 0, 0
             groups.append(index)
+            sizes.append(group.num_rows)
             rows += group.num_rows
             size += group_bytes
         if groups:
-            units.append(ReadUnit(path, tuple(groups), rows))
+            units.append(ReadUnit(path, tuple(groups), rows, tuple(sizes)))
         return units
 
     with ThreadPoolExecutor(max_workers=16) as pool:  # footers are small reads: latency-bound on S3

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from .images import ImageGeometry, UnusableImageError, decode_image
+from .train_decode import decode_for_training
 from .shard_format import caption_text, parse_label, pylist_columns, to_shard_columns
 
 
@@ -39,8 +40,11 @@ class Preprocessor:
 
     def __init__(self, tokenizer, image_size: int | ImageGeometry, max_text_length: int, augment: bool,
                  seed: int | Sequence[int] = 0, default_shard: str = "unknown", num_classes: int | None = None,
-                 decode_images: bool = True):
+                 decode_images: bool = True, fast_decode: bool = False):
         self.tokenizer = tokenizer
+        # True: JPEGs the fast way (:mod:`.train_decode`: training); False: Pillow's, exactly as
+        # evaluation, embedding and serving see a picture.
+        self.decode = decode_for_training if fast_decode else decode_image
         # False: the pictures' features come from elsewhere (a locked tower's, computed once);
         # the batch gets no ``image`` column here and its rows are judged by caption and label.
         self.decode_images = decode_images
@@ -68,7 +72,7 @@ class Preprocessor:
         for i, data in enumerate(batch["image"] if self.decode_images else ()):
             try:
                 rng = np.random.default_rng([*self.seed, stable_id(keys[i])]) if self.augment else None
-                images[i] = decode_image(data, self.geometry, rng)
+                images[i] = self.decode(data, self.geometry, rng)
             except UnusableImageError:
                 valid[i] = 0  # missing, truncated, too large, or not an image of an accepted format
         captions = [caption_text(c) for c in batch["caption"]]

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockAccessor, BlockMetadata
 
+from ..runtime.prefetch import fetch_first_ahead
 from .epoch_plan import EpochOrder, Ranges, RowRead, WorkerEpoch
 from .feature_store import read_unit_features
 from .images import ImageGeometry
@@ -47,6 +48,7 @@ class TrainUnit:
     rows: int
     row_groups: tuple[int, ...] = ()
     offset: int = 0  # kind "table": the block's first row in its file
+    group_rows: tuple[int, ...] = ()  # kind "parquet": rows of each of row_groups (none: read them all)
     table: Any = None
 
 
@@ -66,7 +68,7 @@ def plan_units(source, path: str, unit_bytes: int, block_rows: int) -> list[Trai
     from ..storage import list_files
     from .parquet_source import plan_read_units
 
-    return [TrainUnit("parquet", u.path, u.rows, u.row_groups)
+    return [TrainUnit("parquet", u.path, u.rows, u.row_groups, group_rows=u.group_rows)
             for u in plan_read_units(source.filesystem, list_files(source.filesystem, path, "parquet"), unit_bytes)]
 
 
@@ -100,16 +102,30 @@ def read_unit_rows(filesystem: pafs.FileSystem, unit: TrainUnit, rows: np.ndarra
 
             table = ray.get(unit.table)
         else:
+            groups, rows = _row_groups_of(unit, rows)
             with filesystem.open_input_file(unit.path) as file:
                 shard = pq.ParquetFile(file)
                 names = None if images else [n for n in shard.schema_arrow.names if n != "image"]
-                table = shard.read_row_groups(list(unit.row_groups), columns=names)
+                table = shard.read_row_groups(groups, columns=names)
         if len(rows) and int(rows[-1]) >= table.num_rows:
             raise ValueError(f"{unit.path}: {table.num_rows} rows where {unit.rows} were planned "
                              "(was the file changed during the run?)")
         columns = pylist_columns(table.take(rows))
     columns["path"] = np.full(len(rows), unit.path, dtype=object)  # names the shard of a bad row
     return columns
+
+
+def _row_groups_of(unit: TrainUnit, rows: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """The row groups of a Parquet unit that hold ``rows``, and the rows' indices in a table of
+    those groups alone: a read task reads only them (a unit has several; a task's rows may lie in one)."""
+    if not unit.group_rows:
+        return list(unit.row_groups), rows
+    sizes = np.asarray(unit.group_rows, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    which = np.searchsorted(starts, rows, side="right") - 1
+    needed = np.unique(which)
+    starts_read = np.concatenate([[0], np.cumsum(sizes[needed])])
+    return [unit.row_groups[g] for g in needed], rows - starts[which] + starts_read[np.searchsorted(needed, which)]
 
 
 def run_read(filesystem: pafs.FileSystem, unit: TrainUnit, read: RowRead, batch_rows: int, make_preprocessor,
@@ -178,6 +194,7 @@ class TrainSplit:
     preprocess_workers: int | None = None
     features: str | None = None  # locked towers' outputs (feature_store), read instead of running them
     feature_towers: tuple[str, ...] = ()  # which: "image", "text"
+    decode: str = "cpu"  # data.decode
     orders: dict = field(default_factory=dict, repr=False)  # epoch -> EpochOrder, computed once per worker
 
     @property
@@ -198,77 +215,136 @@ class TrainSplit:
 
     def batches(self, epoch: int, ranges: Ranges, batch_size: int, prefetch_blocks: int) -> Iterator[dict[str, np.ndarray]]:
         """This worker's batches of ``epoch`` over its ``ranges`` of the stream, in stream order."""
-        import ray.data
-
         # The first group in stretches from one batch up: the first step waits for one batch's
         # rows, not for the whole group's (epoch_plan.EpochOrder.worker_epoch).
-        plan = self.worker_epoch(epoch, ranges, lead_rows=batch_size)
+        chapters = self.order(epoch).worker_chapters(ranges, MAX_TASK_ROWS, lead_rows=batch_size)
+        return stream_batches(((self._chapter_blocks(epoch, plan, prefetch_blocks), plan.groups) for plan in chapters),
+                              batch_size)
+
+    def _chapter_blocks(self, epoch: int, plan: WorkerEpoch, prefetch_blocks: int) -> Iterator[dict[str, np.ndarray]]:
+        """The preprocessed blocks of one part of a worker's epoch, in plan order: one Ray
+        Dataset of its reads, started at the first ``next``."""
+        import ray.data
+
+        if not plan.reads:
+            return iter(())
         make_preprocessor = functools.partial(Preprocessor, self.tokenizer, self.image_size, self.max_text_length,
                                               augment=self.augment, seed=(self.seed, epoch), num_classes=self.num_classes,
-                                              decode_images=not (self.features and "image" in self.feature_towers))
+                                              decode_images=not (self.features and "image" in self.feature_towers),
+                                              fast_decode=self.decode != "pillow")
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # blocks in plan order, not in finishing order
         context.enable_progress_bars = False  # one worker's pipeline of many: the driver reports progress
         dataset = ray.data.read_datasource(
             PlannedReads(self.filesystem, self.units, plan.reads, self.batch_rows, make_preprocessor, self.features),
-            override_num_blocks=max(1, len(plan.reads)), num_cpus=1,
+            override_num_blocks=len(plan.reads), num_cpus=1,
             **({"concurrency": self.preprocess_workers} if self.preprocess_workers else {}),
         )
-        blocks = iter(dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_blocks)
-                      if plan.reads else ())
-        return cut_batches(in_stream_order(blocks, plan.groups), batch_size)
+        return iter(dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_blocks))
 
 
-def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    if len(parts) == 1:
-        return parts[0]
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+class _Placed:
+    """Rows of some blocks, in stream order: ``rows[i]`` of ``blocks[which[i]]``."""
+
+    def __init__(self, blocks: list[dict[str, np.ndarray]], which: np.ndarray, rows: np.ndarray):
+        self.blocks, self.which, self.rows = blocks, which, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def split(self, count: int) -> tuple["_Placed", "_Placed"]:
+        return (_Placed(self.blocks, self.which[:count], self.rows[:count]),
+                _Placed(self.blocks, self.which[count:], self.rows[count:]))
 
 
-def _take(columns: dict[str, np.ndarray], index) -> dict[str, np.ndarray]:
-    return {name: values[index] for name, values in columns.items()}
+def _gather(pieces: list[_Placed]) -> dict[str, np.ndarray]:
+    """One batch from rows of several blocks: each row copied once, straight into the batch."""
+    first = pieces[0].blocks[0]
+    size = sum(len(p) for p in pieces)
+    out = {name: np.empty((size, *values.shape[1:]), dtype=values.dtype) for name, values in first.items()}
+    at = 0
+    for piece in pieces:
+        for index, block in enumerate(piece.blocks):
+            mine = np.flatnonzero(piece.which == index)
+            if len(mine):
+                for name, values in block.items():
+                    out[name][at + mine] = values[piece.rows[mine]]
+        at += len(piece)
+    return out
 
 
-def in_stream_order(blocks: Iterator[dict[str, np.ndarray]], groups: list[tuple[int, int]]) -> Iterator[dict[str, np.ndarray]]:
-    """Blocks of preprocessed rows (in plan order, each with ``position``) -> the rows of each
-    mixing group, in stream order, once the group is complete.
+def _group_rows(blocks: Iterator[dict[str, np.ndarray]], end: int, count: int,
+                leftover: list[dict[str, np.ndarray]]) -> _Placed:
+    """The ``count`` rows before stream position ``end``, in stream order, from the
+    ``leftover`` blocks and then ``blocks``; rows past ``end`` stay in (or go to) ``leftover``."""
+    taken, later, have = [], [], 0
+
+    def take(block: dict[str, np.ndarray]) -> None:
+        nonlocal have
+        past = block["position"] >= end
+        if past.any():  # rows of a later group (not from plan-ordered reads; kept general)
+            later.append({name: values[past] for name, values in block.items()})
+            block = {name: values[~past] for name, values in block.items()}
+        if len(block["position"]):
+            taken.append(block)
+            have += len(block["position"])
+
+    for block in leftover:
+        take(block)
+    while have < count:
+        block = next(blocks, None)
+        if block is None:
+            raise RuntimeError(f"the training data ended {count - have} rows short of a planned group")
+        take(block)
+    leftover[:] = later
+    if have != count:
+        raise RuntimeError(f"a planned group of {count} training rows came back with {have}")
+    positions = np.concatenate([b["position"] for b in taken])
+    which = np.concatenate([np.full(len(b["position"]), i) for i, b in enumerate(taken)])
+    rows = np.concatenate([np.arange(len(b["position"])) for b in taken])
+    order = np.argsort(positions, kind="stable")
+    return _Placed(taken, which[order], rows[order])
+
+
+def stream_batches(chapters: Iterator[tuple[Iterator[dict[str, np.ndarray]], list[tuple[int, int]]]],
+                   batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Parts of an epoch — each its blocks of preprocessed rows (in plan order, each with
+    ``position``) and its mixing groups ``(end, count)`` — -> batches of ``batch_size`` rows in
+    stream order; a last partial batch is dropped. Each group is put in order once all its rows
+    are in; the rows are then copied once, into their batch (pictures are most of a batch's
+    bytes, and this runs in the training process). The next part's blocks are asked for when
+    this part is half consumed, so that its reads run before this part's last rows are used.
 
     Raises:
         RuntimeError: the reads gave other rows than planned (a changed file, a lost task).
     """
-    pending: list[dict[str, np.ndarray]] = []
+    carry: list[_Placed] = []
     have = 0
-    for end, count in groups:
-        while have < count:
-            block = next(blocks, None)
-            if block is None:
-                raise RuntimeError(f"the training data ended {count - have} rows short of a planned group")
-            pending.append(block)
-            have += len(block["position"])
-        rows = _concat(pending)
-        mine = rows["position"] < end
-        group = _take(rows, mine)
-        if len(group["position"]) != count:
-            raise RuntimeError(f"a planned group of {count} training rows came back with {len(group['position'])}")
-        yield _take(group, np.argsort(group["position"], kind="stable"))
-        rest = _take(rows, ~mine)
-        pending, have = ([rest], len(rest["position"])) if len(rest["position"]) else ([], 0)
-    if have or next(blocks, None) is not None:
-        raise RuntimeError("the training data gave more rows than planned")
+    upcoming = next(chapters, None)
+    while upcoming is not None:
+        blocks, groups = upcoming
+        upcoming = None
+        leftover: list[dict[str, np.ndarray]] = []
+        for index, (end, count) in enumerate(groups):
+            if index == len(groups) // 2:
+                upcoming = _started(next(chapters, None))
+            placed = _group_rows(blocks, end, count, leftover)
+            while have + len(placed) >= batch_size:
+                head, placed = placed.split(batch_size - have)
+                yield _gather([*carry, head])
+                carry, have = [], 0
+            if len(placed):
+                carry.append(placed)
+                have += len(placed)
+        if leftover or next(blocks, None) is not None:
+            raise RuntimeError("the training data gave more rows than planned")
+        if not groups:
+            upcoming = _started(next(chapters, None))
 
 
-def cut_batches(groups: Iterator[dict[str, np.ndarray]], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Rows in stream order -> batches of ``batch_size``; a last partial batch is dropped."""
-    carry: list[dict[str, np.ndarray]] = []
-    have = 0
-    for rows in groups:
-        carry.append(rows)
-        have += len(rows["position"])
-        if have < batch_size:
-            continue
-        rows = _concat(carry)
-        full = have - have % batch_size
-        for start in range(0, full, batch_size):
-            yield _take(rows, slice(start, start + batch_size))
-        carry = [_take(rows, slice(full, None))] if full < have else []
-        have -= full
+def _started(chapter):
+    """A part of the epoch whose first block is being fetched from now on (in a thread)."""
+    if chapter is None:
+        return None
+    blocks, groups = chapter
+    return fetch_first_ahead(blocks), groups

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from ..config import Config, dump_config
 from .checkpoint import save_checkpoint, save_memory_shard
-from .resume import gather_worker_states
+from .resume import epoch_progress_to_save, gather_worker_states
 from .sharding import is_sharded
 from .state_dicts import whole_state
 from .worker_model import TrainingModel
@@ -64,7 +64,7 @@ class CheckpointWriter:
                                 scheduler=trained.scheduler, epoch=epoch, step=trained.step, history=history,
                                 config_yaml=self.config_yaml, tokenizer=self.tokenizer, class_names=self.class_names,
                                 epoch_step=running_sums["steps"] if running_sums else 0,
-                                epoch_progress=[w["progress"] for w in workers] if running_sums else None,
+                                epoch_progress=epoch_progress_to_save([w["progress"] for w in workers]) if running_sums else None,
                                 epoch_rows=epoch_rows,
                                 rng=[w["rng"] for w in workers], state=state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))

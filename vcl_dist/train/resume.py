@@ -85,11 +85,11 @@ class ResumePoint:
             saved_shares = len(saved_rows["ranges"]) if saved_rows else saved_world
             point.ranges = epoch_rows_to_resume(saved_rows, data, saved_shares, shares or world,
                                                 point.epoch_step * local_batch, rank)
+            losses = [sum(step) / len(step) for step in zip(*(p["losses"] for p in saved if "losses" in p))]
             if saved_world == world:
-                point.carried = saved[rank]
+                point.carried = {"loss_sum": saved[rank]["loss_sum"], "steps": saved[rank]["steps"], "losses": losses}
             else:
                 mean_loss = sum(p["loss_sum"] for p in saved) / max(1, sum(p["steps"] for p in saved))
-                losses = [sum(step) / len(step) for step in zip(*(p.get("losses", []) for p in saved))]
                 point.carried = {"loss_sum": mean_loss * point.epoch_step, "steps": point.epoch_step, "losses": losses}
         if saved_world != world:
             rescale_learning_rate(optimizer, scheduler, lr)
@@ -169,6 +169,17 @@ def restore_rng_state(states: list[dict] | None, rank: int, world: int, device: 
     torch.set_rng_state(states[rank]["cpu"])
     if device.type == "cuda" and "cuda" in states[rank]:
         torch.cuda.set_rng_state(states[rank]["cuda"], device)
+
+
+def epoch_progress_to_save(progress: list[dict]) -> list[dict]:
+    """Every worker's running sums of the epoch, and once (in the first record) the epoch's loss
+    at every step so far, averaged over the workers, as the epoch reports it at its end: one
+    list, not one per worker, so a checkpoint holds the epoch's steps once whatever the world size."""
+    records = [{"loss_sum": p["loss_sum"], "steps": p["steps"]} for p in progress]
+    logs = [p.get("losses", []) for p in progress]
+    if records and all(len(log) == p["steps"] for log, p in zip(logs, progress)):
+        records[0]["losses"] = [sum(step) / len(step) for step in zip(*logs)]
+    return records
 
 
 def gather_worker_states(device: torch.device, progress: dict | None) -> list[dict]:

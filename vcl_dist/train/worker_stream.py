@@ -4,13 +4,13 @@ started while the model is built, and the optional log of which rows each step t
 
 from __future__ import annotations
 
-import threading
 from typing import Iterator
 
 import numpy as np
 
 from ..config import Config
 from ..data.epoch_plan import fresh_ranges
+from ..runtime.prefetch import fetch_first_ahead
 from .step import collate_rows, pinned_collate_rows
 from .trained_rows import TrainedRowsLog
 
@@ -61,30 +61,3 @@ class InputStream:
 def joined(parts: tuple[dict, ...]) -> dict:
     """Batches of rows (column -> array) one after the other, as one batch."""
     return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
-
-
-def fetch_first_ahead(batches: Iterator) -> Iterator:
-    """``batches``, whose first item is fetched from now on in a background thread."""
-    fetched: list = []
-    done = threading.Event()
-
-    def fetch() -> None:
-        try:
-            fetched.append(next(batches, None))
-        except BaseException as err:  # handed to the consumer, raised in its thread
-            fetched.append(err)
-        done.set()
-
-    # A daemon thread: a run that stops early (an error, train.max_steps) must not wait on it.
-    threading.Thread(target=fetch, name="vcl-dist-epoch-prefetch", daemon=True).start()
-
-    def chained() -> Iterator:
-        done.wait()
-        first = fetched[0]
-        if isinstance(first, BaseException):
-            raise first
-        if first is not None:
-            yield first
-            yield from batches
-
-    return chained()

@@ -133,7 +133,7 @@ def test_preprocessor_flags_hostile_rows_as_bad_and_keeps_odd_images(shapes):
 
 
 def test_fetch_first_ahead_yields_everything_in_order_and_raises_in_the_consumer():
-    from vcl_dist.train.worker_stream import fetch_first_ahead
+    from vcl_dist.runtime.prefetch import fetch_first_ahead
 
     assert list(fetch_first_ahead(iter(range(5)))) == [0, 1, 2, 3, 4]
     assert list(fetch_first_ahead(iter([]))) == []
@@ -165,3 +165,25 @@ def test_parquet_read_units_pack_whole_row_groups_read_in_file_order(tmp_path):
     tasks = PreprocessedParquet(pafs.LocalFileSystem(), units, 16, dict).get_read_tasks(1)
     assert [(t.read_fn.args[1].path, t.read_fn.args[1].row_groups) for t in tasks] == [(u.path, u.row_groups) for u in units]
 
+
+
+def test_a_training_read_reads_only_the_row_groups_that_hold_its_rows(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    from vcl_dist.data.parquet_source import plan_read_units
+    from vcl_dist.data.train_stream import TrainUnit, read_unit_rows
+
+    keys = [f"k{i}" for i in range(100)]
+    pq.write_table(pa.table({"key": keys, "image": [b"x"] * 100, "caption": keys}), tmp_path / "part.parquet",
+                   row_group_size=20)
+    [planned] = plan_read_units(pafs.LocalFileSystem(), [str(tmp_path / "part.parquet")], unit_bytes=10**9)
+    assert planned.row_groups == (0, 1, 2, 3, 4) and planned.group_rows == (20,) * 5
+    unit = TrainUnit("parquet", planned.path, planned.rows, planned.row_groups, group_rows=planned.group_rows)
+    read = []
+    original = pq.ParquetFile.read_row_groups
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", lambda self, groups, **kw: read.append(groups) or original(self, groups, **kw))
+    for rows in ([3, 7, 55, 99], [41, 42], list(range(100))):
+        columns = read_unit_rows(pafs.LocalFileSystem(), unit, np.array(rows))
+        assert list(columns["key"]) == [keys[r] for r in rows]
+    assert read == [[0, 2, 4], [2], [0, 1, 2, 3, 4]]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from vcl_dist.data.epoch_plan import EpochOrder, deal, drop_first, fresh_ranges, range_rows, resume_ranges
-from vcl_dist.data.train_stream import cut_batches, in_stream_order
+from vcl_dist.data.train_stream import stream_batches
 
 
 def stream_rows(order: EpochOrder, ranges, max_task_rows=7, lead_rows=None) -> list[tuple[int, int]]:
@@ -84,12 +84,32 @@ def test_blocks_in_plan_order_become_stream_ordered_batches():
         positions = rng.permutation(np.arange(start, end))  # as the group's reads give them
         for part in np.array_split(positions, 3):
             blocks.append({"position": part, "key": np.array([f"k{p}" for p in part], dtype=object)})
-    batches = list(cut_batches(in_stream_order(iter(blocks), groups), 16))
+    batches = list(stream_batches(iter([(iter(blocks), groups)]), 16))
     assert [len(b["position"]) for b in batches] == [16, 16, 16]  # 60 rows: the last 12 do not fill a batch
     assert np.concatenate([b["position"] for b in batches]).tolist() == list(range(48))
     assert batches[1]["key"][0] == "k16"
     with pytest.raises(RuntimeError, match="short"):
-        list(in_stream_order(iter(blocks[:-1]), groups))
+        list(stream_batches(iter([(iter(blocks[:-1]), groups)]), 16))
+
+
+def test_blocks_that_straddle_groups_give_each_row_once_with_every_column():
+    rng = np.random.default_rng(1)
+    groups = [(20, 20), (45, 25)]
+    # Rows of both groups, shuffled together and cut anyhow: blocks cross the groups' boundary.
+    positions = np.concatenate([rng.permutation(20), 20 + rng.permutation(25)])
+    positions[15:25] = rng.permutation(positions[15:25])
+    pixels = rng.integers(0, 255, (45, 3, 4, 4), dtype=np.uint8)
+    blocks = [{"position": part, "image": pixels[part], "key": np.array([f"k{p}" for p in part], dtype=object)}
+              for part in np.array_split(positions, 6)]
+    batches = list(stream_batches(iter([(iter(blocks), groups)]), 8))
+    assert len(batches) == 5  # 45 rows: the last 5 do not fill a batch
+    order = np.concatenate([b["position"] for b in batches])
+    assert order.tolist() == list(range(40))
+    assert np.array_equal(np.concatenate([b["image"] for b in batches]), pixels[:40])
+    assert [k for b in batches for k in b["key"]] == [f"k{p}" for p in range(40)]
+    extra = [*blocks, {"position": np.array([50]), "image": pixels[:1], "key": np.array(["x"], dtype=object)}]
+    with pytest.raises(RuntimeError, match="more rows than planned"):
+        list(stream_batches(iter([(iter(extra), groups)]), 8))
 
 
 def test_the_first_group_read_in_stretches_gives_the_same_rows_in_the_same_batches(unit_rows):
@@ -109,7 +129,29 @@ def test_the_first_group_read_in_stretches_gives_the_same_rows_in_the_same_batch
 
         def batches(plan):
             blocks = [{"position": r.positions, "row": r.rows, "unit": np.full(len(r.rows), r.unit)} for r in plan.reads]
-            return list(cut_batches(in_stream_order(iter(blocks), plan.groups), 4))
+            return list(stream_batches(iter([(iter(blocks), plan.groups)]), 4))
 
         for a, b in zip(batches(lead), batches(whole), strict=True):
+            assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_an_epoch_planned_in_parts_reads_and_batches_as_one_plan_does(unit_rows):
+    order = EpochOrder(unit_rows, seed=3, epoch=0, mix_rows=40)
+    resumed = resume_ranges(fresh_ranges(order.total, 2), [17, 17], 3)
+    for ranges in [*fresh_ranges(order.total, 2), *resumed]:
+        whole = order.worker_epoch(ranges, 7, lead_rows=5)
+        parts = list(order.worker_chapters(ranges, 7, lead_rows=5, chapter_rows=50))
+        assert len(parts) >= 2 and all(part.rows >= 50 for part in parts[:-1])
+        assert [g for part in parts for g in part.groups] == whole.groups
+        assert [(r.unit, r.rows.tolist(), r.positions.tolist()) for part in parts for r in part.reads] == \
+            [(r.unit, r.rows.tolist(), r.positions.tolist()) for r in whole.reads]
+
+        def blocks(plan):
+            return iter([{"position": r.positions, "unit": np.full(len(r.rows), r.unit), "row": r.rows} for r in plan.reads])
+
+        # A batch that spans two parts is cut as in one plan: nothing dropped at a part's end.
+        in_parts = list(stream_batches(((blocks(part), part.groups) for part in parts), 6))
+        in_one = list(stream_batches(iter([(blocks(whole), whole.groups)]), 6))
+        assert len(in_parts) == len(in_one) == whole.rows // 6
+        for a, b in zip(in_parts, in_one, strict=True):
             assert all(np.array_equal(a[k], b[k]) for k in a)
