@@ -18,8 +18,8 @@ from typing import Sequence
 import numpy as np
 
 from .images import ImageGeometry, UnusableImageError, decode_image
-from .train_decode import decode_for_training
 from .shard_format import caption_text, parse_label, pylist_columns, to_shard_columns
+from .train_decode import decode_for_training
 
 
 def stable_id(text: str) -> int:

@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from .images import ACCEPTED_FORMATS, MAX_DECODED_PIXELS, ImageGeometry, UnusableImageError, decode_image
+from .images import ACCEPTED_FORMATS, MAX_DECODED_PIXELS, ImageGeometry, decode_image
 
 # EXIF orientation -> views of an [H, W, C] array that show the picture upright (Pillow's
 # ``exif_transpose``: 2 mirror, 3 half turn, 4 flip, 5 transpose, 6 quarter turn clockwise,
