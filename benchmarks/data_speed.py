@@ -51,18 +51,27 @@ def crawl_like(image: Image.Image, rng: np.random.Generator) -> bytes:
 
 
 def jpeg_shards(cache: Path, images: int) -> Path:
-    """The shapes dataset as crawl-like JPEGs (:func:`crawl_like`), in shards of 1000 rows."""
-    out = cache / f"crawl-jpeg-{images}"
+    """The shapes dataset's training rows as crawl-like JPEGs (:func:`crawl_like`), in shards of 1000 rows."""
+    return crawl_like_dataset(cache, images, 16) / "train"
+
+
+def crawl_like_dataset(cache: Path, num_train: int, num_val: int) -> Path:
+    """The shapes dataset with every picture a crawl-like JPEG (:func:`crawl_like`): ``train/``
+    and ``val/`` Parquet shards of 1000 rows and ``val/classes.txt``, as ``data.source=parquet``
+    reads them."""
+    out = cache / f"crawl-jpeg-{num_train}-{num_val}"
     if (out / "_SUCCESS").exists():
         return out
-    source = ensure_shapes_dataset(cache, images, 16, 128, 1, seed=0) / "train"
-    out.mkdir(parents=True, exist_ok=True)
-    table = pq.read_table(sorted(source.glob("*.parquet"))).to_pydict()
+    source = ensure_shapes_dataset(cache, num_train, num_val, 128, 1, seed=0)
     rng = np.random.default_rng(0)
-    table["image"] = [crawl_like(Image.open(io.BytesIO(data)), rng) for data in table["image"]]
-    full = pa.table(table)
-    for start in range(0, full.num_rows, 1000):
-        pq.write_table(full.slice(start, 1000), out / f"part-{start // 1000:05d}.parquet")
+    for split in ("train", "val"):
+        table = pq.read_table(sorted((source / split).glob("*.parquet"))).to_pydict()
+        table["image"] = [crawl_like(Image.open(io.BytesIO(data)), rng) for data in table["image"]]
+        full = pa.table(table)
+        (out / split).mkdir(parents=True, exist_ok=True)
+        for start in range(0, full.num_rows, 1000):
+            pq.write_table(full.slice(start, 1000), out / split / f"part-{start // 1000:05d}.parquet")
+    (out / "val" / "classes.txt").write_text((source / "classes.txt").read_text())
     (out / "_SUCCESS").write_text("")
     return out
 

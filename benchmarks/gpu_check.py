@@ -15,19 +15,20 @@ negative memory besides; forward + backward time of every loss beside the matmul
 GPU (B = 2048 and 8192, d = 256); and the throughput of a CLIP ViT-B/32-sized training step
 at 256 and 1024 samples per GPU (``step_throughput.py``: samples/s, TFLOP/s and model FLOPs
 utilisation, the loss's share, and the data wait when the project's preprocessing feeds it
-through a DataLoader), against the anchors of issue 18: OpenCLIP ViT-B/32 ≈ 725–775 samples/s
+through a DataLoader), against these anchors: OpenCLIP ViT-B/32 ≈ 725–775 samples/s
 per A100; target ≥ 1,100 samples/s per H100/H200 with data wait ≤ 5%.
 
 What it needs on the GPU machine: torch, torchvision, transformers, tokenizers, safetensors,
 pyarrow, numpy, pillow, pyyaml (a PyTorch image has them) and this repository (``vcl_dist`` on
 ``sys.path``: run it from the repository root, or ``pip install --no-deps -e .``), plus
 ``pydantic`` (with ``pydantic-core``, ``annotated-types``, ``typing-inspection``) and
-``omegaconf`` (with ``antlr4-python3-runtime``) for the config. Not Ray. Carried as wheels for
+``omegaconf`` (with ``antlr4-python3-runtime``) for the config, ``simplejpeg`` and ``torchcodec``
+for the decoders. Not Ray. Carried as wheels for
 a machine without a registry (Python 3.12 there)::
 
     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux2014_x86_64 -d .whl pydantic pydantic_core annotated_types \
-        typing_inspection omegaconf antlr4-python3-runtime
+        typing_inspection omegaconf antlr4-python3-runtime simplejpeg torchcodec
     # there:
     pip install --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:. \
         python benchmarks/gpu_check.py --out gpu_check.txt
@@ -173,6 +174,41 @@ def check_sharded_towers(device: torch.device, amp: bool, say, quick: bool = Fal
         image = batches[0]["image"][:4].to(device)
         difference = float((sharded.encode_image(image) - bare.encode_image(image)).abs().max())
     say(f"FSDP2 whole state loaded into a bare model: largest embedding difference {difference:.2e}")
+
+
+def check_device_decode(device: torch.device, say, quick: bool = False) -> None:
+    """``data.decode=gpu``: a batch of crawl-like JPEGs (256–512 px a side) decoded, cropped and
+    resized to 224 px on the device (TorchCodec's batched nvJPEG), against the CPU way in this
+    process (one core): images/s each, so one GPU's decode in CPU cores, and the pictures' difference."""
+    import numpy as np
+    from data_speed import crawl_like
+    from PIL import Image
+
+    from vcl_dist.data.images import ImageGeometry
+    from vcl_dist.train.device_decode import collate_decoding_on_device
+
+    count = 16 if quick else 256
+    rng = np.random.default_rng(0)
+    images = [crawl_like(Image.new("RGB", (128, 128), tuple(int(c) for c in rng.integers(0, 255, 3))), rng)
+              for _ in range(count)]
+    rows = {"key": np.array([f"k{i}" for i in range(count)], dtype=object), "image": np.array(images, dtype=object),
+            "caption": np.array(["a picture"] * count, dtype=object)}
+    tokenizer = train_wordpiece(["a picture"], 50)
+    geometry = ImageGeometry(224)
+    try:
+        shipped = Preprocessor(tokenizer, geometry, 8, augment=True, device_decode=True)(rows)
+        on_cpu = Preprocessor(tokenizer, geometry, 8, augment=True, fast_decode=True)
+        cpu_s = median_seconds(lambda: on_cpu(rows), 3)
+        decode = lambda: collate_decoding_on_device(shipped, geometry, device, pin_memory=device.type == "cuda")  # noqa: E731
+        device_s = median_seconds(decode, 5, synchronize)
+        batch = decode()
+        diff = (batch["image"].cpu().int() - torch.from_numpy(on_cpu(rows)["image"]).int()).abs().float()
+        say(f"\ndata.decode=gpu, {count} JPEGs of 256–512 px to 224 px: {count / device_s:,.0f} images/s on the device, "
+            f"{count / cpu_s:,.0f} images/s on one CPU core (data.decode=cpu): one device's decode ≈ "
+            f"{cpu_s / device_s:.1f} cores; pictures against the CPU way: mean |Δ| {diff.mean():.2f}, "
+            f"max {diff.max():.0f} grey levels, {int(batch['valid'].sum())}/{count} decoded")
+    except Exception as err:  # one failed check must not cost the rest of the run
+        say(f"FAILED: data.decode=gpu: {type(err).__name__}: {one_line(err, 300)}")
 
 
 def check_bf16_against_fp32(model, criterion, batch: dict, device: torch.device, say) -> None:
@@ -322,6 +358,7 @@ def main() -> None:
     say(f"process group backend: {dist.get_backend()}")
     check_gather_on_device(device, say)
     check_sharded_towers(device, on_gpu, say, args.quick)
+    check_device_decode(device, say, args.quick)
 
     if not args.only_throughput:
         check_training_paths(args, device, work, say)

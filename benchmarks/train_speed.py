@@ -1,7 +1,8 @@
-"""What Ray costs and what scaling gives (issue 18): vcl-dist's training against a plain
-``torchrun`` loop doing the same work, then weak scaling across workers and nodes.
+"""What Ray costs and what scaling gives: vcl-dist's training against a plain ``torchrun`` loop
+doing the same work, weak scaling across workers and nodes, and how long training waits for its input.
 
-    python benchmarks/train_speed.py [--epochs 4] [--skip-scaling] [--skip-comparison] [--startup-repeats 3] [overrides …]
+    python benchmarks/train_speed.py [--epochs 4] [--skip-scaling] [--skip-comparison] [--skip-input-wait]
+                                     [--startup-repeats 3] [overrides …]
 
 **Against torchrun.** The built-in default (its Parquet shards, model, triplet loss, global batch
 128, ``train.num_workers`` workers of ``train.cpus_per_worker`` CPUs, AdamW and schedule) run
@@ -26,6 +27,12 @@ per worker per step (global batch 64·W), then 2 workers on 2 nodes of a local
 (per-worker samples/s against 1 worker's), and the step's shares: waiting for data, the lock-step
 all-reduce (``sync``: waiting for the slowest worker), the embedding gather, backward (DDP's
 gradient all-reduce overlaps it and is counted in it), forward. Medians over epochs 2….
+
+**Input wait.** ``jobs/train.py`` at the default settings, for the built-in default model and for
+a ViT-B/32 image tower at 224 px reading crawl-like JPEGs (256–512 px a side, as
+``benchmarks/data_speed.py`` makes them; ``data.source=parquet``): steady samples/s next to the
+share of step time spent waiting for the next batch (``data_wait_fraction``) and the first
+batch's wait, medians of epochs 2…. The goal: under 5 %.
 
 Every run is a subprocess with its own fresh folder under a temporary directory.
 """
@@ -247,6 +254,32 @@ def weak_scaling(work: Path, epochs: int, overrides: list[str]) -> list[str]:
     return lines
 
 
+def input_wait(work: Path, epochs: int, overrides: list[str]) -> list[str]:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from data_speed import crawl_like_dataset
+
+    jpegs = crawl_like_dataset(Path.home() / ".cache" / "vcl-dist", 1024, 128)
+    runs = {
+        "built-in default (small ResNet, 48 px shapes)": [],
+        "ViT-B/32 at 224 px, crawl-like JPEGs": [
+            "model.image.arch=vit_b_32", "data.image_size=224", "data.source=parquet",
+            f"data.train_path={jpegs / 'train'}", f"data.val_path={jpegs / 'val'}", "train.batch_size=32"],
+    }
+    lines = [f"\nInput wait at the default settings ({epochs} epochs; medians of epochs 2–{epochs})",
+             "| model | global batch | steady samples/s | data wait (share of step time) | first batch wait (s) |",
+             "|---|---:|---:|---:|---:|"]
+    for index, (label, settings) in enumerate(runs.items()):
+        name = f"input-wait-{index}"
+        timed_run([sys.executable, "jobs/train.py", f"run.storage_path={work / 'runs'}", f"run.name={name}",
+                   f"train.epochs={epochs}", *settings, *overrides], {}, run_env(), work / f"{name}.log", limit_s=3600)
+        history = vcl_dist_epochs(work / "runs" / name)
+        batch = next((s.split("=")[1] for s in settings if s.startswith("train.batch_size=")), "128")
+        lines.append(f"| {label} | {batch} | {steady([e['samples_per_s'] for e in history]):.1f} | "
+                     f"{steady([e['data_wait_fraction'] for e in history]):.1%} | "
+                     f"{steady([e['data_wait_first_batch_s'] for e in history]):.2f} |")
+    return lines
+
+
 def prepare_built_in_data(overrides: list[str]) -> None:
     """Generate the built-in shards once, before any run is timed (every run then finds them)."""
     sys.path.insert(0, str(ROOT))
@@ -272,6 +305,7 @@ def main() -> None:
     parser.add_argument("--scaling-epochs", type=int, default=3)
     parser.add_argument("--skip-comparison", action="store_true")
     parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument("--skip-input-wait", action="store_true")
     parser.add_argument("--startup-repeats", type=non_negative_int, default=3,
                         help="starts of each on a running cluster (0: none)")
     parser.add_argument("--keep", default=None, help="a folder for the runs and their logs (default: a temporary one)")
@@ -290,6 +324,8 @@ def main() -> None:
     if not args.skip_scaling:
         scaling = weak_scaling(work, args.scaling_epochs, args.overrides)
         print("\n".join(scaling), flush=True)
+    if not args.skip_input_wait:
+        print("\n".join(input_wait(work, args.scaling_epochs, args.overrides)), flush=True)
 
 
 if __name__ == "__main__":

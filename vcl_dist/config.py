@@ -48,9 +48,33 @@ class S3Config(Section):
     anonymous: bool = Field(False, description="read public buckets without credentials")
 
 
+def source_name(path: str) -> str:
+    """A source's default name: its path's last part (without a glob or a trailing slash)."""
+    parts = [p for p in path.rstrip("/").split("/") if p and not any(c in p for c in "*?[")]
+    return (parts[-1] if parts else "source")[:64]
+
+
+class TrainSourceConfig(Section):
+    """One training source of a weighted mixture (``data.sources``; see :mod:`vcl_dist.data.mixture`)."""
+
+    path: str = Field(description="its shards: a folder, a glob or an s3:// prefix")
+    format: Literal["parquet", "webdataset"] | None = Field(None, description="default: data.source")
+    weight: float = Field(1.0, gt=0, allow_inf_nan=False, description="its share of every epoch's rows, relative to the "
+                          "other sources' weights")
+    replacement: bool = Field(False, description="false: an epoch continues where the last one stopped and no row comes "
+                              "back before the source is used up; true: its units drawn at random, with replacement")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="its name in reports; default: the "
+                             "path's last part")
+
+
 class DataConfig(Section):
     source: Literal["shapes", "parquet", "webdataset"] = "shapes"
     train_path: str | None = None
+    sources: list[TrainSourceConfig] = Field(
+        default_factory=list, max_length=64, description="training sources mixed by weight, instead of data.train_path "
+        "(the validation split stays data.val_path)")
+    epoch_rows: int | None = Field(None, ge=1, description="with data.sources: rows an epoch draws from them all; "
+                                   "default: their rows together")
     val_path: str | None = None
     classes_path: str | None = Field(None, description="default: classes.txt beside the val shards")
     cache_dir: str = "~/.cache/vcl-dist"
@@ -63,10 +87,11 @@ class DataConfig(Section):
                                            "worker's reads (and of evaluation); default: as CPUs allow")
     shuffle_buffer: int = Field(1024, ge=0, description="rows shuffled together: each epoch's read units, in a new "
                                 "order, are taken into groups of at least this many rows, shuffled within a group")
-    decode: Literal["cpu", "pillow"] = Field(
+    decode: Literal["cpu", "gpu", "pillow"] = Field(
         "cpu", description="how training decodes its pictures: cpu: JPEGs with libjpeg-turbo at a reduced scale where the "
-        "crop allows, resized by torch's antialiased kernel (within a grey level or two of Pillow's); pillow: exactly "
-        "as evaluation and serving do")
+        "crop allows, resized by torch's antialiased kernel (within a grey level or two of Pillow's); gpu: JPEGs travel "
+        "encoded and are decoded, cropped and resized on the training device (nvJPEG; libjpeg on a CPU worker); "
+        "pillow: exactly as evaluation and serving do")
     prefetch_batches: int = Field(2, ge=0, description="batches each worker's iterator prepares ahead")
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="stop when more rows than this are undecodable")
     resize: Literal["squash", "shorter_side"] = Field(
@@ -84,9 +109,18 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _paths_for_parquet(self) -> "DataConfig":
         if self.source != "shapes":
-            for key in ("train_path", "val_path"):
+            for key in ("val_path",) if self.sources else ("train_path", "val_path"):
                 if not getattr(self, key):
                     raise ValueError(f"data.{key} is required when data.source is '{self.source}'")
+        if self.sources:
+            if self.source == "shapes" or self.train_path:
+                raise ValueError("data.sources replaces data.train_path, and needs data.source parquet or webdataset "
+                                 "(the format of data.val_path)")
+            names = [s.name or source_name(s.path) for s in self.sources]
+            if len(set(names)) != len(names):
+                raise ValueError(f"data.sources: two sources are named alike ({', '.join(names)}): give them a name")
+        elif self.epoch_rows is not None:
+            raise ValueError("data.epoch_rows is for data.sources")
         if self.resize_side is not None and self.resize_side < self.image_size:
             raise ValueError(f"data.resize_side ({self.resize_side}) must be at least data.image_size ({self.image_size})")
         return self

@@ -11,17 +11,18 @@ memory. The training split is planned here and read by each worker in its own se
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from ..class_names import CLASSES_FILE, parse_class_names
-from ..config import DataConfig, S3Config
+from ..config import DataConfig, S3Config, source_name
 from ..ray_cluster import use_ray_data_settings
 from ..storage import GLOB_CHARACTERS, exists, filesystem_for, list_files, read_text
 from .images import ImageGeometry
+from .mixture import SourceMix
 from .preprocess import Preprocessor
 from .shapes import ensure_shapes_dataset
 from .train_stream import TrainSplit, TrainUnit, plan_units, put_driver_tables
@@ -56,9 +57,9 @@ def resolve_source(cfg: DataConfig, s3: S3Config | None = None) -> DatasetSource
         root = ensure_shapes_dataset(cfg.cache_dir, s.num_train, s.num_val, s.image_size, s.val_captions_per_image, s.seed)
         return DatasetSource("parquet", str(root / "train"), str(root / "val"), str(root / CLASSES_FILE),
                              pafs.LocalFileSystem(), driver_local=True)
-    filesystem, train = filesystem_for(cfg.train_path, s3)
-    _, val = filesystem_for(cfg.val_path, s3)
-    for key, path in (("data.train_path", train), ("data.val_path", val)):
+    filesystem, val = filesystem_for(cfg.val_path, s3)
+    train = filesystem_for(cfg.train_path, s3)[1] if cfg.train_path else ""  # data.sources: resolve_train_sources
+    for key, path in (("data.train_path", train), ("data.val_path", val)) if train else (("data.val_path", val),):
         if any(c in path for c in GLOB_CHARACTERS):
             try:
                 list_files(filesystem, path, "tar" if cfg.source == "webdataset" else "parquet")
@@ -74,6 +75,32 @@ def resolve_source(cfg: DataConfig, s3: S3Config | None = None) -> DatasetSource
         guess = f"{val.rstrip('/')}/{CLASSES_FILE}"
         classes = guess if exists(filesystem, guess) else None
     return DatasetSource(cfg.source, train, val, classes, filesystem)
+
+
+def resolve_train_sources(cfg: DataConfig, s3: S3Config | None = None) -> list[DatasetSource]:
+    """Each of ``data.sources`` as a dataset of its own (its ``train`` the source's shards), in order.
+
+    Raises:
+        FileNotFoundError: a source's shards cannot be found or reached (one line).
+    """
+    resolved = []
+    for spec in cfg.sources:
+        name = spec.name or source_name(spec.path)
+        filesystem, path = filesystem_for(spec.path, s3)
+        kind = spec.format or cfg.source
+        try:
+            found = bool(list_files(filesystem, path, "tar" if kind == "webdataset" else "parquet"))
+        except FileNotFoundError:
+            found = False
+        if not found:
+            raise FileNotFoundError(f"data.sources[{name}]: no {kind} shards at {spec.path}")
+        resolved.append(DatasetSource(kind, path, "", None, filesystem))
+    return resolved
+
+
+def train_mixture(cfg: DataConfig) -> tuple[SourceMix, ...]:
+    """``data.sources`` as the mixture the training split draws (none without sources)."""
+    return tuple(SourceMix(spec.name or source_name(spec.path), spec.weight, spec.replacement) for spec in cfg.sources)
 
 
 def read_class_names(source: DatasetSource) -> list[str] | None:
@@ -167,13 +194,17 @@ def build_split(source: DatasetSource, path: str, cfg: DataConfig, tokenizer, *,
     )
 
 
-def plan_train_units(source: DatasetSource, path: str) -> list[TrainUnit]:
-    """The read units of a training split (see :func:`.train_stream.plan_units`)."""
-    return plan_units(source, path, READ_UNIT_BYTES, BLOCK_ROWS)
+def plan_train_units(source: DatasetSource, path: str, sources: list[DatasetSource] = ()) -> list[TrainUnit]:
+    """The read units of a training split (see :func:`.train_stream.plan_units`); with
+    ``sources`` (``data.sources``), those of every source, each unit marked with its source."""
+    if not sources:
+        return plan_units(source, path, READ_UNIT_BYTES, BLOCK_ROWS)
+    return [replace(unit, source=index) for index, each in enumerate(sources)
+            for unit in plan_units(each, each.train, READ_UNIT_BYTES, BLOCK_ROWS)]
 
 
 def build_train_split(source: DatasetSource, units: str | list[TrainUnit], cfg: DataConfig, tokenizer, *, seed: int,
-                      num_classes: int | None = None) -> TrainSplit:
+                      num_classes: int | None = None, sources: list[DatasetSource] = ()) -> TrainSplit:
     """The training split for the workers to read in their seeded order: ``units`` from
     :func:`plan_train_units`, or the split's path to plan them from. Blocks of the built-in data
     are put in Ray's object store here: call with Ray connected."""
@@ -181,9 +212,11 @@ def build_train_split(source: DatasetSource, units: str | list[TrainUnit], cfg: 
         units = plan_train_units(source, units)
     if source.driver_local:
         units = put_driver_tables(units)
+    mixture = train_mixture(cfg)
     return TrainSplit(source.filesystem, units, tokenizer, ImageGeometry.of(cfg), cfg.max_text_length, cfg.augment, seed,
                       cfg.shuffle_buffer, cfg.preprocess_batch_size, num_classes, cfg.preprocess_workers,
-                      decode=cfg.decode)
+                      decode=cfg.decode, filesystems=tuple(each.filesystem for each in sources), mixture=mixture,
+                      epoch_rows=(cfg.epoch_rows or sum(u.rows for u in units)) if mixture else None)
 
 
 def preprocess_batch(batch, *, tokenizer, image_size: int | ImageGeometry, max_text_length: int, augment: bool, default_shard: str,

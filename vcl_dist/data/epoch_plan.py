@@ -58,11 +58,29 @@ class WorkerEpoch:
     rows: int
 
 
-class EpochOrder:
-    """The stream of one epoch over units of ``unit_rows`` rows (see the module docstring)."""
+@dataclass(frozen=True)
+class Pieces:
+    """What an epoch is made of: ``rows[i]`` rows of unit ``units[i]`` from its row
+    ``starts[i]`` on. Without a mixture of sources, every unit whole, once; with one
+    (:mod:`.mixture`), the stretches of units each source gives the epoch."""
 
-    def __init__(self, unit_rows: Sequence[int], seed: int, epoch: int, mix_rows: int):
-        self.unit_rows = np.asarray(unit_rows, dtype=np.int64)
+    units: np.ndarray
+    starts: np.ndarray
+    rows: np.ndarray
+
+    @classmethod
+    def whole(cls, unit_rows: Sequence[int]) -> "Pieces":
+        rows = np.asarray(unit_rows, dtype=np.int64)
+        return cls(np.arange(len(rows), dtype=np.int64), np.zeros(len(rows), dtype=np.int64), rows)
+
+
+class EpochOrder:
+    """The stream of one epoch over units of ``unit_rows`` rows, or over ``pieces`` of them
+    (see the module docstring; a piece then takes a unit's place)."""
+
+    def __init__(self, unit_rows: Sequence[int], seed: int, epoch: int, mix_rows: int, pieces: Pieces | None = None):
+        self.pieces = pieces if pieces is not None else Pieces.whole(unit_rows)
+        self.unit_rows = self.pieces.rows  # of each piece: a piece stands for a unit below
         self.seed, self.epoch = seed, epoch
         order = np.random.default_rng([seed, epoch, UNIT_ORDER]).permutation(len(self.unit_rows))
         self.group_units: list[np.ndarray] = []
@@ -123,7 +141,8 @@ class EpochOrder:
                     mine = mine[np.argsort(rows[mine], kind="stable")]
                     for chunk in range(0, len(mine), max_task_rows):
                         taken = mine[chunk:chunk + max_task_rows]
-                        reads.append(RowRead(int(unit), rows[taken], positions[taken]))
+                        reads.append(RowRead(int(self.pieces.units[unit]), self.pieces.starts[unit] + rows[taken],
+                                             positions[taken]))
                 groups.append((int(positions[stretch.stop - 1]) + 1, stretch.stop - stretch.start))
             if chapter_rows and sum(n for _, n in groups) >= chapter_rows:
                 yield WorkerEpoch(reads, groups, sum(n for _, n in groups))

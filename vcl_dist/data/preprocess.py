@@ -19,7 +19,7 @@ import numpy as np
 
 from .images import ImageGeometry, UnusableImageError, decode_image
 from .shard_format import caption_text, parse_label, pylist_columns, to_shard_columns
-from .train_decode import decode_for_training
+from .train_decode import decode_for_training, jpeg_header, training_crop
 
 
 def stable_id(text: str) -> int:
@@ -35,16 +35,22 @@ class Preprocessor:
     Output columns: ``image`` uint8 [B, 3, S, S], ``input_ids`` / ``attention_mask`` int64
     [B, L], ``label`` int64 [B] (-1 when unlabeled), ``group`` int64 [B] (rows sharing it show
     the same image), ``valid`` uint8 [B] (0: a bad row, to be skipped and counted), ``key``
-    and ``shard`` str [B].
+    and ``shard`` str [B]. With ``device_decode``, also ``jpeg`` (the encoded bytes of the rows
+    left to the device, else empty), ``crop`` int32 [B, 6] (left, top, width, height of the crop
+    in the upright picture, then the size it is resized to) and ``orientation`` uint8 [B] (the
+    EXIF orientation; 0: decoded here).
     """
 
     def __init__(self, tokenizer, image_size: int | ImageGeometry, max_text_length: int, augment: bool,
                  seed: int | Sequence[int] = 0, default_shard: str = "unknown", num_classes: int | None = None,
-                 decode_images: bool = True, fast_decode: bool = False):
+                 decode_images: bool = True, fast_decode: bool = False, device_decode: bool = False):
         self.tokenizer = tokenizer
         # True: JPEGs the fast way (:mod:`.train_decode`: training); False: Pillow's, exactly as
         # evaluation, embedding and serving see a picture.
         self.decode = decode_for_training if fast_decode else decode_image
+        # True: JPEGs are left encoded, with their crop drawn here, for the training device to
+        # decode (``data.decode=gpu``: vcl_dist.train.device_decode); other pictures decode here.
+        self.device_decode = device_decode
         # False: the pictures' features come from elsewhere (a locked tower's, computed once);
         # the batch gets no ``image`` column here and its rows are judged by caption and label.
         self.decode_images = decode_images
@@ -69,10 +75,17 @@ class Preprocessor:
         valid = np.ones(n, dtype=np.uint8)
         side = self.geometry.size
         images = np.zeros((n, 3, side, side) if self.decode_images else (n, 0), dtype=np.uint8)
+        encoded = np.full(n, b"", dtype=object)
+        crops, orientations = np.zeros((n, 6), dtype=np.int32), np.zeros(n, dtype=np.uint8)
         for i, data in enumerate(batch["image"] if self.decode_images else ()):
             try:
                 rng = np.random.default_rng([*self.seed, stable_id(keys[i])]) if self.augment else None
-                images[i] = self.decode(data, self.geometry, rng)
+                header = jpeg_header(data) if self.device_decode else None
+                if header is not None:
+                    box, size = training_crop(*header, self.geometry, rng)
+                    encoded[i], crops[i], orientations[i] = bytes(data), (*box, *size), header[2]
+                else:
+                    images[i] = self.decode(data, self.geometry, rng)
             except UnusableImageError:
                 valid[i] = 0  # missing, truncated, too large, or not an image of an accepted format
         captions = [caption_text(c) for c in batch["caption"]]
@@ -93,7 +106,9 @@ class Preprocessor:
         image_ids = batch.get("image_id")
         groups = [str(i) if i is not None else k for i, k in zip(image_ids, keys)] if image_ids is not None else keys
         paths = batch.get("path")
+        device_columns = {"jpeg": encoded, "crop": crops, "orientation": orientations} if self.device_decode else {}
         return {
+            **device_columns,
             "key": np.array(keys, dtype=object),
             "image": images,
             "input_ids": tokens["input_ids"].astype(np.int64),

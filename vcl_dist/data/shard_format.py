@@ -167,5 +167,5 @@ def drop_bad_rows(batch: dict) -> tuple[dict, int, list[str]]:
     rows = len(valid)
     if bad_shards:
         keep = valid.bool()
-        batch = {name: t[keep] for name, t in batch.items()}
+        batch = {name: t[keep.to(t.device)] for name, t in batch.items()}
     return batch, rows, bad_shards

@@ -77,24 +77,32 @@ def _upright_size(width: int, height: int, orientation: int) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def _resize(pixels: np.ndarray, geometry: ImageGeometry, width: int, height: int) -> np.ndarray:
-    """``uint8 [h, w, 3]`` (any strides) -> ``uint8 [3, S, S]`` (channels-last strides) as
-    ``geometry`` says, after the resize to ``width × height``."""
-    import torch
+def resize_to_geometry(picture, geometry: ImageGeometry, width: int, height: int):
+    """A ``uint8 [3, h, w]`` tensor (on any device) resized to ``width × height`` with the
+    antialiased filter of ``geometry.interpolation``, then centre-cropped to ``S × S`` unless
+    ``geometry`` squashes."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
     mode = InterpolationMode.BICUBIC if geometry.interpolation == "bicubic" else InterpolationMode.BILINEAR
-    # A channels-last view: torch's vectorised uint8 kernel reads it without a copy.
-    tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
-    out = F.resize(tensor, [height, width], interpolation=mode, antialias=True)
+    out = F.resize(picture, [height, width], interpolation=mode, antialias=True)
     if geometry.resize != "squash":
         if geometry.crop_offset == "round":
             left, top = int(round((width - geometry.size) / 2.0)), int(round((height - geometry.size) / 2.0))
         else:
             left, top = (width - geometry.size) // 2, (height - geometry.size) // 2
         out = out[:, top:top + geometry.size, left:left + geometry.size]
-    return out.numpy()  # a strided view: the caller's assignment is the one copy into [3, S, S]
+    return out
+
+
+def training_crop(width: int, height: int, orientation: int, geometry: ImageGeometry,
+                  rng: np.random.Generator | None) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
+    """The crop ``(left, top, width, height)`` of a stored ``width × height`` JPEG, in the
+    upright picture's pixels, and the size it is resized to: drawn from the header alone, so
+    the same whether the picture is decoded here or on the training device."""
+    up_width, up_height = _upright_size(width, height, orientation)
+    box = draw_crop(up_width, up_height, rng)
+    return box, target_size(geometry, box[2], box[3])
 
 
 def decode_for_training(data, geometry: ImageGeometry, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -109,10 +117,9 @@ def decode_for_training(data, geometry: ImageGeometry, rng: np.random.Generator 
         return decode_image(data, geometry, rng)
     width, height, orientation = header
     import simplejpeg
+    import torch
 
-    up_width, up_height = _upright_size(width, height, orientation)
-    left, top, crop_w, crop_h = draw_crop(up_width, up_height, rng)
-    out_w, out_h = target_size(geometry, crop_w, crop_h)
+    (left, top, crop_w, crop_h), (out_w, out_h) = training_crop(width, height, orientation, geometry, rng)
     factor = dct_factor(crop_w, crop_h, out_w, out_h)
     try:
         pixels = simplejpeg.decode_jpeg(bytes(data), colorspace="RGB", min_factor=factor,
@@ -121,11 +128,15 @@ def decode_for_training(data, geometry: ImageGeometry, rng: np.random.Generator 
         return decode_image(data, geometry, rng)  # libjpeg's strict checks (e.g. a truncated file): Pillow says why
     pixels = _UPRIGHT.get(orientation, lambda a: a)(pixels)
     # The crop, scaled to the decoded size (libjpeg rounds a scaled side up).
+    up_width, up_height = _upright_size(width, height, orientation)
     scale_x, scale_y = pixels.shape[1] / up_width, pixels.shape[0] / up_height
     x0, y0 = int(left * scale_x), int(top * scale_y)
     x1 = max(x0 + 1, min(pixels.shape[1], int(round((left + crop_w) * scale_x))))
     y1 = max(y0 + 1, min(pixels.shape[0], int(round((top + crop_h) * scale_y))))
-    return _resize(pixels[y0:y1, x0:x1], geometry, out_w, out_h)
+    # A channels-last view: torch's vectorised uint8 kernel reads it without a copy; the result
+    # keeps those strides, and the caller's assignment into [3, S, S] is the one copy.
+    region = torch.from_numpy(np.ascontiguousarray(pixels[y0:y1, x0:x1])).permute(2, 0, 1)
+    return resize_to_geometry(region, geometry, out_w, out_h).numpy()
 
 
 def jpeg_header(data, max_pixels: int = MAX_DECODED_PIXELS) -> tuple[int, int, int] | None:

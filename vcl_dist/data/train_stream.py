@@ -26,9 +26,10 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockAccessor, BlockMetadata
 
 from ..runtime.prefetch import fetch_first_ahead
-from .epoch_plan import EpochOrder, Ranges, RowRead, WorkerEpoch
+from .epoch_plan import EpochOrder, Pieces, Ranges, RowRead, WorkerEpoch
 from .feature_store import read_unit_features
 from .images import ImageGeometry
+from .mixture import SourceMix, drawn_rows, epoch_pieces
 from .preprocess import Preprocessor
 from .shard_format import pylist_columns, to_shard_columns
 
@@ -49,6 +50,7 @@ class TrainUnit:
     row_groups: tuple[int, ...] = ()
     offset: int = 0  # kind "table": the block's first row in its file
     group_rows: tuple[int, ...] = ()  # kind "parquet": rows of each of row_groups (none: read them all)
+    source: int = 0  # which of data.sources it belongs to
     table: Any = None
 
 
@@ -154,10 +156,10 @@ def run_read(filesystem: pafs.FileSystem, unit: TrainUnit, read: RowRead, batch_
 class PlannedReads(Datasource):
     """A Ray Data source with one read task per planned read, in plan order."""
 
-    def __init__(self, filesystem: pafs.FileSystem, units: list[TrainUnit], reads: list[RowRead], batch_rows: int,
-                 make_preprocessor, features: str | None = None):
+    def __init__(self, filesystems: tuple[pafs.FileSystem, ...], units: list[TrainUnit], reads: list[RowRead],
+                 batch_rows: int, make_preprocessor, features: str | None = None):
         super().__init__()
-        self.filesystem, self.units, self.reads = filesystem, units, reads
+        self.filesystems, self.units, self.reads = filesystems, units, reads  # filesystems[unit.source]
         self.batch_rows, self.make_preprocessor, self.features = batch_rows, make_preprocessor, features
 
     def get_name(self) -> str:
@@ -168,7 +170,8 @@ class PlannedReads(Datasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
         return [
-            ReadTask(functools.partial(run_read, self.filesystem, self.units[read.unit], read, self.batch_rows,
+            ReadTask(functools.partial(run_read, self.filesystems[self.units[read.unit].source], self.units[read.unit], read,
+                                       self.batch_rows,
                                        self.make_preprocessor, self.features),
                      BlockMetadata(num_rows=len(read.rows), size_bytes=None, exec_stats=None,
                                    input_files=(self.units[read.unit].path,)),
@@ -195,19 +198,39 @@ class TrainSplit:
     features: str | None = None  # locked towers' outputs (feature_store), read instead of running them
     feature_towers: tuple[str, ...] = ()  # which: "image", "text"
     decode: str = "cpu"  # data.decode
+    # data.sources: each source's filesystem (by TrainUnit.source), weight and way of drawing,
+    # and the rows every epoch draws from them all (data.mixture); none: one source, every row once.
+    filesystems: tuple = ()
+    mixture: tuple[SourceMix, ...] = ()
+    epoch_rows: int | None = None
     orders: dict = field(default_factory=dict, repr=False)  # epoch -> EpochOrder, computed once per worker
 
     @property
     def rows(self) -> int:
-        return sum(unit.rows for unit in self.units)
+        """Rows of every epoch: all of the units', or what a mixture draws."""
+        return self.epoch_rows if self.mixture else sum(unit.rows for unit in self.units)
 
     def fingerprint(self) -> list:
-        """What a checkpoint's positions mean: they continue exactly only over the same units."""
-        return [self.rows, len(self.units), self.seed, self.mix_rows]
+        """What a checkpoint's positions mean: they continue exactly only over the same units
+        (and the same mixture of sources)."""
+        mixture = [[m.name, m.weight, m.replacement] for m in self.mixture]
+        return [self.rows, len(self.units), self.seed, self.mix_rows, *([mixture] if mixture else [])]
+
+    def pieces(self, epoch: int) -> Pieces | None:
+        """What a mixture draws in ``epoch`` (None without one: every unit whole)."""
+        if not self.mixture:
+            return None
+        return epoch_pieces([u.rows for u in self.units], [u.source for u in self.units], list(self.mixture),
+                            self.epoch_rows, self.seed, epoch)
+
+    def drawn_rows(self, epoch: int) -> dict[str, int]:
+        """Rows ``epoch`` draws from each source (a mixture's report)."""
+        return drawn_rows(self.order(epoch).pieces, [u.source for u in self.units], list(self.mixture))
 
     def order(self, epoch: int) -> EpochOrder:
         if epoch not in self.orders:
-            self.orders = {epoch: EpochOrder([u.rows for u in self.units], self.seed, epoch, self.mix_rows)}
+            self.orders = {epoch: EpochOrder([u.rows for u in self.units], self.seed, epoch, self.mix_rows,
+                                             self.pieces(epoch))}
         return self.orders[epoch]
 
     def worker_epoch(self, epoch: int, ranges: Ranges, lead_rows: int | None = None) -> WorkerEpoch:
@@ -231,12 +254,13 @@ class TrainSplit:
         make_preprocessor = functools.partial(Preprocessor, self.tokenizer, self.image_size, self.max_text_length,
                                               augment=self.augment, seed=(self.seed, epoch), num_classes=self.num_classes,
                                               decode_images=not (self.features and "image" in self.feature_towers),
-                                              fast_decode=self.decode != "pillow")
+                                              fast_decode=self.decode != "pillow", device_decode=self.decode == "gpu")
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # blocks in plan order, not in finishing order
         context.enable_progress_bars = False  # one worker's pipeline of many: the driver reports progress
         dataset = ray.data.read_datasource(
-            PlannedReads(self.filesystem, self.units, plan.reads, self.batch_rows, make_preprocessor, self.features),
+            PlannedReads(self.filesystems or (self.filesystem,), self.units, plan.reads, self.batch_rows, make_preprocessor,
+                         self.features),
             override_num_blocks=len(plan.reads), num_cpus=1,
             **({"concurrency": self.preprocess_workers} if self.preprocess_workers else {}),
         )

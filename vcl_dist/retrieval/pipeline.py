@@ -79,6 +79,8 @@ def plan_embedding(model_path: str, model: RetrievalModel, cfg: Config, split: L
 
     say(f"{connect_ray(2)}")
     source = resolve_source(cfg.data, cfg.s3)
+    if split == "train" and not source.train:
+        raise ValueError("the training rows are in data.sources: embed a source by giving its path as data.val_path")
     path = {"val": source.val, "train": source.train}.get(split) or test_split_path(source)
     resources = ray.cluster_resources()
     gpu = resources.get("GPU", 0) >= 1 if use_gpu == "auto" else bool(use_gpu)

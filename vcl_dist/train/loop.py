@@ -137,7 +137,7 @@ class WorkerRun:
             torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
             keep_freed_memory_for_reuse()
         own_shares = worker_shares(self.rank, self.world, self.shares)
-        self.stream = InputStream(cfg, inputs["train_split"], own_shares, self.shares, self.local_batch, on_gpu,
+        self.stream = InputStream(cfg, inputs["train_split"], own_shares, self.shares, self.local_batch, self.device,
                                   fresh_start=ray.train.get_checkpoint() is None)
         self.steps_per_epoch = self.stream.data.rows // self.shares // self.local_batch  # from the start of an epoch
         self.trained = TrainingModel(cfg, self.tokenizer, self.class_names, self.device, self.world, self.lr,
@@ -201,8 +201,10 @@ class WorkerRun:
         metrics.update(found)
         # Kept in the history (checkpoints, metrics.jsonl, result.json), not in the metrics
         # reported to Ray: lists are no metric to plot or to tune on (metrics.HISTORY_ONLY).
+        data = self.stream.data
+        mixture = {"source_rows": data.drawn_rows(metrics["epoch"] - 1)} if data.mixture else {}
         self.history.append({**metrics, "bad_shards": bad_shards, "val_bad_shards": worst_shards(self.val_cache.by_shard),
-                             "step_losses": step_losses})
+                             "step_losses": step_losses, **mixture})
         self.link.epoch_metrics(self.trained.step, metrics)
 
     def report(self, metrics: dict, epoch: int, running_sums: dict | None, epoch_rows: dict | None = None) -> None:

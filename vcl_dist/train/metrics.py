@@ -33,7 +33,7 @@ EPOCH_METRICS = (
 )
 # What an epoch's entry in the history (metrics.jsonl, result.json) keeps besides the reported
 # metrics: lists, no metric to plot or to tune on.
-HISTORY_ONLY = ("bad_shards", "val_bad_shards", "step_losses")
+HISTORY_ONLY = ("bad_shards", "val_bad_shards", "step_losses", "source_rows")
 
 
 def reported_metric_names(cfg: Config) -> set[str]:

@@ -3,10 +3,17 @@ and the training split's read units — computed once on the driver, shared by T
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..config import Config
-from ..data.datasets import DatasetSource, plan_train_units, read_class_names, resolve_source, sample_captions
+from ..data.datasets import (
+    DatasetSource,
+    plan_train_units,
+    read_class_names,
+    resolve_source,
+    resolve_train_sources,
+    sample_captions,
+)
 from ..data.tokenizer import load_pretrained_tokenizer, train_wordpiece
 from ..data.train_stream import TrainUnit
 from ..models.open_clip_towers import is_open_clip, open_clip_tokenizer
@@ -31,10 +38,7 @@ class RunInputs:
     tokenizer: object
     class_names: list[str] | None
     train_units: list[TrainUnit]  # the training split's read units (data.train_stream)
-
-    @property
-    def train_rows(self) -> int:
-        return sum(unit.rows for unit in self.train_units)
+    train_sources: list[DatasetSource] = field(default_factory=list)  # data.sources, each resolved
 
 
 def prepare_inputs(cfg: Config, tokenizer=None) -> RunInputs:
@@ -46,8 +50,11 @@ def prepare_inputs(cfg: Config, tokenizer=None) -> RunInputs:
         FileNotFoundError: shards or a bucket cannot be found or reached.
     """
     source = resolve_source(cfg.data, cfg.s3)
-    return RunInputs(source, tokenizer or build_tokenizer(cfg, source), read_class_names(source),
-                     plan_train_units(source, source.train))
+    sources = resolve_train_sources(cfg.data, cfg.s3)
+    # The tokenizer is fitted to the (first) training source's captions.
+    captions_from = sources[0] if sources else source
+    return RunInputs(source, tokenizer or build_tokenizer(cfg, captions_from), read_class_names(source),
+                     plan_train_units(source, source.train, sources), sources)
 
 
 def label_space_size(cfg: Config, class_names: list[str] | None) -> int | None:

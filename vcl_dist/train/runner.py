@@ -165,12 +165,15 @@ def plan_data(cfg: Config, inputs: RunInputs | None, resume: bool, use_gpu: bool
 
     inputs = inputs or prepare_inputs(cfg, checkpoint_tokenizer(cfg) if resume else None)
     local_batch = cfg.train.batch_size // cfg.train.num_workers
-    if inputs.train_rows // cfg.train.num_workers // local_batch == 0:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} is larger than the training split")
     classes = label_space_size(cfg, inputs.class_names)
     train_split = build_train_split(inputs.source, inputs.train_units, cfg.data, inputs.tokenizer, seed=cfg.train.seed,
-                                    num_classes=classes)
+                                    num_classes=classes, sources=inputs.train_sources)
+    if train_split.rows // cfg.train.num_workers // local_batch == 0:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is larger than the training split")
     towers = feature_towers(cfg)
+    if towers and train_split.mixture:
+        raise ValueError("a locked tower's features are computed once per training row, not per draw of data.sources: "
+                         "train with data.train_path, or let the locked tower run every step (data.augment=true)")
     if towers:
         # Over the split's own units (the built-in data's are in the object store by now).
         train_split.features = locked_features(cfg, inputs.source, train_split.units, inputs.tokenizer, use_gpu)

@@ -4,13 +4,16 @@ started while the model is built, and the optional log of which rows each step t
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import numpy as np
+import torch
 
 from ..config import Config
 from ..data.epoch_plan import fresh_ranges
 from ..runtime.prefetch import fetch_first_ahead
+from .device_decode import collate_decoding_on_device
 from .step import collate_rows, pinned_collate_rows
 from .trained_rows import TrainedRowsLog
 
@@ -19,10 +22,14 @@ class InputStream:
     """This worker's batches of the training split (``data``: the driver's plan of it): each step,
     one local batch from each of ``own`` of the epoch's ``shares`` shares, in that order."""
 
-    def __init__(self, cfg: Config, data, own: list[int], shares: int, local_batch: int, on_gpu: bool,
+    def __init__(self, cfg: Config, data, own: list[int], shares: int, local_batch: int, device: torch.device,
                  fresh_start: bool):
         self.cfg, self.data, self.own, self.shares, self.local_batch = cfg, data, own, shares, local_batch
+        on_gpu = device.type == "cuda"
         self.collate = pinned_collate_rows if on_gpu else collate_rows
+        if data.decode == "gpu":  # the batch's JPEGs are decoded on the device as it is collated
+            self.collate = functools.partial(collate_decoding_on_device, geometry=data.image_size, device=device,
+                                             pin_memory=on_gpu)
         self.rows_log = TrainedRowsLog(cfg.run.trained_rows_log, own[0]) if cfg.run.trained_rows_log else None
         # A run that starts from scratch knows its first epoch's rows now: their reads start
         # while the model is built, rather than after (the first step waits for less).

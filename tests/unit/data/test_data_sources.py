@@ -242,3 +242,46 @@ def test_training_rows_are_seeded_and_resume_exactly_on_the_built_in_data_parque
         assert read(split, 0, resume_ranges(shares, [64, 64], 2)[1]) == epoch0[1][64:], name
         images_by_format.append(dict(epoch0[0] + epoch0[1]))
     assert images_by_format[0] == images_by_format[1] == images_by_format[2]
+
+
+def test_weighted_sources_one_local_one_in_s3_draw_their_shares_and_resume_exactly(
+        s3_endpoint, s3_local_ray, shapes, tiny_shapes_overrides, repo_root, tmp_path):
+    """data.sources: the shapes training rows as two sources — 384 rows in a local folder and
+    128 in a bucket, weights 1 and 3 — every epoch of 512 rows draws 128 from the big one and
+    384 from the small one (upsampled, with replacement); workers read exactly those rows, a resumed share goes on
+    with the rows that followed, and the run reports the mixture of every epoch."""
+    import boto3
+
+    table = pq.read_table(sorted((shapes / "train").glob("*.parquet")))
+    (tmp_path / "big").mkdir()
+    pq.write_table(table.slice(0, 384), tmp_path / "big" / "part-0.parquet", row_group_size=100)
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="vcl-small")
+    pq.write_table(table.slice(384), "vcl-small/train/part-0.parquet", filesystem=s3_filesystem(s3_endpoint))
+    small_keys = set(table.slice(384).column("key").to_pylist())
+    overrides = [*tiny_shapes_overrides, "data.source=parquet", f"data.val_path={shapes / 'val'}",
+                 f"s3.endpoint_url={s3_endpoint}", "data.epoch_rows=512", "data.shuffle_buffer=100",
+                 f"data.sources=[{{path: {tmp_path / 'big'}, weight: 1}}, "
+                 "{path: 's3://vcl-small/train', weight: 3, replacement: true, name: small}]"]
+    cfg = load_config(repo_root / "jobs/configs/default.yaml", overrides)
+    from vcl_dist.train.run_inputs import prepare_inputs
+
+    inputs = prepare_inputs(cfg)
+    split = build_train_split(inputs.source, inputs.train_units, cfg.data, inputs.tokenizer, seed=1,
+                              sources=inputs.train_sources)
+    assert split.rows == 512 and split.drawn_rows(0) == {"big": 128, "small": 384}
+
+    def read(epoch, share):
+        return [str(key) for batch in split.batches(epoch, share, 32, 1) for key in batch["key"]]
+
+    shares = fresh_ranges(split.rows, 2)
+    epoch0 = [read(0, share) for share in shares]
+    keys = [k for rows in epoch0 for k in rows]
+    assert len(keys) == 512 and sum(k in small_keys for k in keys) == 384  # to the row
+    assert len(set(keys) - small_keys) == 128  # the big source without replacement: no row twice
+    assert read(0, resume_ranges(shares, [64, 64], 2)[1]) == epoch0[1][64:]
+    later = {k for k in read(1, shares[0]) + read(1, shares[1]) if k not in small_keys}
+    assert not later & set(keys)  # the next epoch goes on with the big source's rows not drawn yet
+
+    outcome = run_training(load_config(repo_root / "jobs/configs/default.yaml",
+                                       [*overrides, "train.epochs=2", f"run.storage_path={tmp_path / 'runs'}"]))
+    assert [epoch["source_rows"] for epoch in outcome.history] == [{"big": 128, "small": 384}] * 2

@@ -89,7 +89,7 @@ def test_a_truncated_or_oversized_jpeg_is_refused_not_half_decoded():
 
 
 def test_cmyk_jpegs_take_pillows_way(monkeypatch):
-    monkeypatch.setattr(train_decode, "_resize", lambda *a: pytest.fail("the fast way decoded a CMYK JPEG"))
+    monkeypatch.setattr(train_decode, "resize_to_geometry", lambda *a: pytest.fail("the fast way decoded a CMYK JPEG"))
     data = GOOD_ODD_IMAGES["cmyk_jpeg"]()
     assert jpeg_header(data) is None
     assert decode_for_training(data, ImageGeometry(32)).shape == (3, 32, 32)
