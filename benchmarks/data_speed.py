@@ -14,7 +14,8 @@ same number of worker processes and the same batch size; the consumer only count
 - *planned reads*: what one training worker reads (its planned reads as Ray Data tasks, put
   in stream order), with either decoder — the fast one is training's default (``data.decode=cpu``).
 
-Prints a table of median images/s over repeated epochs and the ratio to the baseline (per
+Prints a table of median images/s over ``--epochs`` rounds — in each, every path reads two epochs
+back to back, as training does, and the second is timed — and the ratio to the baseline (per
 core: every path has ``--processes`` processes). The data are generated on first use into ``--cache``.
 """
 
@@ -145,17 +146,20 @@ def main() -> None:
         "planned reads (one training worker's stream), Pillow decode": planned("pillow"),
         "planned reads (one training worker's stream), fast decode: training's default": planned("cpu"),
     }
-    # Epochs alternate between the two paths, so that a busy spell of this shared machine
-    # slows both alike.
+    # Rounds alternate between the paths, so that a busy spell of this shared machine slows all
+    # alike. In a round, each path reads two epochs back to back and the second is timed: in
+    # training an epoch follows another at once (the next one's reads start as one ends), while
+    # a path left idle for the others' epochs would start cold (Ray's idle worker processes go).
     timings: dict[str, list[tuple[float, float, int]]] = {name: [] for name in paths}
     for _ in range(args.epochs):
         for name, epoch in paths.items():
+            time_epoch(epoch())
             timings[name].append(time_epoch(epoch()))
     ray.shutdown()
 
     print(
         f"\n{args.images} JPEGs of 256–512 px to {args.size} px, {args.processes} worker processes, batch {args.batch_size}, "
-        f"median of {args.epochs} epochs, torch {torch.__version__}, ray {ray.__version__}\n"
+        f"median of {args.epochs} timed epochs, torch {torch.__version__}, ray {ray.__version__}\n"
     )
     print(table_header(["path", "images/s", "× DataLoader", "first batch (s)", "images/s after the first batch", "× DataLoader"],
                        [False, True, True, True, True, True]))
