@@ -131,6 +131,7 @@ class EpochOrder:
         worker holds one part's reads at a time, however many rows the epoch has."""
         reads: list[RowRead] = []
         groups: list[tuple[int, int]] = []
+        planned = 0  # rows of this part's groups
         for index, (group, positions) in enumerate(self._worker_groups(ranges)):
             units, rows = self.rows_at(group, positions - self.group_start[group])
             for stretch in lead_stretches(len(positions), lead_rows if index == 0 else None):
@@ -144,11 +145,12 @@ class EpochOrder:
                         reads.append(RowRead(int(self.pieces.units[unit]), self.pieces.starts[unit] + rows[taken],
                                              positions[taken]))
                 groups.append((int(positions[stretch.stop - 1]) + 1, stretch.stop - stretch.start))
-            if chapter_rows and sum(n for _, n in groups) >= chapter_rows:
-                yield WorkerEpoch(reads, groups, sum(n for _, n in groups))
-                reads, groups = [], []
+            planned += len(positions)
+            if chapter_rows and planned >= chapter_rows:
+                yield WorkerEpoch(reads, groups, planned)
+                reads, groups, planned = [], [], 0
         if groups or not chapter_rows:
-            yield WorkerEpoch(reads, groups, sum(n for _, n in groups))
+            yield WorkerEpoch(reads, groups, planned)
 
     def _worker_groups(self, ranges: Ranges) -> Iterator[tuple[int, np.ndarray]]:
         """``(group, the positions of ranges in it)`` for every group ``ranges`` touch, in

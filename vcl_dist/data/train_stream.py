@@ -225,7 +225,8 @@ class TrainSplit:
 
     def drawn_rows(self, epoch: int) -> dict[str, int]:
         """Rows ``epoch`` draws from each source (a mixture's report)."""
-        return drawn_rows(self.order(epoch).pieces, [u.source for u in self.units], list(self.mixture))
+        # From the draw alone: the epoch's order is not needed, nor evicted from the cache.
+        return drawn_rows(self.pieces(epoch), [u.source for u in self.units], list(self.mixture))
 
     def order(self, epoch: int) -> EpochOrder:
         if epoch not in self.orders:
