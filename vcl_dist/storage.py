@@ -77,7 +77,9 @@ GLOB_CHARACTERS = "*?["
 
 def list_files(filesystem: pafs.FileSystem, path: str, extension: str) -> list[str]:
     """The ``extension`` files of a folder (searched recursively), of a glob (``*``, ``?``,
-    ``[…]``; ``*`` also crosses ``/``), or the one file ``path`` names; sorted.
+    ``[…]``; ``*`` also crosses ``/``), or the one file ``path`` names; sorted. Inside a folder or
+    below a glob's fixed part, names that start with ``_`` or ``.`` are skipped: they hold a job's
+    bookkeeping (as in Spark and Ray Data), such as a filter's scores.
 
     Raises:
         FileNotFoundError: nothing matches (one line).
@@ -88,15 +90,21 @@ def list_files(filesystem: pafs.FileSystem, path: str, extension: str) -> list[s
         first = min(path.index(c) for c in GLOB_CHARACTERS if c in path)
         base = path[:first].rsplit("/", 1)[0] if "/" in path[:first] else ""
         infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-        files = sorted(i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, path))
+        files = sorted(i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, path)
+                       and not _hidden(i.path[len(base):]))
     elif filesystem.get_file_info(path).type == pafs.FileType.Directory:
         infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
-        files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(f".{extension}"))
+        files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(f".{extension}")
+                       and not _hidden(i.path[len(path.rstrip("/")):]))
     else:
         files = [path] if filesystem.get_file_info(path).type == pafs.FileType.File else []
     if not files:
         raise FileNotFoundError(f"no .{extension} files at {display_uri(path, filesystem)}")
     return files
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith(("_", ".")) for part in relative.strip("/").split("/"))
 
 
 def newest_folder(filesystem: pafs.FileSystem, path: str, prefix: str, containing: str | None = None) -> str | None:

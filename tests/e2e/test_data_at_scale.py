@@ -83,3 +83,61 @@ def test_webdataset_source_trains(s3_local_ray, shapes, tiny_shapes_overrides, r
     # Three epochs: over two, the tiny model's loss moves less than its step-to-step noise.
     assert outcome.history[-1]["train_loss"] < outcome.history[0]["train_loss"]
     assert outcome.history[-1]["val_num_images"] == 64
+
+
+@pytest.mark.e2e  # a filter job killed with SIGKILL in its own process, resumed, against the S3 server
+def test_a_filter_from_and_into_s3_killed_mid_scoring_resumes_to_the_uninterrupted_result(s3_endpoint, s3_local_ray, shapes,
+                                                                                          repo_root, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+    from pretrained_models import save_tiny_clip
+
+    from vcl_dist.curation.filter_run import Criteria, run_filter
+    from vcl_dist.curation.scorer_model import pretrained_scorer
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="curate")
+    fs = s3_filesystem(s3_endpoint)
+    rows = pq.read_table(sorted((shapes / "train").glob("*.parquet"))).to_pydict()
+    write_webdataset(rows, tmp_path / "tars", per_tar=32)  # 16 tars
+    pafs.copy_files(str(tmp_path / "tars"), "curate/tars", destination_filesystem=fs)
+    clip = save_tiny_clip(tmp_path / "clip")
+    command = [sys.executable, str(repo_root / "jobs/filter.py"), "--data", "s3://curate/tars", "--out", "s3://curate/kept",
+               "--init", str(clip), "--keep-fraction", "0.5", "--actors", "1", "--batch-size", "8",
+               f"s3.endpoint_url={s3_endpoint}"]
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+
+    def scored() -> int:
+        found = fs.get_file_info(pafs.FileSelector("curate/kept/_filter/scores", allow_not_found=True))
+        return sum(1 for info in found if info.path.endswith(".parquet"))
+
+    job = subprocess.Popen(command, env=env, cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           start_new_session=True)
+    deadline = time.time() + 240
+    while scored() < 2 and job.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(job.pid, signal.SIGKILL)  # the driver and its local Ray, mid-scoring
+    job.wait()
+    done_before = scored()
+    assert 2 <= done_before < 16, job.stdout.read().decode()[-2000:]
+
+    resumed = subprocess.run(command, env=env, cwd=repo_root, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"({done_before} scored before)" in resumed.stdout
+
+    reference = run_filter(str(tmp_path / "tars"), str(tmp_path / "whole"), pretrained_scorer(str(clip)),
+                           Criteria(keep_fraction=0.5), actors=1)
+
+    def keys(table_paths, filesystem) -> set[str]:
+        return {k for path in table_paths for k in pq.read_table(path, filesystem=filesystem).column("key").to_pylist()}
+
+    kept = [i.path for i in fs.get_file_info(pafs.FileSelector("curate/kept", recursive=True))
+            if i.path.endswith(".parquet") and "/_filter/" not in i.path]
+    whole = [str(p) for p in (tmp_path / "whole").glob("*.parquet")]
+    assert keys(kept, fs) == keys(whole, pafs.LocalFileSystem()) and len(keys(kept, fs)) == reference.kept
+    with fs.open_input_stream("curate/kept/_filter.json") as stream:
+        assert json.loads(stream.read())["kept"] == reference.kept

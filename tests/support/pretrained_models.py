@@ -20,7 +20,7 @@ def clip_tokenizer():
     return CLIPTokenizer(vocab={token: i for i, token in enumerate(vocab)}, merges=merges)
 
 
-def save_tiny_clip(folder: Path, seed: int = 0, image_size: int = 32, resize_side: int = 36) -> Path:
+def save_tiny_clip(folder: Path, seed: int = 0, image_size: int = 32, resize_side: int = 36, patch_size: int = 8) -> Path:
     """A randomly initialised ``CLIPModel`` with its tokenizer and image processor (shorter side
     ``resize_side``, centre crop ``image_size``, bicubic, OpenAI's mean and std) in ``folder``."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
@@ -32,7 +32,7 @@ def save_tiny_clip(folder: Path, seed: int = 0, image_size: int = 32, resize_sid
                          num_attention_heads=4, max_position_embeddings=40, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=image_size, patch_size=8),
+                           image_size=image_size, patch_size=patch_size),
         projection_dim=16, logit_scale_init_value=3.0,
     )
     CLIPModel(config).save_pretrained(folder)

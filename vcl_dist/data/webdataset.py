@@ -74,14 +74,15 @@ def _count_samples(filesystem: pafs.FileSystem, tar_path: str) -> int:
     return sum(1 for _ in _samples(filesystem, tar_path))
 
 
-def _samples(filesystem: pafs.FileSystem, tar_path: str, wanted=None):
+def _samples(filesystem: pafs.FileSystem, tar_path: str, wanted=None, payloads_of_all: bool = False):
     """``(index, key, {extension: bytes})`` of the samples of one tar, in order. With ``wanted``
     (sample indices), only those are yielded, with their payloads, and the stream stops after
-    the last of them; without, every sample, with no payload read."""
+    the last of them; without, every sample, with no payload read (``payloads_of_all``: with them)."""
     wanted = None if wanted is None else {int(i) for i in wanted}
     if wanted is not None and not wanted:
         return
     last = max(wanted) if wanted else None
+    read = payloads_of_all or wanted is not None
     index, key, payloads = -1, None, None
     for member_key, ext, tar, member in _tar_members(filesystem, tar_path):
         if member_key != key:
@@ -91,7 +92,7 @@ def _samples(filesystem: pafs.FileSystem, tar_path: str, wanted=None):
             if last is not None and index > last:
                 return
             payloads = {} if wanted is None or index in wanted else None
-        if payloads is not None and wanted is not None:
+        if payloads is not None and read:
             payloads.setdefault(ext, tar.extractfile(member).read())
     if payloads is not None:
         yield index, key, payloads
@@ -110,6 +111,28 @@ def read_tar_rows(filesystem: pafs.FileSystem, tar_path: str, rows) -> dict[str,
     for ext in extensions:
         columns[ext] = np.array([payloads.get(ext) for _, _, payloads in found], dtype=object)
     return columns
+
+
+def tar_sample_batches(filesystem: pafs.FileSystem, tar_path: str, batch_rows: int):
+    """Every sample of one tar, in order, as columns like :func:`read_tar_rows`'s, ``batch_rows``
+    samples at a time; each batch also has ``__index__``, the samples' indices in the tar."""
+    found: list = []
+
+    def columns() -> dict[str, np.ndarray]:
+        extensions = sorted({ext for _, _, payloads in found for ext in payloads})
+        batch = {"__key__": np.array([key for _, key, _ in found], dtype=object),
+                 "__index__": np.array([index for index, _, _ in found], dtype=np.int64)}
+        for ext in extensions:
+            batch[ext] = np.array([payloads.get(ext) for _, _, payloads in found], dtype=object)
+        return batch
+
+    for sample in _samples(filesystem, tar_path, payloads_of_all=True):
+        found.append(sample)
+        if len(found) == batch_rows:
+            yield columns()
+            found = []
+    if found:
+        yield columns()
 
 
 def webdataset_captions(filesystem: pafs.FileSystem, path: str, limit: int) -> list[str]:

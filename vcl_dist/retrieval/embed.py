@@ -86,8 +86,8 @@ def embedding_table(rows: dict, image_embeddings: np.ndarray, text_embeddings: n
     })
 
 
-class EmbedRows:
-    """A ``map_batches`` actor: loads the model once, then embeds batch after batch."""
+class ModelActor:
+    """A ``map_batches`` actor's start: loads the model once (on its GPU, else on its one CPU)."""
 
     def __init__(self, model_ref: list, use_gpu: bool):
         import ray
@@ -99,6 +99,10 @@ class EmbedRows:
         # The reference comes wrapped in a list so that Ray hands it over unresolved: the
         # actor fetches the bytes itself, from whichever node holds them.
         self.model = load_model_files(ray.get(model_ref[0]), "cuda" if use_gpu else "cpu")
+
+
+class EmbedRows(ModelActor):
+    """A ``map_batches`` actor: loads the model once, then embeds batch after batch."""
 
     def __call__(self, rows: dict) -> pa.Table:
         keep = np.asarray(rows["valid"]) == 1

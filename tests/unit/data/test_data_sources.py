@@ -100,10 +100,11 @@ def test_webdataset_samples_are_read_by_index_with_a_sample_without_image_counte
         read_tar_rows(fs, tars[1][0], [2, 7])
 
 
-def test_shard_paths_may_be_folders_globs_or_files(tmp_path):
+def test_shard_paths_may_be_folders_globs_or_files_and_bookkeeping_is_no_shard(tmp_path):
     from vcl_dist.storage import list_files
 
-    for name in ("a/part-0.parquet", "a/part-1.parquet", "a/classes.txt", "b/part-0.parquet", "b/deeper/part-9.parquet"):
+    for name in ("a/part-0.parquet", "a/part-1.parquet", "a/classes.txt", "b/part-0.parquet", "b/deeper/part-9.parquet",
+                 "a/_filter/scores/000000.parquet", "a/.staging/part-0.parquet", "a/_part-2.parquet"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
     fs, root = pafs.LocalFileSystem(), str(tmp_path)
