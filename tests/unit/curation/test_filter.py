@@ -83,10 +83,16 @@ def expected_keep(scores: np.ndarray, fraction: float | None = None, min_score: 
     return {i for i in candidates if scores[i] >= min_score}
 
 
-def test_a_filter_keeps_the_best_fraction_of_distinct_good_pairs_as_shards(scorer, dataset, tmp_path):
+@pytest.fixture(scope="module")
+def filtered(scorer, dataset, tmp_path_factory):
+    """The dataset filtered to its best 40 %: the output folder and the report."""
+    out = tmp_path_factory.mktemp("filtered") / "kept"
+    return out, run_filter(str(dataset[0]), str(out), scorer, Criteria(keep_fraction=0.4), actors=2, batch_size=48)
+
+
+def test_a_filter_keeps_the_best_fraction_of_distinct_good_pairs_as_shards(scorer, dataset, filtered):
     root, rows = dataset
-    out = tmp_path / "kept"
-    report = run_filter(str(root), str(out), scorer, Criteria(keep_fraction=0.4), actors=2, batch_size=48)
+    out, report = filtered
 
     scores = saved_scores(out)
     reference = reference_scores(scorer, rows)
@@ -106,7 +112,26 @@ def test_a_filter_keeps_the_best_fraction_of_distinct_good_pairs_as_shards(score
     summary = json.loads((out / "_filter.json").read_text())
     assert summary["kept"] == len(keep) and summary["threshold"] == pytest.approx(min(scores[i] for i in keep))
 
-    # Other criteria: the scores are reused, the shards written anew.
+
+
+def test_tars_filter_to_the_same_rows_as_parquet(scorer, dataset, filtered, tmp_path):
+    root, rows = dataset
+    tars = tmp_path / "tars"
+    write_webdataset({**rows, "image_id": [None] * 512}, tars, per_tar=SHARD_ROWS)
+    run_filter(str(tars), str(tmp_path / "from-tars"), scorer, Criteria(keep_fraction=0.4), actors=2)
+    assert kept_keys(tmp_path / "from-tars") == kept_keys(filtered[0])
+    table = pq.read_table(tmp_path / "from-tars" / "shard-00000.parquet")
+    assert table.schema.names == ["key", "image", "caption", "label", "image_id"]
+    i = rows["key"].index(table.column("key")[0].as_py())
+    assert table.slice(0, 1).to_pylist()[0] == {"key": rows["key"][i], "image": rows["image"][i],
+                                                "caption": rows["caption"][i].strip(), "label": rows["label"][i],
+                                                "image_id": None}
+
+
+def test_other_criteria_reuse_the_scores_and_write_the_shards_anew(scorer, dataset, filtered):
+    root, rows = dataset
+    out = filtered[0]
+    scores = saved_scores(out)
     report = run_filter(str(root), str(out), scorer, Criteria(min_score=0.05, dedup=False), actors=2)
     assert report.scored_now == 0 and report.duplicates == 0
     assert kept_keys(out) == {rows["key"][i] for i in range(512) if scores[i] >= 0.05}
@@ -126,22 +151,6 @@ def test_a_killed_filter_rescores_only_unfinished_shards_and_ends_as_an_uninterr
     assert report.scored_now == 2
     assert kept_keys(out) == whole
     assert not list(out.rglob("*.tmp-*"))
-
-
-def test_tars_filter_to_the_same_rows_as_parquet(scorer, dataset, tmp_path):
-    root, rows = dataset
-    tars = tmp_path / "tars"
-    write_webdataset({**rows, "image_id": [None] * 512}, tars, per_tar=SHARD_ROWS)
-    out_tar, out_parquet = tmp_path / "from-tars", tmp_path / "from-parquet"
-    run_filter(str(tars), str(out_tar), scorer, Criteria(keep_fraction=0.3), actors=2)
-    run_filter(str(root), str(out_parquet), scorer, Criteria(keep_fraction=0.3), actors=2)
-    assert kept_keys(out_tar) == kept_keys(out_parquet)
-    table = pq.read_table(out_tar / "shard-00000.parquet")
-    assert table.schema.names == ["key", "image", "caption", "label", "image_id"]
-    i = rows["key"].index(table.column("key")[0].as_py())
-    assert table.slice(0, 1).to_pylist()[0] == {"key": rows["key"][i], "image": rows["image"][i],
-                                                "caption": rows["caption"][i].strip(), "label": rows["label"][i],
-                                                "image_id": None}
 
 
 def test_an_out_folder_of_something_else_or_another_filter_is_refused(scorer, dataset, tmp_path, capsys):
