@@ -245,5 +245,5 @@ def format_row(row: dict) -> str:
                            sorted(row["fed_phases"].items(), key=lambda item: -item[1]) if share >= 0.01)
         fed = f"{row['fed_samples_per_s']:.0f}, data wait {100 * row['fed_phases'].get('data_wait', 0):.1f}% ({phases})"
     return (f"| {row['batch']} | {'compiled' if row['compiled'] else 'eager'} | {1000 * row['step_s']:.1f} | "
-            f"{row['samples_per_s']:.0f} | {row['tflops']:.1f} | {mfu} | {100 * row['loss_share']:.1f}% | "
+            f"{row['samples_per_s']:.0f} | {row['tflops']:.3g} | {mfu} | {100 * row['loss_share']:.1f}% | "
             f"{row['no_host_sync_samples_per_s']:.0f} | {fed} |")

@@ -18,15 +18,16 @@ import pyarrow.fs as pafs
 
 from ..storage import list_files
 from .shard_format import caption_text, json_object
+from .tar_index import indexed_samples, member_key
 
 
 def _tar_members(filesystem: pafs.FileSystem, tar_path: str):
     """``(key, extension, tar, member)`` of every file in one tar, streamed (payloads not kept)."""
     with filesystem.open_input_stream(tar_path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
         for member in tar:
-            if member.isfile() and "." in member.name:
-                key, ext = member.name.rsplit("/", 1)[-1].split(".", 1)
-                yield key, ext.lower(), tar, member
+            named = member_key(member.name) if member.isfile() else None
+            if named is not None:
+                yield *named, tar, member
 
 
 def _members(filesystem: pafs.FileSystem, path: str):
@@ -74,34 +75,26 @@ def _count_samples(filesystem: pafs.FileSystem, tar_path: str) -> int:
     return sum(1 for _ in _samples(filesystem, tar_path))
 
 
-def _samples(filesystem: pafs.FileSystem, tar_path: str, wanted=None, payloads_of_all: bool = False):
-    """``(index, key, {extension: bytes})`` of the samples of one tar, in order. With ``wanted``
-    (sample indices), only those are yielded, with their payloads, and the stream stops after
-    the last of them; without, every sample, with no payload read (``payloads_of_all``: with them)."""
-    wanted = None if wanted is None else {int(i) for i in wanted}
-    if wanted is not None and not wanted:
-        return
-    last = max(wanted) if wanted else None
-    read = payloads_of_all or wanted is not None
-    index, key, payloads = -1, None, None
-    for member_key, ext, tar, member in _tar_members(filesystem, tar_path):
-        if member_key != key:
-            if payloads is not None:
-                yield index, key, payloads
-            index, key = index + 1, member_key
-            if last is not None and index > last:
-                return
-            payloads = {} if wanted is None or index in wanted else None
-        if payloads is not None and read:
-            payloads.setdefault(ext, tar.extractfile(member).read())
-    if payloads is not None:
-        yield index, key, payloads
+def _samples(filesystem: pafs.FileSystem, tar_path: str, payloads: bool = False):
+    """``(index, key, {extension: bytes})`` of every sample of one tar, in order, streamed; the
+    payloads are read only with ``payloads`` (else the dicts are empty)."""
+    index, key, found = -1, None, None
+    for name, ext, tar, member in _tar_members(filesystem, tar_path):
+        if name != key:
+            if found is not None:
+                yield index, key, found
+            index, key, found = index + 1, name, {}
+        if payloads:
+            found.setdefault(ext, tar.extractfile(member).read())
+    if found is not None:
+        yield index, key, found
 
 
 def read_tar_rows(filesystem: pafs.FileSystem, tar_path: str, rows) -> dict[str, np.ndarray]:
     """The samples at ``rows`` (indices, increasing) of one tar, as the columns that Ray Data's
-    ``read_webdataset`` gives (``__key__`` and one column of bytes per extension)."""
-    found = list(_samples(filesystem, tar_path, rows))
+    ``read_webdataset`` gives (``__key__`` and one column of bytes per extension): by byte
+    range once this node knows where the tar's samples start (:mod:`.tar_index`)."""
+    found = indexed_samples(filesystem, tar_path, [int(i) for i in rows])
     if len(found) != len(rows):
         missing = sorted({int(i) for i in rows} - {index for index, _, _ in found})[0]
         raise ValueError(f"{tar_path}: ends before its sample {missing + 1}, which the training plan counted "
@@ -126,7 +119,7 @@ def tar_sample_batches(filesystem: pafs.FileSystem, tar_path: str, batch_rows: i
             batch[ext] = np.array([payloads.get(ext) for _, _, payloads in found], dtype=object)
         return batch
 
-    for sample in _samples(filesystem, tar_path, payloads_of_all=True):
+    for sample in _samples(filesystem, tar_path, payloads=True):
         found.append(sample)
         if len(found) == batch_rows:
             yield columns()
