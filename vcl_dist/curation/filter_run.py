@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -175,8 +175,6 @@ def run_filter(data: str, out: str, scorer: ScorerModel, criteria: Criteria, *, 
         FileNotFoundError: no shards at ``data``. FileExistsError: ``out`` is not this filter's.
         ValueError: a shard changed while being filtered, or the model gives non-finite scores.
     """
-    import ray
-
     started = time.perf_counter()
     in_fs, in_path = filesystem_for(data, s3)
     out_fs, out_path = filesystem_for(out, s3)
@@ -186,79 +184,136 @@ def run_filter(data: str, out: str, scorer: ScorerModel, criteria: Criteria, *, 
     prepare_out(out_fs, out_path, out, plan, overwrite)
     write_text_atomically(out_fs, _state(out_path, "plan.json"), json.dumps(plan))
     _remove_partial_files(out_fs, out_path)
-    scores = _state(out_path, "scores")
+    job = _Job(in_fs, out_fs, out_path, kind, shards)
+    stages = _Stages()
 
-    def score_path(shard: InputShard) -> str:
-        return score_file(scores, shard.index)
-
-    clock = time.perf_counter()
-    stages: dict[str, float] = {}
-
-    def stage_done(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        stages[name], clock = now - clock, now
-
-    todo = [s.index for s in shards if not exists(out_fs, score_path(s))]
-    total = sum(s.rows for s in shards)
-    if todo:
-        rows = sum(shards[i].rows for i in todo)
-        say(f"scoring {rows:,} rows of {len(todo)} shards ({len(shards) - len(todo)} scored before) of {data} "
-            f"with {scorer.described} on {actors} {'GPU' if use_gpu else 'CPU'} actor{'s' if actors > 1 else ''}")
-        dataset = scoring_dataset(in_fs, shards, todo, kind, scorer.model, ray.put(scorer.files), use_gpu=use_gpu,
-                                  actors=actors, batch_size=batch_size)
-        collect_scores(dataset, shards, todo, lambda index, table: write_score_file(out_fs, score_path(shards[index]), table),
-                       _Progress("scored", len(todo), rows))
-    files = [(s.index, score_path(s)) for s in shards]
-    tallies = ray.get([ray.remote(num_cpus=1)(_tally).remote(out_fs, files[i:i + 64]) for i in range(0, len(files), 64)])
-    problems = sum((t[1] for t in tallies), Counter())
-    if sum(t[0] for t in tallies) != total:
-        raise ValueError(f"the score files under {display_uri(scores, out_fs)} do not cover the input's {total} rows")
-    stage_done("scoring")
-
-    duplicates: dict[int, np.ndarray] = {}
-    if criteria.dedup:
-        saved = _state(out_path, "duplicates.parquet")
-        if exists(out_fs, saved):
-            duplicates = load_duplicates(out_fs, saved)
-        else:
-            say("finding exact duplicate images")
-            duplicates = find_duplicates(out_fs, [path for _, path in files], total - sum(problems.values()))
-            save_duplicates(out_fs, saved, duplicates)
-    stage_done("duplicates")
-    candidates, low, high = candidate_count(out_fs, files, duplicates)
-    if criteria.keep_fraction is not None:
-        wanted = min(candidates, max(1, round(criteria.keep_fraction * candidates)))
-        threshold = kth_best_score(out_fs, files, duplicates, wanted, low, high) if candidates else math.inf
-    else:
-        threshold = criteria.min_score if criteria.min_score is not None else -math.inf
-
-    selection = {"criteria": asdict(criteria), "threshold": threshold if math.isfinite(threshold) else None}
-    selection_path = _state(out_path, "selection.json")
-    if exists(out_fs, selection_path) and json.loads(read_text(out_fs, selection_path)) != selection:
-        say("other criteria than the last run's: the scores stay, the shards are written anew")
-        _remove_output_shards(out_fs, out_path)
-    write_text_atomically(out_fs, selection_path, json.dumps(selection))
-    stage_done("selection")
-
+    scored_now = job.score_missing(scorer, data, use_gpu=use_gpu, actors=actors, batch_size=batch_size)
+    problems = job.problems()
+    stages.done("scoring")
+    duplicates = job.duplicates(sum(s.rows for s in shards) - sum(problems.values())) if criteria.dedup else {}
+    stages.done("duplicates")
+    candidates, threshold = job.select(criteria, duplicates)
+    stages.done("selection")
     root = input_root(in_path, shards)
-    task = ray.remote(num_cpus=1)(_write_filtered)
-    pending = {task.remote(in_fs, out_fs, s, kind, score_path(s), duplicates.get(s.index, NO_ROWS), threshold,
-                           f"{out_path}/{output_name(s, root)}"): s for s in shards}
-    kept, written, progress = 0, 0, _Progress("wrote", len(shards), total)
-    write_started, rows_done = time.perf_counter(), 0
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        count = ray.get(ready[0])
-        kept, written, rows_done = kept + count, written + (count > 0), rows_done + pending.pop(ready[0]).rows
-        progress(len(shards) - len(pending), rows_done, time.perf_counter() - write_started)
-    stage_done("writing")
+    kept, written = job.write(root, duplicates, threshold)
+    stages.done("writing")
     classes = f"{root}/{CLASSES_FILE}"
     if exists(in_fs, classes):
         write_text_atomically(out_fs, f"{out_path}/{CLASSES_FILE}", read_text(in_fs, classes))
-    report = FilterReport(len(shards), total, dict(problems), sum(len(r) for r in duplicates.values()), candidates,
-                          selection["threshold"], kept, written, len(todo), time.perf_counter() - started, asdict(criteria),
-                          stages)
+    report = FilterReport(len(shards), sum(s.rows for s in shards), dict(problems), sum(len(r) for r in duplicates.values()),
+                          candidates, threshold if math.isfinite(threshold) else None, kept, written, scored_now,
+                          time.perf_counter() - started, asdict(criteria), stages.seconds)
     write_text_atomically(out_fs, f"{out_path}/{SUMMARY_FILE}",
                           json.dumps({**asdict(report), "data": plan["data"], "model": scorer.described}, indent=2))
     return report
+
+
+class _Stages:
+    """Each stage's seconds, in order."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.clock = time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name], self.clock = now - self.clock, now
+
+
+@dataclass
+class _Job:
+    """One filter's input shards and output folder, and its stages."""
+
+    in_fs: pafs.FileSystem
+    out_fs: pafs.FileSystem
+    out: str
+    kind: str
+    shards: list[InputShard]
+
+    def score_path(self, shard: InputShard) -> str:
+        return score_file(_state(self.out, "scores"), shard.index)
+
+    @property
+    def score_files(self) -> list[tuple[int, str]]:
+        return [(s.index, self.score_path(s)) for s in self.shards]
+
+    def score_missing(self, scorer: ScorerModel, data: str, *, use_gpu: bool, actors: int, batch_size: int) -> int:
+        """Score the shards without a score file; how many there were."""
+        import ray
+
+        todo = [s.index for s in self.shards if not exists(self.out_fs, self.score_path(s))]
+        if not todo:
+            return 0
+        rows = sum(self.shards[i].rows for i in todo)
+        say(f"scoring {rows:,} rows of {len(todo)} shards ({len(self.shards) - len(todo)} scored before) of {data} "
+            f"with {scorer.described} on {actors} {'GPU' if use_gpu else 'CPU'} actor{'s' if actors > 1 else ''}")
+        dataset = scoring_dataset(self.in_fs, self.shards, todo, self.kind, scorer.model, ray.put(scorer.files),
+                                  use_gpu=use_gpu, actors=actors, batch_size=batch_size)
+        collect_scores(dataset, self.shards, todo,
+                       lambda index, table: write_score_file(self.out_fs, self.score_path(self.shards[index]), table),
+                       _Progress("scored", len(todo), rows))
+        return len(todo)
+
+    def problems(self) -> Counter:
+        """Bad rows by reason, from the score files (which must cover every input row).
+
+        Raises:
+            ValueError: they do not.
+        """
+        import ray
+
+        files, total = self.score_files, sum(s.rows for s in self.shards)
+        tallies = ray.get([ray.remote(num_cpus=1)(_tally).remote(self.out_fs, files[i:i + 64])
+                           for i in range(0, len(files), 64)])
+        if sum(t[0] for t in tallies) != total:
+            raise ValueError(f"the score files under {display_uri(_state(self.out, 'scores'), self.out_fs)} do not "
+                             f"cover the input's {total} rows")
+        return sum((t[1] for t in tallies), Counter())
+
+    def duplicates(self, good_rows: int) -> dict[int, np.ndarray]:
+        """The rows that are copies of a better-scored image: found once, then read back."""
+        saved = _state(self.out, "duplicates.parquet")
+        if exists(self.out_fs, saved):
+            return load_duplicates(self.out_fs, saved)
+        say("finding exact duplicate images")
+        found = find_duplicates(self.out_fs, [path for _, path in self.score_files], good_rows)
+        save_duplicates(self.out_fs, saved, found)
+        return found
+
+    def select(self, criteria: Criteria, duplicates: dict[int, np.ndarray]) -> tuple[int, float]:
+        """``(candidates, threshold)``; the shards of other criteria's earlier run are removed."""
+        files = self.score_files
+        candidates, low, high = candidate_count(self.out_fs, files, duplicates)
+        if criteria.keep_fraction is not None:
+            wanted = min(candidates, max(1, round(criteria.keep_fraction * candidates)))
+            threshold = kth_best_score(self.out_fs, files, duplicates, wanted, low, high) if candidates else math.inf
+        else:
+            threshold = criteria.min_score if criteria.min_score is not None else -math.inf
+        selection = {"criteria": asdict(criteria), "threshold": threshold if math.isfinite(threshold) else None}
+        path = _state(self.out, "selection.json")
+        if exists(self.out_fs, path) and json.loads(read_text(self.out_fs, path)) != selection:
+            say("other criteria than the last run's: the scores stay, the shards are written anew")
+            _remove_output_shards(self.out_fs, self.out)
+        write_text_atomically(self.out_fs, path, json.dumps(selection))
+        return candidates, threshold
+
+    def write(self, root: str, duplicates: dict[int, np.ndarray], threshold: float) -> tuple[int, int]:
+        """Every shard's kept rows (Ray tasks, a bounded number at a time); ``(rows kept, shards written)``."""
+        import ray
+
+        task = ray.remote(num_cpus=1)(_write_filtered)
+        in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        waiting, pending = deque(self.shards), {}
+        kept, written, rows_done = 0, 0, 0
+        progress, started = _Progress("wrote", len(self.shards), sum(s.rows for s in self.shards)), time.perf_counter()
+        while waiting or pending:
+            while waiting and len(pending) < in_flight:
+                shard = waiting.popleft()
+                ref = task.remote(self.in_fs, self.out_fs, shard, self.kind, self.score_path(shard),
+                                  duplicates.get(shard.index, NO_ROWS), threshold, f"{self.out}/{output_name(shard, root)}")
+                pending[ref] = shard
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            count = ray.get(ready[0])
+            kept, written, rows_done = kept + count, written + (count > 0), rows_done + pending.pop(ready[0]).rows
+            progress(len(self.shards) - len(waiting) - len(pending), rows_done, time.perf_counter() - started)
+        return kept, written

@@ -3,6 +3,7 @@ duplicates, the kept fraction, re-selection from saved scores, resuming, WebData
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from job_modules import load_job
 from pretrained_models import save_tiny_clip
 from webdataset_tars import write_webdataset
 
-from vcl_dist.curation.filter_run import Criteria, run_filter
+from vcl_dist.curation.filter_run import Criteria, prepare_out, run_filter
 from vcl_dist.curation.scorer_model import pretrained_scorer
 from vcl_dist.curation.selection import duplicates_in_block, kth_best_score
 
@@ -137,38 +138,46 @@ def test_other_criteria_reuse_the_scores_and_write_the_shards_anew(scorer, datas
     assert kept_keys(out) == {rows["key"][i] for i in range(512) if scores[i] >= 0.05}
 
 
-def test_a_killed_filter_rescores_only_unfinished_shards_and_ends_as_an_uninterrupted_one(scorer, dataset, tmp_path):
+def test_a_killed_filter_rescores_only_unfinished_shards_and_ends_as_an_uninterrupted_one(scorer, dataset, filtered,
+                                                                                          tmp_path):
     root, rows = dataset
     out = tmp_path / "kept"
-    run_filter(str(root), str(out), scorer, Criteria(keep_fraction=0.5), actors=2)
-    whole = kept_keys(out)
+    shutil.copytree(filtered[0], out)
+    whole = saved_scores(out)
     # As a filter killed while scoring leaves it: two shards scored, one half-written file, no shards yet.
     for name in ("_filter/scores/000001.parquet", "_filter/scores/000003.parquet", "_filter/duplicates.parquet",
-                 "_filter/selection.json", "_filter.json", "part-000.parquet", "part-001.parquet"):
+                 "_filter/selection.json", "_filter.json"):
         (out / name).unlink()
+    for shard in out.glob("part-*.parquet"):
+        shard.unlink()
     (out / "part-002.parquet.tmp-4242").write_bytes(b"half a shard")
-    report = run_filter(str(root), str(out), scorer, Criteria(keep_fraction=0.5), actors=2)
+    report = run_filter(str(root), str(out), scorer, Criteria(keep_fraction=0.4), actors=2)
     assert report.scored_now == 2
-    assert kept_keys(out) == whole
+    np.testing.assert_array_equal(saved_scores(out), whole)
+    assert kept_keys(out) == {rows["key"][i] for i in expected_keep(whole, fraction=0.4)}
     assert not list(out.rglob("*.tmp-*"))
 
 
-def test_an_out_folder_of_something_else_or_another_filter_is_refused(scorer, dataset, tmp_path, capsys):
+def test_an_out_folder_of_something_else_or_another_filter_is_refused(scorer, dataset, filtered, tmp_path, capsys):
     root, _ = dataset
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="holds no filter output"):
-        run_filter(str(root), str(mine), scorer, Criteria(), actors=1)
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="holds no filter output"):
+            run_filter(str(root), str(mine), scorer, Criteria(), actors=1, overwrite=overwrite)
     assert (mine / "notes.txt").read_text() == "keep me"
 
     out = tmp_path / "kept"
-    run_filter(str(root), str(out), scorer, Criteria(min_score=0.0), actors=1)
+    shutil.copytree(filtered[0], out)
     other = pretrained_scorer(str(save_tiny_clip(tmp_path / "other-clip", seed=1)))
     with pytest.raises(FileExistsError, match="holds a filter of another model: pass --overwrite"):
         run_filter(str(root), str(out), other, Criteria(min_score=0.0), actors=1)
-    report = run_filter(str(root), str(out), other, Criteria(min_score=0.0), actors=1, overwrite=True)
-    assert report.scored_now == 4
+    assert (out / "_filter.json").exists()
+    fs = pafs.LocalFileSystem()
+    plan = json.loads((out / "_filter" / "plan.json").read_text())
+    prepare_out(fs, str(out), str(out), {**plan, "model_fingerprint": other.fingerprint}, overwrite=True)
+    assert not list(out.iterdir())  # an earlier filter's folder, emptied for the new one
 
     for criteria, message in (({"min_score": 0.1, "keep_fraction": 0.5}, "not both"),
                               ({"keep_fraction": 0.0}, r"must be in \(0, 1\]"), ({"min_score": math.nan}, "finite")):
