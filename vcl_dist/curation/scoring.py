@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
@@ -149,7 +150,7 @@ def collect_scores(dataset, shards: list[InputShard], todo: list[int], write: Ca
     started, done, rows_done = time.perf_counter(), 0, 0
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         for index in np.unique(batch.column("shard").to_numpy()):
-            part = batch.filter(pa.compute.equal(batch.column("shard"), pa.scalar(int(index), pa.int32())))
+            part = batch.filter(pc.equal(batch.column("shard"), pa.scalar(int(index), pa.int32())))
             pending.setdefault(int(index), []).append(part)
             counts[int(index)] += part.num_rows
             if counts[int(index)] > shards[index].rows:
