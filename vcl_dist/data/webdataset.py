@@ -99,6 +99,12 @@ def read_tar_rows(filesystem: pafs.FileSystem, tar_path: str, rows) -> dict[str,
         missing = sorted({int(i) for i in rows} - {index for index, _, _ in found})[0]
         raise ValueError(f"{tar_path}: ends before its sample {missing + 1}, which the training plan counted "
                          "(was the tar changed during the run?)")
+    return _sample_columns(found)
+
+
+def _sample_columns(found: list) -> dict[str, np.ndarray]:
+    """``(index, key, {ext: bytes})`` samples -> ``__key__`` and one column of bytes per extension
+    (None where a sample lacks it)."""
     extensions = sorted({ext for _, _, payloads in found for ext in payloads})
     columns = {"__key__": np.array([key for _, key, _ in found], dtype=object)}
     for ext in extensions:
@@ -112,12 +118,7 @@ def tar_sample_batches(filesystem: pafs.FileSystem, tar_path: str, batch_rows: i
     found: list = []
 
     def columns() -> dict[str, np.ndarray]:
-        extensions = sorted({ext for _, _, payloads in found for ext in payloads})
-        batch = {"__key__": np.array([key for _, key, _ in found], dtype=object),
-                 "__index__": np.array([index for index, _, _ in found], dtype=np.int64)}
-        for ext in extensions:
-            batch[ext] = np.array([payloads.get(ext) for _, _, payloads in found], dtype=object)
-        return batch
+        return {**_sample_columns(found), "__index__": np.array([index for index, _, _ in found], dtype=np.int64)}
 
     for sample in _samples(filesystem, tar_path, payloads=True):
         found.append(sample)
