@@ -46,6 +46,9 @@ class S3Config(Section):
     endpoint_url: str | None = Field(None, description="e.g. http://127.0.0.1:9000 for MinIO; default: AWS")
     region: str | None = None
     anonymous: bool = Field(False, description="read public buckets without credentials")
+    run_attempts: int = Field(8, ge=1, le=20, description="tries of each request to the run's storage while training "
+                              "(checkpoints, Ray Train's records), backing off up to 20 s between tries: 8 rides out "
+                              "about a minute of outage; checks before a run starts try 3 times")
 
 
 def source_name(path: str) -> str:
@@ -233,6 +236,10 @@ class TrainConfig(Section):
     min_lr_ratio: float = Field(0.02, ge=0, le=1)
     grad_clip_norm: float | None = Field(1.0, gt=0)
     amp: bool | Literal["auto"] = Field("auto", description="bf16 autocast; auto = on GPU only")
+    dtype: Literal["float32", "float64"] = Field(
+        "float32", description="the weights, activations, losses and optimizer state; float64 (several times slower) "
+        "to check exactness: a run across restarts at other world sizes then equals one that never changed to far "
+        "below 1e-6, where float32 rounding grows through training")
     seed: int = Field(0, ge=0, le=2**63 - 1, description="weights, data order and augmentation")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the latest checkpoint; -1 = unlimited")
     checkpoint_every_steps: int | None = Field(None, ge=1, description="also checkpoint inside epochs; default: epoch ends only")
@@ -279,6 +286,8 @@ class TrainConfig(Section):
         if self.strategy == "fsdp" and self.keep_global_batch:
             raise ValueError("train.keep_global_batch with train.strategy=fsdp: a worker with more shares runs more "
                              "micro-batches, and sharded towers need every worker in each one; use train.strategy=ddp")
+        if self.dtype == "float64" and self.amp is True:
+            raise ValueError("train.dtype=float64 with train.amp=true: autocast computes in bf16; leave one of them out")
         if self.strategy == "fsdp" and self.compile:
             raise ValueError("train.strategy=fsdp does not combine with train.compile (the sharded blocks' hooks break the "
                              "compiled graphs): leave one of them out")

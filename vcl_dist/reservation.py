@@ -29,7 +29,8 @@ from .runtime.console import say
 
 NAMESPACE = "vcl-dist"
 LEDGER_ACTOR = "vcl-dist-admission"
-# A driver that stops renewing its entry (killed, its machine gone) loses it after this long.
+# A driver that stops renewing its entry (its machine gone) loses it after this long; one whose
+# Ray job has ended (a killed driver) loses it at its next missed renewal.
 LEASE_S = 60.0
 RENEW_EVERY_S = 5.0
 REPORT_EVERY_S = 30.0
@@ -54,14 +55,17 @@ class AdmissionLedger:
 
     def _expire(self) -> None:
         now = time.time()
-        for ticket in [t for t, e in self.entries.items() if now - e["seen"] > LEASE_S]:
-            self.leave(ticket)
+        late = {t: e for t, e in self.entries.items() if now - e["seen"] > 2 * RENEW_EVERY_S}
+        ended = ended_jobs({e.get("job") for e in late.values()} - {None}) if late else set()
+        for ticket, entry in late.items():
+            if now - entry["seen"] > LEASE_S or entry.get("job") in ended:
+                self.leave(ticket)
 
-    def join(self, who: str, cpus: float, gpus: float, needs: str) -> str:
+    def join(self, who: str, cpus: float, gpus: float, needs: str, job: str | None = None) -> str:
         ticket = uuid.uuid4().hex
         now = time.time()
         self.entries[ticket] = {"who": who, "cpus": cpus, "gpus": gpus, "needs": needs, "since": now, "seen": now,
-                                "admitted": False}
+                                "admitted": False, "job": job}
         self.queue.append(ticket)
         return ticket
 
@@ -89,6 +93,17 @@ class AdmissionLedger:
         if ticket in self.queue:
             self.queue.remove(ticket)
         self.entries.pop(ticket, None)
+
+
+def ended_jobs(job_ids: set[str]) -> set[str]:
+    """Which of the Ray jobs ``job_ids`` (hex) have ended, by the cluster's job table; none when
+    it cannot be read (the lease decides then)."""
+    try:
+        import ray._private.state
+
+        return {job["JobID"] for job in ray._private.state.jobs() if job["JobID"] in job_ids and job.get("IsDead")}
+    except Exception:  # noqa: BLE001 # an internal table: the lease still frees the entry
+        return set()
 
 
 def ledger_actor():
@@ -125,7 +140,8 @@ class JobReservation:
     def _join(self) -> None:
         import ray
 
-        self.ticket = ray.get(self.ledger.join.remote(self.who, self.needs.cpus, self.needs.gpus, self.needs.text))
+        self.ticket = ray.get(self.ledger.join.remote(self.who, self.needs.cpus, self.needs.gpus, self.needs.text,
+                                                      ray.get_runtime_context().get_job_id()))
 
     def _poll(self) -> tuple[str, list[dict]]:
         import ray

@@ -20,8 +20,9 @@ from .config import S3Config
 from .runtime.console import one_line
 
 
-def filesystem_for(uri: str, s3: S3Config | None = None) -> tuple[pafs.FileSystem, str]:
-    """``(filesystem, path inside it)`` for a local path or a URI (``s3://bucket/key``, …)."""
+def filesystem_for(uri: str, s3: S3Config | None = None, attempts: int = 3) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path inside it)`` for a local path or a URI (``s3://bucket/key``, …);
+    ``attempts``: tries of each S3 request (the AWS SDK backs off exponentially, up to 20 s)."""
     if uri.startswith("s3://"):
         s3 = s3 or S3Config()
         options: dict = {}
@@ -33,10 +34,26 @@ def filesystem_for(uri: str, s3: S3Config | None = None) -> tuple[pafs.FileSyste
             options["region"] = s3.region
         if s3.anonymous:
             options["anonymous"] = True
-        return pafs.S3FileSystem(**options), uri[len("s3://"):].rstrip("/")
+        return RetryingS3FileSystem(attempts, **options), uri[len("s3://"):].rstrip("/")
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem that keeps its number of tries when pickled (to Ray's workers and
+    Ray Train's controller): pyarrow's own drops the retry strategy and comes back with 3."""
+
+    def __init__(self, attempts: int = 3, **options):
+        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts), **options)
+        self.attempts, self.options = attempts, options
+
+    def __reduce__(self):
+        return _retrying_s3, (self.attempts, self.options)
+
+
+def _retrying_s3(attempts: int, options: dict) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(attempts, **options)
 
 
 def display_uri(uri_or_path: str, filesystem: pafs.FileSystem) -> str:

@@ -32,6 +32,7 @@ from .images import ImageGeometry
 from .mixture import SourceMix, drawn_rows, epoch_pieces
 from .preprocess import Preprocessor
 from .shard_format import pylist_columns, to_shard_columns
+from .unreadable_shards import read_or_mark_unreadable
 
 # Rows of one unit that one read task decodes at most: a WebDataset tar (thousands of samples)
 # becomes several tasks, each streaming the tar and decoding its own rows.
@@ -113,7 +114,6 @@ def read_unit_rows(filesystem: pafs.FileSystem, unit: TrainUnit, rows: np.ndarra
             raise ValueError(f"{unit.path}: {table.num_rows} rows where {unit.rows} were planned "
                              "(was the file changed during the run?)")
         columns = pylist_columns(table.take(rows))
-    columns["path"] = np.full(len(rows), unit.path, dtype=object)  # names the shard of a bad row
     return columns
 
 
@@ -137,7 +137,10 @@ def run_read(filesystem: pafs.FileSystem, unit: TrainUnit, read: RowRead, batch_
     stand in the ``image`` column instead of decoded pictures, and in the ``input_ids`` column
     instead of tokens (``float32 [B, F]``), for the towers it holds."""
     computed = read_unit_features(filesystem, features, read.unit, read.rows) if features else {}
-    columns = read_unit_rows(filesystem, unit, read.rows, images="image" not in computed)
+    columns = read_or_mark_unreadable(
+        functools.partial(read_unit_rows, filesystem, unit, read.rows, images="image" not in computed),
+        filesystem, unit.path, read.rows)
+    columns["path"] = np.full(len(read.rows), unit.path, dtype=object)  # names the shard of a bad row
     if computed and list(computed["key"]) != [str(k) for k in columns["key"]]:
         raise ValueError(f"{features}: the features of unit {read.unit} are not of {unit.path}'s rows "
                          "(were the shards changed after they were computed?)")

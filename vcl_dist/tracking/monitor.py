@@ -51,11 +51,12 @@ class RunMonitor:
 
 
 def start_monitor():
-    """A monitor for one run, on the driver's node (soft: anywhere when that one is full)."""
+    """A monitor for one run, on the driver's node, as Ray Train places its controller: it needs
+    no CPU, and elsewhere it would die with a reclaimed node, leaving the run unwatched."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = ray.get_runtime_context().get_node_id()
-    return RunMonitor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote()
+    return RunMonitor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
 
 
 def worker_location() -> dict:

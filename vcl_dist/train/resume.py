@@ -10,8 +10,10 @@ on yet are dealt anew, the saved ranks' mean loss is carried, and the learning r
 on the new world size.
 
 Which checkpoint: Ray Train's latest, else the ones it registered before it, newest first
-(:func:`checkpoints_to_resume_from`); one that some worker cannot read is skipped with a warning
-by every worker alike (:meth:`ResumePoint.restore`).
+(:func:`checkpoints_to_resume_from`); one whose files some worker finds broken is skipped with a
+warning by every worker alike (:meth:`ResumePoint.restore`). One that cannot be read because its
+storage does not answer or the local disk is full is not skipped: the group fails and Ray Train
+restarts it to try again (``train.max_failures``).
 """
 
 from __future__ import annotations
@@ -39,18 +41,15 @@ class ResumePoint:
     carried: dict = field(default_factory=lambda: {"loss_sum": 0.0, "steps": 0})  # this rank's sums of that epoch
     step: int = 0  # global step
     history: list[dict] = field(default_factory=list)
+    checkpoint: str = ""  # the folder it was restored from
 
     @classmethod
     def restore(cls, checkpoints: list[ray.train.Checkpoint], *, model, criterion, optimizer, scheduler, lr: float,
                 device: torch.device, data: TrainSplit, local_batch: int, shares: int | None = None) -> ResumePoint:
         """Load the first of ``checkpoints`` (newest first; none: start from scratch) that every
-        worker can read into the given objects; where to go on. A checkpoint that some worker
-        cannot read is skipped with a warning, on every worker alike. ``shares``: how many shares
-        the epoch's rows are dealt into (default: one per worker; see :mod:`.global_batch`).
-
-        Raises:
-            CheckpointLoadError: no checkpoint can be read (not retried: it would fail again).
-        """
+        worker can read into the given objects (:func:`load_first_readable`); where to go on.
+        ``shares``: how many shares the epoch's rows are dealt into (default: one per worker; see
+        :mod:`.global_batch`)."""
         rank, world = distributed_world()
         if world > 1:  # rank 0's list for all: every worker must try the same checkpoints, in step
             listed = [[c.path for c in checkpoints]]
@@ -59,26 +58,11 @@ class ResumePoint:
             checkpoints = [ray.train.Checkpoint(path, filesystem=filesystem) for path in listed[0]]
         if not checkpoints:
             return cls()
-        problems = []
-        for checkpoint in checkpoints:
-            try:
-                problem = checkpoint_problem(checkpoint.filesystem, checkpoint.path)
-                if problem is None:
-                    with checkpoint.as_directory() as folder:
-                        state = load_checkpoint(folder, model=model, criterion=criterion, optimizer=optimizer,
-                                                scheduler=scheduler)
-            except Exception as err:  # torch, pickle, zip, JSON and shape errors alike: it fails the same way next time
-                problem = f"{type(err).__name__}: {one_line(err, 300)}"
-            if all_workers_agree(problem is None, device):
-                break
-            problems.append(f"{checkpoint.path}: {problem or 'unreadable on another worker'}")
-            if rank == 0:
-                say(f"warning: skipped the checkpoint {problems[-1]}")
-        else:
-            raise CheckpointLoadError(f"cannot resume from the checkpoint {problems[0]}"
-                                      + (f" (nor from {len(problems) - 1} earlier ones)" if len(problems) > 1 else ""))
+        checkpoint, state = load_first_readable(checkpoints, device, model=model, criterion=criterion,
+                                                optimizer=optimizer, scheduler=scheduler)
         saved_world = len(state["rng"] or []) or world
-        point = cls(epoch=state["epoch"] + 1, step=state["step"], history=state["history"])
+        point = cls(epoch=state["epoch"] + 1, step=state["step"], history=state["history"],
+                    checkpoint=checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
         if state["epoch_step"]:  # saved inside an epoch: finish that epoch
             point.epoch, point.epoch_step, saved = state["epoch"], state["epoch_step"], state["epoch_progress"]
             saved_rows = state.get("epoch_rows")
@@ -104,7 +88,45 @@ class ResumePoint:
 
     def describe(self) -> str:
         where = f"step {self.epoch_step} of epoch {self.epoch + 1}" if self.epoch_step else f"the end of epoch {self.epoch}"
-        return f"resumed from the checkpoint at {where} (global step {self.step})"
+        return f"resumed from the checkpoint {self.checkpoint} at {where} (global step {self.step})"
+
+
+def load_first_readable(checkpoints: list[ray.train.Checkpoint], device: torch.device, **objects):
+    """``(checkpoint, its state)``: the first of ``checkpoints`` that every worker can read,
+    loaded into ``objects`` (model, criterion, optimizer, scheduler). One whose files some worker
+    finds broken is skipped with a warning, on every worker alike.
+
+    Raises:
+        CheckpointUnavailableError: a checkpoint could not be read for its storage or the local
+            disk (retried by Ray Train: skipping it would go back to an older one, or end the
+            run, for a passing fault).
+        CheckpointLoadError: no checkpoint can be read (not retried: it would fail again).
+    """
+    rank, _ = distributed_world()
+    problems = []
+    for checkpoint in checkpoints:
+        problem, unavailable = None, None
+        try:
+            problem = checkpoint_problem(checkpoint.filesystem, checkpoint.path)
+            if problem is None:
+                with checkpoint.as_directory() as folder:
+                    state = load_checkpoint(folder, **objects)
+        except OSError as err:  # storage that does not answer, a full local disk: not the checkpoint's fault
+            unavailable = f"{type(err).__name__}: {one_line(err, 300)}"
+        except Exception as err:  # torch, pickle, zip, JSON and shape errors alike: it fails the same way next time
+            problem = f"{type(err).__name__}: {one_line(err, 300)}"
+        verdict = worst_verdict(2 if unavailable else 1 if problem else 0, device)
+        if verdict == 2:
+            raise CheckpointUnavailableError(
+                f"cannot read the checkpoint {checkpoint.path} now: "
+                f"{unavailable or 'its storage or local disk failed on another worker'}")
+        if verdict == 0:
+            return checkpoint, state
+        problems.append(f"{checkpoint.path}: {problem or 'unreadable on another worker'}")
+        if rank == 0:
+            say(f"warning: skipped the checkpoint {problems[-1]}")
+    raise CheckpointLoadError(f"cannot resume from the checkpoint {problems[0]}"
+                              + (f" (nor from {len(problems) - 1} earlier ones)" if len(problems) > 1 else ""))
 
 
 def epoch_rows_state(data: TrainSplit, ranges: list[Ranges], consumed: int) -> dict:
@@ -144,14 +166,18 @@ def checkpoints_to_resume_from() -> list[ray.train.Checkpoint]:
                        if path.rstrip("/") != latest.path.rstrip("/")]
 
 
-def all_workers_agree(ok: bool, device: torch.device) -> bool:
-    """Whether ``ok`` holds on every worker (a collective)."""
+class CheckpointUnavailableError(OSError):
+    """A checkpoint could not be read for a fault of its storage or of the local disk (retried)."""
+
+
+def worst_verdict(verdict: int, device: torch.device) -> int:
+    """The largest of every worker's ``verdict`` (a collective)."""
     _, world = distributed_world()
     if world == 1:
-        return ok
-    flag = torch.tensor([1 if ok else 0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+        return verdict
+    flag = torch.tensor([verdict], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
 
 
 def rescale_learning_rate(optimizer, scheduler, lr: float) -> None:

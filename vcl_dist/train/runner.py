@@ -28,6 +28,7 @@ from ..tracking.monitor import start_monitor
 from ..tracking.progress import ProgressView
 from ..tracking.watcher import RunWatcher
 from .checkpoint import checkpoint_tokenizer
+from .dead_runs import release_dead_runs_requests, track_runs
 from .fatal import raise_if_fatal
 from .locked_features import feature_towers, locked_features
 from .run_inputs import RunInputs, label_space_size, prepare_inputs
@@ -95,6 +96,7 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
     joined = connect(cfg, trial)
     use_gpu = check_cluster(cfg)
     with reserved(cfg, use_gpu, shared=not joined.startswith("started a local Ray")):
+        release_dead_runs_requests()  # a killed driver's run would hold its workers' resources for 3 minutes
         data = plan_data(cfg, inputs, resume, use_gpu)
         watch = start_watching(cfg, place, resume, trial)
         trainer = build_trainer(cfg, place, data, watch, callbacks, use_gpu)
@@ -117,13 +119,17 @@ def check_config(cfg: Config, resume: bool) -> tuple[Config, RunPlace]:
         raise ConfigError(f"run.name={name}: a run of that name exists in {display_uri(storage_path, storage)}; "
                           "continue it with --resume or choose another run.name")
     cfg.run.name = name  # saved with the run: an evaluation finds the run's tracker entries by it
-    return cfg, RunPlace(storage, storage_path, name)
+    # While training, every request to the run's storage rides out an outage of about a minute
+    # (a checkpoint upload, Ray Train's records): the checks above fail fast instead.
+    patient, _ = filesystem_for(cfg.run.storage_path, cfg.s3, attempts=cfg.s3.run_attempts)
+    return cfg, RunPlace(patient, storage_path, name)
 
 
 def connect(cfg: Config, trial: TrialInfo | None) -> str:
     """Join or start Ray (:func:`~vcl_dist.ray_cluster.connect_ray`) and say which; returns that line."""
     import ray.data
 
+    track_runs()  # before Ray Train starts a run: see release_dead_runs_requests
     joined = connect_ray(cpus_for_training(cfg.train.num_workers, cfg.train.cpus_per_worker))
     say(joined)
     if trial is not None:

@@ -36,8 +36,12 @@ class TrainingModel:
             raise ModelBuildError(f"the config builds no model: {one_line(err, 300)}") from None
         if hasattr(model, "logit_scale") and hasattr(self.criterion, "logit_scale"):
             self.criterion.logit_scale.data.copy_(model.logit_scale)  # InfoNCE starts at CLIP's temperature
+        if cfg.train.dtype == "float64":  # the batches follow: uint8 pixels meet float64 buffers, tokens float64 tables
+            model.to(torch.float64)
+            self.criterion.to(torch.float64)
         self.tower_options = prepare_towers(model, cfg.train)
-        self.use_amp = cfg.train.amp is True or (cfg.train.amp == "auto" and device.type == "cuda")
+        self.use_amp = cfg.train.dtype == "float32" and (cfg.train.amp is True or (cfg.train.amp == "auto" and
+                                                                                  device.type == "cuda"))
         self.model = shard_model(model, cfg.train.strategy, device, world, self.use_amp)
         if cfg.train.strategy == "fsdp":
             self.tower_options.append(f"towers sharded over {world} workers (FSDP)")

@@ -45,7 +45,7 @@ class InputStream:
         rows = streams[0] if len(streams) == 1 else (joined(parts) for parts in zip(*streams))
         if self.rows_log is None:
             return (self.collate(batch) for batch in rows)
-        return ({**self.collate(batch), "keys": batch["key"]} for batch in rows)
+        return ({**self.collate(batch), "keys": batch["key"], "keys_valid": batch["valid"]} for batch in rows)
 
     def started(self, epoch: int, ranges: list) -> Iterator | None:
         """The batches started while the model was built, if they are ``epoch``'s over ``ranges``
@@ -60,9 +60,11 @@ class InputStream:
         return fetch_first_ahead(self.epoch_batches(epoch, fresh_ranges(self.data.rows, self.shares)))
 
     def record_trained_rows(self, batch: dict, epoch: int, step: int) -> None:
-        """Log the keys of the rows that step ``step`` trains on (``run.trained_rows_log``)."""
+        """Log the keys of the rows that step ``step`` trains on and of those it skips as bad
+        (``run.trained_rows_log``)."""
         if self.rows_log is not None:
-            self.rows_log.write(epoch, step, self.shares, batch.pop("keys"))
+            keys, valid = batch.pop("keys"), np.asarray(batch.pop("keys_valid"), dtype=bool)
+            self.rows_log.write(epoch, step, self.shares, keys[valid], keys[~valid])
 
 
 def joined(parts: tuple[dict, ...]) -> dict:

@@ -44,6 +44,22 @@ def test_a_driver_that_stops_renewing_loses_its_place(monkeypatch):
     assert ledger.poll(dead, 2, 0) == ("unknown", [])
 
 
+def test_a_killed_drivers_place_goes_at_its_first_missed_renewals_not_after_the_lease(monkeypatch):
+    ledger = AdmissionLedger()
+    killed = ledger.join("killed job", 2, 0, "2 CPUs", job="02000000")
+    paused = ledger.join("paused job", 2, 0, "2 CPUs", job="03000000")
+    assert ledger.poll(killed, 4, 0)[0] == "admitted" and ledger.poll(paused, 4, 0)[0] == "admitted"
+    asked = []
+    monkeypatch.setattr(reservation, "ended_jobs", lambda jobs: asked.append(set(jobs)) or {"02000000"} & jobs)
+    now = time.time()
+    monkeypatch.setattr(reservation.time, "time", lambda: now + 2 * reservation.RENEW_EVERY_S + 1)
+    newcomer = ledger.join("new job", 2, 0, "2 CPUs", job="04000000")
+    assert ledger.poll(newcomer, 4, 0)[0] == "admitted"  # the killed job's CPUs are free again
+    assert asked == [{"02000000", "03000000"}]  # only late entries are looked up
+    assert ledger.poll(killed, 4, 0) == ("unknown", [])
+    assert ledger.poll(paused, 4, 0)[0] == "admitted"  # its job runs: it keeps its place until the lease ends
+
+
 def test_a_job_counts_its_workers_and_its_data_cpus(repo_root):
     cfg = load_config(repo_root / "jobs/configs/default.yaml", ["train.cpus_per_worker=0.5"])
     needs = training_needs(cfg, use_gpu=False)
@@ -103,5 +119,7 @@ def test_a_second_reservation_waits_on_a_real_ledger_until_the_first_is_released
         fourth = JobReservation("job D", needs, cluster, say=lambda line: None)
         fourth.acquire()  # nobody left ahead of it
         fourth.release()
+        # The cluster's job table, as the ledger reads it: this job runs, an unknown one is not "ended".
+        assert reservation.ended_jobs({ray.get_runtime_context().get_job_id(), "7f000000"}) == set()
     finally:
         ray.shutdown()

@@ -286,3 +286,74 @@ def test_weighted_sources_one_local_one_in_s3_draw_their_shares_and_resume_exact
     outcome = run_training(load_config(repo_root / "jobs/configs/default.yaml",
                                        [*overrides, "train.epochs=2", f"run.storage_path={tmp_path / 'runs'}"]))
     assert [epoch["source_rows"] for epoch in outcome.history] == [{"big": 128, "small": 384}] * 2
+
+
+def test_a_shard_garbled_after_planning_gives_bad_rows_and_the_others_read_on(s3_local_ray, shapes, tiny_shapes_overrides,
+                                                                               tmp_path):
+    """A shard overwritten mid-run (its footer was read when the split was planned): its rows come
+    back as bad rows named by shard and row, every other row as it was."""
+    import shutil
+
+    shutil.copytree(shapes, tmp_path / "data")
+    table = pq.read_table(sorted((tmp_path / "data/train").glob("*.parquet")))
+    for path in (tmp_path / "data/train").glob("*.parquet"):
+        path.unlink()
+    for i in range(4):  # four shards of 128 rows
+        pq.write_table(table.slice(128 * i, 128), tmp_path / f"data/train/part-{i}.parquet")
+    cfg = load_config(None, [*tiny_shapes_overrides, "data.source=parquet", f"data.train_path={tmp_path / 'data/train'}",
+                             f"data.val_path={tmp_path / 'data/val'}"])
+    source = resolve_source(cfg.data)
+    split = build_train_split(source, source.train, cfg.data, train_wordpiece(["a red circle"] * 4, 64), seed=1)
+    garbled = tmp_path / "data/train/part-2.parquet"
+    garbled.write_bytes(np.random.default_rng(0).bytes(garbled.stat().st_size))
+
+    batches = list(split.batches(0, fresh_ranges(split.rows, 1)[0], 64, 1))
+    keys = np.concatenate([b["key"] for b in batches])
+    valid = np.concatenate([b["valid"] for b in batches]).astype(bool)
+    assert len(keys) == 512
+    shard_keys = set(table.slice(256, 128).column("key").to_pylist())
+    assert sorted(keys[valid]) == sorted(set(table.column("key").to_pylist()) - shard_keys)
+    assert sorted(keys[~valid]) == sorted(f"{garbled}#{row}" for row in range(128))
+    assert all(p == str(garbled) for b in batches for p, ok in zip(b["shard"], b["valid"]) if not ok)
+
+
+def test_a_read_waits_for_storage_that_does_not_answer_and_fails_past_the_limit(tmp_path):
+    from ports import free_port
+
+    from vcl_dist.config import S3Config
+    from vcl_dist.data import unreadable_shards
+    from vcl_dist.storage import filesystem_for
+
+    unreachable, _ = filesystem_for("s3://bucket/x", S3Config(endpoint_url=f"http://127.0.0.1:{free_port()}"), attempts=1)
+    rows = np.arange(5)
+    slept: list[float] = []
+
+    def read():
+        if len(slept) < 3:
+            raise OSError("AWS Error NETWORK_CONNECTION during GetObject")
+        return {"key": np.array(["a"] * 5, dtype=object)}
+
+    # The storage is down for three tries, then the read succeeds: no row is counted bad.
+    out = unreadable_shards.read_or_mark_unreadable(read, unreachable, "bucket/x/part.parquet", rows, sleep=slept.append)
+    assert list(out["key"]) == ["a"] * 5 and slept == [1.0, 2.0, 4.0]
+
+    slept.clear()
+
+    def never():
+        raise OSError("AWS Error NETWORK_CONNECTION during GetObject")
+
+    with pytest.raises(OSError, match="its storage has not answered for 12[0-9] s"):
+        unreadable_shards.read_or_mark_unreadable(never, unreachable, "bucket/x/part.parquet", rows, sleep=slept.append)
+    assert sum(slept) >= unreadable_shards.WAIT_FOR_STORAGE_S and max(slept) == 16.0
+
+    # Storage that answers while the shard does not parse: the rows are bad rows, after one more try.
+    local = tmp_path / "part.parquet"
+    local.write_bytes(b"not parquet")
+    tries = []
+
+    def garbled():
+        tries.append(1)
+        pq.ParquetFile(str(local))
+
+    out = unreadable_shards.read_or_mark_unreadable(garbled, pafs.LocalFileSystem(), str(local), rows, sleep=slept.append)
+    assert len(tries) == 2 and list(out["key"]) == [f"{local}#{r}" for r in rows] and set(out["caption"]) == {None}

@@ -132,3 +132,37 @@ def test_an_export_uploaded_to_an_object_store_is_an_export_only_once_whole(chec
     upload_export(staged, fs, target)
     assert find_model_folder(fs, str(tmp_path / "run"), "run") == target
     assert sorted(p.name for p in Path(target).iterdir()) == sorted(p.name for p in staged.iterdir())
+
+
+def test_a_checkpoint_its_storage_cannot_serve_now_fails_the_group_instead_of_being_skipped(checkpoint_maker, tmp_path,
+                                                                                          tiny_shapes_overrides, repo_root):
+    """Resuming while the storage is down (or the local disk is full) is a passing fault: the
+    group fails, to be restarted by Ray Train and try the same checkpoint again, rather than
+    skip to an older one or end the run as if every checkpoint were broken."""
+    import ray.train
+    from ports import free_port
+
+    from vcl_dist.config import S3Config
+    from vcl_dist.storage import filesystem_for
+    from vcl_dist.train.fatal import CheckpointLoadError
+    from vcl_dist.train.resume import CheckpointUnavailableError, ResumePoint
+
+    cfg = load_config(repo_root / "jobs/configs/default.yaml", tiny_shapes_overrides)
+    tokenizer = train_wordpiece(["a red circle", "a small blue square"], 100)
+    model = build_dual_encoder(cfg.model, len(tokenizer), cfg.data.max_text_length, tokenizer.pad_token_id)
+    good = checkpoint_maker(tmp_path / "run/checkpoint_2026-01-01_00-00-01.000000", 1)
+    broken = checkpoint_maker(tmp_path / "run/checkpoint_2026-01-01_00-00-02.000000", 2)
+    (broken / "training_state.pt").write_bytes(b"cut short")
+    down, _ = filesystem_for("s3://bucket/run", S3Config(endpoint_url=f"http://127.0.0.1:{free_port()}"), attempts=1)
+
+    def restore(*checkpoints):
+        return ResumePoint.restore(list(checkpoints), model=model, criterion=torch.nn.Module(), optimizer=None,
+                                   scheduler=None, lr=0.1, device=torch.device("cpu"), data=None, local_batch=32)
+
+    local = pafs.LocalFileSystem()
+    with pytest.raises(CheckpointUnavailableError, match="cannot read the checkpoint bucket/run/checkpoint_3 now: OSError"):
+        restore(ray.train.Checkpoint("bucket/run/checkpoint_3", filesystem=down), ray.train.Checkpoint(str(good), filesystem=local))
+    assert not isinstance(CheckpointUnavailableError("x"), CheckpointLoadError)  # Ray Train retries it
+    # A checkpoint whose own files are broken is still skipped for the one before it.
+    point = restore(ray.train.Checkpoint(str(broken), filesystem=local), ray.train.Checkpoint(str(good), filesystem=local))
+    assert point.step == 1 and point.checkpoint == good.name

@@ -171,3 +171,28 @@ def test_an_epoch_reads_pending_verdicts_together_and_names_the_failed_step():
     assert progress.progress_record(10)["loss"] == pytest.approx(1.5 / 3)
     with pytest.raises(NonFiniteStepError, match=r"^step 14 \(epoch 3\): loss nan, .*read at step 15\)$"):
         progress.settle()
+
+
+def test_a_float64_worker_model_trains_in_float64_from_uint8_pixels(repo_root, tiny_shapes_overrides):
+    """``train.dtype=float64``: weights, embeddings, the loss and AdamW's moments in double
+    precision (the pixels arrive as uint8, the tokens as ids); refused beside bf16 autocast."""
+    from vcl_dist.config import ConfigError, load_config
+    from vcl_dist.data.tokenizer import train_wordpiece
+    from vcl_dist.train.worker_model import TrainingModel
+
+    tokenizer = train_wordpiece(["a red circle", "a small blue square"] * 4, 64)
+    cfg = load_config(repo_root / "jobs/configs/default.yaml", [*tiny_shapes_overrides, "train.dtype=float64",
+                                                                "train.num_workers=1"])
+    trained = TrainingModel(cfg, tokenizer, None, torch.device("cpu"), 1, 1e-3, 64, 512)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    ids = torch.randint(5, len(tokenizer), (8, 6), generator=generator)
+    u, v = trained.model(images, ids, torch.ones_like(ids))
+    assert u.dtype == v.dtype == torch.float64 and not trained.use_amp
+    loss = trained.criterion(u, v, torch.arange(8), torch.arange(8))
+    assert loss.dtype == torch.float64
+    loss.backward()
+    trained.optimizer.step()
+    assert all(state["exp_avg"].dtype == torch.float64 for state in trained.optimizer.state.values())
+    with pytest.raises(ConfigError, match="train.dtype=float64 with train.amp=true"):
+        load_config(repo_root / "jobs/configs/default.yaml", ["train.dtype=float64", "train.amp=true"])
