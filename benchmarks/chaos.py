@@ -549,6 +549,19 @@ def check_checkpoints(soak: Soak, run: str) -> tuple[list[str], int]:
     return misses, len(broken)
 
 
+def check_driver_logs(soak: Soak, schedule: list[Fault]) -> list[str]:
+    """Misses in what the drivers said: the run's watcher lost (progress and tracking stop when
+    its monitor dies with a node), or a resumed driver that did not release the resources Ray
+    Train kept for the killed one (the resumed run would wait 3 minutes)."""
+    logs = [log.read_text(errors="replace") for log in soak.driver_logs[1:]]
+    misses = ["the run's progress and tracking stopped" for text in logs if "progress and tracking stopped" in text]
+    kills = sum(f.kind == "driver_kill" and f.fired_s is not None for f in schedule)
+    released = sum("released the workers' resources that Ray Train still held" in text for text in logs[1:])
+    if released < kills:
+        misses.append(f"{kills - released} resumed driver(s) did not release the killed run's resources")
+    return misses
+
+
 def print_table(schedule: list[Fault]) -> None:
     print("\n| # | fault | moment | step | fired at (s) | run time lost (s) | survived | note |")
     print("|---:|---|---|---:|---:|---:|---|---|")
@@ -617,7 +630,7 @@ def soak_and_check(soak: Soak, args) -> int:
         loss_misses, upto, worst = check_losses(history, reference, first_bad)
         misses += loss_misses
     checkpoint_misses, half_written = check_checkpoints(soak, f"{run}/soak")
-    misses += checkpoint_misses
+    misses += checkpoint_misses + check_driver_logs(soak, schedule)
 
     print_table(schedule)
     injected = sum(f.fired_s is not None for f in schedule)

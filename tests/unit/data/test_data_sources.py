@@ -357,3 +357,19 @@ def test_a_read_waits_for_storage_that_does_not_answer_and_fails_past_the_limit(
 
     out = unreadable_shards.read_or_mark_unreadable(garbled, pafs.LocalFileSystem(), str(local), rows, sleep=slept.append)
     assert len(tries) == 2 and list(out["key"]) == [f"{local}#{r}" for r in rows] and set(out["caption"]) == {None}
+
+
+def test_the_runs_storage_keeps_its_tries_when_sent_to_ray_workers():
+    """pyarrow's S3 filesystem pickles without its retry strategy (back to 3 tries): the run's
+    storage rides out an outage only if the workers and Ray Train's controller get its count."""
+    import pickle
+
+    import cloudpickle
+
+    from vcl_dist.config import S3Config
+    from vcl_dist.storage import filesystem_for
+
+    storage, path = filesystem_for("s3://bucket/runs", S3Config(endpoint_url="http://127.0.0.1:9000"), attempts=8)
+    for sent in (pickle.loads(pickle.dumps(storage)), cloudpickle.loads(cloudpickle.dumps(storage))):
+        assert isinstance(sent, pafs.S3FileSystem) and sent.attempts == 8 and sent == storage
+    assert path == "bucket/runs" and filesystem_for("s3://bucket/runs")[0].attempts == 3
