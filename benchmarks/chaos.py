@@ -304,11 +304,14 @@ class Soak:
         self.driver_logs: list[Path] = []
 
     def close(self) -> None:
-        if self.driver and self.driver.poll() is None:
-            self.driver.kill()
-        self.cluster.shutdown()
-        self.s3.__exit__(None, None, None)
-        self.disk.unmount()
+        """Everything the soak started, each step whatever the one before did."""
+        steps = [lambda: self.driver and self.driver.poll() is None and self.driver.kill(), self.cluster.shutdown,
+                 lambda: self.s3.__exit__(None, None, None), self.disk.unmount]
+        for step in steps:
+            try:
+                step()
+            except Exception as err:  # noqa: BLE001 # the others still run
+                print(f"chaos: cleaning up: {type(err).__name__}: {err}", file=sys.stderr)
 
     # -- the driver
 
@@ -580,6 +583,8 @@ def main() -> int:
     parser.add_argument("--step-seconds", type=float, default=0.8, help="a step's expected time, to size the run")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Stopped from outside (SIGTERM): unmount the nodes' disk and shut the cluster down on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     soak = Soak(args)
     try:
         return soak_and_check(soak, args)

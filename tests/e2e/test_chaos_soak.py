@@ -6,6 +6,7 @@ left alone. The soak checks all of that itself and exits 1 on any miss; this tes
 and reads its table."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -14,13 +15,24 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.timeout(1500)  # the uninterrupted run and the soak: about 10 minutes on 2 cores
 @pytest.mark.skipif(os.geteuid() != 0, reason="the soak mounts a tmpfs as the nodes' disk, which needs root")
 def test_a_short_chaos_soak_survives_every_fault_and_loses_nothing(repo_root, tmp_path):
-    soak = subprocess.run([sys.executable, "benchmarks/chaos.py", "--minutes", "5", "--seed", "0",
-                           "--workdir", str(tmp_path / "soak")],
-                          cwd=repo_root, capture_output=True, text=True, timeout=1800)
-    out = soak.stdout
-    assert soak.returncode == 0, out[-4000:] + soak.stderr[-2000:]
+    # Its own process group: whatever happens here, none of its cluster's processes outlive it.
+    soak = subprocess.Popen([sys.executable, "benchmarks/chaos.py", "--minutes", "5", "--seed", "0",
+                             "--workdir", str(tmp_path / "soak")],
+                            cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = soak.communicate(timeout=1400)
+    finally:
+        if soak.poll() is None:
+            os.killpg(soak.pid, signal.SIGTERM)  # the soak unmounts and shuts its cluster down
+            try:
+                soak.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(soak.pid, signal.SIGKILL)
+    assert soak.returncode == 0, out[-4000:] + err[-2000:]
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
     kinds = {row[1].strip() for row in rows}
     assert len(rows) >= 7 and len(kinds) >= 6, out[-3000:]

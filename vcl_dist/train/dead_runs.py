@@ -6,8 +6,9 @@ request for 180 s after its last renewal, counting those resources as taken. A c
 killed with its driver never cancels its request, so for three minutes the next run — most
 often the same run, started again with ``--resume`` — finds the cluster full and does not start
 ("Detected ready resources for 0 workers"). Ray Train records each run and its Ray job when
-``RAY_TRAIN_ENABLE_STATE_TRACKING`` is on: vcl-dist turns it on, and before each fit cancels
-the requests of recorded runs whose job has ended.
+``RAY_TRAIN_ENABLE_STATE_TRACKING`` is on: vcl-dist turns it on for a driver that joins a
+cluster (which outlives it; a local Ray ends with its driver), and before each fit cancels the
+requests of recorded runs whose job has ended.
 """
 
 from __future__ import annotations

@@ -129,9 +129,10 @@ def connect(cfg: Config, trial: TrialInfo | None) -> str:
     """Join or start Ray (:func:`~vcl_dist.ray_cluster.connect_ray`) and say which; returns that line."""
     import ray.data
 
-    track_runs()  # before Ray Train starts a run: see release_dead_runs_requests
     joined = connect_ray(cpus_for_training(cfg.train.num_workers, cfg.train.cpus_per_worker))
     say(joined)
+    if joined.startswith("joined"):  # a cluster that outlives this driver: see release_dead_runs_requests
+        track_runs()
     if trial is not None:
         # A trial's driver is a Ray worker: Ray Data would draw its bars there as log lines.
         ray.data.DataContext.get_current().enable_progress_bars = False
