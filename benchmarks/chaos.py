@@ -48,8 +48,10 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "support"))
@@ -291,15 +293,10 @@ class Soak:
         # The nodes' processes inherit TMPDIR (their checkpoints are written there first);
         # Ray's own files stay on the real disk.
         os.environ.setdefault("RAY_TMPDIR", tempfile.gettempdir())
-        saved_tmp = os.environ.get("TMPDIR")
-        os.environ["TMPDIR"] = str(self.disk.path)
-        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-        self.nodes = [self.cluster.add_node(num_cpus=NODE_CPUS) for _ in range(2)]
-        self.cluster.wait_for_nodes()
-        if saved_tmp is None:
-            os.environ.pop("TMPDIR")
-        else:
-            os.environ["TMPDIR"] = saved_tmp
+        with self.on_node_disk():
+            self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+            self.nodes = [self.cluster.add_node(num_cpus=NODE_CPUS) for _ in range(2)]
+            self.cluster.wait_for_nodes()
         self.driver: subprocess.Popen | None = None
         self.driver_logs: list[Path] = []
 
@@ -340,13 +337,21 @@ class Soak:
 
     def replace_node(self, gone) -> None:
         self.nodes.remove(gone)
-        saved_tmp = os.environ.get("TMPDIR")
+        with self.on_node_disk():
+            self.nodes.append(self.cluster.add_node(num_cpus=NODE_CPUS))
+
+    @contextmanager
+    def on_node_disk(self) -> Iterator[None]:
+        """TMPDIR on the small disk while nodes start here (their processes inherit it), as it was after."""
+        saved = os.environ.get("TMPDIR")
         os.environ["TMPDIR"] = str(self.disk.path)
-        self.nodes.append(self.cluster.add_node(num_cpus=NODE_CPUS))
-        if saved_tmp is None:
-            os.environ.pop("TMPDIR")
-        else:
-            os.environ["TMPDIR"] = saved_tmp
+        try:
+            yield
+        finally:
+            if saved is None:
+                os.environ.pop("TMPDIR")
+            else:
+                os.environ["TMPDIR"] = saved
 
 
 def read_history(path: Path, filesystem=None) -> list[dict]:
