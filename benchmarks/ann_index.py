@@ -10,7 +10,7 @@ embedded corpus. Queries are other vectors from the same centres (as text querie
 corpus images). Truth: the exact top 10 by brute force (FAISS ``IndexFlatIP``). Per index:
 build seconds (training included), bytes on disk and against the raw vectors, recall@10, and
 search speed with one thread: one query at a time (queries/s, p50 and p99 latency) and in
-batches of 100. Targets (issue 17): HNSW recall@10 ≥ 0.95 at ≥ 1,000 queries/s single-threaded;
+batches of 100. Targets: HNSW recall@10 ≥ 0.95 at ≥ 1,000 queries/s single-threaded;
 IVF-PQ at most 1/8 of the raw vectors' size at recall@10 ≥ 0.9.
 """
 

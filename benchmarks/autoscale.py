@@ -1,5 +1,5 @@
 """The autoscaler under a vcl-dist run: a timeline of nodes, workers and steps, and what the
-nodes cost (issue 19).
+nodes cost.
 
     python benchmarks/autoscale.py [--scenario from-zero|elastic] [--idle-timeout-minutes M] [--epochs N] [overrides …]
 

@@ -4,13 +4,13 @@
 
 Every path reads the same Parquet shards of JPEGs (photo-like pictures of 256–512 px a side,
 as a web crawl's are after img2dataset) and does the same per-row work: decode, the training
-crop, resize to ``--size``, tokenise (:class:`vcl_dist.data.preprocess.Preprocessor`), with the
+crop, resize to ``--size``, tokenise (`vcl_dist.data.preprocess.Preprocessor`), with the
 same number of worker processes and the same batch size; the consumer only counts rows.
 
 - *torch DataLoader, Pillow decode*: the baseline — a map-style Dataset in a DataLoader, and
   Pillow decoding and resizing, as OpenCLIP's input does;
 - *torch DataLoader, fast decode*: the same DataLoader with training's JPEG decoder
-  (:mod:`vcl_dist.data.train_decode`), to show what the decoder alone brings;
+  (`vcl_dist.data.train_decode`), to show what the decoder alone brings;
 - *planned reads*: what one training worker reads (its planned reads as Ray Data tasks, put
   in stream order), with either decoder — the fast one is training's default (``data.decode=cpu``).
 
@@ -52,12 +52,12 @@ def crawl_like(image: Image.Image, rng: np.random.Generator) -> bytes:
 
 
 def jpeg_shards(cache: Path, images: int) -> Path:
-    """The shapes dataset's training rows as crawl-like JPEGs (:func:`crawl_like`), in shards of 1000 rows."""
+    """The shapes dataset's training rows as crawl-like JPEGs (`crawl_like`), in shards of 1000 rows."""
     return crawl_like_dataset(cache, images, 16) / "train"
 
 
 def crawl_like_dataset(cache: Path, num_train: int, num_val: int) -> Path:
-    """The shapes dataset with every picture a crawl-like JPEG (:func:`crawl_like`): ``train/``
+    """The shapes dataset with every picture a crawl-like JPEG (`crawl_like`): ``train/``
     and ``val/`` Parquet shards of 1000 rows and ``val/classes.txt``, as ``data.source=parquet``
     reads them."""
     out = cache / f"crawl-jpeg-{num_train}-{num_val}"

@@ -6,7 +6,7 @@ For each size, the metadata of ``--shards`` WebDataset tars of about ``--rows-pe
 samples each is faked (as img2dataset's ``_stats.json`` files would give it), and the real code
 runs on it:
 
-- **driver**: the training split built from the units (:class:`vcl_dist.data.train_stream.TrainSplit`),
+- **driver**: the training split built from the units (`vcl_dist.data.train_stream.TrainSplit`),
   pickled as it travels to every worker; the epoch's shares (``fresh_ranges``); the position a
   checkpoint inside an epoch keeps (``epoch_rows_state``) after an elastic history (16 → 12 →
   16 workers, so the shares are fragmented), as the JSON the checkpoint writes, and the shares

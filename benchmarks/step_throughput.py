@@ -101,7 +101,7 @@ def jpeg_rows(count: int, side: int = 256, seed: int = 0) -> list[dict]:
 
 class PreprocessedBatches(torch.utils.data.Dataset):
     """Batch ``i``: ``batch_size`` rows (cycling over ``rows``) through the project's
-    :class:`Preprocessor` (decode, random-resized-crop augmentation, tokenise) and collation."""
+    `Preprocessor` (decode, random-resized-crop augmentation, tokenise) and collation."""
 
     def __init__(self, rows: list[dict], batch_size: int, steps: int):
         self.rows, self.batch_size, self.steps = rows, batch_size, steps

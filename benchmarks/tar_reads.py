@@ -1,5 +1,5 @@
 """Bytes and time of training's reads of WebDataset tars: streamed from the tar's start (each
-task to its last row) against reads that resume from known sample offsets (:mod:`vcl_dist.data.tar_index`).
+task to its last row) against reads that resume from known sample offsets (`vcl_dist.data.tar_index`).
 
     python benchmarks/tar_reads.py [--samples 10000] [--task-rows 1024] [--epochs 2]
 

@@ -2,7 +2,7 @@
 
 OmegaConf reads the YAML and the dotted command-line overrides and merges them; pydantic
 checks the merged tree against the sections below (unknown keys are errors, values are
-range-checked). Every problem becomes one :class:`ConfigError` with a one-line message that
+range-checked). Every problem becomes one `ConfigError` with a one-line message that
 names the offending key, raised before Ray starts.
 """
 
@@ -31,20 +31,20 @@ class Section(BaseModel):
 
 
 class ShapesConfig(Section):
-    """The built-in synthetic dataset (see :mod:`vcl_dist.data.shapes`)."""
+    """The built-in synthetic dataset (see `vcl_dist.data.shapes`)."""
 
-    num_train: int = Field(6000, ge=16)
-    num_val: int = Field(600, ge=16)
-    image_size: int = Field(64, ge=16, le=512)
-    val_captions_per_image: int = Field(2, ge=1, le=10)
-    seed: int = 0
+    num_train: int = Field(6000, ge=16, description="training images")
+    num_val: int = Field(600, ge=16, description="validation images")
+    image_size: int = Field(64, ge=16, le=512, description="side of the generated square pictures")
+    val_captions_per_image: int = Field(2, ge=1, le=10, description="captions of each validation image (an image_id group)")
+    seed: int = Field(0, description="the generator's seed: another seed, another dataset")
 
 
 class S3Config(Section):
     """Where S3 is; credentials come from the standard AWS chain, never from here."""
 
     endpoint_url: str | None = Field(None, description="e.g. http://127.0.0.1:9000 for MinIO; default: AWS")
-    region: str | None = None
+    region: str | None = Field(None, description="the bucket's region; default: the AWS chain's (AWS_REGION, ~/.aws/config)")
     anonymous: bool = Field(False, description="read public buckets without credentials")
     run_attempts: int = Field(8, ge=1, le=20, description="tries of each request to the run's storage while training "
                               "(checkpoints, Ray Train's records), backing off up to 20 s between tries: 8 rides out "
@@ -58,7 +58,7 @@ def source_name(path: str) -> str:
 
 
 class TrainSourceConfig(Section):
-    """One training source of a weighted mixture (``data.sources``; see :mod:`vcl_dist.data.mixture`)."""
+    """One training source of a weighted mixture (``data.sources``; see `vcl_dist.data.mixture`)."""
 
     path: str = Field(description="its shards: a folder, a glob or an s3:// prefix")
     format: Literal["parquet", "webdataset"] | None = Field(None, description="default: data.source")
@@ -71,21 +71,24 @@ class TrainSourceConfig(Section):
 
 
 class DataConfig(Section):
-    source: Literal["shapes", "parquet", "webdataset"] = "shapes"
-    train_path: str | None = None
+    """Where the image–text pairs are and how they are read, decoded and augmented."""
+
+    source: Literal["shapes", "parquet", "webdataset"] = Field(
+        "shapes", description="shapes: the built-in synthetic data; parquet or webdataset: the shards at train_path and val_path")
+    train_path: str | None = Field(None, description="the training shards: a folder, a glob or an s3:// prefix")
     sources: list[TrainSourceConfig] = Field(
         default_factory=list, max_length=64, description="training sources mixed by weight, instead of data.train_path "
         "(the validation split stays data.val_path)")
     epoch_rows: int | None = Field(None, ge=1, description="with data.sources: rows an epoch draws from them all; "
                                    "default: their rows together")
-    val_path: str | None = None
+    val_path: str | None = Field(None, description="the validation shards: a folder, a glob or an s3:// prefix")
     classes_path: str | None = Field(None, description="default: classes.txt beside the val shards")
-    cache_dir: str = "~/.cache/vcl-dist"
-    shapes: ShapesConfig = ShapesConfig()
+    cache_dir: str = Field("~/.cache/vcl-dist", description="where the built-in data is generated (once)")
+    shapes: ShapesConfig = Field(default_factory=ShapesConfig, description="the built-in synthetic dataset")
     image_size: int = Field(48, ge=16, le=1024, description="side of the square image fed to the tower")
-    augment: bool = True
-    max_text_length: int = Field(32, ge=4, le=512)
-    preprocess_batch_size: int = Field(128, ge=1)
+    augment: bool = Field(True, description="training pictures get a random resized crop and flip, seeded per row")
+    max_text_length: int = Field(32, ge=4, le=512, description="tokens a caption is cut or padded to")
+    preprocess_batch_size: int = Field(128, ge=1, description="rows a preprocessing task decodes and tokenises at once")
     preprocess_workers: int | None = Field(None, ge=1, description="most concurrent preprocessing tasks of each training "
                                            "worker's reads (and of evaluation); default: as CPUs allow")
     shuffle_buffer: int = Field(1024, ge=0, description="rows shuffled together: each epoch's read units, in a new "
@@ -102,7 +105,7 @@ class DataConfig(Section):
         "then the centre image_size² (CLIP's preprocessing; set from model.init)")
     resize_side: int | None = Field(None, ge=16, le=2048, description="shorter_side: the side before the centre crop; "
                                     "default: image_size")
-    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    interpolation: Literal["bilinear", "bicubic"] = Field("bilinear", description="the resize filter (set from model.init)")
     crop_offset: Literal["floor", "round"] = Field("floor", description="shorter_side: the centre crop's offset rounded "
                                                    "down (Hugging Face's processors) or to nearest (torchvision's, OpenCLIP)")
     features_path: str | None = Field(None, description="where a locked image tower's outputs are stored once computed "
@@ -130,15 +133,19 @@ class DataConfig(Section):
 
 
 class ImageTowerConfig(Section):
+    """The image tower: a built-in small ResNet, a torchvision or timm backbone, pretrained or not."""
+
     arch: str = Field("small_resnet", description="'small_resnet' or any torchvision.models name")
     width: int = Field(32, ge=4, le=512, description="small_resnet: channels of the first stage")
-    blocks: list[int] = Field(default_factory=lambda: [1, 1, 1, 1], min_length=1, max_length=6)
+    blocks: list[int] = Field(default_factory=lambda: [1, 1, 1, 1], min_length=1, max_length=6,
+                              description="small_resnet: residual blocks of each stage")
     small_input: bool = Field(True, description="torchvision ResNets: 3x3 stride-1 stem, no max-pool")
     weights: str | None = Field(None, description="torchvision weights name (e.g. DEFAULT), or a local file or folder "
                                 "of weights (a torch state dict or safetensors; timm: also a hub folder)")
     mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406], min_length=3, max_length=3,
                               description="per-channel mean the pixels are normalised with (set from model.init)")
-    std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225], min_length=3, max_length=3)
+    std: list[float] = Field(default_factory=lambda: [0.229, 0.224, 0.225], min_length=3, max_length=3,
+                             description="per-channel standard deviation the pixels are normalised with (set from model.init)")
     lock: bool = Field(False, description="freeze the tower (LiT): eval mode, no gradients, not in the optimizer")
     unlocked_groups: int = Field(0, ge=0, description="with lock: leave the last N layer groups trainable")
     patch_dropout: float = Field(0.0, ge=0, le=0.9, description="ViT towers: in training, drop this share of each "
@@ -152,11 +159,13 @@ class ImageTowerConfig(Section):
 
 
 class TextTowerConfig(Section):
+    """The text tower: a small transformer trained from scratch, or a pretrained transformers encoder."""
+
     pretrained: str | None = Field(None, description="transformers name or local folder")
-    hidden_size: int = Field(128, ge=8)
-    num_layers: int = Field(2, ge=1, le=48)
-    num_heads: int = Field(4, ge=1)
-    intermediate_size: int = Field(256, ge=8)
+    hidden_size: int = Field(128, ge=8, description="from scratch: width of the transformer")
+    num_layers: int = Field(2, ge=1, le=48, description="from scratch: transformer layers")
+    num_heads: int = Field(4, ge=1, description="from scratch: attention heads (hidden_size must be a multiple)")
+    intermediate_size: int = Field(256, ge=8, description="from scratch: width of each feed-forward block")
     vocab_size: int = Field(4000, ge=64, description="size of the tokenizer trained on captions")
     pooling: Literal["auto", "mean", "cls"] = Field("auto", description="auto: as the pretrained model's "
                                                     "sentence-transformers pooling config says, else mean")
@@ -171,20 +180,28 @@ class TextTowerConfig(Section):
 
 
 class ModelConfig(Section):
+    """The dual encoder: both towers and the shared space they project into."""
+
     init: str | None = Field(None, description="a Hugging Face CLIPModel (hub name or local folder), or open_clip:<name> "
                              "(an OpenCLIP architecture, or open_clip:local-dir:<folder>), to start both towers, the "
                              "projections, tokenizer, image preprocessing and logit scale from")
     init_weights: str | None = Field(None, description="open_clip:<architecture>: its weights (a local file or an "
                                      "OpenCLIP pretrained tag)")
-    embed_dim: int = Field(128, ge=2, le=8192)
-    image: ImageTowerConfig = ImageTowerConfig()
-    text: TextTowerConfig = TextTowerConfig()
+    embed_dim: int = Field(128, ge=2, le=8192, description="size of the shared space (set from model.init)")
+    image: ImageTowerConfig = Field(default_factory=ImageTowerConfig, description="the image tower")
+    text: TextTowerConfig = Field(default_factory=TextTowerConfig, description="the text tower")
 
 
 class LossConfig(Section):
-    name: Literal["triplet", "vcrl", "infonce", "sigmoid"] = "triplet"
+    """The contrastive loss over the global pool, its negatives, and how the pool is exchanged and held."""
+
+    name: Literal["triplet", "vcrl", "infonce", "sigmoid"] = Field(
+        "triplet", description="the triplet hinge, VCRL (hinge on raw distances + norm penalty, optional label tower), "
+        "InfoNCE (CLIP), or the pairwise sigmoid loss (SigLIP)")
     margin: float = Field(0.2, gt=0, description="hinge margin on squared distances")
-    negatives: Literal["hardest", "semi_hard", "all"] = "semi_hard"
+    negatives: Literal["hardest", "semi_hard", "all"] = Field(
+        "semi_hard", description="triplet, vcrl: the closest negative, the closest one beyond the positive, or all "
+        "negatives averaged")
     gather: Literal["local", "full", "ring"] = Field(
         "local", description="local: this worker's anchors against the gathered pool; full: every anchor on every worker; "
         "ring (sigmoid only): caption blocks passed round the workers, no gathered pool")
@@ -215,26 +232,29 @@ class LossConfig(Section):
 
 
 class TrainConfig(Section):
+    """The Ray Train workers, the optimizer and schedule, checkpoints, restarts and the step's speed options."""
+
     num_workers: int = Field(2, ge=1, description="training workers (the most, when elastic)")
     min_workers: int | None = Field(None, ge=1, description="elastic: go on with as few as this; default: not elastic")
     elastic_resize_interval_s: float = Field(60.0, gt=0, description="elastic: how often a running group checks whether "
                                              "the cluster now fits more workers (it grows back toward num_workers)")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how workers are placed on nodes (Ray placement group strategy)")
-    cpus_per_worker: float = Field(1, gt=0)
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs each training worker holds")
     data_cpus: int = Field(1, ge=1, description="CPUs a job counts for its data tasks when it is admitted to a cluster "
                            "that other jobs share (the tasks use any free CPU; this many stay free for them)")
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources each training worker also holds, e.g. "
         "{'accelerator_type:A10G': 0.001} or a node type's own resource; CPUs and GPUs have their own keys")
-    use_gpu: bool | Literal["auto"] = "auto"
-    epochs: int = Field(8, ge=1)
+    use_gpu: bool | Literal["auto"] = Field("auto", description="a GPU per worker; auto: when the cluster has GPUs "
+                                            "at the job's start (set true on a cluster scaled to zero)")
+    epochs: int = Field(8, ge=1, description="passes over the training rows")
     batch_size: int = Field(128, ge=2, description="global batch at num_workers workers: the negative pool of every step")
     lr: float = Field(2e-3, gt=0, le=1, description="at num_workers workers; scaled with the world size when elastic")
-    weight_decay: float = Field(0.05, ge=0)
+    weight_decay: float = Field(0.05, ge=0, description="AdamW's decoupled weight decay")
     warmup_steps: int = Field(50, ge=0, description="steps of the planned global batch (the schedule counts samples)")
-    min_lr_ratio: float = Field(0.02, ge=0, le=1)
-    grad_clip_norm: float | None = Field(1.0, gt=0)
+    min_lr_ratio: float = Field(0.02, ge=0, le=1, description="the cosine schedule ends at lr × this")
+    grad_clip_norm: float | None = Field(1.0, gt=0, description="clip the global gradient norm to this; null: no clipping")
     amp: bool | Literal["auto"] = Field("auto", description="bf16 autocast; auto = on GPU only")
     dtype: Literal["float32", "float64"] = Field(
         "float32", description="the weights, activations, losses and optimizer state; float64 (several times slower) "
@@ -321,8 +341,10 @@ IMAGENET_TEMPLATES = (
 
 
 class EvalConfig(Section):
-    batch_size: int = Field(256, ge=1)
-    recall_ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
+    """Evaluation after every epoch: recall@K both ways, class-level recall, zero-shot accuracy."""
+
+    batch_size: int = Field(256, ge=1, description="rows embedded at once")
+    recall_ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1, description="the K of recall@K")
     prompt_template: str = Field("a photo of a {}", description="zero-shot prompt; {} is the class name")
     prompt_templates: list[str] | Literal["imagenet"] | None = Field(
         None, description="zero-shot prompt ensemble: each class's prompt embeddings averaged (CLIP's ensembling); "
@@ -361,9 +383,11 @@ class EvalConfig(Section):
 
 
 class RunConfig(Section):
+    """Where a run goes and what it records."""
+
     name: str | None = Field(None, description="default: vcl-<timestamp>")
     storage_path: str = Field("runs", description="local folder or s3:// URI")
-    checkpoints_to_keep: int = Field(2, ge=1)
+    checkpoints_to_keep: int = Field(2, ge=1, description="the newest checkpoints Ray Train keeps; older ones are deleted")
     trained_rows_log: str | None = Field(None, description="a local folder: every worker writes the keys of the rows "
                                          "of every step it trains (an audit of what the model saw)")
     trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
@@ -392,8 +416,8 @@ class MlflowConfig(Section):
 class WandbConfig(Section):
     """Where ``run.trackers: [wandb]`` logs (needs ``pip install 'vcl-dist[wandb]'``)."""
 
-    project: str = Field("vcl-dist", min_length=1)
-    entity: str | None = None
+    project: str = Field("vcl-dist", min_length=1, description="the W&B project")
+    entity: str | None = Field(None, description="the W&B team or user; default: the API key's")
     mode: Literal["auto", "online", "offline"] = Field("auto", description="auto: online with WANDB_API_KEY set, "
                                                        "else offline (a run folder to `wandb sync` later)")
 
@@ -401,10 +425,10 @@ class WandbConfig(Section):
 class Distribution(Section):
     """One searched key: ``uniform`` / ``loguniform`` / ``randint`` over [low, high), or ``choice`` of values."""
 
-    type: Literal["uniform", "loguniform", "randint", "choice"]
-    low: float | None = None
-    high: float | None = None
-    values: list[Any] | None = None
+    type: Literal["uniform", "loguniform", "randint", "choice"] = Field(description="how the key's values are drawn")
+    low: float | None = Field(None, description="uniform, loguniform, randint: the lowest value (included)")
+    high: float | None = Field(None, description="uniform, loguniform, randint: the highest value (excluded)")
+    values: list[Any] | None = Field(None, description="choice: the values to choose from")
 
     @model_validator(mode="after")
     def _well_formed(self) -> "Distribution":
@@ -443,16 +467,18 @@ class TuneConfig(Section):
 
     name: str | None = Field(None, description="default: tune-<timestamp>")
     storage_path: str | None = Field(None, description="default: run.storage_path")
-    search: Literal["optuna", "random"] = "optuna"
+    search: Literal["optuna", "random"] = Field("optuna", description="optuna: TPE, seeded by tune.seed; random: random search")
     num_samples: int = Field(8, ge=1, description="trials in all")
     metric: str = Field("val_rsum", description="a metric of the per-epoch report")
-    mode: Literal["max", "min"] = "max"
-    scheduler: Literal["asha", "none"] = "asha"
+    mode: Literal["max", "min"] = Field("max", description="whether tune.metric is better high or low")
+    scheduler: Literal["asha", "none"] = Field("asha", description="asha: stop unpromising trials early, on epochs; none: run every trial to the end")
     grace_period: int = Field(1, ge=1, description="asha: epochs every trial runs before it can be stopped")
     reduction_factor: float = Field(2, gt=1, description="asha: 1/fraction of trials kept at each rung")
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: as the cluster's CPUs or GPUs allow")
-    seed: int = 0
-    space: dict[str, Distribution | None] = Field(default_factory=_default_space)
+    seed: int = Field(0, description="seeds the search algorithm")
+    space: dict[str, Distribution | None] = Field(
+        default_factory=_default_space, description="dotted config key → {type: uniform | loguniform | randint, low, high} "
+        "or {type: choice, values: [...]}; null drops a key of the default space")
 
     @property
     def searched(self) -> dict[str, Distribution]:
@@ -466,6 +492,8 @@ SIMILARITY_OF_LOSS: dict[str, Literal["cosine", "squared_distance"]] = {
 
 
 class Config(Section):
+    """A whole job's config: one section a room."""
+
     s3: S3Config = S3Config()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -643,7 +671,7 @@ def override_values(cfg: Config, values: dict[str, Any]) -> Config:
 
 def config_record(cfg: Config) -> dict[str, Any]:
     """The resolved config as a JSON-ready tree for records (files, trackers, logs): credentials
-    inside URIs are masked (:mod:`vcl_dist.redaction`)."""
+    inside URIs are masked (`vcl_dist.redaction`)."""
     return redact_values(cfg.model_dump(mode="json"))
 
 

@@ -6,11 +6,11 @@ hit. The class-level variant counts any item of the query's label as a hit. ``rs
 of the six instance-level recalls (fractions, so at most 6).
 
 Ties are scored by their expected value under a uniformly random order of the tied items
-(:func:`expected_hits_at_k`): a collapsed model (every embedding equal) scores about K/N, never
+(`expected_hits_at_k`): a collapsed model (every embedding equal) scores about K/N, never
 1, and identical captions (templated texts, repeated alt-texts) are not counted as failures.
 Every report also carries the CLIP_benchmark-compatible recall (``*_clip_benchmark``:
 ``torch.topk`` of the scores, a hit when any positive is among them), for comparison with
-published numbers. Non-finite embeddings or scores raise :class:`NonFiniteEmbeddingsError`
+published numbers. Non-finite embeddings or scores raise `NonFiniteEmbeddingsError`
 instead of becoming a metric (``x > nan`` is false, so a NaN model would otherwise rank every
 hit first).
 """
@@ -30,7 +30,7 @@ class NonFiniteEmbeddingsError(ValueError):
 
 
 def check_finite(name: str, values: torch.Tensor) -> None:
-    """Raise :class:`NonFiniteEmbeddingsError` (one line) when ``values`` holds a NaN or an inf."""
+    """Raise `NonFiniteEmbeddingsError` (one line) when ``values`` holds a NaN or an inf."""
     bad = ~torch.isfinite(values)
     if bad.any():
         raise NonFiniteEmbeddingsError(f"{int(bad.sum())} of {values.numel()} values of the {name} are NaN or infinite: "
@@ -96,7 +96,7 @@ class TiedRanks(NamedTuple):
 
 
 def tied_ranks(scores: torch.Tensor, hits: torch.Tensor) -> TiedRanks:
-    """``[Q, N]`` scores and hit mask -> :class:`TiedRanks` of every query's best-scored hit.
+    """``[Q, N]`` scores and hit mask -> `TiedRanks` of every query's best-scored hit.
 
     Raises:
         NonFiniteEmbeddingsError: a score is NaN or infinite.
@@ -130,7 +130,7 @@ def distinct_images(groups: torch.Tensor) -> torch.Tensor:
 
 
 def retrieval_metric_names(ks: Sequence[int] = (1, 5, 10)) -> list[str]:
-    """Every key :func:`retrieval_metrics` can return (the class-level ones when labels exist)."""
+    """Every key `retrieval_metrics` can return (the class-level ones when labels exist)."""
     names = ["num_images", "num_captions"]
     names += [f"{d}_r{k}" for k in ks for d in ("i2t", "t2i")] + ["rsum"]
     names += [f"{d}_r{k}_clip_benchmark" for k in ks for d in ("i2t", "t2i")] + ["rsum_clip_benchmark"]
@@ -208,7 +208,7 @@ def zero_shot_accuracy(model: nn.Module, tokenizer, class_names: Sequence[str], 
                        embeddings: dict[str, torch.Tensor], device: torch.device, max_length: int,
                        normalized: bool = True) -> float:
     """Classify every distinct labelled image by its nearest class (its prompts' ensemble,
-    :func:`class_prompt_embeddings`, over one template or several); the accuracy.
+    `class_prompt_embeddings`, over one template or several); the accuracy.
 
     A tie with other classes counts at its expected value: an image whose class ties with ``t``
     others scores ``1 / (t + 1)`` (a collapsed model scores 1/K, never 1).

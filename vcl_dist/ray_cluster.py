@@ -1,7 +1,7 @@
 """The Ray cluster a job runs on: which one it joins, whether that one can run it, and the Ray
 Data settings every vcl-dist pipeline runs with.
 
-Which cluster (:func:`connect_ray`), in this order:
+Which cluster (`connect_ray`), in this order:
 
 1. ``RAY_ADDRESS=local``: a fresh local Ray in this process, whatever else runs on the machine.
 2. ``RAY_ADDRESS=<host>:<port>`` (the GCS address; ``ray job submit`` sets it for the job):
@@ -16,12 +16,12 @@ offers no loopback-only setting), so it runs with Ray's token authentication: a 
 ``~/.ray/auth_token`` cannot join it or run code on it. ``RAY_AUTH_MODE=disabled`` turns that
 off, with a warning in the job's log.
 
-Whether it can run the job (:func:`check_cluster_fits`): the training workers' placement
+Whether it can run the job (`check_cluster_fits`): the training workers' placement
 group holds ``num_workers × cpus_per_worker`` CPUs (and a GPU each) for the whole run, and the
 Ray Data tasks that feed them need at least one more CPU. A cluster that cannot hold both never
 starts training and Ray says nothing: the data tasks wait forever. Without an autoscaler that
 is an error at once, with what the job needs and what the cluster has; with one, the job waits
-and says every minute what it is waiting for (:class:`ResourceWaitReporter`).
+and says every minute what it is waiting for (`ResourceWaitReporter`).
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def drop_false_ray_data_warnings() -> None:
     """Ray Data warns that a dataset "will hang unless more CPUs are freed up" whenever no CPU
     happens to be free at the moment it starts — as when a job's own model actors or training
     workers hold the CPUs for a moment — and the job goes on to succeed. vcl-dist checks that a
-    cluster can run its jobs before it starts them (:func:`check_cluster_fits`), so the
+    cluster can run its jobs before it starts them (`check_cluster_fits`), so the
     driver's log does not carry that warning."""
     dataset_logger = logging.getLogger("ray.data.dataset")
     if not any(isinstance(f, _DropMessages) for f in dataset_logger.filters):
@@ -251,7 +251,7 @@ def shortfall(nodes: list[dict[str, float]], needs: JobNeeds) -> str | None:
 
 def check_cluster_fits(needs: JobNeeds) -> None:
     """Stop a job that the connected cluster can never run; on an autoscaling cluster, start a
-    :class:`ResourceWaitReporter` instead when the cluster is short now.
+    `ResourceWaitReporter` instead when the cluster is short now.
 
     Raises:
         ClusterTooSmallError: short, and no autoscaler can add nodes (one line, with the fixes).

@@ -107,7 +107,7 @@ def ended_jobs(job_ids: set[str]) -> set[str]:
 
 
 def ledger_actor():
-    """The cluster's :class:`AdmissionLedger`, created by the first job that asks."""
+    """The cluster's `AdmissionLedger`, created by the first job that asks."""
     import ray
 
     return ray.remote(AdmissionLedger).options(name=LEDGER_ACTOR, namespace=NAMESPACE, lifetime="detached",
@@ -126,8 +126,8 @@ def describe_holders(others: list[dict], now: float | None = None) -> str:
 
 
 class JobReservation:
-    """One job's place in the ledger: :meth:`acquire` returns once the job is admitted (saying
-    every ``report_every_s`` what it waits for), :meth:`release` gives its share back. The
+    """One job's place in the ledger: `acquire` returns once the job is admitted (saying
+    every ``report_every_s`` what it waits for), `release` gives its share back. The
     cluster's size comes from ``cluster()`` → ``(cpus, gpus, can_grow)``; ``say(line)`` prints."""
 
     def __init__(self, who: str, needs: Needs, cluster, say=say, report_every_s: float = REPORT_EVERY_S):

@@ -154,7 +154,7 @@ def staging_beside(path: str) -> str:
 @contextmanager
 def built_beside(filesystem: pafs.FileSystem, target: str) -> Iterator[str]:
     """A fresh folder beside ``target`` to build its replacement in; on leaving the block it is
-    swapped in (:func:`replace_folder`), or, when the block fails, removed: ``target`` stays as it was."""
+    swapped in (`replace_folder`), or, when the block fails, removed: ``target`` stays as it was."""
     staging = staging_beside(target)
     try:
         yield staging

@@ -1,4 +1,4 @@
-"""The cluster path, for real, as the README and the cluster configs do it: a token made with
+"""The cluster path, for real, as the cluster guide (docs/guides/vm-cluster.md) and the cluster configs do it: a token made with
 `ray get-auth-token --generate` at Ray's default path, `ray start --head --dashboard-host=127.0.0.1`
 with RAY_AUTH_MODE=token (and no --num-cpus: the machine's own CPUs), `ray job submit` of
 jobs/train.py with and without the token, `ray stop`."""
@@ -33,7 +33,7 @@ def token_head(tmp_path_factory):
     assert len(token) >= 32
     env = base | {"RAY_AUTH_MODE": "token"}
     dashboard_port, gcs_port = free_port(), free_port()
-    start = [str(BIN / "ray"), "start", "--head", "--dashboard-host=127.0.0.1",  # the README's flags
+    start = [str(BIN / "ray"), "start", "--head", "--dashboard-host=127.0.0.1",  # the cluster guide's flags
              "--node-ip-address=127.0.0.1", f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
              f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     subprocess.run(start, check=True, env=env, capture_output=True, timeout=120)
@@ -60,7 +60,7 @@ def test_job_submission_without_the_token_is_refused(token_head, repo_root, tmp_
 
 
 def test_readme_job_submit_trains_or_stops_in_one_line(token_head, repo_root, tiny_shapes_overrides, tmp_path):
-    """The README's command as written, on this machine's CPUs: 2 workers × 1 CPU + 1 CPU for
+    """The cluster guide's command as written, on this machine's CPUs: 2 workers × 1 CPU + 1 CPU for
     data needs 3; a 2-core machine's head has 2, so the job must stop at once, saying so."""
     address, env, _, _ = token_head
     storage = tmp_path / "runs"
@@ -158,7 +158,7 @@ def test_submitted_job_trains_tracks_and_shows_progress(mlflow_server, token_hea
     assert not [line for line in lines if "%|" in line or "Running Dataset" in line or "Reporting training result" in line]
     assert "does not have any available CPUs" not in logs and "Traceback" not in logs
     # Ray itself records and echoes a job's entrypoint as typed: the command line is the one
-    # place the secret may show (the README says to give credentials through the environment).
+    # place the secret may show (the security guide says to give credentials through the environment).
     leaked_lines = [line for line in (logs + job.stdout + job.stderr).splitlines()
                     if secret in line and "jobs/train.py" not in line]
     assert not leaked_lines, leaked_lines

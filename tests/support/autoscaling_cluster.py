@@ -2,13 +2,13 @@
 
 Ray's fake multi-node provider runs the real autoscaler (in the head's monitor process) over
 nodes that are processes on this machine: it launches them from node types and resource demands
-and terminates them when idle (here with spot reclaims added: :mod:`preemptible_provider`).
+and terminates them when idle (here with spot reclaims added: `preemptible_provider`).
 ``ray.cluster_utils.AutoscalingCluster`` does the same but reads an example config that the
 installed wheel does not ship, so the config is built here — from the repository's own cluster
 config, so that a change there is a change to what is tested:
 
 - every worker node type with its ``resources``, ``min_workers`` and ``max_workers``; a GPU is
-  replaced by the custom resource :data:`GPU_STAND_IN` (these nodes have none), which training
+  replaced by the custom resource `GPU_STAND_IN` (these nodes have none), which training
   workers ask for with ``train.resources_per_worker``;
 - the head's resources (``CPU: 0``: nothing heavy runs on it), ``max_workers``,
   ``upscaling_speed`` and ``idle_timeout_minutes`` (a test may shorten the last, saying so).
@@ -56,7 +56,7 @@ def read_node_types(cluster_yaml: Path) -> tuple[dict, dict]:
 def autoscaling_config(cluster_yaml: Path, gcs_port: int, idle_timeout_minutes: float | None = None,
                        reclaim_dir: Path | None = None, node_boot_s: float = 0) -> dict:
     """The fake provider's autoscaling config for ``cluster_yaml``'s node types (with spot
-    reclaims requested through ``reclaim_dir``: :mod:`preemptible_provider`)."""
+    reclaims requested through ``reclaim_dir``: `preemptible_provider`)."""
     config = yaml.safe_load(cluster_yaml.read_text())
     head, workers = read_node_types(cluster_yaml)
     types = {name: {**spec, "node_config": {}} for name, spec in workers.items()}
@@ -181,7 +181,7 @@ class LocalAutoscalingCluster:
 
     def preempt(self, node_id: str, timeout_s: float = 60) -> None:
         """Take a worker node away as a spot reclaim does, through the provider
-        (:mod:`preemptible_provider`): every process of the node killed at once, with no notice,
+        (`preemptible_provider`): every process of the node killed at once, with no notice,
         and the node no longer listed, so the autoscaler launches another for the demand still there.
         """
         (Path(self.temp_dir) / "reclaims" / node_id).touch()
@@ -208,7 +208,7 @@ class SubmittedRun:
 
 class TrainingJob:
     """``ray job submit`` of ``jobs/train.py`` whose workers each ask for the GPU stand-in, followed
-    line by line in a thread (so that a test can act while it runs); :meth:`wait` ends with its result.
+    line by line in a thread (so that a test can act while it runs); `wait` ends with its result.
 
     No ``--working-dir``: the fake nodes share this machine's session folder, and one node's
     runtime env agent deletes the unpacked working dir under the others' workers when it drops it
@@ -248,7 +248,7 @@ class TrainingJob:
 
 def submit_training(cluster: LocalAutoscalingCluster, repo_root: Path, overrides: list[str], job_id: str,
                     epochs: int = 1) -> SubmittedRun:
-    """A :class:`TrainingJob`, waited for."""
+    """A `TrainingJob`, waited for."""
     return TrainingJob(cluster, repo_root, overrides, job_id, epochs).wait()
 
 

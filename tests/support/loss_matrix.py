@@ -1,5 +1,5 @@
 """The loss equivalence matrix: every loss, held against its dense float64 definition
-(:mod:`vcl_dist.losses.definitions`) in every way it can run, on 1, 2 and 3 workers.
+(`vcl_dist.losses.definitions`) in every way it can run, on 1, 2 and 3 workers.
 
 A loss is a row (``LOSSES``), a way of running it a column (``VARIANTS``), each tried with every
 exchange (``GATHERS``). A combination the config refuses is a refused cell, with the config's

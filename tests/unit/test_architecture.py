@@ -1,4 +1,4 @@
-"""The README's architecture, checked on the code (ast): which rooms import which, and how long
+"""The architecture (docs/concepts/architecture.md), checked on the code (ast): which rooms import which, and how long
 the training wing's functions and classes may grow.
 
 Dependencies point one way: jobs → tune → train, retrieval → models, losses, data, evaluate →

@@ -5,9 +5,9 @@ what the filter has done so far:
 
 - ``plan.json``: the input shards with their rows and the scoring model's fingerprint; a rerun
   on other data or with another model is refused rather than mixed in;
-- ``scores/<shard>.parquet``: every row's score, image hash and problem (:mod:`.scoring`),
+- ``scores/<shard>.parquet``: every row's score, image hash and problem (`.scoring`),
   written shard by shard: a killed filter rescores only the shards it was in the middle of;
-- ``duplicates.parquet``: the rows that are copies of a better-scored image (:mod:`.selection`);
+- ``duplicates.parquet``: the rows that are copies of a better-scored image (`.selection`);
 - ``selection.json``: the criteria and the threshold they came to. A rerun with other criteria
   keeps the scores and duplicates and writes the shards anew.
 

@@ -6,7 +6,7 @@ the cluster has GPUs, else a CPU each) embeds both sides and scores each pair. T
 collects a shard's scores and writes its file when the last row is in, so a killed job loses
 only the shards it was in the middle of.
 
-A score file (``<index>.parquet``, :data:`SCORE_SCHEMA`) has one row per input row: ``score``
+A score file (``<index>.parquet``, `SCORE_SCHEMA`) has one row per input row: ``score``
 is the model's own similarity of the pair (cosine for models ranked by cosine, pretrained CLIP
 among them; minus the squared distance for VCRL models), NaN for a bad row; ``image_sha256`` the
 SHA-256 of the image's bytes (null for a bad row); ``problem`` why a row is bad (null if good).

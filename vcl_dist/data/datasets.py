@@ -4,8 +4,8 @@ Shards are Parquet files in the format of ARCHITECTURE.md, or WebDataset tars as
 writes them, in a local folder, a glob or an ``s3://`` prefix. Reading, decoding and
 tokenising run as Ray Data tasks on any CPU of the cluster, streamed: no split has to fit in
 memory. The training split is planned here and read by each worker in its own seeded order
-(:func:`build_train_split`, :mod:`.epoch_plan`); the validation split is one dataset in file order
-(:func:`build_split`).
+(`build_train_split`, `.epoch_plan`); the validation split is one dataset in file order
+(`build_split`).
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def read_split(source: DatasetSource, path: str):
 
 
 def build_split(source: DatasetSource, path: str, cfg: DataConfig, tokenizer, *, num_classes: int | None = None):
-    """A lazily executed, streaming Ray Dataset of model-ready rows (see :class:`Preprocessor`),
+    """A lazily executed, streaming Ray Dataset of model-ready rows (see `Preprocessor`),
     unaugmented, in file order: for evaluation. ``num_classes``: the size of the label space,
     outside which a label is a bad row."""
     # Stateless tasks rather than an actor pool: every epoch re-executes the pipeline, and a
@@ -195,7 +195,7 @@ def build_split(source: DatasetSource, path: str, cfg: DataConfig, tokenizer, *,
 
 
 def plan_train_units(source: DatasetSource, path: str, sources: list[DatasetSource] = ()) -> list[TrainUnit]:
-    """The read units of a training split (see :func:`.train_stream.plan_units`); with
+    """The read units of a training split (see `.train_stream.plan_units`); with
     ``sources`` (``data.sources``), those of every source, each unit marked with its source."""
     if not sources:
         return plan_units(source, path, READ_UNIT_BYTES, BLOCK_ROWS)
@@ -206,7 +206,7 @@ def plan_train_units(source: DatasetSource, path: str, sources: list[DatasetSour
 def build_train_split(source: DatasetSource, units: str | list[TrainUnit], cfg: DataConfig, tokenizer, *, seed: int,
                       num_classes: int | None = None, sources: list[DatasetSource] = ()) -> TrainSplit:
     """The training split for the workers to read in their seeded order: ``units`` from
-    :func:`plan_train_units`, or the split's path to plan them from. Blocks of the built-in data
+    `plan_train_units`, or the split's path to plan them from. Blocks of the built-in data
     are put in Ray's object store here: call with Ray connected."""
     if isinstance(units, str):
         units = plan_train_units(source, units)
@@ -221,6 +221,6 @@ def build_train_split(source: DatasetSource, units: str | list[TrainUnit], cfg: 
 
 def preprocess_batch(batch, *, tokenizer, image_size: int | ImageGeometry, max_text_length: int, augment: bool, default_shard: str,
                      num_classes: int | None = None):
-    """One ``map_batches`` task: a :class:`Preprocessor` on one batch."""
+    """One ``map_batches`` task: a `Preprocessor` on one batch."""
     return Preprocessor(tokenizer, image_size, max_text_length, augment, default_shard=default_shard,
                         num_classes=num_classes)(batch)

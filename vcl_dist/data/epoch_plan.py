@@ -11,13 +11,13 @@ from them, alone and alike, the epoch's *stream*:
 - consecutive units taken into *mixing groups* of at least ``mix_rows`` rows; the rows of a
   group are shuffled together, from ``(seed, epoch, group)`` — a shuffle across units that does
   not depend on which worker reads them;
-- position ``p`` of the stream is thus one row of one unit (:meth:`EpochOrder.rows_at`).
+- position ``p`` of the stream is thus one row of one unit (`EpochOrder.rows_at`).
 
-The workers share the stream out as contiguous *ranges of positions* (:func:`deal`): with
+The workers share the stream out as contiguous *ranges of positions* (`deal`): with
 ``T`` rows and ``W`` workers, worker ``r`` reads ``[r·⌊T/W⌋, (r+1)·⌊T/W⌋)``. A checkpoint keeps
 each worker's ranges and how many of their rows it trained on; a restart at the same world size
 continues every worker's ranges exactly where it stopped, and at another size (an elastic
-restart) deals the rows no worker trained on yet among the new workers (:func:`resume_ranges`):
+restart) deals the rows no worker trained on yet among the new workers (`resume_ranges`):
 every row of the epoch is trained on once, none twice; only the last rows that do not fill a
 step on every worker are left out, as they are at any epoch's end.
 """
@@ -33,7 +33,7 @@ Ranges = list[tuple[int, int]]  # [start, stop) of stream positions, increasing 
 # Salts that keep the streams of the epoch's unit order and of the groups' row orders apart (augmentation
 # draws from (seed, epoch, row key): a stream of another length, apart from both).
 UNIT_ORDER, GROUP_ORDER = 0x756E6974, 0x67726F75
-# Rows of a worker's epoch planned at a time (:meth:`EpochOrder.worker_chapters`): a few MB of
+# Rows of a worker's epoch planned at a time (`EpochOrder.worker_chapters`): a few MB of
 # plan, and hundreds of read tasks to keep the CPUs busy.
 CHAPTER_ROWS = 262_144
 
@@ -62,7 +62,7 @@ class WorkerEpoch:
 class Pieces:
     """What an epoch is made of: ``rows[i]`` rows of unit ``units[i]`` from its row
     ``starts[i]`` on. Without a mixture of sources, every unit whole, once; with one
-    (:mod:`.mixture`), the stretches of units each source gives the epoch."""
+    (`.mixture`), the stretches of units each source gives the epoch."""
 
     units: np.ndarray
     starts: np.ndarray
@@ -126,7 +126,7 @@ class EpochOrder:
 
     def worker_chapters(self, ranges: Ranges, max_task_rows: int, lead_rows: int | None = None,
                         chapter_rows: int | None = CHAPTER_ROWS) -> Iterator[WorkerEpoch]:
-        """:meth:`worker_epoch` in consecutive parts of whole groups, each of at least
+        """`worker_epoch` in consecutive parts of whole groups, each of at least
         ``chapter_rows`` rows (the last: what is left), computed as they are asked for: a
         worker holds one part's reads at a time, however many rows the epoch has."""
         reads: list[RowRead] = []

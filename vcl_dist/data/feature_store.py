@@ -2,7 +2,7 @@
 
 When a tower is locked whole (and, for pictures, not augmented), every epoch would run it on
 the same inputs. Its outputs (the pooled features its trainable projection takes) are instead
-computed once (:mod:`vcl_dist.train.locked_features`) into one Parquet file per read unit of the
+computed once (`vcl_dist.train.locked_features`) into one Parquet file per read unit of the
 training plan — ``unit-<index>.parquet`` with ``key`` and, per locked tower, ``image`` / ``text``
 (the features) and ``image_valid`` / ``text_valid`` (0: the picture could not be decoded, the
 caption is unusable) — under a folder named by a fingerprint of the towers' weights, the input

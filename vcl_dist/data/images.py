@@ -14,7 +14,7 @@ outside (a crawl, a user's folder, an HTTP request), so decoding is locked down 
   become RGB, 16-bit images are scaled to 8 bits (not clipped to white).
 
 A file that cannot be decoded (truncated, not an image, another format) raises
-:class:`UnusableImageError` with the reason; callers count the row as bad.
+`UnusableImageError` with the reason; callers count the row as bad.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def decode_image(data, geometry: int | ImageGeometry, rng: np.random.Generator |
     with ``rng``, a light random crop first.
 
     Raises:
-        UnusableImageError: see :func:`open_image`.
+        UnusableImageError: see `open_image`.
     """
     if isinstance(geometry, int):
         geometry = ImageGeometry(geometry)

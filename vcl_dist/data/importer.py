@@ -284,7 +284,7 @@ def _import_into(out_fs, out_path: str, *, captions, images, webdataset, rows_pe
 
 def import_karpathy(*, out: str, karpathy: str, images: str | None, rows_per_shard: int, s3=None,
                     overwrite: bool = False) -> ImportReport:
-    """:func:`import_dataset` of a Karpathy split file (see :mod:`.karpathy`)."""
+    """`import_dataset` of a Karpathy split file (see `.karpathy`)."""
     import json
     import tempfile
 

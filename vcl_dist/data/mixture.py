@@ -2,7 +2,7 @@
 
 Every epoch draws ``E`` rows (``data.epoch_rows``; default: all sources' rows together), source
 ``s`` giving ``n_s`` of them in proportion to its weight (rounded so that they sum to ``E``).
-How a source gives its ``n_s`` rows, as :class:`~.epoch_plan.Pieces` of its units:
+How a source gives its ``n_s`` rows, as `.epoch_plan.Pieces` of its units:
 
 - **without replacement**: the source is an endless stream of *cycles*, each all of its units
   in a new seeded order; epoch ``e`` takes the stream's rows ``[e·n_s, (e+1)·n_s)``. A row comes
@@ -13,7 +13,7 @@ How a source gives its ``n_s`` rows, as :class:`~.epoch_plan.Pieces` of its unit
   random stretch (OpenCLIP's resampled shards, but to the row).
 
 Everything is a function of ``(seed, epoch)`` and the sources' units, computed alike by every
-worker: the epoch's pieces are then put in order like units (:class:`~.epoch_plan.EpochOrder`),
+worker: the epoch's pieces are then put in order like units (`.epoch_plan.EpochOrder`),
 and a checkpoint's position in that stream means the same after a restart.
 """
 

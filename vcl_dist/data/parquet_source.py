@@ -11,8 +11,8 @@ avoids (Ray 2.60, measured on 2 CPUs with 10,000 JPEGs at 224 px, see benchmarks
 
 Here the footers are read once, when the dataset is built (16 at a time), into read units of
 whole row groups, ≤ ``unit_bytes`` of encoded data each (the training split's units too: see
-:mod:`.train_stream`), and each unit's task reads its row groups and runs the
-:class:`~vcl_dist.data.preprocess.Preprocessor` on them, yielding model-ready blocks in file order.
+`.train_stream`), and each unit's task reads its row groups and runs the
+`vcl_dist.data.preprocess.Preprocessor` on them, yielding model-ready blocks in file order.
 """
 
 from __future__ import annotations

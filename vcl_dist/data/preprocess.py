@@ -45,7 +45,7 @@ class Preprocessor:
                  seed: int | Sequence[int] = 0, default_shard: str = "unknown", num_classes: int | None = None,
                  decode_images: bool = True, fast_decode: bool = False, device_decode: bool = False):
         self.tokenizer = tokenizer
-        # True: JPEGs the fast way (:mod:`.train_decode`: training); False: Pillow's, exactly as
+        # True: JPEGs the fast way (`.train_decode`: training); False: Pillow's, exactly as
         # evaluation, embedding and serving see a picture.
         self.decode = decode_for_training if fast_decode else decode_image
         # True: JPEGs are left encoded, with their crop drawn here, for the training device to

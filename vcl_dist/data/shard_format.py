@@ -1,13 +1,13 @@
 """The shard format and the batch contract: what every reader, the importer, the preprocessor
 and the training loop agree on (ARCHITECTURE.md, "Data contract").
 
-- Shards: Parquet with ``key, image, caption, label, image_id`` (:data:`SHARD_SCHEMA`);
-  WebDataset tars are turned into the same columns by :func:`to_shard_columns`.
-- Cells: a label is a class id, ``-1`` for unlabeled, or no id at all (:func:`parse_label`);
-  a caption is UTF-8 text or unusable (:func:`caption_text`, :func:`caption_problem`).
-- Class names: :mod:`vcl_dist.class_names` (shared with the model wing).
-- Model-ready batches: :data:`TENSOR_COLUMNS`, with ``valid = 0`` on bad rows, which
-  :func:`drop_bad_rows` takes out where they are counted.
+- Shards: Parquet with ``key, image, caption, label, image_id`` (`SHARD_SCHEMA`);
+  WebDataset tars are turned into the same columns by `to_shard_columns`.
+- Cells: a label is a class id, ``-1`` for unlabeled, or no id at all (`parse_label`);
+  a caption is UTF-8 text or unusable (`caption_text`, `caption_problem`).
+- Class names: `vcl_dist.class_names` (shared with the model wing).
+- Model-ready batches: `TENSOR_COLUMNS`, with ``valid = 0`` on bad rows, which
+  `drop_bad_rows` takes out where they are counted.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def caption_problem(value) -> str | None:
 
 def caption_text(value) -> str | None:
     """A caption cell (str, or UTF-8 bytes from a binary column or a tar) -> stripped text;
-    None when :func:`caption_problem` finds it unusable (bytes are never decoded with
+    None when `caption_problem` finds it unusable (bytes are never decoded with
     replacement characters: a mis-encoded caption is a bad row, not a garbled one)."""
     if caption_problem(value) is not None:
         return None

@@ -1,6 +1,6 @@
 """Where each sample of a WebDataset tar starts: read a training task's rows by their byte ranges.
 
-A training read task takes a stretch of one tar's rows (:mod:`.epoch_plan`: a unit's rows in
+A training read task takes a stretch of one tar's rows (`.epoch_plan`: a unit's rows in
 their own order, cut into reads); streamed, every task would read the tar from its start to its
 last row — a 10,000-sample tar read by ten tasks, five times over. Instead a task streams only
 from the nearest sample start this node already knows (the tar's start at first) to the start

@@ -1,7 +1,7 @@
 """How training turns image bytes into the tower's input, as fast as the CPU allows.
 
 Decoding is the cost of every CLIP run's input, and training reads every picture once per
-epoch, so its JPEGs (nearly all of a crawl) take a faster way than :func:`.images.decode_image`:
+epoch, so its JPEGs (nearly all of a crawl) take a faster way than `.images.decode_image`:
 
 - libjpeg-turbo through ``simplejpeg``, straight into a numpy array (no Pillow image, no copy),
   at 1/2, 1/4 or 1/8 scale whenever the crop still covers the tower's input at that scale:
@@ -12,7 +12,7 @@ epoch, so its JPEGs (nearly all of a crawl) take a faster way than :func:`.image
 
 The pixel count is still checked from the header before anything is decoded, EXIF orientation
 is still applied, and every picture the fast way does not cover (another format, CMYK, a header
-``simplejpeg`` refuses) goes through :func:`.images.decode_image`; the crop is drawn alike both
+``simplejpeg`` refuses) goes through `.images.decode_image`; the crop is drawn alike both
 ways. Pictures differ from Pillow's by at most a grey level or two (rounding in the resize).
 """
 
@@ -106,11 +106,11 @@ def training_crop(width: int, height: int, orientation: int, geometry: ImageGeom
 
 
 def decode_for_training(data, geometry: ImageGeometry, rng: np.random.Generator | None = None) -> np.ndarray:
-    """Encoded bytes -> ``uint8 [3, S, S]``: :func:`.images.decode_image`'s picture (the same
+    """Encoded bytes -> ``uint8 [3, S, S]``: `.images.decode_image`'s picture (the same
     crop distribution, the same geometry), JPEGs the fast way.
 
     Raises:
-        UnusableImageError: as :func:`.images.decode_image`.
+        UnusableImageError: as `.images.decode_image`.
     """
     header = jpeg_header(data)
     if header is None:

@@ -1,13 +1,13 @@
-"""The training split as each worker reads it: its own planned reads (:mod:`.epoch_plan`) run as
+"""The training split as each worker reads it: its own planned reads (`.epoch_plan`) run as
 a Ray Dataset on the cluster's CPUs, and the batches they make, in the epoch's stream order.
 
-Driver: :func:`plan_units` lists the split's read units once (Parquet footers, tar sample
+Driver: `plan_units` lists the split's read units once (Parquet footers, tar sample
 counts, or blocks of the built-in data put in Ray's object store), into a picklable
-:class:`TrainSplit` that goes to every worker.
+`TrainSplit` that goes to every worker.
 
-Worker, every epoch: :meth:`TrainSplit.batches` — one Ray Data read task per planned read (one
+Worker, every epoch: `TrainSplit.batches` — one Ray Data read task per planned read (one
 unit's rows: read, then decoded, augmented and tokenised by the
-:class:`~.preprocess.Preprocessor`), with ``preserve_order`` so the blocks arrive in plan
+`.preprocess.Preprocessor`), with ``preserve_order`` so the blocks arrive in plan
 order whatever task finishes first; each mixing group's rows are put in stream order once the
 group is complete, and cut into batches of the worker's size (the last partial one dropped).
 """
@@ -133,7 +133,7 @@ def _row_groups_of(unit: TrainUnit, rows: np.ndarray) -> tuple[list[int], np.nda
 def run_read(filesystem: pafs.FileSystem, unit: TrainUnit, read: RowRead, batch_rows: int, make_preprocessor,
              features: str | None = None) -> Iterator:
     """One read task: the read's rows, preprocessed ``batch_rows`` at a time, with their stream
-    positions. ``features``: the folder of locked towers' outputs (:mod:`.feature_store`), which
+    positions. ``features``: the folder of locked towers' outputs (`.feature_store`), which
     stand in the ``image`` column instead of decoded pictures, and in the ``input_ids`` column
     instead of tokens (``float32 [B, F]``), for the towers it holds."""
     computed = read_unit_features(filesystem, features, read.unit, read.rows) if features else {}

@@ -5,7 +5,7 @@ storage answers (the shard is there but its bytes do not parse, or it is gone), 
 unreadable: after one more try its rows become bad rows, which the run skips and counts
 against ``data.max_bad_fraction`` like corrupt images. When the storage does not answer (an
 endpoint down, a network cut), nothing is counted: the read waits and tries again, and past
-:data:`WAIT_FOR_STORAGE_S` it fails, so that the worker group restarts from its checkpoint
+`WAIT_FOR_STORAGE_S` it fails, so that the worker group restarts from its checkpoint
 rather than train without the rows.
 """
 
@@ -33,10 +33,10 @@ READ_ERRORS = (OSError, ValueError, EOFError, tarfile.TarError, zlib.error, pa.A
 def read_or_mark_unreadable(read: Callable[[], dict[str, np.ndarray]], filesystem: pafs.FileSystem, path: str,
                             rows: np.ndarray, sleep: Callable[[float], None] = time.sleep) -> dict[str, np.ndarray]:
     """``read()`` (the shard columns of ``rows`` of the shard ``path``), or, when the shard
-    cannot be read while its storage answers, the same rows as bad rows (:func:`unreadable_rows`).
+    cannot be read while its storage answers, the same rows as bad rows (`unreadable_rows`).
 
     Raises:
-        OSError: the storage did not answer for :data:`WAIT_FOR_STORAGE_S`.
+        OSError: the storage did not answer for `WAIT_FOR_STORAGE_S`.
     """
     waited, delay, tries_while_answering = 0.0, 1.0, 0
     while True:

@@ -3,8 +3,8 @@ optional ``{key}.cls`` (class id) or ``{key}.json`` (``label``/``cls``, ``image_
 
 A sample is a run of consecutive members with one key (WebDataset's grouping), one row of raw
 bytes per extension: Ray Data's ``read_webdataset`` reads them so for evaluation, and
-:func:`read_tar_rows` reads the samples at given indices of one tar for the training plan
-(:mod:`.train_stream`); :func:`to_shard_columns` turns such rows into the columns of the
+`read_tar_rows` reads the samples at given indices of one tar for the training plan
+(`.train_stream`); `to_shard_columns` turns such rows into the columns of the
 Parquet shard format, so everything downstream sees one format.
 """
 
@@ -37,7 +37,7 @@ def _members(filesystem: pafs.FileSystem, path: str):
 
 
 def webdataset_row_count(filesystem: pafs.FileSystem, path: str) -> int:
-    """Samples in the tars under ``path`` (see :func:`webdataset_tar_rows`)."""
+    """Samples in the tars under ``path`` (see `webdataset_tar_rows`)."""
     return sum(rows for _, rows in webdataset_tar_rows(filesystem, path))
 
 
@@ -93,7 +93,7 @@ def _samples(filesystem: pafs.FileSystem, tar_path: str, payloads: bool = False)
 def read_tar_rows(filesystem: pafs.FileSystem, tar_path: str, rows) -> dict[str, np.ndarray]:
     """The samples at ``rows`` (indices, increasing) of one tar, as the columns that Ray Data's
     ``read_webdataset`` gives (``__key__`` and one column of bytes per extension): by byte
-    range once this node knows where the tar's samples start (:mod:`.tar_index`)."""
+    range once this node knows where the tar's samples start (`.tar_index`)."""
     found = indexed_samples(filesystem, tar_path, [int(i) for i in rows])
     if len(found) != len(rows):
         missing = sorted({int(i) for i in rows} - {index for index, _, _ in found})[0]
@@ -113,7 +113,7 @@ def _sample_columns(found: list) -> dict[str, np.ndarray]:
 
 
 def tar_sample_batches(filesystem: pafs.FileSystem, tar_path: str, batch_rows: int):
-    """Every sample of one tar, in order, as columns like :func:`read_tar_rows`'s, ``batch_rows``
+    """Every sample of one tar, in order, as columns like `read_tar_rows`'s, ``batch_rows``
     samples at a time; each batch also has ``__index__``, the samples' indices in the tar."""
     found: list = []
 

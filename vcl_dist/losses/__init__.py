@@ -1,13 +1,13 @@
 """Contrastive losses over the global pool; they know nothing of Ray, only of torch.distributed.
 
-Start with :mod:`.definitions`: each loss as defined, in a few lines of dense masked
+Start with `.definitions`: each loss as defined, in a few lines of dense masked
 score-matrix code — the specification the fast classes here are tested against. Those compose
-like pytorch-metric-learning's parts: :mod:`.pool` (gather + memory + masks), :mod:`.distances`,
-:mod:`.negatives` (negative selection), :mod:`.fused` (dense terms with hand-written backward),
-:mod:`.tiled` (the same terms a tile of the pool at a time, for pools of any size),
-:mod:`.memory` and :mod:`.sharded_memory` (past batches as negatives, replicated or sharded over
-workers), and the losses on top; the sigmoid loss adds :mod:`.sigmoid_terms` (its tiles with a
-hand-written backward) and :mod:`.ring` (caption blocks passed round the workers).
+like pytorch-metric-learning's parts: `.pool` (gather + memory + masks), `.distances`,
+`.negatives` (negative selection), `.fused` (dense terms with hand-written backward),
+`.tiled` (the same terms a tile of the pool at a time, for pools of any size),
+`.memory` and `.sharded_memory` (past batches as negatives, replicated or sharded over
+workers), and the losses on top; the sigmoid loss adds `.sigmoid_terms` (its tiles with a
+hand-written backward) and `.ring` (caption blocks passed round the workers).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Read these first. They are the executable specification of ARCHITECTURE.md's losses for one
 process holding the whole pool: every ``[N, P]`` matrix is materialised (``P``: the batch, then
 any negative memory's rows), autograd does the backward pass, nothing is fused or gathered.
-The classes in :mod:`.triplet`, :mod:`.vcrl`, :mod:`.infonce` and :mod:`.sigmoid` compute the
+The classes in `.triplet`, `.vcrl`, `.infonce` and `.sigmoid` compute the
 same numbers distributed and fast (mined negatives without a dense backward, fused kernels,
 tiles, local anchors against a gathered pool, a ring), and the loss matrix
 (``tests/support/loss_matrix.py``) holds them against these on random float64 inputs in every
@@ -79,7 +79,7 @@ def squared_distance_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def triplet_loss(image, text, labels, groups, margin: float = 0.2, negatives: str = "semi_hard",
                  normalize: bool = True, memory=None) -> torch.Tensor:
     """The triplet loss; with ``normalize`` on L2-normalised embeddings (``d² = 2 − 2·cos``).
-    ``memory``: more negatives (see :func:`with_memory`)."""
+    ``memory``: more negatives (see `with_memory`)."""
     image_pool, text_pool, pool_labels, pool_groups = with_memory(image, text, labels, groups, memory)
     if normalize:
         image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
@@ -98,7 +98,7 @@ def vcrl_loss(image, text, labels, groups, margin: float = 0.5, reg_lambda: floa
     """VCRL: the hinge on raw squared distances, plus ``λ(‖U‖²_F + ‖V‖²_F)/N``, plus, with a
     label tower (``class_embeddings`` ``[K, D]``), image→class and text→class hinges for each
     labelled anchor (unlabeled anchors add 0), weighted by ``label_weight``. ``memory``: more
-    negatives of the hinge (see :func:`with_memory`); the other terms are the batch's."""
+    negatives of the hinge (see `with_memory`); the other terms are the batch's."""
     n = image.shape[0]
     loss = triplet_loss(image, text, labels, groups, margin, negatives, normalize=False, memory=memory)
     loss = loss + reg_lambda * (image.pow(2).sum() + text.pow(2).sum()) / n
@@ -116,7 +116,7 @@ def vcrl_loss(image, text, labels, groups, margin: float = 0.5, reg_lambda: floa
 def infonce_loss(image, text, labels, groups, scale: float, memory=None) -> torch.Tensor:
     """CLIP's symmetric cross-entropy over ``scale · cos``, label-aware: never-negatives other
     than the pair itself are left out of the softmax. ``memory``: more negatives (see
-    :func:`with_memory`)."""
+    `with_memory`)."""
     image_pool, text_pool, pool_labels, pool_groups = with_memory(image, text, labels, groups, memory)
     image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
     image_pool, text_pool = F.normalize(image_pool, dim=-1), F.normalize(text_pool, dim=-1)
@@ -132,7 +132,7 @@ def sigmoid_loss(image, text, labels, groups, scale: float, bias: float, memory=
     ``−log σ(z_ij · (scale · cos + bias))`` with ``z = +1`` for its own caption and ``−1`` for
     a negative; never-negatives other than the own caption are left out. The sum over each
     image's pairs, the mean over images. ``memory``: its captions are more negatives (see
-    :func:`with_memory`)."""
+    `with_memory`)."""
     _, text_pool, pool_labels, pool_groups = with_memory(image, text, labels, groups, memory)
     image, text_pool = F.normalize(image, dim=-1), F.normalize(text_pool, dim=-1)
     logits = scale * image @ text_pool.T + bias  # [image i, caption j]

@@ -7,7 +7,7 @@ must page in) and recomputes ``exp`` in backward. These functions compute the sc
 themselves, mask it in place, keep what backward needs (the hinge's active set or the softmax
 probabilities) and turn it into the score gradient in place; the two backward matmuls are the
 only other ``A x P``-sized work. Layouts (``pool_dims``) as in
-:func:`vcl_dist.losses.pool.score_matrices`: 1 = anchors along rows, 0 = along columns of the
+`vcl_dist.losses.pool.score_matrices`: 1 = anchors along rows, 0 = along columns of the
 same matrix (the second direction when anchors and pool are the same batch).
 """
 

@@ -1,7 +1,7 @@
 """What a caller lends a loss for one call: a timer for its phases and a finiteness check for
 the embeddings it gathers. The losses import no step instrumentation; a training step passes
 its own (``vcl_dist.train.step``: phases timed by the step's clock, checks deferred to the
-device on a GPU), anything else gets :data:`PLAIN`.
+device on a GPU), anything else gets `PLAIN`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def untimed(name: str) -> AbstractContextManager:
 
 
 def raise_if_not_finite(name: str, tensor: torch.Tensor) -> None:
-    """The check of :data:`PLAIN`: a NaN or inf ends the call (FloatingPointError, one line)."""
+    """The check of `PLAIN`: a NaN or inf ends the call (FloatingPointError, one line)."""
     if not torch.isfinite(tensor).all():
         raise FloatingPointError(f"{name} contain NaN or inf: the model diverged or its input is corrupt "
                                  "(lower train.lr, check the data, or turn on train.grad_clip_norm)")

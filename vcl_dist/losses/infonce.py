@@ -28,7 +28,9 @@ class InfoNCELoss(nn.Module):
     Args:
         init_temperature: initial ``1/s`` (CLIP: 0.07).
         max_scale: upper clamp of ``s`` (CLIP: 100), which keeps training stable.
-        gather, memory, chunk_size: as for :class:`~vcl_dist.losses.TripletLoss`.
+        gather: ``local`` | ``full``, as for `TripletLoss`.
+        memory: an optional `NegativeMemory` of past global batches (extra negatives).
+        chunk_size: tile the pool as `TripletLoss` does; None: dense.
 
     ``logit_scale`` is a parameter of this module: give it to the optimizer, and average its
     gradient over workers (it lives outside the DDP-wrapped model).

@@ -2,16 +2,16 @@
 
 Every worker enqueues the same *global* batch, in rank order, so the ring buffer is the same on
 every worker (pytorch-metric-learning's cross-batch memory builds a differently ordered queue
-on each rank, its issue 639). Memory rows only ever serve as negatives, and carry no gradient.
+on each rank: pytorch-metric-learning issue 639). Memory rows only ever serve as negatives, and carry no gradient.
 
 Replicated (the default) every worker holds the whole ring. **Sharded** (``shard=True``,
 ``loss.memory_shard``) worker ``r`` of ``W`` holds only the ring rows ``g`` with
 ``g % W == r``, at its local slot ``g // W``: a 1M-row memory costs each of 8 workers 1/8 of it,
 and the shards stay balanced while the ring fills. The losses then reduce over each shard and
-combine the workers' results with small collectives (:mod:`.sharded_memory`).
+combine the workers' results with small collectives (`.sharded_memory`).
 
-A state (:meth:`NegativeMemory.state_dict`) is one shard: ``rank`` of ``world`` (a replicated
-memory is shard 0 of 1). :meth:`NegativeMemory.load_state_dicts` takes all shards of a saved
+A state (`NegativeMemory.state_dict`) is one shard: ``rank`` of ``world`` (a replicated
+memory is shard 0 of 1). `NegativeMemory.load_state_dicts` takes all shards of a saved
 memory, of any world size, and keeps the rows this worker owns now: a checkpoint restores at
 another world size, and a replicated memory from a sharded one or the reverse.
 """

@@ -13,7 +13,7 @@ negatives. An anchor without any valid negative contributes 0.
 
 The first two are *miners*: they pick one negative per anchor without gradient, and the loss
 recomputes that one distance from the embeddings, so backward never touches an ``[A, P]``
-matrix. ``all`` needs the gradient of every hinge (see :mod:`.fused`). No loops over
+matrix. ``all`` needs the gradient of every hinge (see `.fused`). No loops over
 anchors, no ``[A, P, P]`` tensors.
 """
 
@@ -32,7 +32,7 @@ class Candidates:
     more pool rows (tiles, a sharded memory): the hardest valid negative (``hardest_value``
     ``+inf`` when there is none) and, for ``semi_hard``, the closest one beyond the positive
     as the minimum of ``1 / (d_ap − d)`` (negative exactly when one was found; see
-    :func:`mine_candidates`). Indices are pool rows. For ``semi_hard`` the hardest value need
+    `mine_candidates`). Indices are pool rows. For ``semi_hard`` the hardest value need
     only be right where nothing beyond was found: it is used only there."""
 
     hardest_value: torch.Tensor
@@ -68,7 +68,7 @@ class Candidates:
 
 @torch.no_grad()
 def mine_candidates(filled: torch.Tensor, d_ap: torch.Tensor, negatives: str, pool_dim: int = 1) -> Candidates:
-    """The :class:`Candidates` of each anchor over a distance matrix ``filled``, which holds
+    """The `Candidates` of each anchor over a distance matrix ``filled``, which holds
     ``+inf`` wherever an item may not be a negative."""
     if negatives == "hardest":
         return Candidates(*filled.min(dim=pool_dim))
@@ -111,7 +111,7 @@ def count_true(mask: torch.Tensor, dim: int) -> torch.Tensor:
 def all_negatives(d_ap: torch.Tensor, distances: torch.Tensor, valid: torch.Tensor, margin: float,
                   pool_dim: int = 1) -> torch.Tensor:
     """Per-anchor ``[A]`` mean of the hinge over all valid negatives (differentiable). The
-    batch losses use the fused :func:`vcl_dist.losses.fused.mean_hinge_all_negatives`."""
+    batch losses use the fused `vcl_dist.losses.fused.mean_hinge_all_negatives`."""
     hinges = (d_ap.unsqueeze(pool_dim) + margin - distances).relu() * valid
     return hinges.sum(dim=pool_dim) / valid.sum(dim=pool_dim).clamp_min(1)
 

@@ -1,7 +1,7 @@
 """The anchors and the negative pool that every loss works on, over all workers.
 
-``build_pool`` gathers the global batch with gradient (:mod:`.gather`), appends the negative
-memory (a replicated one; a sharded one stays apart, see :mod:`.sharded_memory`), and says
+``build_pool`` gathers the global batch with gradient (`.gather`), appends the negative
+memory (a replicated one; a sharded one stays apart, see `.sharded_memory`), and says
 for every anchor which pool row is its positive and which rows may serve as negatives. The
 losses then only compute per-anchor terms and ``reduce`` them.
 
@@ -46,13 +46,13 @@ class Pool:
     anchors_are_batch: bool
     global_batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # for the memory
     # A sharded memory in use: its rows are not in the pool; the losses add its share through
-    # collectives (:mod:`.sharded_memory`). Pool rows from ``batch_rows`` on would be its rows.
+    # collectives (`.sharded_memory`). Pool rows from ``batch_rows`` on would be its rows.
     sharded_memory: NegativeMemory | None = None
 
     @cached_property
     def invalid(self) -> torch.Tensor:
         """``[A, P]`` bool: never a negative of the anchor (same image or label). The dense
-        paths only: the tiled ones (:mod:`.tiled`) build it a tile at a time."""
+        paths only: the tiled ones (`.tiled`) build it a tile at a time."""
         return self.never_negatives.tile(0, self.image_pool.shape[0])
 
     @property
@@ -127,7 +127,7 @@ def _matches(anchor_keys: torch.Tensor, pool_keys: torch.Tensor) -> torch.Tensor
 
 
 def never_negative(anchor_labels, anchor_groups, pool_labels, pool_groups) -> torch.Tensor:
-    """The whole ``[A, P]`` mask of :class:`NeverNegatives`."""
+    """The whole ``[A, P]`` mask of `NeverNegatives`."""
     return NeverNegatives(anchor_labels, anchor_groups, pool_labels, pool_groups).tile(0, pool_labels.shape[0])
 
 
@@ -201,14 +201,14 @@ def score_matrices(pool: Pool, score_fn) -> list[tuple[torch.Tensor, tuple[int, 
 
 def direction_inputs(pool: Pool) -> list[tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]]:
     """``(anchors, items, pool_dims)`` whose score matrices cover both directions (see
-    :func:`score_matrices`)."""
+    `score_matrices`)."""
     if pool.anchors_are_batch and pool.image_pool.shape[0] == pool.batch_rows:
         return [(pool.image_anchors, pool.text_pool, (1, 0))]
     return [(pool.image_anchors, pool.text_pool, (1,)), (pool.text_anchors, pool.image_pool, (1,))]
 
 
 def positive_entries(matrix: torch.Tensor, positive: torch.Tensor, pool_dim: int) -> torch.Tensor:
-    """``[A]``: each anchor's entry at its own pair (layouts of :func:`score_matrices`)."""
+    """``[A]``: each anchor's entry at its own pair (layouts of `score_matrices`)."""
     return matrix.gather(pool_dim, positive.unsqueeze(pool_dim)).squeeze(pool_dim)
 
 

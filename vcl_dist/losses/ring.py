@@ -2,7 +2,7 @@
 
 Worker ``r`` holds its image anchors and, at step ``k``, the caption block of worker
 ``r − k`` (with its labels and image groups); it adds its anchors' terms against that block
-(:mod:`.sigmoid_terms`) while the block goes on to worker ``r + 1`` and the next arrives from
+(`.sigmoid_terms`) while the block goes on to worker ``r + 1`` and the next arrives from
 ``r − 1``. After ``W − 1`` passes every anchor has met every caption. Backward sends the blocks
 round again, each with an accumulator of its gradient that every worker adds to; one more pass
 brings each accumulator home. Per worker: at most two caption blocks and one score tile of
@@ -27,7 +27,7 @@ from .sigmoid_terms import TileMask, add_tile_gradients, tile_terms, tile_weight
 
 def _pass_on(tensors: list[torch.Tensor], incoming_rows: int, rank: int, world: int) -> tuple[list, Transfer]:
     """Post: send ``tensors`` to the next worker, receive the previous worker's (of
-    ``incoming_rows`` rows). Returns the receive buffers and a :class:`Transfer` to wait on."""
+    ``incoming_rows`` rows). Returns the receive buffers and a `Transfer` to wait on."""
     buffers = [t.new_empty((incoming_rows, *t.shape[1:])) for t in tensors]
     ops = [dist.P2POp(dist.isend, t.contiguous(), (rank + 1) % world) for t in tensors]
     ops += [dist.P2POp(dist.irecv, b, (rank - 1) % world) for b in buffers]
@@ -35,7 +35,7 @@ def _pass_on(tensors: list[torch.Tensor], incoming_rows: int, rank: int, world: 
 
 
 class Transfer:
-    """Posted sends and receives; holds their tensors until :meth:`wait` returns."""
+    """Posted sends and receives; holds their tensors until `wait` returns."""
 
     def __init__(self, ops: list, requests: list):
         self.ops, self.requests = ops, requests
@@ -105,5 +105,5 @@ def _mask(anchor_labels, anchor_groups, block, own_block: bool) -> TileMask:
 
 def ring_sigmoid_terms(images, texts, labels, groups, scale, bias, sizes: list[int], chunk_size: int | None) -> torch.Tensor:
     """``[n_local]``: each local image anchor's sum over every worker's captions, by the ring.
-    ``sizes``: every worker's rows (:func:`~vcl_dist.losses.gather.gather_sizes`)."""
+    ``sizes``: every worker's rows (`vcl_dist.losses.gather.gather_sizes`)."""
     return _RingSigmoidTerms.apply(images, texts, labels, groups, scale, bias, list(sizes), chunk_size)

@@ -1,13 +1,13 @@
 """The memory's share of every loss when the memory is sharded (``loss.memory_shard``).
 
-Worker ``r`` of ``W`` holds ring rows ``r, r + W, …`` of the memory (:mod:`.memory`). Every
+Worker ``r`` of ``W`` holds ring rows ``r, r + W, …`` of the memory (`.memory`). Every
 worker has the whole global batch (the gather), so each one reduces **all** ``N`` global
 anchors against **its** shard — ``N · M / W`` scores, what a replicated memory costs a worker
 for its ``N / W`` own anchors — and one collective combines the workers' per-anchor results.
 Each anchor's worker then merges them with its part over the batch. Memory rows carry no
 gradient, so what crosses the wire per anchor is small and what the loss needs is exact:
 
-- ``hardest`` / ``semi_hard``: each shard's best candidates (value, pool row; :class:`.Candidates`),
+- ``hardest`` / ``semi_hard``: each shard's best candidates (value, pool row; `.Candidates`),
   an all-reduce MIN of the values, then of the pool rows that reach them (ties go to the first
   row, as in the replicated pool), then an all-reduce SUM that brings each winning row from its
   owner: ``[kinds × 2 directions × N, D]``.
@@ -67,7 +67,7 @@ def _all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
 
 @torch.no_grad()
 def memory_candidates(shard: MemoryShard, negatives: str) -> tuple[list[Candidates], list[list[torch.Tensor]]]:
-    """Per direction, the memory's :class:`Candidates` of all N global anchors, in pool rows,
+    """Per direction, the memory's `Candidates` of all N global anchors, in pool rows,
     and the winning rows' embeddings ``[N, D]`` per kind (hardest, then beyond for semi_hard)."""
     values, rows = [], []
     for anchors, items in zip(shard.anchors, shard.items):
@@ -146,7 +146,7 @@ def mean_hinge_with_memory(batch_means: torch.Tensor, batch_valid: torch.Tensor,
     """One direction's per-anchor mean hinge over batch and memory negatives together.
 
     ``batch_means [A]``: over the batch's ``batch_valid`` negatives; ``stats [A, D + 3]``: the
-    anchors' rows of :func:`memory_hinge_statistics`; ``anchors``, ``d_ap``: with gradient.
+    anchors' rows of `memory_hinge_statistics`; ``anchors``, ``d_ap``: with gradient.
     """
     hinge_sum, valid, active, active_rows = stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3:]
     # Σ_active (d_ap − d(a, m)) as a function of the anchor, up to constants: its gradient is
@@ -192,7 +192,7 @@ def infonce_with_memory(batch_terms: torch.Tensor, own: torch.Tensor, memory: to
                         scale: torch.Tensor) -> torch.Tensor:
     """One direction's per-anchor InfoNCE over batch and memory: ``batch_terms`` is
     ``lse_batch − own`` (with gradient), ``own`` the own pair's logit, ``memory`` the anchors'
-    rows of :func:`memory_log_sum_exp`."""
+    rows of `memory_log_sum_exp`."""
     log_sum, mean_row = memory[:, 0], memory[:, 1:]
     linear = scale * (anchors * mean_row).sum(1)  # d/da = s·μ, d/ds = a·μ: the memory lse's gradient
     memory_lse = log_sum + (linear - linear.detach())

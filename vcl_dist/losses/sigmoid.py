@@ -10,7 +10,7 @@ then the mean over the global image anchors (big_vision's and open_clip's normal
 
 Exchanges (``loss.gather``): ``local`` and ``full`` as for the other losses (the gathered pool,
 gradient through the gather); ``ring``: each worker keeps its images and passes the captions'
-embeddings round the ring of workers, one peer's block at a time (:mod:`.ring`), so it never
+embeddings round the ring of workers, one peer's block at a time (`.ring`), so it never
 holds more than two blocks of captions and one ``[n_local, n_peer]`` score tile.
 """
 

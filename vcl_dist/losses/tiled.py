@@ -2,11 +2,11 @@
 ``chunk`` pool rows and never stored, in forward or in backward (``loss.chunk_size``).
 
 The most any step holds is one ``[A, chunk]`` tile of scores and its mask, built from the label
-and group vectors (:class:`~vcl_dist.losses.pool.NeverNegatives`):
+and group vectors (`vcl_dist.losses.pool.NeverNegatives`):
 
 - ``hardest``: a running (value, index) minimum of the masked distances over the tiles.
 - ``semi_hard``: a running minimum of ``1 / (d_ap − d)`` (negative exactly for the items beyond
-  the positive, smallest for the closest of them; see :mod:`.negatives`) beside the running
+  the positive, smallest for the closest of them; see `.negatives`) beside the running
   hardest, which serves anchors with nothing beyond their positive.
   Both miners run without gradient; the loss then recomputes the two chosen distances from the
   embeddings, as the dense path does, so backward costs ``O(A·D)``.
@@ -16,7 +16,7 @@ and group vectors (:class:`~vcl_dist.losses.pool.NeverNegatives`):
   Inf-CL / flash attention); backward recomputes each tile's probabilities from the saved
   log-sum-exp.
 
-Layouts (``pool_dims``) as in :func:`vcl_dist.losses.pool.direction_inputs`: ``(1,)`` is one
+Layouts (``pool_dims``) as in `vcl_dist.losses.pool.direction_inputs`: ``(1,)`` is one
 direction, anchors along a tile's rows; ``(1, 0)``, when the anchors are the whole batch and
 there is no memory, serves both directions from one tile: image anchors along its rows, and
 along its columns the text anchors of rows ``start:stop``, each of which sees its whole
@@ -70,7 +70,7 @@ def _anchor_axis(values: torch.Tensor, dim: int, start: int, stop: int) -> torch
 @torch.no_grad()
 def mine_candidates_tiled(anchors, items, d_ap, never: NeverNegatives, negatives: str, chunk: int, normalized: bool,
                           pool_dims=(1,)) -> list[Candidates]:
-    """For each layout of ``pool_dims``, the :class:`~vcl_dist.losses.negatives.Candidates` of
+    """For each layout of ``pool_dims``, the `vcl_dist.losses.negatives.Candidates` of
     the distances of ``anchors`` to ``items``, one tile at a time; the hardest value is kept for
     every anchor. Ties go to the first row, as a dense minimum's do."""
     if negatives not in ("hardest", "semi_hard"):
@@ -103,7 +103,7 @@ def mine_candidates_tiled(anchors, items, d_ap, never: NeverNegatives, negatives
 def mine_negatives_tiled(anchors, items, d_ap, never: NeverNegatives, negatives: str, chunk: int, normalized: bool,
                          pool_dims=(1,)) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For each layout of ``pool_dims``, ``(index [A], has_negative [A])``: what
-    :func:`~vcl_dist.losses.negatives.mine_negatives` picks, one tile at a time."""
+    `vcl_dist.losses.negatives.mine_negatives` picks, one tile at a time."""
     return [found.choose() for found in mine_candidates_tiled(anchors, items, d_ap, never, negatives, chunk, normalized,
                                                                pool_dims)]
 

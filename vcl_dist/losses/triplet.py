@@ -10,7 +10,7 @@ the default) ``d² = 2 − 2·cos``; without, plain squared Euclidean distance.
 Negatives of an anchor: every item of the pool (global batch, then memory) except items with
 the same label (when both are labelled) and items of the same image group (its own pair, other
 captions of the same image). ``negatives`` picks how those hinges become one number per
-anchor (see :mod:`vcl_dist.losses.negatives`).
+anchor (see `vcl_dist.losses.negatives`).
 
 Reduction: the mean over all global anchors of the two directions' average, so the value does
 not depend on how the batch is split across workers. Anchors with no valid negative count as 0.
@@ -50,8 +50,8 @@ def bidirectional_triplet(pool: Pool, margin: float, negatives: str, normalized:
     ``O(A·D)`` instead of two ``[A, P]``-sized matmuls. The result and its gradient are those
     of the dense definition (the gradient of a min is the gradient at the argmin).
     ``chunk_size``: visit the pool in tiles of that many rows and never hold the whole
-    distance matrix (:mod:`.tiled`); None: the dense path. A sharded memory adds its share
-    through :mod:`.sharded_memory`.
+    distance matrix (`.tiled`); None: the dense path. A sharded memory adds its share
+    through `.sharded_memory`.
     """
     distance_fn = squared_distances_normalized if normalized else squared_distances
     paired_fn = paired_squared_distances_normalized if normalized else paired_squared_distances
@@ -107,12 +107,12 @@ class TripletLoss(nn.Module):
     Args:
         margin: the hinge margin ``m`` (on squared distances; at most 4 is meaningful for
             normalised embeddings).
-        negatives: ``hardest`` | ``semi_hard`` | ``all`` (see :mod:`.negatives`).
+        negatives: ``hardest`` | ``semi_hard`` | ``all`` (see `.negatives`).
         normalize: L2-normalise the embeddings first (``d² = 2 − 2·cos``).
-        gather: ``local`` | ``full`` (see :mod:`.pool`).
-        memory: an optional :class:`NegativeMemory` of past global batches (extra negatives).
+        gather: ``local`` | ``full`` (see `.pool`).
+        memory: an optional `NegativeMemory` of past global batches (extra negatives).
         chunk_size: compute over the pool in tiles of this many rows, holding at most
-            ``[anchors × chunk_size]`` scores in forward and backward (:mod:`.tiled`); None:
+            ``[anchors × chunk_size]`` scores in forward and backward (`.tiled`); None:
             the dense ``[anchors × pool]`` path.
 
     On W workers with ``gather="local"``, each worker returns ``W · (Σ_local terms) / N``: the

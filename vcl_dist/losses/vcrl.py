@@ -36,10 +36,14 @@ class VCRLLoss(nn.Module):
         margin: hinge margin on squared Euclidean distances (scale-dependent: with the
             regulariser holding norms near 1, margins of 0.1–1 are typical).
         reg_lambda: λ of the Frobenius-norm regulariser.
-        negatives, gather, memory, chunk_size: as for :class:`~vcl_dist.losses.TripletLoss`
-            (the label tower's ``[anchors × classes]`` terms are small and stay dense).
-        num_classes, embed_dim: turn on the label tower (both needed).
+        negatives: ``hardest`` | ``semi_hard`` | ``all``, as for `TripletLoss`.
+        gather: ``local`` | ``full``, as for `TripletLoss`.
+        memory: an optional `NegativeMemory` of past global batches (extra negatives).
+        num_classes: with ``embed_dim``, turns on the label tower: one learnt embedding per class.
+        embed_dim: the size of the class embeddings (the model's shared space).
         label_weight: weight of the image→class and text→class terms.
+        chunk_size: tile the pool as `TripletLoss` does (the label tower's ``[anchors × classes]``
+            terms are small and stay dense).
 
     The class embeddings are parameters of this module: give them to the optimizer, and
     average their gradients over workers (they live outside the DDP-wrapped model).

@@ -5,10 +5,10 @@ transformers become the image and text towers (pooled outputs: the class token a
 post-layernorm, the end-of-text token after the final norm), its ``visual_projection`` and
 ``text_projection`` the dual encoder's projections, its ``logit_scale`` the InfoNCE loss's
 starting temperature; its tokenizer and image processor (resize, crop, mean and std) become the
-run's (:func:`clip_preprocessing`). Nothing is re-initialised: before any training step the
+run's (`clip_preprocessing`). Nothing is re-initialised: before any training step the
 dual encoder gives the original model's embeddings.
 
-:func:`to_clip_model` assembles the fine-tuned weights back into a ``CLIPModel`` that
+`to_clip_model` assembles the fine-tuned weights back into a ``CLIPModel`` that
 ``CLIPModel.from_pretrained`` loads from the export.
 """
 

@@ -27,7 +27,7 @@ class DualEncoder(nn.Module):
     projections are bias-free linear maps (``U = Wᵢᵀ X``, ``V = Wₜᵀ Y`` in the VCRL notation);
     losses decide whether to normalise, and ``similarity`` records the choice for retrieval.
 
-    A locked tower (:mod:`.locking`) stays in eval mode through ``train()``, and a wholly locked
+    A locked tower (`.locking`) stays in eval mode through ``train()``, and a wholly locked
     one runs without autograd: nothing of it is kept for a backward pass.
     ``tower_configs``: the pretrained towers' own configs (a ``CLIPConfig``, a text encoder's),
     saved with the model so that it can be built again without the pretrained files.
@@ -126,7 +126,7 @@ def build_dual_encoder(cfg: ModelConfig, vocab_size: int, max_text_length: int, 
                        similarity: str = "cosine", saved_towers: dict | None = None) -> DualEncoder:
     """The dual encoder ``cfg`` describes, pretrained parts loaded, locks applied.
 
-    ``similarity``: :attr:`vcl_dist.config.Config.similarity` of the run. ``saved_towers``: the
+    ``similarity``: `vcl_dist.config.Config.similarity` of the run. ``saved_towers``: the
     ``tower_configs`` saved with a model: build its structure from them and read no pretrained
     weights (the model's own weights are loaded next).
     """

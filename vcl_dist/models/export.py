@@ -2,13 +2,13 @@
 
 A **model folder** is an export or a training checkpoint; both hold ``config.yaml`` (the
 resolved config), ``tokenizer/``, ``history.json`` (metrics of every finished epoch),
-``classes.txt`` (:mod:`vcl_dist.class_names`) and ``towers.json`` (pretrained towers' own
+``classes.txt`` (`vcl_dist.class_names`) and ``towers.json`` (pretrained towers' own
 configs), and the dual encoder's weights: ``model.safetensors`` in an export, ``model.pt`` in a
-checkpoint (whose training state is the trainer's: :mod:`vcl_dist.train.checkpoint`).
+checkpoint (whose training state is the trainer's: `vcl_dist.train.checkpoint`).
 
 An **export** (``<run>/model/``) is assembled beside its destination and renamed into place (in
-S3, where nothing renames: uploaded with the weights last, :func:`upload_export`). Which folder
-of a run to take is :mod:`.locate`'s.
+S3, where nothing renames: uploaded with the weights last, `upload_export`). Which folder
+of a run to take is `.locate`'s.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class BrokenModelError(ValueError):
 
 
 def save_tower_configs(folder: Path, model) -> None:
-    """The pretrained towers' own configs (:attr:`DualEncoder.tower_configs`): a model folder
+    """The pretrained towers' own configs (`DualEncoder.tower_configs`): a model folder
     builds its structure from them, without the pretrained files it started from."""
     if model.tower_configs:
         (folder / TOWERS_FILE).write_text(json.dumps(model.tower_configs, indent=1, default=str))
@@ -109,7 +109,7 @@ class ModelFolder:
 
 def read_model_folder(folder: Path) -> ModelFolder:
     """Load a local export or checkpoint folder. The config is untrusted input, read as data
-    (:func:`~vcl_dist.config.load_saved_config`).
+    (`vcl_dist.config.load_saved_config`).
 
     Raises:
         ModelNotFoundError: no config in the folder. ConfigError: a config that cannot be loaded.
@@ -176,8 +176,8 @@ def export_model(source: str | Path, out_dir: str | Path, *, history: list[dict]
 def upload_export(local_dir: str | Path, filesystem: pafs.FileSystem, target: str) -> None:
     """Copy an export folder to ``target`` in an object store, where nothing can be renamed:
     the old export is removed first and the weights go last, so ``target`` is an export (has
-    :data:`WEIGHTS_FILE`) only once every other file is in place — readers meanwhile find no
-    export and take the newest checkpoint (:func:`~vcl_dist.models.locate.find_model_folder`). An object's upload is
+    `WEIGHTS_FILE`) only once every other file is in place — readers meanwhile find no
+    export and take the newest checkpoint (`vcl_dist.models.locate.find_model_folder`). An object's upload is
     all-or-nothing in S3, so the weights file itself never appears half-written."""
     local_dir = Path(local_dir)
     filesystem.delete_dir_contents(target, missing_dir_ok=True)

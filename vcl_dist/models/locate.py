@@ -1,11 +1,11 @@
 """Which folder holds a model: an export, a checkpoint, or a run folder (its export or its newest
-usable checkpoint, whichever holds the later training step: :func:`find_model_folder`).
+usable checkpoint, whichever holds the later training step: `find_model_folder`).
 
 A run's checkpoints are those Ray Train registered as complete (its checkpoint manager's
-snapshot: :func:`registered_checkpoints`), newest first, less any that fail a check, each
-skipped with a warning (:func:`usable_checkpoints`). A model user checks what it loads (the
-weights and the config: :func:`model_files_problem`); the trainer checks the whole training
-state (:func:`vcl_dist.train.checkpoint.checkpoint_problem`).
+snapshot: `registered_checkpoints`), newest first, less any that fail a check, each
+skipped with a warning (`usable_checkpoints`). A model user checks what it loads (the
+weights and the config: `model_files_problem`); the trainer checks the whole training
+state (`vcl_dist.train.checkpoint.checkpoint_problem`).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def usable_checkpoints(filesystem: pafs.FileSystem, run_path: str, warn=None,
                        problem: Problem = model_files_problem) -> list[str]:
     """The run's checkpoints to resume or load from, newest first: those Ray Train registered
     (by name when the run has no manager snapshot), less any with a ``problem`` (by default
-    :func:`model_files_problem`), each of which is passed to ``warn(line)``."""
+    `model_files_problem`), each of which is passed to ``warn(line)``."""
     try:
         registered = registered_checkpoints(filesystem, run_path)
     except OSError as err:  # a snapshot cut short or not Ray's: the folders, by name, are what is left
@@ -116,7 +116,7 @@ def usable_checkpoints(filesystem: pafs.FileSystem, run_path: str, warn=None,
 
 def newest_checkpoint(filesystem: pafs.FileSystem, run_path: str, warn=None,
                       problem: Problem = model_files_problem) -> str | None:
-    """The run's newest usable checkpoint folder (:func:`usable_checkpoints`), or None."""
+    """The run's newest usable checkpoint folder (`usable_checkpoints`), or None."""
     usable = usable_checkpoints(filesystem, run_path, warn, problem)
     return usable[0] if usable else None
 
@@ -138,7 +138,7 @@ def recorded_step(filesystem: pafs.FileSystem, folder: str) -> int:
 def find_model_folder(filesystem: pafs.FileSystem, path: str, shown: str, say=None) -> str:
     """The folder that holds the weights. The rule: ``path`` itself when it holds weights; for a
     run folder, whichever of its export (``model/``) and its newest usable checkpoint holds the
-    later training step (:func:`recorded_step`), the export on a tie. ``say(line)`` is told
+    later training step (`recorded_step`), the export on a tie. ``say(line)`` is told
     which was taken and why.
 
     Raises:
@@ -199,7 +199,7 @@ def model_files(path: str | Path, s3: S3Config | None = None) -> dict[str, bytes
 
 @contextmanager
 def folder_of_files(files: dict[str, bytes]) -> Iterator[Path]:
-    """The inverse of :func:`model_files`: the files written to a temporary folder."""
+    """The inverse of `model_files`: the files written to a temporary folder."""
     with tempfile.TemporaryDirectory() as local:
         for name, data in files.items():
             target = Path(local) / name

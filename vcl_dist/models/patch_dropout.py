@@ -28,7 +28,7 @@ def drop_patches(tokens: torch.Tensor, prob: float, leading: int = 1) -> torch.T
 
 
 class PatchDropout(nn.Module):
-    """:func:`drop_patches` in training mode, nothing in eval mode."""
+    """`drop_patches` in training mode, nothing in eval mode."""
 
     def __init__(self, prob: float, leading: int = 1):
         super().__init__()

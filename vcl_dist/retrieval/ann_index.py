@@ -1,7 +1,7 @@
 """Approximate nearest-neighbour indexes (FAISS) over an embedded corpus, for corpora too large
 to scan per query.
 
-``build_index`` picks the index as autofaiss does (:func:`choose_index`): exact (``Flat``) below
+``build_index`` picks the index as autofaiss does (`choose_index`): exact (``Flat``) below
 100k vectors, ``HNSW`` when the vectors and the graph fit the memory budget, ``IVF-PQ`` beyond
 (vectors compressed to ``dim / 2`` bytes each). It trains on a sample (IVF-PQ) and then adds the
 corpus in one streaming pass (Ray Data over the corpus files, batch by batch: memory holds the
@@ -321,7 +321,7 @@ class LoadedIndex:
 
     @property
     def description(self) -> str:
-        """The index and its search-time knobs as set now (:meth:`tune`)."""
+        """The index and its search-time knobs as set now (`tune`)."""
         import faiss
 
         p = self.info.params

@@ -53,7 +53,7 @@ def thumbnail_jpeg(data, size: int) -> bytes:
 
 def prepare_rows(table: pa.Table, *, tokenizer, image_size, max_text_length: int, thumbnail_size: int, default_shard: str,
                  num_classes: int | None = None):
-    """One CPU task: raw shard rows (an Arrow batch) -> model-ready rows (:class:`Preprocessor`; ``image_size``:
+    """One CPU task: raw shard rows (an Arrow batch) -> model-ready rows (`Preprocessor`; ``image_size``:
     a side or an ``ImageGeometry``)
     plus the caption text and a thumbnail, which the Parquet output keeps."""
     batch = pylist_columns(table)
@@ -119,7 +119,7 @@ def embedding_dataset(source: DatasetSource, path: str, model, model_ref, *, use
                       batch_size: int, thumbnail_size: int, num_classes: int | None = None):
     """A lazy Ray Dataset of embedding rows (see the module docstring) for the split at ``path``.
 
-    ``model``: the :class:`~vcl_dist.retrieval.model.RetrievalModel` (for its tokenizer and
+    ``model``: the `vcl_dist.retrieval.model.RetrievalModel` (for its tokenizer and
     input sizes); ``model_ref``: ``ray.put(model_files(...))``; ``num_classes``: rows whose
     label is outside ``range(num_classes)`` are bad rows.
     """

@@ -28,7 +28,7 @@ QUERIES_DIR = "queries"
 
 
 def table_embeddings(table: pa.Table) -> dict[str, torch.Tensor]:
-    """Embedding Parquet rows -> the ``image``, ``text``, ``label``, ``group`` tensors of :mod:`vcl_dist.evaluate`."""
+    """Embedding Parquet rows -> the ``image``, ``text``, ``label``, ``group`` tensors of `vcl_dist.evaluate`."""
     return {
         "image": torch.from_numpy(fixed_size_lists_to_numpy(table["image_embedding"])),
         "text": torch.from_numpy(fixed_size_lists_to_numpy(table["text_embedding"])),
@@ -53,7 +53,7 @@ def evaluate_table(model: RetrievalModel, table: pa.Table, class_names: Sequence
 
 def evaluate_folds(model: RetrievalModel, table: pa.Table, folds: Sequence[Sequence[str]], class_names: Sequence[str] | None,
                    ks: Sequence[int] = (1, 5, 10), prompt_template: str | Sequence[str] = "a photo of a {}") -> dict[str, float]:
-    """:func:`evaluate_table` on each fold of images (their ``image_id`` lists: COCO's 1K test
+    """`evaluate_table` on each fold of images (their ``image_id`` lists: COCO's 1K test
     protocol), every metric averaged over the folds; ``folds``: how many.
 
     Raises:

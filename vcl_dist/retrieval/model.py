@@ -1,9 +1,9 @@
 """A trained dual encoder outside of training: load it anywhere, turn raw inputs into embeddings.
 
-:func:`load_model` reads an export folder, a training checkpoint folder or a run folder (its
+`load_model` reads an export folder, a training checkpoint folder or a run folder (its
 ``model/`` export, else its newest checkpoint), local or ``s3://``, with no Ray involved:
 inference on a laptop or in a serving process is one call. The files themselves are
-:mod:`vcl_dist.models.export`'.
+`vcl_dist.models.export`'.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class RetrievalModel:
     """A dual encoder in eval mode with what it needs to turn raw inputs into embeddings.
 
     ``encode_texts`` / ``encode_images`` return float32 CPU tensors ``[N, D]`` in the model's
-    latent space, not normalised; :meth:`similarity` ranks them the way the model was trained
+    latent space, not normalised; `similarity` ranks them the way the model was trained
     (cosine for triplet / InfoNCE, minus squared distance for VCRL).
     """
 
@@ -127,7 +127,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", s3: S3Confi
 
 
 def load_model_files(files: dict[str, bytes], device: str | torch.device = "cpu") -> RetrievalModel:
-    """A model from the files :func:`~vcl_dist.models.locate.model_files` collected."""
+    """A model from the files `vcl_dist.models.locate.model_files` collected."""
     with folder_of_files(files) as folder:
         return _ready(read_model_folder(folder), device)
 

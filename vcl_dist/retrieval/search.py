@@ -1,9 +1,9 @@
-"""Exact search over an embedded corpus (the Parquet that :mod:`.embed` writes).
+"""Exact search over an embedded corpus (the Parquet that `.embed` writes).
 
 The corpus is streamed in record batches and only a running top-k is kept, so memory holds
 one batch of embeddings at a time: exact search by matrix product, for corpora of any size
 that one machine can scan. Past a few tens of millions of rows, build an approximate index
-instead (README: "Searching large corpora").
+instead (docs/guides/serving.md).
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ class Corpus:
         """The ``k`` rows whose ``target`` embedding scores highest against ``query [D]``.
 
         ``similarity(queries [Q, D], items [N, D]) -> [Q, N]``: the model's ranking (cosine or
-        minus squared distance, see :meth:`RetrievalModel.similarity`). ``index``: a
-        :class:`~vcl_dist.retrieval.ann_index.LoadedIndex` of this corpus's ``target``
+        minus squared distance, see `RetrievalModel.similarity`). ``index``: a
+        `vcl_dist.retrieval.ann_index.LoadedIndex` of this corpus's ``target``
         embeddings answers instead of the exact scan (a flat index gives the scan's hits).
 
         Raises:

@@ -1,9 +1,9 @@
 """What a user reads from vcl-dist, in one style: ``vcl-dist: <what happened>`` for news,
 ``vcl-dist: warning: …`` for something to look at, ``vcl-dist: error: …`` for what stopped a
-job, each one line, with secrets masked (:mod:`vcl_dist.redaction`).
+job, each one line, with secrets masked (`vcl_dist.redaction`).
 
-Errors become lines through :func:`one_line`; every ``jobs/*.py`` entry point runs its body
-through :func:`run_job`, so that a bad input ends in such a line and an exit code.
+Errors become lines through `one_line`; every ``jobs/*.py`` entry point runs its body
+through `run_job`, so that a bad input ends in such a line and an exit code.
 """
 
 from __future__ import annotations

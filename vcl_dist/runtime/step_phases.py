@@ -1,16 +1,16 @@
 """Where a training step's time goes: exclusive wall time per named phase.
 
-A :class:`PhaseClock` attributes every moment of a step to the innermost phase open at that
+A `PhaseClock` attributes every moment of a step to the innermost phase open at that
 moment: the all-gather inside the loss is "gather", not "loss"; what no phase covers (the
 loop's bookkeeping) is "other", so the phases add up to the step exactly. On a GPU, work is
 asynchronous: a clock made with ``sync=torch.cuda.synchronize`` waits for the device at every
 phase boundary, so a phase is charged for its own kernels (it also removes the overlap the
 phases would otherwise have: time only a sample of steps there).
 
-Code that wants to be timed calls :func:`phase` (a no-op unless a clock is active in this
+Code that wants to be timed calls `phase` (a no-op unless a clock is active in this
 thread, so the losses and the step run untimed anywhere else); the training loop opens a step
-with :meth:`PhaseClock.begin_step` where it starts waiting for the batch and closes it with
-:meth:`PhaseClock.end_step` once the step's bookkeeping is done.
+with `PhaseClock.begin_step` where it starts waiting for the batch and closes it with
+`PhaseClock.end_step` once the step's bookkeeping is done.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class PhaseClock:
         return time.perf_counter()
 
     def begin_step(self) -> None:
-        """A step starts (then :meth:`end_step`, or :meth:`cancel_step` when it turned out to be none)."""
+        """A step starts (then `end_step`, or `cancel_step` when it turned out to be none)."""
         self._begun += 1
         if (self._begun - 1) % self.every:
             return

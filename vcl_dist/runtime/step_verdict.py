@@ -33,8 +33,8 @@ def embeddings_message(name: str) -> str:
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
-    """Raise :class:`NonFiniteStepError` when ``tensor`` holds a NaN or an inf — or, inside
-    :func:`checks_on_device`, add the check to the step's device verdict instead."""
+    """Raise `NonFiniteStepError` when ``tensor`` holds a NaN or an inf — or, inside
+    `checks_on_device`, add the check to the step's device verdict instead."""
     checks = getattr(_deferred, "checks", None)
     if checks is not None:
         checks.append((name, torch.isfinite(tensor).all()))
@@ -44,7 +44,7 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
 
 @contextmanager
 def checks_on_device():
-    """Collect the :func:`check_finite` calls made inside as ``(name, device flag)`` pairs."""
+    """Collect the `check_finite` calls made inside as ``(name, device flag)`` pairs."""
     checks: list[tuple[str, torch.Tensor]] = []
     previous, _deferred.checks = getattr(_deferred, "checks", None), checks
     try:
@@ -63,7 +63,7 @@ class PendingVerdict:
 
 
 def judge(values: list[float], checks: tuple[str, ...] = ()) -> float:
-    """The loss of a step whose read verdict is ``values``; raises :class:`NonFiniteStepError` otherwise."""
+    """The loss of a step whose read verdict is ``values``; raises `NonFiniteStepError` otherwise."""
     loss, norm, *flags = values
     for name, ok in zip(checks, flags):
         if not ok:

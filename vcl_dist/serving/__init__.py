@@ -1,1 +1,1 @@
-"""Serving a trained model: a Ray Serve search application over an embedded corpus (:mod:`.app`)."""
+"""Serving a trained model: a Ray Serve search application over an embedded corpus (`.app`)."""

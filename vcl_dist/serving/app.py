@@ -15,7 +15,7 @@ Every request is bounded (``ServeLimits``: text length, ``k``, body size, image 
 from the header before decoding, uploads decoded at once); a bad one gets a 4xx with
 ``{"error": "<one line>"}``, an overloaded server a 503 (Serve's queues are bounded too), and
 nothing returns a traceback. Access: a bearer token and a Host allow-list
-(:mod:`vcl_dist.serving.access`).
+(`vcl_dist.serving.access`).
 
 ``build_app(args)`` is an application builder, as ``serve run`` / ``serve deploy`` config files
 expect (``import_path: vcl_dist.serving.app:build_app`` with ``args: {model: …, corpus: …}``);

@@ -1,7 +1,7 @@
 """Watching a run while it happens: trackers (TensorBoard, MLflow, Weights & Biases), progress
 on the driver's console, and what a failure message says about where to look.
 
-Rank 0 measures, the driver writes (:mod:`.monitor`): every ``run.log_every_steps`` steps the
+Rank 0 measures, the driver writes (`.monitor`): every ``run.log_every_steps`` steps the
 step metrics (``train/loss`` — the mean over workers of that step's loss, the value
 ``metrics.jsonl`` keeps in ``step_losses`` —, ``train/lr``, ``train/samples_per_s``,
 ``train/data_wait_fraction``, and ``train/logit_scale`` or ``train/margin_violation_fraction``),

@@ -2,7 +2,7 @@
 
 Ray Train V2 has no logger callbacks and the driver sits in ``trainer.fit()``: rank 0 pushes
 what it measures (progress inside an epoch, step metrics, epoch metrics) to a small actor, and
-every worker says where its logs are; a thread on the driver drains it (:mod:`.watcher`). One
+every worker says where its logs are; a thread on the driver drains it (`.watcher`). One
 process — the driver — writes the trackers and the console: no tracker client on the workers,
 no second run per restarted worker group, no progress bar per worker.
 

@@ -2,7 +2,7 @@
 
 In an interactive terminal, a live bar per epoch (rich); in a log (``ray job logs``, a file, a
 pipe), a plain line at the epoch's first step and then at most every ``every_s`` seconds — so an
-epoch of T seconds writes at most 1 + T / every_s lines, and never one per worker: only rank 0's numbers reach the driver (:mod:`.monitor`).
+epoch of T seconds writes at most 1 + T / every_s lines, and never one per worker: only rank 0's numbers reach the driver (`.monitor`).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _eta(record: dict) -> str:
 
 
 class ProgressView:
-    """Shows ``epoch_start`` / ``progress`` records (see :mod:`.monitor`) as they arrive."""
+    """Shows ``epoch_start`` / ``progress`` records (see `.monitor`) as they arrive."""
 
     def __init__(self, every_s: float, stream: TextIO | None = None, interactive: bool | None = None):
         self.stream = stream or sys.stdout

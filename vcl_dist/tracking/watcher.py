@@ -1,4 +1,4 @@
-"""The driver's side of watching a run: a thread that drains the monitor (:mod:`.monitor`)
+"""The driver's side of watching a run: a thread that drains the monitor (`.monitor`)
 every half second, shows progress and hands metrics to the trackers.
 
 A tracker that fails mid-run (a tracking server gone) is dropped with one warning: a run is
@@ -62,7 +62,7 @@ class RunWatcher:
                 self.trackers.remove(tracker)
 
     def close(self) -> None:
-        """Stop the thread and drain the rest (the trackers stay open: see :meth:`finish`)."""
+        """Stop the thread and drain the rest (the trackers stay open: see `finish`)."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()

@@ -2,12 +2,12 @@
 and the newest such of a run (locate).
 
 A **checkpoint** (one folder, loadable with ``torch.load(weights_only=True)``) is a model folder
-(:mod:`vcl_dist.models.export`: ``model.pt``, ``config.yaml``, ``tokenizer/``, ``history.json``,
+(`vcl_dist.models.export`: ``model.pt``, ``config.yaml``, ``tokenizer/``, ``history.json``,
 ``classes.txt``, ``towers.json``) plus the training state: ``loss.pt`` (the loss's parameters,
 such as a temperature or class embeddings) and ``training_state.pt`` (optimizer, scheduler,
 negative memory, epoch, step, the data position and every worker's RNG state). Model and
 optimizer are whole and keyed by parameter name, whichever strategy trained them
-(:mod:`.state_dicts`): a checkpoint resumes under DDP or FSDP, at any worker count. A sharded
+(`.state_dicts`): a checkpoint resumes under DDP or FSDP, at any worker count. A sharded
 negative memory is saved by every worker beside them, one file each:
 ``memory_shard_<rank>_of_<world>.pt`` (Ray Train merges the workers' files into one folder and
 registers the checkpoint once every worker has reported).
@@ -43,7 +43,7 @@ def save_checkpoint(folder: str | Path, *, model, criterion, optimizer, schedule
     ``epoch_rows``: which of its rows each worker trained on (see ``train.resume``), to finish
     it after a restart; ``rng``: every worker's RNG state, in rank order. ``state``: the model's,
     loss's and optimizer's state, gathered beforehand by every worker (FSDP: see
-    :mod:`.state_dicts`); default: taken here, from a model that is not sharded."""
+    `.state_dicts`); default: taken here, from a model that is not sharded."""
     folder = Path(folder)
     state = state or whole_state(model, criterion, optimizer)
     torch.save(state.model, folder / MODEL_FILE)
@@ -131,7 +131,7 @@ def newest_checkpoint(filesystem: pafs.FileSystem, run_path: str, warn=None) -> 
 def checkpoint_tokenizer(cfg: Config):
     """The tokenizer of the newest checkpoint of run ``cfg.run.name`` that can be resumed from: a
     resumed run's token ids must be the ones its embeddings were trained with. (Checkpoints
-    skipped on the way were named by :func:`~vcl_dist.train.runner.resume_config`, which found
+    skipped on the way were named by `vcl_dist.train.runner.resume_config`, which found
     the same one.)"""
     import tempfile
 

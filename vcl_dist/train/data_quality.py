@@ -55,7 +55,7 @@ class BadRowCounter:
         return sum((Counter(counts) for counts in everyone), Counter())
 
     def check(self, device: torch.device, final: bool = False) -> tuple[int, int]:
-        """Raise :class:`BadDataError` (naming the globally worst shard) when the global bad
+        """Raise `BadDataError` (naming the globally worst shard) when the global bad
         fraction is above the limit; returns the global counts. A collective: every worker
         calls it, and every worker reaches the same verdict from the same summed counts."""
         rows, bad = self.global_counts(device)

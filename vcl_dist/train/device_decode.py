@@ -1,7 +1,7 @@
 """Training's JPEGs decoded on the training device (``data.decode=gpu``).
 
 With ``data.decode=gpu`` the read tasks decode no JPEG: they read its header, draw its training
-crop there (:func:`vcl_dist.data.train_decode.training_crop`, from the same per-row random
+crop there (`vcl_dist.data.train_decode.training_crop`, from the same per-row random
 stream as on the CPU) and hand on the encoded bytes, ``crop`` and EXIF ``orientation``;
 pictures of other kinds come decoded as always. The training process then decodes the batch's
 JPEGs in one call (TorchCodec's ``decode_jpeg``: nvJPEG on a GPU, libjpeg-turbo on a CPU
@@ -52,7 +52,7 @@ def decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torc
 
 def collate_decoding_on_device(rows: dict[str, np.ndarray], geometry: ImageGeometry, device: torch.device,
                                pin_memory: bool = False) -> dict:
-    """:func:`.step.collate_rows`, with the batch's JPEGs decoded, cropped and resized on
+    """`.step.collate_rows`, with the batch's JPEGs decoded, cropped and resized on
     ``device``: ``image`` is then a ``uint8 [B, 3, S, S]`` tensor on the device; a JPEG that does
     not decode is a bad row (``valid`` 0, its shard in ``bad_shards``)."""
     batch = collate_rows(rows, pin_memory)

@@ -1,6 +1,6 @@
 """What a worker tells the driver: rank 0's log lines, progress inside an epoch (at most twice a
 second), every ``run.log_every_steps`` steps' metrics and each epoch's, sent to the driver's
-monitor actor without ever waiting on it (:mod:`vcl_dist.tracking.monitor`)."""
+monitor actor without ever waiting on it (`vcl_dist.tracking.monitor`)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Rank 0's evaluation after each epoch: the whole val split (it is not split across workers),
-embedded and scored as :mod:`vcl_dist.evaluate` defines."""
+embedded and scored as `vcl_dist.evaluate` defines."""
 
 from __future__ import annotations
 

@@ -7,12 +7,12 @@ that cannot be loaded, a config that builds no model, a step whose loss or gradi
 finite. Those fail identically on every restart, and a run with ``max_failures=-1`` would
 retry them forever.
 
-Every :class:`FatalTrainingError` is raised by *every* worker at the same point — from a
+Every `FatalTrainingError` is raised by *every* worker at the same point — from a
 collective verdict (summed bad-row counts, the gradient norm after DDP's all-reduce, the
 gathered embeddings) or from inputs every worker shares (the checkpoint, the config) — so
-:func:`end_run_on_fatal_error` can end the training function normally on all of them with the
+`end_run_on_fatal_error` can end the training function normally on all of them with the
 error as its return value, which Ray Train does not retry, and the driver raises it again
-(:func:`raise_if_fatal`) with its one-line message.
+(`raise_if_fatal`) with its one-line message.
 """
 
 from __future__ import annotations
@@ -40,14 +40,14 @@ class ModelBuildError(FatalTrainingError):
 
 
 class RunEndedByFatalError(RuntimeError):
-    """On the driver: the run ended with a :class:`FatalTrainingError` on its workers."""
+    """On the driver: the run ended with a `FatalTrainingError` on its workers."""
 
 
 FATAL_KEY = "fatal_error"
 
 
 def end_run_on_fatal_error(train_fn: Callable[[dict], dict | None]) -> Callable[[dict], dict | None]:
-    """Wrap a training function so that a :class:`FatalTrainingError` ends it normally, with
+    """Wrap a training function so that a `FatalTrainingError` ends it normally, with
     ``{FATAL_KEY: "<Type>: <message>"}`` as its return value, instead of as an error that
     Ray Train would retry."""
 
@@ -64,6 +64,6 @@ def end_run_on_fatal_error(train_fn: Callable[[dict], dict | None]) -> Callable[
 
 
 def raise_if_fatal(return_value: dict | None) -> None:
-    """Raise :class:`RunEndedByFatalError` when rank 0's return value carries a fatal error."""
+    """Raise `RunEndedByFatalError` when rank 0's return value carries a fatal error."""
     if return_value and FATAL_KEY in return_value:
         raise RunEndedByFatalError(return_value[FATAL_KEY])

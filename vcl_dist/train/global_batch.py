@@ -1,13 +1,13 @@
 """Which shares of each epoch's rows a worker trains on: the planned global batch kept when an
 elastic group runs with fewer workers than planned (``train.keep_global_batch``).
 
-An epoch's rows are dealt into shares (:mod:`vcl_dist.data.epoch_plan`), one per worker, and
+An epoch's rows are dealt into shares (`vcl_dist.data.epoch_plan`), one per worker, and
 each step takes one local batch from every share. Without the setting the shares follow the
 group's size: fewer workers, a smaller global batch (and a learning rate scaled with it). With
 it the rows stay dealt into ``train.num_workers`` shares whatever the group's size, and a worker
 of a smaller group trains on the shares of the missing workers too — share ``s`` on worker
 ``s mod W`` — one micro-batch of the planned local batch each, with cached embedding gradients
-(:mod:`.grad_cache`). Every step then sees the planned global batch, on the same rows and with
+(`.grad_cache`). Every step then sees the planned global batch, on the same rows and with
 every micro-batch the size of a planned worker's batch, so its loss and gradient are those of
 the full group (to float rounding: the pool's rows are summed in another order), BatchNorm
 statistics included, and the learning rate stays as planned.

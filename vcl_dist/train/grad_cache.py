@@ -8,7 +8,7 @@ batch while holding the activations of one micro-batch at a time (GradCache, Gao
 3. Re-run each micro-batch with its remembered random state, this time with a graph, and
    back-propagate its slice of the cached embedding gradient. DDP's gradient all-reduce runs
    once, on the last micro-batch (the others run under ``no_sync``); FSDP reduce-scatters
-   each micro-batch's share (:func:`~vcl_dist.train.sharding.gradient_sync`).
+   each micro-batch's share (`vcl_dist.train.sharding.gradient_sync`).
 
 By the chain rule the accumulated parameter gradients are those of one pass over the whole
 batch (tested against it with dropout, on 2 gloo workers). What differs is what no method can
@@ -50,7 +50,7 @@ def _norm_statistics(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]
 def cached_gradient_backward(model, criterion, batch: dict, device: torch.device, use_amp: bool,
                              micro_batch_size: int, hooks: StepHooks = PLAIN) -> torch.Tensor:
     """Accumulate into ``.grad`` the gradient of ``criterion`` over the whole batch; returns the
-    loss (detached). ``batch``: on ``device``, as :func:`~vcl_dist.train.step.train_step` has it;
+    loss (detached). ``batch``: on ``device``, as `vcl_dist.train.step.train_step` has it;
     ``hooks``: lent to the loss (the step's timer and finiteness check)."""
     parts = micro_batches(batch["image"].shape[0], micro_batch_size)
     states, images, texts = [], [], []

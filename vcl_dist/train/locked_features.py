@@ -2,9 +2,9 @@
 
 A tower locked whole gives the same output for a row in every epoch — for pictures, when they
 are not augmented; captions never are — so running it every step is pure cost.
-:func:`locked_features` computes the outputs of every training row once — a Ray Data actor pool
+`locked_features` computes the outputs of every training row once — a Ray Data actor pool
 over the plan's read units, one GPU per actor when the cluster has GPUs — into the feature store
-(:mod:`vcl_dist.data.feature_store`), and the training split then reads them in place of
+(`vcl_dist.data.feature_store`), and the training split then reads them in place of
 pictures or tokens: the step runs only the projections of those towers.
 
 The folder is named by a fingerprint of the towers' weights, how their inputs are prepared and
@@ -120,7 +120,7 @@ def tokenizer_identity(tokenizer, max_text_length: int) -> str:
 
 
 def locked_features(cfg: Config, source, units, tokenizer, use_gpu: bool, log=print) -> str:
-    """The folder of the locked towers' (:func:`feature_towers`) outputs for ``units``, computed
+    """The folder of the locked towers' (`feature_towers`) outputs for ``units``, computed
     now where missing."""
     import ray
     import ray.data

@@ -25,7 +25,7 @@ def lockstep(batches: Iterator, waits: list[float], clock: PhaseClock | None = N
     that another does not; one tiny all-reduce per step makes all workers stop together,
     whatever their shards hold. The same all-reduce says whether every worker's batch has
     ``MIN_ROWS_PER_STEP`` usable rows, so a batch of bad rows stops all workers at once with
-    :class:`BadDataError` (which is not retried) rather than one of them. The time spent
+    `BadDataError` (which is not retried) rather than one of them. The time spent
     waiting for the data iterator alone (not for the other workers) is appended to ``waits``.
     ``clock``: each step begins on it where its batch is waited for (the consumer ends it).
     """

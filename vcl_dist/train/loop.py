@@ -1,14 +1,14 @@
 """The per-worker training function that Ray Train runs on every worker.
 
-It reads in one sitting: build (model, loss, optimizer, schedule: :mod:`.worker_model`; the
-input stream: :mod:`.worker_stream`) → resume (weights, optimizer, data position, RNG;
-:mod:`.resume`) → for each epoch: steps (:func:`.step.train_step`, in lock-step with the other
-workers: :mod:`.lockstep`), rank 0 evaluates (:mod:`.evaluation`), every worker reports (a
-barrier) with rank 0 attaching the checkpoint (:mod:`.checkpoint_writer`). One step: a batch of
+It reads in one sitting: build (model, loss, optimizer, schedule: `.worker_model`; the
+input stream: `.worker_stream`) → resume (weights, optimizer, data position, RNG;
+`.resume`) → for each epoch: steps (`.step.train_step`, in lock-step with the other
+workers: `.lockstep`), rank 0 evaluates (`.evaluation`), every worker reports (a
+barrier) with rank 0 attaching the checkpoint (`.checkpoint_writer`). One step: a batch of
 preprocessed rows from this worker's shard → both towers (bf16 autocast on GPU) → the loss of
 this worker's anchors against the embeddings gathered from every worker → backward (through the
 gather; DDP averages the gradients) → clip → AdamW → learning-rate step. The epoch's counters
-and metrics are :mod:`.metrics`'; what reaches the driver, :mod:`.driver_link`'s.
+and metrics are `.metrics`'; what reaches the driver, `.driver_link`'s.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from .worker_stream import InputStream
 
 def non_finite_step_is_fatal(train_fn: Callable[[dict], dict | None]) -> Callable[[dict], dict | None]:
     """A non-finite step (judged at once, or read later from the device) ends the run as
-    :class:`NonFiniteLossError`: every worker reaches the same verdict at the same step."""
+    `NonFiniteLossError`: every worker reaches the same verdict at the same step."""
 
     @functools.wraps(train_fn)
     def wrapped(loop_config: dict) -> dict | None:
@@ -115,8 +115,8 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
 
 class WorkerRun:
     """One worker's run, composed of its parts — the model and what moves it
-    (:class:`TrainingModel`), its input (:class:`InputStream`), what it tells the driver
-    (:class:`DriverLink`), its checkpoints (:class:`CheckpointWriter`) — and the epoch history."""
+    (`TrainingModel`), its input (`InputStream`), what it tells the driver
+    (`DriverLink`), its checkpoints (`CheckpointWriter`) — and the epoch history."""
 
     def __init__(self, loop_config: dict):
         cfg = self.cfg = Config.model_validate(loop_config["config"])

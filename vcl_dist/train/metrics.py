@@ -2,8 +2,8 @@
 their names, which ``tune.metric`` is checked against (kept here, where the metrics are made).
 
 Per epoch, every worker counts its steps, loss, data waits and bad rows; at the epoch's end
-they are averaged or summed over workers (collectives) into :data:`EPOCH_METRICS`, and rank 0
-adds the validation metrics (``val_`` + :func:`vcl_dist.evaluate.retrieval_metric_names`,
+they are averaged or summed over workers (collectives) into `EPOCH_METRICS`, and rank 0
+adds the validation metrics (``val_`` + `vcl_dist.evaluate.retrieval_metric_names`,
 ``val_bad_rows``, ``val_zero_shot_acc``).
 """
 
@@ -62,7 +62,7 @@ class EpochProgress:
 
     def add(self, outcome: float | PendingVerdict, step: int) -> None:
         """Count step ``step`` (the run's global step number) with its loss, or with its verdict
-        still on the device (read by :meth:`settle`)."""
+        still on the device (read by `settle`)."""
         self.steps, self.trained = self.steps + 1, self.trained + 1
         if isinstance(outcome, PendingVerdict):
             self.pending.append((step, outcome))

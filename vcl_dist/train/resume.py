@@ -3,15 +3,15 @@
 A group starts at the beginning, at an epoch boundary, or inside an epoch (a checkpoint taken
 every ``train.checkpoint_every_steps`` or ``checkpoint_every_minutes``, or at
 ``train.max_steps``). Inside an epoch, the checkpoint holds every worker's share of the epoch's
-row stream and how many of its rows were trained on (:mod:`vcl_dist.data.epoch_plan`): at the
+row stream and how many of its rows were trained on (`vcl_dist.data.epoch_plan`): at the
 same world size every worker continues its own share with the very next row, and carries on
 with its running loss sums; at another world size (an elastic restart) the rows nobody trained
 on yet are dealt anew, the saved ranks' mean loss is carried, and the learning rate is rebased
 on the new world size.
 
 Which checkpoint: Ray Train's latest, else the ones it registered before it, newest first
-(:func:`checkpoints_to_resume_from`); one whose files some worker finds broken is skipped with a
-warning by every worker alike (:meth:`ResumePoint.restore`). One that cannot be read because its
+(`checkpoints_to_resume_from`); one whose files some worker finds broken is skipped with a
+warning by every worker alike (`ResumePoint.restore`). One that cannot be read because its
 storage does not answer or the local disk is full is not skipped: the group fails and Ray Train
 restarts it to try again (``train.max_failures``).
 """
@@ -47,9 +47,9 @@ class ResumePoint:
     def restore(cls, checkpoints: list[ray.train.Checkpoint], *, model, criterion, optimizer, scheduler, lr: float,
                 device: torch.device, data: TrainSplit, local_batch: int, shares: int | None = None) -> ResumePoint:
         """Load the first of ``checkpoints`` (newest first; none: start from scratch) that every
-        worker can read into the given objects (:func:`load_first_readable`); where to go on.
+        worker can read into the given objects (`load_first_readable`); where to go on.
         ``shares``: how many shares the epoch's rows are dealt into (default: one per worker; see
-        :mod:`.global_batch`)."""
+        `.global_batch`)."""
         rank, world = distributed_world()
         if world > 1:  # rank 0's list for all: every worker must try the same checkpoints, in step
             listed = [[c.path for c in checkpoints]]

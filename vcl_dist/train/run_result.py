@@ -133,7 +133,7 @@ def log_run_artifacts(watcher: RunWatcher, storage, run_path: str, model_path: s
 
 def export_run_model(checkpoint, storage, run_path: str, history: list[dict] | None, class_names: list[str] | None) -> str:
     """Export the run's last checkpoint as ``<run>/model`` (safetensors, config, tokenizer; see
-    :mod:`vcl_dist.models.export`); returns its path inside ``storage``. ``history`` and
+    `vcl_dist.models.export`); returns its path inside ``storage``. ``history`` and
     ``class_names``: None takes the checkpoint's own."""
     import pyarrow.fs as pafs
 

@@ -1,9 +1,9 @@
-"""The driver side of a training run, as a sequence of steps (:func:`run_training`):
+"""The driver side of a training run, as a sequence of steps (`run_training`):
 
 check the config → connect to Ray → reserve the job's share of the cluster → plan the data →
 start watching (progress, trackers) → build the trainer → fit → write the results.
 
-Each step hands the next what it needs; the workers' side is :mod:`.loop`.
+Each step hands the next what it needs; the workers' side is `.loop`.
 """
 
 from __future__ import annotations
@@ -79,13 +79,13 @@ def run_training(cfg: Config, inputs: RunInputs | None = None, callbacks: Sequen
                  resume: bool = False, trial: TrialInfo | None = None) -> TrainingOutcome:
     """Train with Ray Train as ``cfg`` says, write the run folder, export the model.
 
-    ``inputs``: from :func:`~.run_inputs.prepare_inputs` (computed here when not given);
+    ``inputs``: from `.run_inputs.prepare_inputs` (computed here when not given);
     ``callbacks``: Ray Train callbacks, such as Tune's ``TuneReportCallback`` when this run is a
-    trial; ``resume``: continue the run ``cfg.run.name`` (see :func:`resume_config`). Without it,
+    trial; ``resume``: continue the run ``cfg.run.name`` (see `resume_config`). Without it,
     a run of that name must not exist yet — Ray Train would silently continue it, under another
     config. ``trial``: this run is a Tune trial (its trackers group it under the search).
 
-    While it runs, rank 0's progress and metrics reach this process (:mod:`vcl_dist.tracking`):
+    While it runs, rank 0's progress and metrics reach this process (`vcl_dist.tracking`):
     progress on the console, metrics to ``run.trackers``. A failed run's error carries
     ``details``: where the failed workers' logs are and the last metrics reported.
 
@@ -126,7 +126,7 @@ def check_config(cfg: Config, resume: bool) -> tuple[Config, RunPlace]:
 
 
 def connect(cfg: Config, trial: TrialInfo | None) -> str:
-    """Join or start Ray (:func:`~vcl_dist.ray_cluster.connect_ray`) and say which; returns that line."""
+    """Join or start Ray (`vcl_dist.ray_cluster.connect_ray`) and say which; returns that line."""
     import ray.data
 
     joined = connect_ray(cpus_for_training(cfg.train.num_workers, cfg.train.cpus_per_worker))
@@ -155,7 +155,7 @@ def check_cluster(cfg: Config) -> bool:
 @contextmanager
 def reserved(cfg: Config, use_gpu: bool, shared: bool) -> Iterator[None]:
     """On a cluster other drivers use, the job's whole share (workers and data CPUs), or a wait
-    that says what it waits for (:mod:`vcl_dist.reservation`); given back on every exit."""
+    that says what it waits for (`vcl_dist.reservation`); given back on every exit."""
     reservation = reserve_for_training(cfg, use_gpu, shared=shared)
     try:
         yield
@@ -286,9 +286,9 @@ def collect_result(cfg: Config, result, place: RunPlace, data: DataPlan, watch: 
 
 def resume_config(cfg: Config, overrides: Sequence[str] = ()) -> Config:
     """The config to continue a run with: the run's own, from its newest checkpoint that can be
-    resumed from (:func:`~vcl_dist.train.checkpoint.newest_checkpoint`), with ``overrides`` on
+    resumed from (`vcl_dist.train.checkpoint.newest_checkpoint`), with ``overrides`` on
     top, under the same ``run.name`` and ``run.storage_path``, so that Ray Train hands the
-    training function its latest checkpoint (which :mod:`.resume` falls back from when it
+    training function its latest checkpoint (which `.resume` falls back from when it
     cannot be read).
 
     The run is ``run.name`` if set, else the run under ``run.storage_path`` with the newest checkpoint.

@@ -16,7 +16,7 @@ def warmup_cosine(step: float, warmup_steps: int, total_steps: int, min_ratio: f
 
 
 class WarmupCosineBySamples:
-    """:func:`warmup_cosine` of the training progress counted in samples, in units of the
+    """`warmup_cosine` of the training progress counted in samples, in units of the
     planned global batch (``reference_batch``): an elastic run whose world size — hence global
     batch — changes still warms up over the same samples and ends at its floor when the planned
     samples are done, instead of stretching or cutting the schedule by steps.
@@ -24,7 +24,7 @@ class WarmupCosineBySamples:
     A ``LambdaLR`` lambda: each scheduler step advances the progress by ``samples_per_step``
     (the current global batch; set it anew when the world size changes). LambdaLR saves a
     callable object's attributes in its state dict, so the progress survives checkpoints
-    (:class:`ScheduleBySamples` restores only the progress). With ``samples_per_step ==
+    (`ScheduleBySamples` restores only the progress). With ``samples_per_step ==
     reference_batch`` it is the schedule by steps.
     """
 
@@ -42,7 +42,7 @@ class WarmupCosineBySamples:
 
 
 class ScheduleBySamples(torch.optim.lr_scheduler.LambdaLR):
-    """A ``LambdaLR`` over a :class:`WarmupCosineBySamples` that restores only the progress from a
+    """A ``LambdaLR`` over a `WarmupCosineBySamples` that restores only the progress from a
     checkpoint: the shape of the schedule (warmup, length, floor, planned batch) is the current
     config's, so ``--resume train.epochs=N`` stretches the schedule to the new length."""
 
@@ -70,7 +70,7 @@ class ScheduleBySamples(torch.optim.lr_scheduler.LambdaLR):
 def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float,
                     reference_batch: int = 1):
     """Linear warmup then cosine decay over ``total_steps`` steps of ``reference_batch`` samples
-    (see :class:`WarmupCosineBySamples`)."""
+    (see `WarmupCosineBySamples`)."""
     return ScheduleBySamples(optimizer, WarmupCosineBySamples(warmup_steps, total_steps, min_ratio, reference_batch))
 
 

@@ -2,7 +2,7 @@
 over the workers with FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
 DDP keeps both towers, their gradients and AdamW's state whole on every worker. FSDP2 shards
-each repeated block of both towers (:mod:`vcl_dist.models.blocks`), then the whole model (the
+each repeated block of both towers (`vcl_dist.models.blocks`), then the whole model (the
 stems, embeddings and projections), so that each worker holds 1/W of every parameter, gradient
 and optimizer state: a block's parameters are gathered just before it runs and freed after, and
 its gradients are reduce-scattered as soon as they are complete. The module tree and its
@@ -11,7 +11,7 @@ nothing), so checkpoints and exports have the same keys under both.
 
 The losses' own parameters (a temperature, a bias, class embeddings) are small and stay whole on
 every worker under both strategies; their gradients are averaged by hand
-(:func:`vcl_dist.losses.gather.average_gradients`).
+(`vcl_dist.losses.gather.average_gradients`).
 """
 
 from __future__ import annotations

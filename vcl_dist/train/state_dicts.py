@@ -7,7 +7,7 @@ and AdamW's state is keyed by parameter name (``model.<name>``, ``loss.<name>``)
 position in the optimizer, so it means the same under both. Loading hands every worker the
 whole state; FSDP keeps each worker's shard of it (``set_state_dict``).
 
-Under FSDP the gathering is a collective: every worker calls :func:`whole_state`.
+Under FSDP the gathering is a collective: every worker calls `whole_state`.
 """
 
 from __future__ import annotations

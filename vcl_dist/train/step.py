@@ -4,7 +4,7 @@ A step: batch to the device (non-blocking from pinned memory on GPU) → both to
 autocast on GPU → the loss in float32 over the global pool → backward (through the gather;
 DDP averages the model's gradients, the loss's own parameters are averaged here) → clip →
 optimizer and learning-rate step. With ``train.micro_batch_size``, the towers' forward and
-backward run in micro-batches around the loss (:mod:`.grad_cache`).
+backward run in micro-batches around the loss (`.grad_cache`).
 """
 
 from __future__ import annotations
@@ -55,14 +55,14 @@ def train_step(model, criterion, optimizer, scheduler, batch: dict[str, torch.Te
     """One optimisation step on a collated batch; returns this worker's loss value.
 
     ``micro_batch_size``: compute the batch's gradient in micro-batches of that many rows, with
-    cached embedding gradients (:mod:`.grad_cache`); ``cached_always``: that way even when the
+    cached embedding gradients (`.grad_cache`); ``cached_always``: that way even when the
     batch fits one micro-batch. Every worker must take the same way: DDP's first forward with
     gradient after its first step rebuilds its buckets (a collective), and the cached way reaches
     it after the loss, the plain way before.
 
     ``verdict_on_device`` (needs a fused AdamW): the step never waits for the device; it
-    returns a :class:`PendingVerdict` instead of the loss, and a step that fails it is skipped
-    by the optimizer on the device (:mod:`vcl_dist.runtime.step_verdict`). ``channels_last``: the image
+    returns a `PendingVerdict` instead of the loss, and a step that fails it is skipped
+    by the optimizer on the device (`vcl_dist.runtime.step_verdict`). ``channels_last``: the image
     batch goes to the device in channels-last strides (``train.channels_last``).
 
     Raises:

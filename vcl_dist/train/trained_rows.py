@@ -4,7 +4,7 @@ one file per worker process.
 
 A restarted worker group trains again the steps after its checkpoint; its lines carry the
 ``group`` (rank 0's start time, the same on every rank of a group), so the steps a later group
-trained supersede an earlier group's lines for the same step (:func:`trained_rows`).
+trained supersede an earlier group's lines for the same step (`trained_rows`).
 """
 
 from __future__ import annotations

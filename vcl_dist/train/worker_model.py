@@ -23,7 +23,7 @@ class TrainingModel:
 
     def __init__(self, cfg: Config, tokenizer, class_names: list[str] | None, device: torch.device, world: int,
                  lr: float, local_batch: int, split_rows: int, shares: int | None = None):
-        """``shares``: how many shares of the rows each step takes (:mod:`.global_batch`;
+        """``shares``: how many shares of the rows each step takes (`.global_batch`;
         default ``world``): more than the workers, and each worker's shares run as micro-batches."""
         self.cfg, self.device = cfg, device
         torch.manual_seed(cfg.train.seed)

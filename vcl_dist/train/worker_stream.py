@@ -1,5 +1,5 @@
 """A worker's input: its shares of each epoch's rows as collated batches (one share, or more
-when an elastic group keeps the planned global batch: :mod:`.global_batch`), the first epoch's
+when an elastic group keeps the planned global batch: `.global_batch`), the first epoch's
 started while the model is built, and the optional log of which rows each step trained on."""
 
 from __future__ import annotations

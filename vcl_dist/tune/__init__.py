@@ -1,4 +1,4 @@
-"""Ray Tune around the trainer: the search (:mod:`.search`) and what it leaves behind (:mod:`.results`)."""
+"""Ray Tune around the trainer: the search (`.search`) and what it leaves behind (`.results`)."""
 
 from .search import check_tune_config, run_tune, trial_concurrency
 

@@ -67,7 +67,7 @@ def trial_rows(cfg: Config, grid) -> list[dict]:
 
 def last_attempt(history):
     """The rows of a trial's progress that its last attempt reported: a trial run again after an
-    interruption starts over at iteration 1 (see :func:`.search.run_trial`)."""
+    interruption starts over at iteration 1 (see `.search.run_trial`)."""
     if history is None or "training_iteration" not in history or history.empty:
         return history
     starts = history.index[history["training_iteration"] == 1]

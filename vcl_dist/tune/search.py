@@ -1,11 +1,11 @@
 """Hyperparameter search with Ray Tune; every trial is one distributed Ray Train run.
 
-The Train V2 way: Tune runs a driver function per trial (:func:`run_trial`), which builds the
-trial's config from the sampled values and calls :func:`~vcl_dist.train.runner.run_training`
+The Train V2 way: Tune runs a driver function per trial (`run_trial`), which builds the
+trial's config from the sampled values and calls `vcl_dist.train.runner.run_training`
 with ``TuneReportCallback``, so each epoch's rank-0 report reaches Tune (and ASHA) as one
 iteration. The dataset, tokenizer and row count are prepared once by the driver and handed to
 every trial: all trials share one data pipeline definition. What the search leaves behind is
-:mod:`.results`.
+`.results`.
 """
 
 from __future__ import annotations

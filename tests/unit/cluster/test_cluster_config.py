@@ -1,4 +1,4 @@
-"""The cluster configs are valid for the installed Ray and say what cluster/README.md says they do."""
+"""The cluster configs are valid for the installed Ray and say what the cluster guide (docs/guides/vm-cluster.md) says they do."""
 
 import json
 from pathlib import Path
