@@ -59,10 +59,15 @@ def embed_batches(model: nn.Module, batches: Iterable[dict], device: torch.devic
 
 def similarity(queries: torch.Tensor, items: torch.Tensor, normalized: bool) -> torch.Tensor:
     """``[Q, D] x [N, D] -> [Q, N]``, higher is closer: cosine for normalised spaces, minus
-    squared distance otherwise. Squared distances come from per-pair differences, not from
-    ``‖q‖² + ‖x‖² − 2q·x``: equal items then score exactly equal, so a tie stays a tie."""
+    squared distance otherwise. Equal items score exactly equal, so a tie stays a tie: squared
+    distances come from per-pair differences, not from ``‖q‖² + ‖x‖² − 2q·x``, and cosines are
+    computed once per distinct row (a matrix product may round two equal columns apart: BLAS
+    kernels treat a block's edge columns differently on some CPUs)."""
     if normalized:
-        return nn.functional.normalize(queries, dim=-1) @ nn.functional.normalize(items, dim=-1).T
+        distinct_queries, query_rows = torch.unique(queries, dim=0, return_inverse=True)
+        distinct_items, item_rows = torch.unique(items, dim=0, return_inverse=True)
+        scores = nn.functional.normalize(distinct_queries, dim=-1) @ nn.functional.normalize(distinct_items, dim=-1).T
+        return scores[query_rows][:, item_rows]
     return -torch.cdist(queries, items, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
 
 
@@ -139,6 +144,24 @@ def retrieval_metric_names(ks: Sequence[int] = (1, 5, 10)) -> list[str]:
 
 
 def retrieval_metrics(embeddings: dict[str, torch.Tensor], ks: Sequence[int] = (1, 5, 10), normalized: bool = True) -> dict[str, float]:
+    """Recall@K both ways at instance and class level, rsum, ranks, and CLIP_benchmark's recall beside ours.
+
+    Every distinct image (``group``) is one image query, every caption one text query; ties count
+    at their expected value (`tied_ranks`), computed in float64.
+
+    Args:
+        embeddings: ``image`` ``[N, D]``, ``text`` ``[N, D]``, ``group`` ``[N]`` (rows sharing it show
+            one image) and ``label`` ``[N]`` (negative: unlabelled), as `embed_batches` returns them.
+        ks: the K of recall@K.
+        normalized: score by cosine (True) or by minus the squared distance (VCRL models).
+
+    Returns:
+        ``i2t_r{k}``, ``t2i_r{k}``, ``rsum``, their ``*_clip_benchmark`` twins, ``{i2t,t2i}_{median,mean}_rank``,
+        ``{i2t,t2i}_class_r{k}`` when rows are labelled, and the query counts.
+
+    Raises:
+        NonFiniteEmbeddingsError: NaN or infinite embeddings.
+    """
     check_finite("image embeddings", embeddings["image"])
     check_finite("text embeddings", embeddings["text"])
     image_rows = distinct_images(embeddings["group"])

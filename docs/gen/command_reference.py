@@ -11,7 +11,6 @@ Python it was made with and ``tests/unit/test_docs.py`` compares it on that Pyth
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import subprocess
@@ -77,18 +76,10 @@ def generated_with(text: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="exit 1 when the page differs from the parsers")
-    args = parser.parse_args(argv)
-    text = render()
-    if args.check:
-        if not PAGE.exists() or PAGE.read_text() != text:
-            print(f"{PAGE.relative_to(ROOT)} differs from the jobs' parsers: run python docs/gen/command_reference.py")
-            return 1
-        return 0
-    PAGE.parent.mkdir(parents=True, exist_ok=True)
-    PAGE.write_text(text)
-    return 0
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from generated_page import page_main
+
+    return page_main(__doc__, PAGE, render, "the jobs' parsers", "docs/gen/command_reference.py", argv)
 
 
 if __name__ == "__main__":

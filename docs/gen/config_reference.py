@@ -9,7 +9,6 @@ its class docstring. ``tests/unit/test_docs.py`` fails when the page and the sch
 
 from __future__ import annotations
 
-import argparse
 import sys
 import types
 import typing
@@ -38,9 +37,9 @@ is written in YAML's flow style (`'eval.recall_ks=[1, 5]'`); a map's key in brac
 and a combination of values that cannot run (say `train.batch_size` not a multiple of `train.num_workers`) stop the
 job before Ray starts, with one line naming the key and exit code 2:
 
-```
-$ python jobs/train.py loss.margn=0.3
-vcl-dist: config error: loss.margn: unknown key
+```text
+--8<-- "config_unknown_key.txt"
+--8<-- "config_out_of_bounds.txt"
 ```
 
 Paths may be local or `s3://`; relative local paths are resolved against the folder the command was started from.
@@ -189,18 +188,10 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="exit 1 when the page differs from the schema")
-    args = parser.parse_args(argv)
-    text = render()
-    if args.check:
-        if not PAGE.exists() or PAGE.read_text() != text:
-            print(f"{PAGE.relative_to(ROOT)} differs from vcl_dist/config.py: run python docs/gen/config_reference.py")
-            return 1
-        return 0
-    PAGE.parent.mkdir(parents=True, exist_ok=True)
-    PAGE.write_text(text)
-    return 0
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from generated_page import page_main
+
+    return page_main(__doc__, PAGE, render, "vcl_dist/config.py", "docs/gen/config_reference.py", argv)
 
 
 if __name__ == "__main__":

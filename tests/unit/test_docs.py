@@ -19,6 +19,7 @@ DOCS = ROOT / "docs"
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(name, DOCS / "gen" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -125,3 +126,71 @@ def test_the_site_builds_strictly(tmp_path):
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "site" / "reference" / "config" / "index.html").exists()
+
+
+API_PACKAGES = ("vcl_dist/losses", "vcl_dist/models", "vcl_dist/retrieval", "vcl_dist/evaluate.py")
+
+
+def public_definitions():
+    """``(file, name, node)`` of every public module-level function and class of the API
+    packages, and of every public method of those classes."""
+    import ast
+
+    for package in API_PACKAGES:
+        root = ROOT / package
+        for path in sorted([root] if root.suffix == ".py" else root.rglob("*.py")):
+            tree = ast.parse(path.read_text())
+            for node in tree.body:
+                if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                    yield path, node.name, node
+                    if isinstance(node, ast.ClassDef):
+                        for member in node.body:
+                            if isinstance(member, ast.FunctionDef) and not member.name.startswith("_"):
+                                yield path, f"{node.name}.{member.name}", member
+
+
+def test_every_public_function_and_class_of_the_api_has_a_docstring():
+    import ast
+
+    missing = [f"{path.relative_to(ROOT)}: {name}" for path, name, node in public_definitions() if not ast.get_docstring(node)]
+    assert not missing, "public names without a docstring:\n" + "\n".join(missing)
+
+
+def test_api_docstrings_parse_as_google_style():
+    griffe = pytest.importorskip("griffe")
+    import logging
+
+    warnings: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            warnings.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    logger = logging.getLogger("griffe")
+    logger.addHandler(handler)
+    try:
+        def parse(obj) -> None:
+            if obj.docstring:
+                obj.docstring.parse("google")
+            for member in obj.members.values():
+                if not member.is_alias:
+                    parse(member)
+
+        for package in ("vcl_dist.losses", "vcl_dist.models", "vcl_dist.retrieval", "vcl_dist.evaluate"):
+            parse(griffe.load(package, search_paths=[str(ROOT)]))
+    finally:
+        logger.removeHandler(handler)
+    assert not warnings, "docstrings that do not parse as Google style:\n" + "\n".join(warnings)
+
+
+def test_shown_command_output_is_what_the_commands_print_now():
+    output = load_script("command_output")
+    quick = [example for example in output.EXAMPLES if not example.trains]
+    assert quick
+    for example in quick:
+        kept = (output.OUTPUT / f"{example.name}.txt").read_text()
+        assert kept == output.run(example), \
+            f"docs/gen/output/{example.name}.txt is stale: run python docs/gen/command_output.py"
+    # The pages include what they show from there.
+    assert '--8<-- "config_unknown_key.txt"' in (DOCS / "troubleshooting.md").read_text()

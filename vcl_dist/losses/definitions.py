@@ -73,6 +73,9 @@ def hinge(d_pos: torch.Tensor, d_all: torch.Tensor, invalid: torch.Tensor, margi
 
 
 def squared_distance_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Every pair's squared Euclidean distance, ``[A, D] × [P, D] -> [A, P]``, by broadcasting (exact for identical
+    rows).
+    """
     return (a[:, None, :] - b[None, :, :]).pow(2).sum(-1)
 
 

@@ -117,6 +117,7 @@ class NegativeMemory:
         return self.image[:rows], self.text[:rows], self.labels[:rows], self.groups[:rows]
 
     def state_dict(self) -> dict:
+        """The ring's rows and its position, for a checkpoint (tensors on the CPU)."""
         return {
             "size": self.size, "warmup_steps": self.warmup_steps, "next_row": self.next_row,
             "filled": self.filled, "steps": self.steps, "rank": self.rank, "world": self.world,
@@ -124,6 +125,7 @@ class NegativeMemory:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a ring saved by `state_dict` (of any world size: see `load_state_dicts`)."""
         self.load_state_dicts([state])
 
     def load_state_dicts(self, states: Iterable[dict]) -> None:

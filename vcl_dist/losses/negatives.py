@@ -97,6 +97,14 @@ def mine_negatives(filled: torch.Tensor, d_ap: torch.Tensor, negatives: str, poo
 
 
 def hinge(d_ap: torch.Tensor, d_an: torch.Tensor, has_negative: torch.Tensor, margin: float) -> torch.Tensor:
+    """The triplet hinge ``max(d_ap − d_an + margin, 0)`` per anchor, ``[A]``; 0 where an anchor has no negative.
+
+    Args:
+        d_ap: ``[A]`` squared anchor–positive distances.
+        d_an: ``[A]`` squared distances to each anchor's chosen negative.
+        has_negative: ``[A]`` whether the anchor has any valid negative.
+        margin: the hinge margin.
+    """
     # where() rather than a multiplication by the mask: an anchor without negatives has a
     # meaningless d_an, whose gradient must not leak.
     return torch.where(has_negative, torch.relu(d_ap - d_an + margin), torch.zeros_like(d_ap))

@@ -31,6 +31,9 @@ GATHER_MODES = ("local", "full")
 
 @dataclass
 class Pool:
+    """One step's anchors and the pool they are scored against: the gathered global batch, then memory rows (shapes
+    in the field comments).
+    """
     image_anchors: torch.Tensor  # [A, D]
     text_anchors: torch.Tensor  # [A, D]
     anchor_labels: torch.Tensor  # [A]
@@ -91,6 +94,7 @@ class NeverNegatives:
             self.rule = "group or label"
 
     def tile(self, start: int, stop: int) -> torch.Tensor:
+        """``[A, stop − start]`` bool: which pool rows in ``[start, stop)`` may not be each anchor's negative."""
         if self.rule == "label":
             return self.anchor_labels.unsqueeze(1) == self.pool_labels[start:stop].unsqueeze(0)
         invalid = self.anchor_groups.unsqueeze(1) == self.pool_groups[start:stop].unsqueeze(0)
@@ -143,8 +147,23 @@ def check_shapes(image_emb, text_emb) -> None:
         raise ValueError(f"image and text embeddings must both be [n, D], got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
 
 
-def build_pool(image_emb, text_emb, labels, groups, gather: str = "local", memory: NegativeMemory | None = None,
+def build_pool(image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor,
+               gather: str = "local", memory: NegativeMemory | None = None,
                hooks: StepHooks = PLAIN) -> Pool:
+    """Gather every worker's rows (with gradient) and add the memory: the pool a loss scores against.
+
+    Args:
+        image_emb: ``[n, D]`` this worker's image embeddings.
+        text_emb: ``[n, D]`` this worker's caption embeddings.
+        labels: ``[n]`` class ids (negative: unlabelled).
+        groups: ``[n]`` image ids.
+        gather: ``local`` (this worker's anchors) or ``full`` (every worker's anchors on every worker).
+        memory: past global batches to add as negatives, or None.
+        hooks: the step's timer and finiteness check.
+
+    Returns:
+        The `Pool`: anchors ``[A, D]`` (A = n, or the global N with ``full``) and pool rows ``[P, D]``.
+    """
     if gather not in GATHER_MODES:
         raise ValueError(f"gather must be one of {GATHER_MODES}, got {gather!r}")
     check_shapes(image_emb, text_emb)
@@ -213,5 +232,6 @@ def positive_entries(matrix: torch.Tensor, positive: torch.Tensor, pool_dim: int
 
 
 def enqueue_batch(pool: Pool, memory: NegativeMemory | None) -> None:
+    """Put the step's global batch into the memory (after the loss used it), when there is one."""
     if memory is not None:
         memory.enqueue(*pool.global_batch)

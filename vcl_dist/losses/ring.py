@@ -41,6 +41,7 @@ class Transfer:
         self.ops, self.requests = ops, requests
 
     def wait(self) -> None:
+        """Block until every send and receive of this block's exchange has completed."""
         for request in self.requests:
             request.wait()
 

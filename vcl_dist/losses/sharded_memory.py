@@ -56,6 +56,7 @@ class MemoryShard:
         self.d_ap = _paired_fn(normalized)(batch_images, batch_texts)  # of every global anchor, without gradient
 
     def tiles(self):
+        """The ``(start, stop)`` row ranges of this worker's shard, a tile of ``chunk`` rows at a time."""
         return tile_bounds(self.rows, self.chunk)
 
 

@@ -59,13 +59,27 @@ class SigmoidLoss(nn.Module):
         self.gather, self.memory, self.chunk_size = gather, memory, check_chunk_size(chunk_size)
 
     def scale(self) -> torch.Tensor:
+        """The logit scale ``s = exp(logit_scale)``, clamped to ``max_scale``: a scalar tensor."""
         return self.logit_scale.clamp(max=self.max_log_scale).exp()
 
     def monitored(self) -> dict[str, torch.Tensor]:
         """What a tracker plots of this loss besides its value: the learned scale and bias."""
         return {"logit_scale": self.scale().detach(), "logit_bias": self.logit_bias.detach()}
 
-    def forward(self, image_emb, text_emb, labels, groups, hooks: StepHooks = PLAIN) -> torch.Tensor:
+    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor,
+                hooks: StepHooks = PLAIN) -> torch.Tensor:
+        """The pairwise sigmoid loss of the global batch.
+
+        Args:
+            image_emb: ``[n, D]`` this worker's image embeddings (normalised here).
+            text_emb: ``[n, D]`` this worker's caption embeddings, row i paired with image row i.
+            labels: ``[n]`` class ids; negative for unlabelled rows.
+            groups: ``[n]`` image ids: rows that share one are captions of one image.
+            hooks: the step's timer and finiteness check (default: none).
+
+        Returns:
+            A scalar: this worker's share, whose mean over workers is the global batch's loss.
+        """
         image_emb = nn.functional.normalize(image_emb, dim=-1)
         text_emb = nn.functional.normalize(text_emb, dim=-1)
         scale, bias = self.scale().to(image_emb.dtype), self.logit_bias.to(image_emb.dtype)

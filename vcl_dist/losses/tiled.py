@@ -43,6 +43,7 @@ from .pool import NeverNegatives
 
 
 def check_chunk_size(chunk_size: int | None) -> int | None:
+    """``chunk_size`` itself when it is a positive int or None; ValueError otherwise."""
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     return chunk_size

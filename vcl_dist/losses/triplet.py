@@ -128,7 +128,21 @@ class TripletLoss(nn.Module):
         self.margin, self.negatives, self.normalize, self.gather, self.memory = margin, negatives, normalize, gather, memory
         self.chunk_size = check_chunk_size(chunk_size)
 
-    def forward(self, image_emb, text_emb, labels, groups, hooks: StepHooks = PLAIN) -> torch.Tensor:
+    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor,
+                hooks: StepHooks = PLAIN) -> torch.Tensor:
+        """The bidirectional triplet loss of the global batch.
+
+        Args:
+            image_emb: ``[n, D]`` this worker's image embeddings.
+            text_emb: ``[n, D]`` this worker's caption embeddings, row i paired with image row i.
+            labels: ``[n]`` class ids; negative for unlabelled rows.
+            groups: ``[n]`` image ids: rows that share one are captions of one image.
+            hooks: the step's timer and finiteness check (default: none).
+
+        Returns:
+            A scalar: this worker's share, whose mean over workers is the global batch's loss. The
+            share of anchors whose hinge is active is kept in ``self.violations``.
+        """
         if self.normalize:
             image_emb = nn.functional.normalize(image_emb, dim=-1)
             text_emb = nn.functional.normalize(text_emb, dim=-1)

@@ -77,7 +77,21 @@ class VCRLLoss(nn.Module):
         terms = triplet_terms(squared_distances(anchors, classes), positive, valid, self.margin, self.negatives)
         return terms * labelled
 
-    def forward(self, image_emb, text_emb, labels, groups, hooks: StepHooks = PLAIN) -> torch.Tensor:
+    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor,
+                hooks: StepHooks = PLAIN) -> torch.Tensor:
+        """The VCRL loss of the global batch: the hinge on raw squared distances, the norm penalty and the label
+        tower's terms.
+
+        Args:
+            image_emb: ``[n, D]`` this worker's projected image embeddings ``U`` (not normalised).
+            text_emb: ``[n, D]`` this worker's projected caption embeddings ``V``.
+            labels: ``[n]`` class ids; negative for unlabelled rows.
+            groups: ``[n]`` image ids: rows that share one are captions of one image.
+            hooks: the step's timer and finiteness check (default: none).
+
+        Returns:
+            A scalar: this worker's share, whose mean over workers is the global batch's loss.
+        """
         pool = build_pool(image_emb, text_emb, labels, groups, self.gather, self.memory, hooks)
         per_anchor = bidirectional_triplet(pool, self.margin, self.negatives, normalized=False, chunk_size=self.chunk_size)
         self.violations = violation_fraction(per_anchor)

@@ -29,6 +29,7 @@ class CLIPImageTower(nn.Module):
         self.out_features = vision_model.config.hidden_size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` normalised pixels -> ``[B, hidden]`` the vision transformer's pooled output."""
         return self.vision_model(pixel_values=images).pooler_output
 
 
@@ -41,11 +42,13 @@ class CLIPTextTower(nn.Module):
         self.out_features = text_model.config.hidden_size
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` token ids and attention mask -> ``[B, hidden]`` the text transformer's pooled output."""
         return self.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
 
 @dataclass
 class CLIPParts:
+    """The pieces of a Hugging Face ``CLIPModel`` that a dual encoder is built from."""
     image_tower: CLIPImageTower
     text_tower: CLIPTextTower
     visual_projection: nn.Linear

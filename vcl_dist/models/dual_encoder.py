@@ -48,6 +48,9 @@ class DualEncoder(nn.Module):
         self.register_buffer("image_std", torch.tensor(list(image_std)).view(1, 3, 1, 1), persistent=False)
 
     def train(self, mode: bool = True) -> "DualEncoder":
+        """Set training mode, keeping the modules of locked towers in eval mode (frozen batch-norm statistics and
+        dropout).
+        """
         super().train(mode)
         keep_locked_modules_in_eval(self)
         return self
@@ -73,7 +76,19 @@ class DualEncoder(nn.Module):
         """Tokens -> the text tower's outputs ``[B, H]`` (without autograd when it is locked whole)."""
         return self._text_tower_outputs(input_ids, attention_mask)
 
-    def forward(self, images, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both towers and their projections.
+
+        Args:
+            images: ``[B, 3, H, W]`` pixels, uint8 or floats in [0, 1] (normalised here with the tower's mean and
+                std), or ``[B, F]`` cached features of a locked image tower.
+            input_ids: ``[B, L]`` token ids.
+            attention_mask: ``[B, L]`` 1 for tokens, 0 for padding.
+
+        Returns:
+            ``([B, D], [B, D])``: image and caption embeddings in the shared space, not normalised.
+        """
         return self._image_embeddings(images), self._text_embeddings(input_ids, attention_mask)
 
     def _image_embeddings(self, images: torch.Tensor) -> torch.Tensor:

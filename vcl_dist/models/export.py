@@ -56,6 +56,7 @@ def save_tower_configs(folder: Path, model) -> None:
 
 
 def read_tower_configs(folder: Path) -> dict:
+    """The pretrained towers' own configs saved beside an export (``towers.json``), or ``{}``."""
     path = folder / TOWERS_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 

@@ -53,6 +53,7 @@ class SmallResNet(nn.Module):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` -> ``[B, features]``: the stem, the residual stages, global average pooling."""
         return self.pool(self.stages(self.stem(images))).flatten(1)
 
 
@@ -104,6 +105,7 @@ def read_weights_file(path: str) -> dict[str, torch.Tensor]:
 
 
 def is_local_weights(weights: str | None) -> bool:
+    """Whether ``model.image.weights`` names a local file or folder rather than a torchvision weights name."""
     return bool(weights) and ("/" in weights or Path(weights).exists())
 
 

@@ -78,6 +78,7 @@ def lock_tower(tower: nn.Module, unlocked_groups: int = 0) -> int:
 
 
 def is_fully_locked(tower: nn.Module) -> bool:
+    """Whether a tower has parameters and none of them trains (a tower locked whole)."""
     params = list(tower.parameters())
     return bool(params) and not any(p.requires_grad for p in params)
 

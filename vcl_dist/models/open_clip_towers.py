@@ -26,6 +26,7 @@ PREFIX = "open_clip:"
 
 
 def is_open_clip(init: str | None) -> bool:
+    """Whether ``model.init`` names an OpenCLIP model (``open_clip:<name>``)."""
     return bool(init) and init.startswith(PREFIX)
 
 
@@ -46,6 +47,9 @@ class OpenCLIPImageTower(nn.Module):
         self.out_features = width
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` normalised pixels -> ``[B, width]`` OpenCLIP's visual trunk output, before its
+        projection.
+        """
         return self.visual(images)
 
 
@@ -67,6 +71,9 @@ class OpenCLIPTextTower(nn.Module):
         self.out_features = clip.ln_final.normalized_shape[0]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` token ids (padded to the context length here) -> ``[B, width]`` the pooled text features,
+        before the projection.
+        """
         from open_clip.transformer import text_global_pool
 
         context = self.positional_embedding.shape[0]
@@ -79,6 +86,7 @@ class OpenCLIPTextTower(nn.Module):
 
 @dataclass
 class OpenCLIPParts:
+    """The pieces of an OpenCLIP model that a dual encoder is built from."""
     image_tower: OpenCLIPImageTower
     text_tower: OpenCLIPTextTower
     visual_projection: nn.Linear
@@ -142,6 +150,7 @@ def open_clip_parts(init: str, weights: str | None, load_weights: bool = True) -
 
 
 def preprocess_cfg(model) -> dict:
+    """OpenCLIP's image preprocessing of a model (size, mean, std, interpolation, resize mode), the size as one int."""
     cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     size = cfg.get("size", model.visual.image_size)
     cfg["size"] = size[0] if isinstance(size, (tuple, list)) else size

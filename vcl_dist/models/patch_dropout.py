@@ -35,6 +35,7 @@ class PatchDropout(nn.Module):
         self.prob, self.leading = prob, leading
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, T, C]`` tokens -> ``[B, T', C]``: in training, the leading tokens and a random share of the patches."""
         return drop_patches(tokens, self.prob, self.leading) if self.training and self.prob > 0 else tokens
 
 

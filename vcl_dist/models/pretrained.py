@@ -115,6 +115,7 @@ def set_values(cfg: Config, wanted: dict) -> dict:
 
 
 def check_text_length(cfg: Config, positions: int) -> None:
+    """ConfigError when ``data.max_text_length`` is longer than the pretrained text tower's ``positions``."""
     if cfg.data.max_text_length > positions:
         raise ConfigError(f"data.max_text_length ({cfg.data.max_text_length}) is longer than model.init's text tower "
                           f"reads ({positions} tokens)")

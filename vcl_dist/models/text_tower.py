@@ -18,6 +18,7 @@ from ..config import TextTowerConfig
 
 
 class TextTower(nn.Module):
+    """A transformers encoder pooled into one vector per caption (``mean`` over the tokens, or the ``cls`` token)."""
     def __init__(self, encoder: nn.Module, pooling: str):
         super().__init__()
         self.encoder = encoder
@@ -28,6 +29,7 @@ class TextTower(nn.Module):
             encoder.pooler = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` token ids and attention mask -> ``[B, hidden]`` the pooled caption features."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]

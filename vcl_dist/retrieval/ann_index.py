@@ -50,6 +50,7 @@ TRAIN_SAMPLE = 100_000  # vectors an IVF-PQ index trains on (at least 39 per lis
 
 @dataclass
 class IndexParams:
+    """How an index is built: its kind, metric, dimension and the kind's own parameters."""
     kind: str  # flat | hnsw | ivfpq
     metric: str  # ip (cosine, normalised vectors) | l2 (squared distance)
     dim: int
@@ -61,6 +62,7 @@ class IndexParams:
     refine: int = 0  # IVF-PQ: candidates re-ranked exactly, as a multiple of k
 
     def factory(self) -> str:
+        """The FAISS ``index_factory`` string of these parameters (``HNSW32,Flat``, ``IVF4000,PQ64x4fs``)."""
         return {"flat": "Flat", "hnsw": f"HNSW{self.hnsw_m},Flat", "ivfpq": f"IVF{self.nlist},PQ{self.pq_m}x4fs"}[self.kind]
 
     def bytes_per_vector(self) -> float:
@@ -74,6 +76,7 @@ class IndexParams:
 
 @dataclass
 class IndexInfo:
+    """What ``index.json`` says of a built index: its parameters, what it covers and what it cost."""
     params: IndexParams
     target: str
     vectors: int
@@ -86,10 +89,12 @@ class IndexInfo:
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
+        """The record as ``index.json``'s text."""
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> "IndexInfo":
+        """The record of an ``index.json`` text."""
         raw = json.loads(text)
         return cls(**{**raw, "params": IndexParams(**raw["params"])})
 
@@ -248,6 +253,7 @@ def build_index(corpus, target: str = "image", kind: str = "auto", memory_gb: fl
 
 
 def index_folder(corpus, target: str) -> str:
+    """Where a corpus's index of ``target`` (image or text) lives: ``<corpus>/_index/<target>``."""
     return f"{corpus.path}/{INDEX_DIR}/{target}"
 
 

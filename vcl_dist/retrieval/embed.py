@@ -70,6 +70,9 @@ def prepare_rows(table: pa.Table, *, tokenizer, image_size, max_text_length: int
 
 
 def embedding_table(rows: dict, image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> pa.Table:
+    """A corpus's Parquet rows: the batch's columns with its ``[B, D]`` image and text embeddings as fixed-size
+    lists.
+    """
     dim = image_embeddings.shape[1]
 
     def vectors(values: np.ndarray) -> pa.FixedSizeListArray:

@@ -46,6 +46,7 @@ class RetrievalModel:
 
     @property
     def embed_dim(self) -> int:
+        """The size ``D`` of the shared space."""
         return self.config.model.embed_dim
 
     @property
@@ -55,6 +56,7 @@ class RetrievalModel:
 
     @property
     def image_size(self) -> int:
+        """The side of the square pictures the image tower takes."""
         return self.config.data.image_size
 
     @property
@@ -63,16 +65,19 @@ class RetrievalModel:
         return ImageGeometry.of(self.config.data)
 
     def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Captions -> ``input_ids`` and ``attention_mask``, each ``[N, L]`` (padded to the model's text length)."""
         return self.tokenizer(list(captions), padding="max_length", truncation=True,
                               max_length=self.config.data.max_text_length, return_tensors="pt")
 
     @torch.no_grad()
     def encode_texts(self, captions: Sequence[str]) -> torch.Tensor:
+        """Captions -> ``[N, D]`` float32 embeddings on the CPU (not normalised)."""
         tokens = self.tokenize(captions)
         return self.encode_tokens(tokens["input_ids"], tokens["attention_mask"])
 
     @torch.no_grad()
     def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[N, L]`` token ids and attention mask -> ``[N, D]`` float32 embeddings on the CPU (not normalised)."""
         with autocast(self.device, self.device.type == "cuda"):
             out = self.model.encode_text(input_ids.to(self.device), attention_mask.to(self.device))
         return out.float().cpu()

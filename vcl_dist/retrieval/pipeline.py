@@ -28,6 +28,7 @@ def load_model_and_config(model_path: str, overrides: Sequence[str] = ()) -> tup
 
 @dataclass
 class EmbeddingJob:
+    """A planned embedding of a split: the lazy dataset of embedding rows and what it was planned from."""
     dataset: object  # the lazy ray.data.Dataset of embedding rows
     source: DatasetSource
     split_path: str

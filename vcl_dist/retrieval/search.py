@@ -26,6 +26,7 @@ EMBEDDING_COLUMNS = {"image": "image_embedding", "text": "text_embedding"}
 
 @dataclass
 class Hit:
+    """One search result: its rank, score and the corpus row's key, caption, label and thumbnail."""
     rank: int
     score: float
     key: str
@@ -70,6 +71,7 @@ class Corpus:
 
     @property
     def embed_dim(self) -> int:
+        """The size ``D`` of the corpus's embeddings."""
         return self.dataset.schema.field("image_embedding").type.list_size
 
     def __len__(self) -> int:
