@@ -194,3 +194,15 @@ def test_shown_command_output_is_what_the_commands_print_now():
             f"docs/gen/output/{example.name}.txt is stale: run python docs/gen/command_output.py"
     # The pages include what they show from there.
     assert '--8<-- "config_unknown_key.txt"' in (DOCS / "troubleshooting.md").read_text()
+
+
+def test_every_figure_on_the_benchmarks_page_names_its_commit_and_date():
+    page = (DOCS / "benchmarks.md").read_text()
+    provenance = re.compile(r"[Cc]ommit [0-9a-f]{7,40}, \d{4}-\d\d-\d\d")
+    overview = [line for line in page.split("\n## ")[0].splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert overview, "the overview table is gone"
+    assert all(provenance.search(row) for row in overview), [row[:60] for row in overview if not provenance.search(row)]
+    sections = page.split("\n## ")[1:]
+    # Every section with a measured table says which commit and date measured it.
+    unnamed = [s.splitlines()[0] for s in sections if "\n|---" in s and not provenance.search(s)]
+    assert not unnamed, f"sections whose figures name no commit and date: {unnamed}"
