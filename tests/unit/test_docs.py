@@ -206,3 +206,15 @@ def test_every_figure_on_the_benchmarks_page_names_its_commit_and_date():
     # Every section with a measured table says which commit and date measured it.
     unnamed = [s.splitlines()[0] for s in sections if "\n|---" in s and not provenance.search(s)]
     assert not unnamed, f"sections whose figures name no commit and date: {unnamed}"
+
+
+# Errors that never reach a user as such: a run's end carried between processes.
+INTERNAL_ERRORS = {"RunEndedByFatalError", "FatalTrainingError"}
+
+
+def test_troubleshooting_names_every_error_the_code_defines():
+    page = (DOCS / "troubleshooting.md").read_text()
+    defined = set(re.findall(r"^class (\w+Error)\(", source_text(), re.MULTILINE)) - INTERNAL_ERRORS
+    assert defined, "no error classes found"
+    missing = sorted(name for name in defined if f"`{name}`" not in page)
+    assert not missing, f"errors that docs/troubleshooting.md does not explain: {missing}"
