@@ -21,6 +21,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -100,42 +101,68 @@ def resume_point(rows: list[int], known: TarIndex | None) -> tuple[int, int]:
     return first, int(known.offsets[first]) if first else 0
 
 
+class TarSamples:
+    """The samples of a tar being streamed, grouped WebDataset's way: a run of consecutive files
+    with one key is one sample.
+
+    Iterating yields ``(index, key, payloads)`` of each sample once its last file is passed;
+    ``payloads`` (``{extension: bytes}``) is read only for the samples ``wanted`` accepts, else
+    None. With ``stop_after``, the walk ends at the start of the sample after that one, without
+    reading it. Afterwards ``starts`` holds the byte offset of every sample start met, ``end``
+    the end of the last file read, and ``complete`` whether the tar's end was reached.
+
+    Args:
+        tar: a ``tarfile`` opened for streaming (``mode="r|"``), positioned ``base`` bytes into the file.
+        base: where in the file the stream begins (a known sample start, or 0).
+        first_index: the index of the first sample in the stream.
+        wanted: which sample indices to read the payloads of.
+        stop_after: the last sample index needed; None: the whole tar.
+    """
+
+    def __init__(self, tar: tarfile.TarFile, base: int = 0, first_index: int = 0,
+                 wanted: Callable[[int], bool] = lambda index: True, stop_after: int | None = None):
+        self.tar, self.base, self.first_index, self.wanted, self.stop_after = tar, base, first_index, wanted, stop_after
+        self.starts: list[int] = []
+        self.end, self.complete = base, True
+
+    def __iter__(self) -> Iterator[tuple[int, str, dict[str, bytes] | None]]:
+        index, key, payloads = self.first_index - 1, None, None
+        for member in self.tar:
+            named = member_key(member.name) if member.isfile() else None
+            if named is None:
+                continue
+            if named[0] != key:
+                if key is not None:
+                    yield index, key, payloads
+                index, key = index + 1, named[0]
+                self.starts.append(self.base + member.offset)
+                if self.stop_after is not None and index > self.stop_after:
+                    self.complete = False  # the next sample's start is all this walk needed of it
+                    return
+                payloads = {} if self.wanted(index) else None
+            if payloads is not None:
+                payloads.setdefault(named[1], self.tar.extractfile(member).read())
+            self.end = self.base + member.offset_data + -(-member.size // TAR_BLOCK) * TAR_BLOCK
+        if key is not None:
+            yield index, key, payloads
+
+
 def stream_samples(filesystem: pafs.FileSystem, tar_path: str, rows: list[int], known: TarIndex | None):
     """Stream the tar from the last known sample start at or before the first of ``rows`` up to
     the start of the sample after the last: ``(found, index)`` — the ``(index, key, {ext:
     bytes})`` of the samples at ``rows``, and the index extended by what was passed."""
     wanted = set(rows)
     first, base = resume_point(rows, known)
-    stop_after = rows[-1] if rows else -1
-    found, starts, end, complete = [], [], base, True
-    index, key, payloads = first - 1, None, None
     with filesystem.open_input_file(tar_path) as raw:
         raw.seek(base)
         # Large reads: on an object store each read of the raw file is a request.
         stream = pa.BufferedInputStream(raw, buffer_size=STREAM_BUFFER_BYTES)
         with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                named = member_key(member.name) if member.isfile() else None
-                if named is None:
-                    continue
-                if named[0] != key:
-                    if payloads is not None:
-                        found.append((index, key, payloads))
-                        payloads = None
-                    index, key = index + 1, named[0]
-                    starts.append(base + member.offset)
-                    if index > stop_after:
-                        complete = False  # the next sample's start is all this read needed of it
-                        break
-                    payloads = {} if index in wanted else None
-                if payloads is not None:
-                    payloads.setdefault(named[1], tar.extractfile(member).read())
-                end = base + member.offset_data + -(-member.size // TAR_BLOCK) * TAR_BLOCK
-    if payloads is not None:
-        found.append((index, key, payloads))
+            walk = TarSamples(tar, base, first, wanted.__contains__, rows[-1] if rows else -1)
+            found = [sample for sample in walk if sample[2] is not None]
     before = known.offsets[:first] if known is not None else np.zeros(0, dtype=np.int64)
-    offsets = np.concatenate([before, np.array(starts + ([end] if complete else []), dtype=np.int64)])
-    return found, TarIndex(offsets, complete)
+    offsets = np.concatenate([before, np.array(walk.starts + ([walk.end] if walk.complete else []), dtype=np.int64)])
+    return found, TarIndex(offsets, walk.complete)
 
 
 def _parse_sample(index: int, data: bytes) -> tuple[int, str, dict[str, bytes]]:

@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 
 from ..storage import list_files
 from .shard_format import caption_text, json_object
-from .tar_index import indexed_samples, member_key
+from .tar_index import TarSamples, indexed_samples, member_key
 
 
 def _tar_members(filesystem: pafs.FileSystem, tar_path: str):
@@ -78,16 +78,9 @@ def _count_samples(filesystem: pafs.FileSystem, tar_path: str) -> int:
 def _samples(filesystem: pafs.FileSystem, tar_path: str, payloads: bool = False):
     """``(index, key, {extension: bytes})`` of every sample of one tar, in order, streamed; the
     payloads are read only with ``payloads`` (else the dicts are empty)."""
-    index, key, found = -1, None, None
-    for name, ext, tar, member in _tar_members(filesystem, tar_path):
-        if name != key:
-            if found is not None:
-                yield index, key, found
-            index, key, found = index + 1, name, {}
-        if payloads:
-            found.setdefault(ext, tar.extractfile(member).read())
-    if found is not None:
-        yield index, key, found
+    with filesystem.open_input_stream(tar_path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for index, key, found in TarSamples(tar, wanted=lambda index: payloads):
+            yield index, key, found if found is not None else {}
 
 
 def read_tar_rows(filesystem: pafs.FileSystem, tar_path: str, rows) -> dict[str, np.ndarray]:
