@@ -135,7 +135,7 @@ class DataConfig(Section):
 class ImageTowerConfig(Section):
     """The image tower: a built-in small ResNet, a torchvision or timm backbone, pretrained or not."""
 
-    arch: str = Field("small_resnet", description="'small_resnet' or any torchvision.models name")
+    arch: str = Field("small_resnet", description="'small_resnet', any torchvision.models name, or timm:<name>")
     width: int = Field(32, ge=4, le=512, description="small_resnet: channels of the first stage")
     blocks: list[int] = Field(default_factory=lambda: [1, 1, 1, 1], min_length=1, max_length=6,
                               description="small_resnet: residual blocks of each stage")
