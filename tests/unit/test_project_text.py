@@ -1,7 +1,7 @@
 """The tracked tree speaks of the project, not of how its work was organised.
 
-No text file, file name or test name may name a round of work or a work item by number
-("session 12", "stop 3", "issue 17", "issue #17"), or set a figure against "the earlier code".
+No text file, file name or test name may name a round of work or a work item by number, or set
+a figure against older code (the patterns: ORGANISATION below).
 A third-party project's issue is a genuine reference: it names its project ("Ray issue 37633",
 "open_clip issues 616 and 894") or is a URL.
 """
@@ -84,11 +84,15 @@ def test_result_files_are_named_by_what_they_measure():
     assert not bad, f"result files named by when or by whom, not by what they measure: {bad}"
 
 
+# The offending examples are assembled from parts, so that this file does not itself hold them.
+ISSUE, SESSION, STOP = "iss" + "ue", "sess" + "ion", "st" + "op"
+
+
 @pytest.mark.parametrize("text, found", [
-    ("Targets (issue 17): HNSW recall", ["issue 17"]),
-    ("as issue #18 asked", ["issue #18"]),
-    ("measured in session 13", ["session 13"]),
-    ("stop 4 landed", ["stop 4"]),
+    (f"Targets ({ISSUE} 17): HNSW recall", [f"{ISSUE} 17"]),
+    (f"as {ISSUE} #18 asked", [f"{ISSUE} #18"]),
+    (f"measured in {SESSION} 13", [f"{SESSION} 13"]),
+    (f"{STOP} 4 landed", [f"{STOP} 4"]),
     ("the same scenario on the earlier code", ["earlier code"]),
     ("on commit 41d1ed9's code", ["commit 41d1ed9's code"]),
     ("Ray Data cannot seek into an epoch (Ray issues 37633, 48224)", []),
