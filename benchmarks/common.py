@@ -1,5 +1,5 @@
-"""What the benchmarks share: a median timer, the process's peak resident memory, and the
-markdown tables they print."""
+"""What the benchmarks share: a median timer, the process's peak resident memory, the machine's
+description, and the markdown tables they print."""
 
 from __future__ import annotations
 
@@ -51,6 +51,27 @@ def resident_bytes() -> int:
     """This process's resident memory now."""
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def machine() -> str:
+    """This machine in a few words: CPU model, cores, memory, GPU (figures differ by CPU as much
+    as by core count, so every printed table names it)."""
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = "no GPU"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return f"{model}, {len(os.sched_getaffinity(0))} cores, {memory:.0f} GiB, {gpu}"
 
 
 def table_header(columns: Sequence[str], right_aligned: Sequence[bool]) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from common import table_header
+from common import machine, table_header
 from PIL import Image
 
 from vcl_dist.data.preprocess import Preprocessor
@@ -159,7 +159,7 @@ def main() -> None:
 
     print(
         f"\n{args.images} JPEGs of 256–512 px to {args.size} px, {args.processes} worker processes, batch {args.batch_size}, "
-        f"median of {args.epochs} timed epochs, torch {torch.__version__}, ray {ray.__version__}\n"
+        f"median of {args.epochs} timed epochs, torch {torch.__version__}, ray {ray.__version__}; {machine()}\n"
     )
     print(table_header(["path", "images/s", "× DataLoader", "first batch (s)", "images/s after the first batch", "× DataLoader"],
                        [False, True, True, True, True, True]))
