@@ -119,11 +119,17 @@ def connect_ray(cpus_needed: int) -> str:
         return f"joined the Ray cluster at {ray.get_runtime_context().gcs_address} (RAY_ADDRESS)"
     recorded = started_cluster_address() if address != "local" else None
     if recorded:
+        use_local_token()
         try:
             ray.init(address=recorded)
             keep_ray_data_stats_on_this_node()
             return f"joined the Ray cluster at {ray.get_runtime_context().gcs_address} (the one `ray start` started)"
         except ConnectionError:
+            if recorded in unrecorded_clusters():  # its GCS still runs: it refused this process
+                raise ValueError(
+                    f"cannot join the Ray cluster that `ray start` started at {recorded}: it runs but refused this "
+                    "process (token authentication: the token of whoever started it goes in ~/.ray/auth_token, or "
+                    "RAY_AUTH_TOKEN_PATH); RAY_ADDRESS=local runs the job on a Ray of its own") from None
             gone = f" (the cluster `ray start` started at {recorded} is gone)"
     others = unrecorded_clusters()
     for name, value in RAY_DATA_ENV.items():  # inherited by the local Ray's workers
@@ -136,6 +142,22 @@ def connect_ray(cpus_needed: int) -> str:
         gone += (f" (not joining the Ray running at {', '.join(sorted(others))}: no `ray start` recorded it, so it may be "
                  "another job's own; set RAY_ADDRESS to join it)")
     return f"started a local Ray{gone}"
+
+
+def use_local_token() -> None:
+    """Send this machine's Ray token (``~/.ray/auth_token``) when joining the cluster that
+    ``ray start`` recorded, as Ray does for a cluster it finds by itself (``address="auto"``).
+
+    ``ray start`` turns token authentication on when that file exists, and any earlier local
+    Ray of this user wrote it; Ray sends it only when ``RAY_AUTH_MODE`` is set or the address
+    was found rather than given, and this driver gives the recorded address (so as not to join
+    another driver's private Ray). Without the token, the join failed after 20 s of retries.
+    An explicit ``RAY_AUTH_MODE`` is left as it is. Private API, guarded."""
+    try:
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    except ImportError:
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def unrecorded_clusters() -> set[str]:

@@ -186,7 +186,7 @@ def test_api_docstrings_parse_as_google_style():
 
 def test_shown_command_output_is_what_the_commands_print_now():
     output = load_script("command_output")
-    quick = [example for example in output.EXAMPLES if not example.trains]
+    quick = [example for example in output.EXAMPLES if not example.slow]
     assert quick
     for example in quick:
         kept = (output.OUTPUT / f"{example.name}.txt").read_text()

@@ -221,6 +221,7 @@ def quiet_worker_output() -> None:
     """Keep a worker's output to what a user reads: no Ray Data progress bars (each worker's
     would print its own lines into the job's log) or per-dataset execution notices, and no
     dump of every report's metrics by Ray Train (the driver shows progress and metrics)."""
+    import builtins
     import logging
 
     import ray.data
@@ -233,6 +234,13 @@ def quiet_worker_output() -> None:
 
         logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     except ImportError:
+        pass
+    try:  # Ray Train sends print() to its logger and also, as Ray wraps a worker's stdout, to
+        # stdout: each line of a worker reached the driver twice. Plain print: once.
+        from ray.train.v2._internal.logging import patch_print
+
+        builtins.print = patch_print._original_print
+    except (ImportError, AttributeError):
         pass
 
 
