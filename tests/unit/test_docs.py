@@ -218,3 +218,18 @@ def test_troubleshooting_names_every_error_the_code_defines():
     assert defined, "no error classes found"
     missing = sorted(name for name in defined if f"`{name}`" not in page)
     assert not missing, f"errors that docs/troubleshooting.md does not explain: {missing}"
+
+
+def test_the_benchmark_plots_are_drawn_from_the_figures_of_their_result_files(tmp_path, monkeypatch):
+    plots = load_script("benchmark_plots")
+    assert plots.main(["--check"]) == 0, "a plot is stale: run python docs/gen/benchmark_plots.py"
+    page = (DOCS / "benchmarks.md").read_text()
+    for plot in plots.PLOTS:
+        assert f"(images/benchmarks/{plot.name}.png)" in page and plot.source in page, plot.name
+    # A figure changed in a result file makes its plot stale.
+    for plot in plots.PLOTS:
+        (tmp_path / plot.source).write_text((plots.RESULTS / plot.source).read_text())
+    first = tmp_path / plots.PLOTS[0].source
+    first.write_text(first.read_text().replace("| 908 |", "| 907 |", 1))
+    monkeypatch.setattr(plots, "RESULTS", tmp_path)
+    assert plots.main(["--check"]) == 1
