@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generated_page import stale_exit  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 IMAGES = ROOT / "docs" / "images" / "benchmarks"
 
@@ -188,10 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         draw(plot, path)
         print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
-    if stale:
-        print(f"plots drawn from other figures: {', '.join(stale)}: run python docs/gen/benchmark_plots.py")
-        return 1
-    return 0
+    return stale_exit(stale, "plots drawn from other figures", "docs/gen/benchmark_plots.py")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generated_page import stale_exit  # noqa: E402
 OUTPUT = Path(__file__).resolve().parent / "output"
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -102,10 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         path.write_text(stamp(text) if example.slow else text)
         print(f"wrote {path.relative_to(ROOT)}")
-    if changed:
-        print(f"outputs that changed: {', '.join(changed)}: run python docs/gen/command_output.py")
-        return 1
-    return 0
+    return stale_exit(changed, "outputs that changed", "docs/gen/command_output.py")
 
 
 if __name__ == "__main__":

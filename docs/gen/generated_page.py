@@ -1,4 +1,5 @@
-"""The command line every page generator shares: write the page, or ``--check`` that it is current."""
+"""What the page generators share: write the page, or ``--check`` that it is current, and say which
+outputs are stale."""
 
 from __future__ import annotations
 
@@ -30,4 +31,13 @@ def page_main(doc: str, page: Path, render: Callable[[], str], source: str, scri
         return 0
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(text)
+    return 0
+
+
+def stale_exit(stale: list[str], what: str, script: str) -> int:
+    """Exit code of a ``--check``: 1, after a line naming the stale ``what`` and how to remake
+    them, or 0 when none is stale."""
+    if stale:
+        print(f"{what}: {', '.join(stale)}: run python {script}")
+        return 1
     return 0
