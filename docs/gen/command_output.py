@@ -3,6 +3,7 @@
     python docs/gen/command_output.py                 # the quick ones (no training): seconds
     python docs/gen/command_output.py --all           # also the slow ones (minutes; nothing else running)
     python docs/gen/command_output.py --check         # exit 1 when a quick one's output changed
+    python docs/gen/command_output.py --only NAME     # just that one
 
 Each output goes to ``docs/gen/output/<name>.txt``, with the command on its first line, and a
 page includes it with ``--8<-- "<name>.txt"`` (pymdownx.snippets), so what a page shows is what
@@ -21,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -38,6 +40,8 @@ class Example:
     args: tuple[str, ...]  # after ``python``
     trains: bool = False  # minutes of training: regenerated with --all only
     head_cpus: int | None = None  # run against a Ray head of this many CPUs (``ray start --head``): --all only
+    first: tuple[str, ...] = ()  # a job started on that head before this one, and left running
+    lines: str | None = None  # keep only the lines that match (what the page is about), after the command line
 
     @property
     def slow(self) -> bool:
@@ -49,9 +53,18 @@ EXAMPLES = (
     Example("config_bad_value", ("jobs/train.py", "train.batch_size=100", "train.num_workers=3")),
     Example("config_out_of_bounds", ("jobs/train.py", "data.image_size=8")),
     Example("default_run", ("jobs/train.py",), trains=True),
+    # The tracking guide's failed run: λ = 1e38 makes λ·‖U‖² overflow float32 at the first step.
+    Example("failed_run", ("jobs/train.py", "loss.name=vcrl", "loss.reg_lambda=1e38"), trains=True),
     # The VM-cluster guide's commands on a 2-core machine: a job that cannot fit stops at once.
     Example("cluster_too_small", ("jobs/train.py",), head_cpus=2),
+    # Two jobs that do not fit together on that head: the second says what it waits for.
+    Example("second_job_waits", ("jobs/train.py", "train.cpus_per_worker=0.5", "train.epochs=1"), head_cpus=2,
+            first=("jobs/train.py", "train.cpus_per_worker=0.5", "train.epochs=1"),
+            lines=r"vcl-dist: (waiting|still waiting|the cluster has room|joined)"),
 )
+
+# The first job holds the head once its workers train.
+FIRST_JOB_TRAINS = "workers on"
 
 
 def run(example: Example) -> str:
@@ -61,6 +74,7 @@ def run(example: Example) -> str:
     env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb", "RAY_ADDRESS": "local", "COLUMNS": "120"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     ray = str(Path(sys.executable).with_name("ray"))
+    first = None
     try:
         for name in ("jobs", "vcl_dist"):
             (work / name).symlink_to(ROOT / name)
@@ -68,12 +82,27 @@ def run(example: Example) -> str:
             env.pop("RAY_ADDRESS")  # the job finds the head as a user's would
             subprocess.run([ray, "start", "--head", f"--num-cpus={example.head_cpus}", "--dashboard-host=127.0.0.1"],
                            cwd=work, env=env, capture_output=True, check=True, timeout=120)
+        if example.first:
+            first_log = work / "first-job.log"
+            with first_log.open("w") as log:
+                first = subprocess.Popen([sys.executable, *example.first], cwd=work, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 600
+            while FIRST_JOB_TRAINS not in first_log.read_text() and first.poll() is None and time.monotonic() < deadline:
+                time.sleep(1)
         done = subprocess.run([sys.executable, *example.args], cwd=work, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, timeout=1800, check=False)
         text = done.stdout.replace(str(work.resolve()), ".").replace(str(work), ".").replace(str(ROOT), ".")
         text = ANSI_ESCAPE.sub("", text).replace(str(Path.home()), "~")  # Ray's colours; the user's home
+        if example.lines:
+            text = "\n".join(line for line in text.splitlines() if re.match(example.lines, line))
         return f"$ python {' '.join(example.args)}\n{text.rstrip()}\n"
     finally:
+        if first is not None:
+            try:
+                first.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                first.kill()
         if example.head_cpus is not None:
             subprocess.run([ray, "stop"], env=env, capture_output=True, check=False, timeout=120)
         shutil.rmtree(work, ignore_errors=True)
@@ -90,11 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--all", action="store_true", help="also the slow examples (training, a Ray head: minutes)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a quick example's output changed")
+    parser.add_argument("--only", nargs="+", metavar="NAME", choices=[e.name for e in EXAMPLES],
+                        help="just these examples (slow ones included)")
     args = parser.parse_args(argv)
     OUTPUT.mkdir(parents=True, exist_ok=True)
     changed = []
     for example in EXAMPLES:
-        if example.slow and not args.all:
+        if (args.only and example.name not in args.only) or (example.slow and not (args.all or args.only)):
             continue
         text = run(example)
         path = OUTPUT / f"{example.name}.txt"
