@@ -7,7 +7,8 @@ Which cluster (`connect_ray`), in this order:
 2. ``RAY_ADDRESS=<host>:<port>`` (the GCS address; ``ray job submit`` sets it for the job):
    that cluster.
 3. Otherwise the cluster that ``ray start`` last started on this machine (the address it
-   recorded), if it still runs, else a fresh local Ray sized for the job. Never another
+   recorded), joined with this machine's Ray token as Ray would join it, if it still runs (one
+   that runs but refuses the job is an error), else a fresh local Ray sized for the job. Never another
    driver's private local Ray: Ray's ``address="auto"`` would join any running one, and two
    jobs would then share resources that neither planned for.
 
