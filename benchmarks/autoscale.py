@@ -83,7 +83,7 @@ def print_timeline(cluster: LocalAutoscalingCluster, idle_minutes: float, events
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 REPEATED = re.compile(r"\s*\[repeated \d+x across cluster\]")
-GROUP_STARTED = re.compile(r"vcl-dist: (\d+) workers on (\d+) nodes")
+GROUP_STARTED = re.compile(r"vcl-dist: (\d+) workers? on (\d+) nodes?")
 STEP = re.compile(r"vcl-dist: epoch (\d+)/(\d+) (step \d+/\d+|done)")
 
 

@@ -169,7 +169,9 @@ class WorkerRun:
         if self.shares > self.world:
             how = ", ".join([f"the batches of {self.shares - self.world} absent workers taken in micro-batches"]
                             + ([how] if how else []))
-        self.link.log(f"vcl-dist: {self.world} workers on {self.worker_nodes} nodes: global pool "
+        workers = f"{self.world} worker{'s' if self.world != 1 else ''}"
+        nodes = f"{self.worker_nodes} node{'s' if self.worker_nodes != 1 else ''}"
+        self.link.log(f"vcl-dist: {workers} on {nodes}: global pool "
                       f"{self.local_batch * self.shares} rows{memory} per step{f' ({how})' if how else ''}, "
                       f"lr {self.lr:.3g}, {self.steps_per_epoch} steps per epoch")
 
