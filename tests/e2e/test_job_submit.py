@@ -24,8 +24,11 @@ def token_head(tmp_path_factory):
     ~/.ray/auth_token (a home of the test's own), dashboard and job server on 127.0.0.1."""
     ray.shutdown()  # no in-process Ray of another test may linger
     home = tmp_path_factory.mktemp("home")
-    # Unix socket paths are length-limited: keep the temp dir short.
-    temp_dir = tempfile.mkdtemp(prefix="vclray-", dir="/tmp")
+    # Unix socket paths are length-limited: keep the temp dir short. Named `ray` under a root of
+    # its own, as Ray's default `$RAY_TMPDIR/ray` is, so a driver given RAY_TMPDIR=root finds the
+    # head's address record where it would find a plain `ray start --head`'s.
+    temp_root = tempfile.mkdtemp(prefix="vclray-", dir="/tmp")
+    temp_dir = os.path.join(temp_root, "ray")
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | {
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HOME": str(home)}
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=base, check=True, capture_output=True, timeout=60)
@@ -38,7 +41,7 @@ def token_head(tmp_path_factory):
              f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     subprocess.run(start, check=True, env=env, capture_output=True, timeout=120)
     try:
-        yield f"http://127.0.0.1:{dashboard_port}", env, base, gcs_port
+        yield f"http://127.0.0.1:{dashboard_port}", env, base, gcs_port, temp_root
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
 
@@ -49,7 +52,7 @@ def submit(address: str, env: dict, repo_root: Path, *entrypoint: str, job_id: s
 
 
 def test_job_submission_without_the_token_is_refused(token_head, repo_root, tmp_path):
-    address, _, no_auth, _ = token_head
+    address, _, no_auth, *_ = token_head
     stranger = no_auth | {"HOME": str(tmp_path)}  # no token anywhere, auth mode not set
     refused = submit(address, stranger, repo_root, "python", "-c", "print('ran')", job_id="stranger")
     assert refused.returncode != 0 and "ran" not in refused.stdout
@@ -62,7 +65,7 @@ def test_job_submission_without_the_token_is_refused(token_head, repo_root, tmp_
 def test_readme_job_submit_trains_or_stops_in_one_line(token_head, repo_root, tiny_shapes_overrides, tmp_path):
     """The cluster guide's command as written, on this machine's CPUs: 2 workers × 1 CPU + 1 CPU for
     data needs 3; a 2-core machine's head has 2, so the job must stop at once, saying so."""
-    address, env, _, _ = token_head
+    address, env, *_ = token_head
     storage = tmp_path / "runs"
     job = submit(address, env, repo_root, "python", "jobs/train.py", *tiny_shapes_overrides, "train.epochs=1",
                  f"run.storage_path={storage}", "run.name=as-written", job_id="as-written")
@@ -127,7 +130,7 @@ def test_submitted_job_trains_tracks_and_shows_progress(mlflow_server, token_hea
     from tracked_metrics import assert_tensorboard_matches_metrics, epoch_scalars, logged_step_losses, read_epochs
     from wandb_records import history
 
-    address, env, _, _ = token_head
+    address, env, *_ = token_head
     storage = tmp_path / "runs"
     mlflow_server = mlflow_server()
     # Credentials in the tracking URI (the server ignores them) must reach no record and no log line.
@@ -197,7 +200,7 @@ def test_two_jobs_that_do_not_fit_together_run_one_after_the_other(token_head, r
     data tasks): both finish, the second after waiting whole, saying what it waited for."""
     import time
 
-    address, env, _, _ = token_head
+    address, env, *_ = token_head
     cpus = os.cpu_count() or 2
     per_worker = f"{(cpus - 1) / 2:g}"  # 2 workers and 1 data CPU: every CPU of the head
     storage = tmp_path / "runs"
@@ -228,7 +231,7 @@ def test_two_jobs_that_do_not_fit_together_run_one_after_the_other(token_head, r
 
 
 def test_a_job_joins_the_running_head_unless_told_to_start_a_local_ray(token_head, repo_root):
-    _, env, _, gcs_port = token_head
+    _, env, base, gcs_port, temp_root = token_head
     probe = [sys.executable, "-c", "from vcl_dist.ray_cluster import connect_ray; print(connect_ray(2))"]
     address = f"127.0.0.1:{gcs_port}"
     joined = subprocess.run(probe, env=env | {"RAY_ADDRESS": address}, capture_output=True, text=True, timeout=120,
@@ -236,6 +239,15 @@ def test_a_job_joins_the_running_head_unless_told_to_start_a_local_ray(token_hea
     assert joined.returncode == 0, joined.stdout + joined.stderr[-2000:]
     said = joined.stdout.strip()
     assert said.startswith("joined the Ray cluster at ") and said.endswith(f":{gcs_port} (RAY_ADDRESS)"), said
+    # A user's own machine: `ray start --head`, then `python jobs/train.py` with neither
+    # RAY_ADDRESS nor RAY_AUTH_MODE set. The head has token authentication on (the token is at
+    # ~/.ray/auth_token, as any earlier local Ray leaves one); the job joins it with that token
+    # rather than being refused and starting a Ray of its own.
+    recorded = subprocess.run(probe, env=base | {"RAY_TMPDIR": temp_root}, capture_output=True, text=True,
+                              timeout=120, cwd=repo_root)
+    said = recorded.stdout.strip()
+    assert recorded.returncode == 0 and said.endswith(f":{gcs_port} (the one `ray start` started)"), \
+        said + recorded.stderr[-1500:]
     # This head keeps its address record in its own --temp-dir, as another driver's private
     # local Ray keeps none: a driver that is not told joins neither, and says why.
     alone = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=120, cwd=repo_root)
