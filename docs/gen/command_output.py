@@ -64,7 +64,7 @@ EXAMPLES = (
 )
 
 # The first job holds the head once its workers train.
-FIRST_JOB_TRAINS = "workers on"
+FIRST_JOB_TRAINS = re.compile(r"vcl-dist: \d+ workers? on \d+ nodes?: ")
 
 
 def run(example: Example) -> str:
@@ -88,7 +88,7 @@ def run(example: Example) -> str:
                 first = subprocess.Popen([sys.executable, *example.first], cwd=work, env=env, stdout=log,
                                          stderr=subprocess.STDOUT)
             deadline = time.monotonic() + 600
-            while FIRST_JOB_TRAINS not in first_log.read_text() and first.poll() is None and time.monotonic() < deadline:
+            while not FIRST_JOB_TRAINS.search(first_log.read_text()) and first.poll() is None and time.monotonic() < deadline:
                 time.sleep(1)
         done = subprocess.run([sys.executable, *example.args], cwd=work, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, timeout=1800, check=False)
