@@ -73,7 +73,7 @@ def _run(args: argparse.Namespace) -> int:
     if report.classes:
         print(f"{len(report.classes)} classes -> {args.out}/val/{CLASSES_FILE}")
     total_bad = sum(report.bad_rows.values())
-    print(f"left out {total_bad} rows" + (": " + ", ".join(f"{n} {r}" for r, n in report.bad_rows.most_common()) if total_bad else ""))
+    print(f"left out {total_bad} row{'' if total_bad == 1 else 's'}" + (": " + ", ".join(f"{n} {r}" for r, n in report.bad_rows.most_common()) if total_bad else ""))
     for row, reason in report.examples[:5]:
         print(f"  {row}: {reason}")
     return 0

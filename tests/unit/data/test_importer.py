@@ -2,13 +2,25 @@
 
 import csv
 import io
+import os
 import subprocess
 import sys
 
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 CLASSES = ["cat", "dog", "fish"]
+
+
+@pytest.fixture(scope="module")
+def joining(local_ray):
+    """The environment of an import that joins this module's Ray (``RAY_ADDRESS``) rather than
+    starting one of its own: a second each, not ten. The first test imports as a laptop user does,
+    on a Ray of its own."""
+    import ray
+
+    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
 
 
 def write_collection(root):
@@ -71,7 +83,7 @@ def test_importer_missing_inputs_are_one_line_errors(tmp_path, repo_root):
     assert proc.stderr.strip().splitlines()[-1] == f"vcl-dist: error: --images: no folder at {tmp_path / 'nope'}"
 
 
-def test_importer_converts_webdataset_tars(tmp_path, repo_root):
+def test_importer_converts_webdataset_tars(tmp_path, repo_root, joining):
     import json
     import tarfile
 
@@ -89,15 +101,15 @@ def test_importer_converts_webdataset_tars(tmp_path, repo_root):
                 tar.addfile(info, io.BytesIO(data))
     out = tmp_path / "shards"
     proc = subprocess.run([sys.executable, str(repo_root / "jobs/prepare_data.py"), "--webdataset", str(tars), "--out", str(out),
-                           "--val-fraction", "0"], capture_output=True, text=True, timeout=300)
+                           "--val-fraction", "0"], capture_output=True, text=True, env=joining, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "left out 1 rows: 1 undecodable image" in proc.stdout
+    assert "left out 1 row: 1 undecodable image" in proc.stdout
     table = pq.read_table(sorted((out / "train").glob("*.parquet"))).to_pydict()
     assert sorted(table["key"]) == [f"sample{i:03d}" for i in range(12) if i != 4]
     assert all(label == int(key[-3:]) % 2 for key, label in zip(table["key"], table["label"]))
 
 
-def test_importer_reads_nothing_outside_the_image_folder_and_counts_hostile_rows(tmp_path, repo_root):
+def test_importer_reads_nothing_outside_the_image_folder_and_counts_hostile_rows(tmp_path, repo_root, joining):
     from hostile_inputs import BAD_CAPTIONS, GOOD_ODD_IMAGES, decompression_bomb_png, eps_document, jpeg
 
     images = tmp_path / "images"
@@ -127,7 +139,7 @@ def test_importer_reads_nothing_outside_the_image_folder_and_counts_hostile_rows
     out = tmp_path / "shards"
     proc = subprocess.run([sys.executable, str(repo_root / "jobs/prepare_data.py"), "--images", str(images), "--captions",
                            str(tmp_path / "captions.csv"), "--out", str(out), "--val-fraction", "0"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, env=joining, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = next(line for line in proc.stdout.splitlines() if line.startswith("left out"))
     counts = dict((reason, int(n)) for n, reason in (part.split(" ", 1) for part in summary.split(": ", 1)[1].split(", ")))
@@ -140,7 +152,7 @@ def test_importer_reads_nothing_outside_the_image_folder_and_counts_hostile_rows
     assert {caption for caption in table["caption"] if caption.startswith("odd")} == {f"odd {n}" for n in GOOD_ODD_IMAGES}
 
 
-def test_importer_reads_a_karpathy_coco_file_with_its_own_splits(tmp_path, repo_root):
+def test_importer_reads_a_karpathy_coco_file_with_its_own_splits(tmp_path, repo_root, joining):
     import json
 
     images = tmp_path / "coco"
@@ -164,7 +176,7 @@ def test_importer_reads_a_karpathy_coco_file_with_its_own_splits(tmp_path, repo_
     path.write_text(json.dumps({"images": entries, "dataset": "coco"}))
     out = tmp_path / "shards"
     proc = subprocess.run([sys.executable, str(repo_root / "jobs/prepare_data.py"), "--karpathy", str(path), "--images",
-                           str(images), "--out", str(out)], capture_output=True, text=True, timeout=300)
+                           str(images), "--out", str(out)], capture_output=True, text=True, env=joining, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "wrote 14 train, 5 val and 10 test rows" in proc.stdout, proc.stdout
     assert "left out 6 rows: 5 undecodable image, 1 empty caption" in proc.stdout, proc.stdout
@@ -176,11 +188,11 @@ def test_importer_reads_a_karpathy_coco_file_with_its_own_splits(tmp_path, repo_
     bad = tmp_path / "bad.json"
     bad.write_text('{"images": [{"filename": "a.jpg", "split": "dev", "sentences": []}]}')
     proc = subprocess.run([sys.executable, str(repo_root / "jobs/prepare_data.py"), "--karpathy", str(bad), "--images",
-                           str(images), "--out", str(out)], capture_output=True, text=True, timeout=120)
+                           str(images), "--out", str(out)], capture_output=True, text=True, env=joining, timeout=120)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("vcl-dist: error: bad.json: images[0]")
 
 
-def test_importer_refuses_hostile_class_names_and_replaces_an_earlier_import_whole(tmp_path, repo_root):
+def test_importer_refuses_hostile_class_names_and_replaces_an_earlier_import_whole(tmp_path, repo_root, joining):
     import json
 
     images = write_collection(tmp_path)
@@ -189,7 +201,7 @@ def test_importer_refuses_hostile_class_names_and_replaces_an_earlier_import_who
     def prepare(table, *extra):
         return subprocess.run([sys.executable, str(repo_root / "jobs/prepare_data.py"), "--images", str(images), "--captions",
                                str(table), "--out", str(out), "--val-fraction", "0.3", *extra],
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, text=True, env=joining, timeout=300)
 
     hostile = tmp_path / "hostile.jsonl"
     names = ["cat", "dog", "cat\nfish", "dog"]  # the third row's name would split classes.txt
@@ -216,6 +228,6 @@ def test_importer_refuses_hostile_class_names_and_replaces_an_earlier_import_who
     (notes / "thesis.txt").write_text("years of work")
     proc = subprocess.run([sys.executable, str(repo_root / "jobs/prepare_data.py"), "--images", str(images), "--captions",
                            str(tmp_path / "captions.csv"), "--out", str(notes), "--overwrite"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, env=joining, timeout=120)
     assert proc.returncode == 1 and "holds no imported dataset" in proc.stderr
     assert (notes / "thesis.txt").read_text() == "years of work"
