@@ -55,6 +55,7 @@ class Plot:
     source: str  # the result file under benchmarks/results/
     data: Callable[[list[list[dict[str, str]]]], dict]  # the figures drawn, from the file's tables
     draw: Callable[[dict, object], None]  # onto a matplotlib Axes
+    grid: str  # the axis whose values the reader reads off: "x" for horizontal bars, "y" for the rest
 
 
 def input_path_data(found):
@@ -125,10 +126,10 @@ def draw_chaos(data, ax):
 
 
 PLOTS = (
-    Plot("input_path", "data_speed-crawl_jpeg_224-2cores_amd_epyc.txt", input_path_data, draw_input_path),
-    Plot("pool_scale", "pool_scale-sigmoid-2cores.txt", pool_scale_data, draw_pool_scale),
-    Plot("loss_speed", "loss_speed-sigmoid-2cores.txt", loss_speed_data, draw_loss_speed),
-    Plot("chaos_60min", "chaos-60min-2cores.txt", chaos_data, draw_chaos),
+    Plot("input_path", "data_speed-crawl_jpeg_224-2cores_amd_epyc.txt", input_path_data, draw_input_path, "x"),
+    Plot("pool_scale", "pool_scale-sigmoid-2cores.txt", pool_scale_data, draw_pool_scale, "y"),
+    Plot("loss_speed", "loss_speed-sigmoid-2cores.txt", loss_speed_data, draw_loss_speed, "x"),
+    Plot("chaos_60min", "chaos-60min-2cores.txt", chaos_data, draw_chaos, "y"),
 )
 
 
@@ -161,7 +162,7 @@ def draw(plot: Plot, out: Path) -> None:
     data = figures(plot)
     fig, ax = plt.subplots(figsize=(9, 4.2), dpi=100)
     plot.draw(data, ax)
-    ax.grid(axis="x" if plot.name in ("input_path", "loss_speed") else "y", alpha=0.3)
+    ax.grid(axis=plot.grid, alpha=0.3)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png", metadata={"Software": None, "Source": f"benchmarks/results/{plot.source}",
