@@ -177,6 +177,9 @@ def check_inputs(captions: str | None, images: str | None, webdataset: str | Non
             raise FileNotFoundError(f"--images: no folder at {images}")
         if not os.path.isfile(captions):
             raise FileNotFoundError(f"--captions: no file at {captions}")
+        with open(captions, "rb") as table:  # Ray Data's reader fails on an empty file with its whole traceback
+            if not table.read(4096).strip():
+                raise ValueError(f"--captions {captions} is empty: it needs a row per caption (image, caption[, label])")
 
 
 def check_out(out: str, overwrite: bool, s3=None) -> None:
@@ -237,7 +240,10 @@ def _import_into(out_fs, out_path: str, *, captions, images, webdataset, rows_pe
                                    parse_options=pacsv.ParseOptions(newlines_in_values=True),
                                    convert_options=pacsv.ConvertOptions(
                                        null_values=[""], strings_can_be_null=True, column_types={"caption": pa.binary()}))
-        missing = {"image", "caption"} - set(ds.columns())
+        columns = ds.columns()
+        if columns is None:  # a header and no row: Ray Data knows no schema
+            raise ValueError(f"--captions {captions} has no rows: it needs a row per caption (image, caption[, label])")
+        missing = {"image", "caption"} - set(columns)
         if missing:
             raise ValueError(f"{captions}: missing column(s) {sorted(missing)}; expected image, caption[, label, image_id]")
     else:

@@ -81,6 +81,17 @@ def test_importer_missing_inputs_are_one_line_errors(tmp_path, repo_root):
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == f"vcl-dist: error: --images: no folder at {tmp_path / 'nope'}"
+    (tmp_path / "images").mkdir()
+    for empty in ("empty.csv", "blank.jsonl"):
+        (tmp_path / empty).write_text("" if empty.endswith(".csv") else "\n \n")
+        proc = subprocess.run(
+            [sys.executable, str(repo_root / "jobs/prepare_data.py"), "--images", str(tmp_path / "images"), "--captions",
+             str(tmp_path / empty), "--out", str(tmp_path / "out")],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode == 1 and not (tmp_path / "out").exists()
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"vcl-dist: error: --captions {tmp_path / empty} is empty: it needs a row per caption (image, caption[, label])")
 
 
 def test_importer_converts_webdataset_tars(tmp_path, repo_root, joining):
@@ -212,6 +223,12 @@ def test_importer_refuses_hostile_class_names_and_replaces_an_earlier_import_who
     last = proc.stderr.strip().splitlines()[-1]
     assert last == ("vcl-dist: error: row 3 of the captions table: the class name 'cat\\nfish' holds a control character "
                     "(a newline, a tab, …): class names are one line each in classes.txt")
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("image,caption,label\n")
+    proc = prepare(header_only)
+    assert proc.returncode == 1 and not out.exists(), proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"vcl-dist: error: --captions {header_only} has no rows: it needs a row per caption (image, caption[, label])")
 
     assert prepare(tmp_path / "captions.csv").returncode == 0
     first = {f.name for f in (out / "train").iterdir()}
